@@ -1,0 +1,393 @@
+"""DeltaModel: one frozen base model carrying any number of per-task deltas.
+
+`attach(model, config, task)` freezes the base and injects a method for one task; `add_delta(path)`
+loads another task's delta beside it; `use(task)` switches which one runs; `save_delta(path)` writes
+only the active task's parameters (method + head). `merge()` folds a mergeable task into the base
+weights (no added latency) and `merge_and_unload()` returns a plain transformers model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deltatune import __version__
+from deltatune.errors import DeltaError, MergeError, TaskError
+from deltatune.io import FORMAT, FORMAT_VERSION, read_delta, shape_fingerprint, weights_fingerprint, write_delta
+from deltatune.methods.common import BASE_TASK, DeltaComponent, TaskState, check_task_name, strip_wrappers
+from deltatune.methods.head import TaskHeads
+from deltatune.registry import config_from_dict, method_entry, method_of
+from deltatune.targets import head_names, model_type
+
+
+@dataclass
+class ParameterReport:
+    """Trainable parameters of one task, split into the method's own and the head's."""
+
+    task: str | None
+    method: str | None
+    method_parameters: int
+    norm_parameters: int  # base-model norms the method also trains (adapters)
+    head_parameters: int
+    total_parameters: int  # of the base model
+
+    @property
+    def trainable(self) -> int:
+        return self.method_parameters + self.norm_parameters + self.head_parameters
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total_parameters, 1)
+
+    def __str__(self) -> str:
+        rows = [
+            ("task", f"{self.task} ({self.method})"),
+            ("method parameters", f"{self.method_parameters:,}"),
+            ("norm parameters", f"{self.norm_parameters:,}"),
+            ("head parameters", f"{self.head_parameters:,}"),
+            ("trainable", f"{self.trainable:,}"),
+            ("base model", f"{self.total_parameters:,}"),
+            ("trainable %", f"{self.percent:.4f}%"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v:>16}" for k, v in rows)
+
+
+class DeltaModel(nn.Module):
+    """A base model plus per-task deltas. Forwards like the base model with the active task applied."""
+
+    def __init__(self, model: nn.Module, heads: list[str] | str | None = "auto"):
+        super().__init__()
+        if isinstance(model, DeltaModel):
+            raise TypeError("model is already a DeltaModel; call attach()/add_delta() on it directly")
+        self.base_model = model
+        self.task_state = TaskState()
+        self.head_modules = head_names(model, heads)
+        self.task_info: dict[str, dict[str, Any]] = {}
+        self.merged_task: str | None = None
+        base = {
+            name: param
+            for name, param in model.named_parameters()
+            if not any(name == h or name.startswith(h + ".") for h in self.head_modules)
+        }
+        self.base_identity = {
+            "name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None)
+            or type(model).__name__,
+            "model_type": model_type(model),
+            "class": type(model).__name__,
+            "shape_fingerprint": shape_fingerprint({n: tuple(p.shape) for n, p in base.items()}),
+            "weights_fingerprint": weights_fingerprint(base),
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+        }
+        model.requires_grad_(False)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in {"base_model", "task_state"}:
+                raise
+            return getattr(self.base_model, name)  # config, generate, device, ...
+
+    # ---- tasks -------------------------------------------------------------------------------------
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.task_info)
+
+    @property
+    def active_task(self) -> str | None:
+        return self.task_state.active
+
+    def components(self) -> dict[str, DeltaComponent]:
+        """{module name inside the base model: component} of every injected component."""
+        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, DeltaComponent)}
+
+    def add_task(self, config, task: str = "default", label_names: list[str] | None = None) -> DeltaModel:
+        """Inject `config`'s method for a new `task` with fresh parameters, and make it active."""
+        check_task_name(task)
+        if task in self.task_info:
+            raise TaskError(f"task {task!r} already exists; use remove_task({task!r}) or another name")
+        method = method_of(config)
+        try:
+            method_entry(method).inject(self.base_model, config, task, self.task_state, self.head_modules)
+            for name in self.head_modules:
+                self._task_heads(name).add_task(task)
+        except BaseException:
+            self._drop_task_parameters(task)
+            raise
+        self.task_info[task] = {"method": method, "config": config, "label_names": label_names}
+        self.use(task)
+        return self
+
+    def _task_heads(self, name: str) -> TaskHeads:
+        """The TaskHeads wrapping head module `name` (wrapping it the first time)."""
+        parent_name, _, child = name.rpartition(".")
+        parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+        head = getattr(parent, child)
+        if not isinstance(head, TaskHeads):
+            head = TaskHeads(head, self.task_state)
+            setattr(parent, child, head)
+        return head
+
+    def use(self, task: str | None) -> DeltaModel:
+        """Make `task` the active one (`None` or "base": the plain base model). Exact: no weights change
+        except for full fine-tuning, whose weights are copied in."""
+        if task == BASE_TASK:
+            task = None
+        if task is not None and task not in self.task_info:
+            raise TaskError(f"unknown task {task!r}; tasks loaded: {self.tasks} (or 'base' for none)")
+        if self.merged_task is not None and self.merged_task != task:
+            self.unmerge()
+        self.task_state.active = task
+        for component in self.components().values():
+            component.on_switch()
+        self.base_model.requires_grad_(False)
+        if task is not None:
+            for tensor in self.task_parameters(task).values():
+                if isinstance(tensor, nn.Parameter):
+                    tensor.requires_grad_(True)
+        return self
+
+    def remove_task(self, task: str) -> None:
+        if task not in self.task_info:
+            raise TaskError(f"unknown task {task!r}; tasks loaded: {self.tasks}")
+        if self.merged_task == task:
+            self.unmerge()
+        self._drop_task_parameters(task)
+        del self.task_info[task]
+        if self.active_task == task:
+            self.use(None)
+
+    def _drop_task_parameters(self, task: str) -> None:
+        """Remove a task's parameters everywhere, and components left with no task at all."""
+        for name, component in sorted(self.components().items(), key=lambda kv: -kv[0].count(".")):
+            if task in component.tasks:
+                component.remove_task(task)
+            if not component.tasks:
+                self._replace_component(name, component.unload())
+
+    def _replace_component(self, name: str, replacement: nn.Module | None) -> None:
+        parent_name, _, child = name.rpartition(".")
+        parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+        if replacement is None:
+            delattr(parent, child)
+        else:
+            setattr(parent, child, replacement)
+
+    # ---- parameters ---------------------------------------------------------------------------------
+    def task_parameters(
+        self, task: str | None = None, roles: tuple[str, ...] = ("method", "norm", "head")
+    ) -> dict[str, torch.Tensor]:
+        """{delta key: tensor} of one task's parameters, for the component roles asked for.
+
+        Keys are the base model's module names (wrappers removed) + the component's parameter name,
+        e.g. `bert.encoder.layer.0.attention.self.query.lora_A` or `classifier.weight`."""
+        task = task or self.active_task
+        if task not in self.task_info:
+            raise TaskError(f"unknown task {task!r}; tasks loaded: {self.tasks}")
+        found: dict[str, torch.Tensor] = {}
+        for name, component in self.components().items():
+            if task not in component.tasks or component.role not in roles:
+                continue
+            prefix = "" if component.root_level else strip_wrappers(name) + "."
+            for local, tensor in component.task_parameters(task).items():
+                found[prefix + local] = tensor
+        return found
+
+    def head_keys(self, task: str | None = None) -> list[str]:
+        return list(self.task_parameters(task, roles=("head",)))
+
+    def trainable_parameters(self) -> int:
+        """Number of parameters that receive gradients now."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def report(self, task: str | None = None, print_table: bool = True) -> ParameterReport:
+        task = task or self.active_task
+
+        def count(role: str) -> int:
+            return sum(t.numel() for t in self.task_parameters(task, roles=(role,)).values()) if task else 0
+
+        report = ParameterReport(
+            task=task,
+            method=self.task_info[task]["method"] if task else None,
+            method_parameters=count("method"),
+            norm_parameters=count("norm"),
+            head_parameters=count("head"),
+            total_parameters=self.base_identity["num_parameters"],
+        )
+        if print_table:
+            print(report)
+        return report
+
+    # ---- merging ------------------------------------------------------------------------------------
+    def merge(self) -> DeltaModel:
+        """Fold the active task into the base weights: W <- W + (alpha/r) B A (LoRA), b <- b + Δb (BitFit)."""
+        task = self.active_task
+        if task is None:
+            raise MergeError("no active task to merge; call use(task) first")
+        method = self.task_info[task]["method"]
+        if not method_entry(method).mergeable:
+            raise MergeError(
+                f"task {task!r} uses {method}, which cannot be merged into the base weights "
+                f"(it adds computation that is not a weight change); use it unmerged"
+            )
+        if self.merged_task == task:
+            return self
+        self.unmerge()
+        for component in self.components().values():
+            if task in component.tasks:
+                component.merge(task)
+        self.merged_task = task
+        return self
+
+    def unmerge(self) -> DeltaModel:
+        for component in self.components().values():
+            component.unmerge()
+        self.merged_task = None
+        return self
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge the active task and return the plain base model with it baked in (no deltatune modules
+        remain). This DeltaModel must not be used afterwards."""
+        self.merge()
+        for name, component in sorted(self.components().items(), key=lambda kv: -kv[0].count(".")):
+            self._replace_component(name, component.unload())
+        model = self.base_model
+        model.requires_grad_(True)
+        self.task_info.clear()
+        self.task_state.active = None
+        return model
+
+    # ---- disk ---------------------------------------------------------------------------------------
+    def save_delta(self, path: str | Path, task: str | None = None) -> Path:
+        """Write the task's delta (default: the active task) to folder `path`, atomically."""
+        task = task or self.active_task
+        if task is None:
+            raise TaskError(f"no active task to save; tasks loaded: {self.tasks}")
+        info = self.task_info[task]
+        tensors = self.task_parameters(task)
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "deltatune_version": __version__,
+            "task": task,
+            "method": info["method"],
+            "config": asdict(info["config"]),
+            "label_names": info["label_names"],
+            "head_keys": self.head_keys(task),
+            "num_parameters": sum(t.numel() for t in tensors.values()),
+            "base": self.base_identity,
+        }
+        return write_delta(path, tensors, meta)
+
+    def add_delta(self, path: str | Path, task: str | None = None) -> str:
+        """Load a saved delta as a new task (its saved name unless `task` is given). Returns the name.
+
+        On any error the model is left exactly as it was."""
+        tensors, meta = read_delta(path)
+        self.check_base(meta, path)
+        task = task or meta.get("task")
+        try:
+            config = config_from_dict(meta["method"], meta.get("config") or {})
+            check_task_name(task)
+        except (KeyError, TypeError, ValueError) as error:
+            raise DeltaError(f"{path}: bad delta.json: {error}") from error
+        previous = self.active_task
+        self.add_task(config, task, label_names=meta.get("label_names"))
+        try:
+            self._fill_task(task, tensors, meta, path)
+        except BaseException:
+            self.remove_task(task)
+            self.use(previous)
+            raise
+        return task
+
+    def check_base(self, meta: dict[str, Any], path: str | Path) -> None:
+        """Refuse a delta made for another base model (different parameter names/shapes)."""
+        base = meta.get("base")
+        if not isinstance(base, dict):
+            raise DeltaError(f"{path}: delta.json has no 'base' model description")
+        if base.get("shape_fingerprint") != self.base_identity["shape_fingerprint"]:
+            raise DeltaError(
+                f"{path} was made for base model {base.get('name_or_path')!r} "
+                f"(type {base.get('model_type')}, {base.get('class')}, {base.get('num_parameters'):,} parameters), "
+                f"but this model is {self.base_identity['name_or_path']!r} "
+                f"(type {self.base_identity['model_type']}, {self.base_identity['class']}, "
+                f"{self.base_identity['num_parameters']:,} parameters); load it onto the model it was made for"
+                if isinstance(base.get("num_parameters"), int)
+                else f"{path} was made for another base model ({base.get('name_or_path')!r})"
+            )
+        mine = self.base_identity["weights_fingerprint"]
+        theirs = base.get("weights_fingerprint")
+        if mine and theirs and mine != theirs:
+            warnings.warn(
+                f"{path} was made for {base.get('name_or_path')!r}, a model with the same architecture but "
+                f"different weights than {self.base_identity['name_or_path']!r}; results may differ",
+                stacklevel=3,
+            )
+
+    def _fill_task(self, task: str, tensors: dict[str, torch.Tensor], meta: dict, path) -> None:
+        head_keys = set(meta.get("head_keys") or [])
+        for name in self.head_modules:  # a head saved with another number of labels
+            shapes = {k[len(name) + 1 :]: tensors[k].shape for k in head_keys if k.startswith(name + ".")}
+            self._task_heads(name).resize(task, shapes)
+        expected = self.task_parameters(task)
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise DeltaError(
+                f"{path} does not fit this model: missing {len(missing)} key(s) {missing[:3]}, "
+                f"unexpected {len(unexpected)} key(s) {unexpected[:3]}"
+            )
+        for key, target in expected.items():
+            source = tensors[key]
+            if source.shape != target.shape:
+                raise DeltaError(f"{path}: {key} has shape {tuple(source.shape)}, expected {tuple(target.shape)}")
+            if not source.is_floating_point():
+                raise DeltaError(f"{path}: {key} has dtype {source.dtype}, expected floating point")
+            if not torch.isfinite(source).all():
+                raise DeltaError(f"{path}: {key} contains NaN or Inf values")
+        with torch.no_grad():
+            for key, target in expected.items():
+                target.copy_(tensors[key].to(target.dtype))
+
+    # ---- forward ------------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        for component in self.components().values():
+            kwargs = component.prepare_inputs(kwargs)
+        return self.base_model(*args, **kwargs)
+
+
+def attach(
+    model: nn.Module,
+    config,
+    task: str = "default",
+    heads: list[str] | str | None = "auto",
+    label_names: list[str] | None = None,
+) -> DeltaModel:
+    """Freeze `model`, inject `config`'s method for `task`, mark it (and the task head) trainable.
+
+    `heads="auto"` trains the standard classification heads (`classifier`, `score`, ...); pass module
+    names to choose others, or None for no head. Calling it on a DeltaModel adds another task."""
+    delta_model = model if isinstance(model, DeltaModel) else DeltaModel(model, heads=heads)
+    if label_names is None:
+        label_names = _label_names(delta_model.base_model)
+    return delta_model.add_task(config, task, label_names=label_names)
+
+
+def load_delta(model: nn.Module, path: str | Path, task: str | None = None) -> DeltaModel:
+    """Load the delta at `path` onto `model` (a plain model or a DeltaModel) and make it active."""
+    delta_model = model if isinstance(model, DeltaModel) else DeltaModel(model)
+    delta_model.add_delta(path, task=task)
+    return delta_model
+
+
+def _label_names(model: nn.Module) -> list[str] | None:
+    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
+    names = [id2label[i] for i in sorted(id2label)]
+    return None if all(n == f"LABEL_{i}" for i, n in enumerate(names)) else names

@@ -1,0 +1,65 @@
+"""Task heads: each task trains its own copy of the model's head (e.g. `classifier`), as every method
+of the document does ("for the classification task we need to train the head additionally")."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from deltatune.methods.common import DeltaComponent, TaskState
+
+
+class TaskHeads(DeltaComponent):
+    """Wraps a head module; the active task's own copy computes the output."""
+
+    method = "head"
+    role = "head"
+
+    def __init__(self, base_layer: nn.Module, state: TaskState):
+        super().__init__(state)
+        self.base_layer = base_layer
+        self.heads = nn.ModuleDict()
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.heads.keys())
+
+    def add_task(self, task: str, config=None) -> None:
+        head = copy.deepcopy(self.base_layer)
+        head.requires_grad_(True)
+        self.heads[task] = head
+
+    def remove_task(self, task: str) -> None:
+        del self.heads[task]
+
+    def task_parameters(self, task: str) -> dict[str, nn.Parameter]:
+        return dict(self.heads[task].named_parameters())
+
+    def resize(self, task: str, shapes: dict[str, torch.Size]) -> None:
+        """Give a task's head the parameter shapes of a saved delta (e.g. 3 labels instead of 2)."""
+        head = self.heads[task]
+        for name, shape in shapes.items():
+            owner_name, _, leaf = name.rpartition(".")
+            owner = head.get_submodule(owner_name) if owner_name else head
+            old = getattr(owner, leaf)
+            if old.shape != shape:
+                setattr(owner, leaf, nn.Parameter(old.new_zeros(shape)))
+                if isinstance(owner, nn.Linear) and leaf == "weight":
+                    owner.out_features, owner.in_features = shape
+
+    def forward(self, *args, **kwargs):
+        task = self.active_task
+        head = self.heads[task] if task in self.heads else self.base_layer
+        return head(*args, **kwargs)
+
+    def merge(self, task: str) -> None:
+        self.merged_task = task
+
+    def unmerge(self) -> None:
+        self.merged_task = None
+
+    def unload(self) -> nn.Module:
+        task = self.merged_task or self.active_task
+        return self.heads[task] if task in self.heads else self.base_layer

@@ -1,0 +1,190 @@
+"""LoRA: Low-Rank Adaptation (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
+
+A frozen weight W (d_out x d_in) is shifted by a trainable low-rank product (eq. 3 of the paper):
+
+    h = W x + (alpha / r) * B A x          A: r x d_in,  B: d_out x r,  r << min(d_in, d_out)
+
+A starts Kaiming-uniform and B starts at zero, so B A = 0 and training starts exactly from the base
+model (section 4.1). Only W_q and W_v of each attention layer are adapted by default (section 7.1).
+Because B A has W's shape it can be added into W after training (`merge`): no extra latency.
+
+GPT-2 computes q, k and v with one fused Conv1D (`c_attn`, output [q | k | v]); as loralib's
+MergedLinear does, LoRA then adapts only the q and v output slices: one (A, B) pair per slice.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deltatune.methods.common import DeltaComponent, TaskState
+from deltatune.targets import LINEAR_TYPES, input_features, output_features, resolve_lora_targets
+
+
+@dataclass
+class LoRA:
+    """LoRA settings. `targets=None` means the architecture's W_q and W_v (see targets.py)."""
+
+    r: int = field(default=8, metadata={"help": "rank of the update B A (paper section 4.1)"})
+    alpha: float = field(default=16, metadata={"help": "scale alpha; the update is multiplied by alpha/r"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA path's input"})
+    targets: list[str] | str | None = field(
+        default=None, metadata={"help": "module-name suffixes (`c_attn[0/3]` = a fused slice) or a regex"}
+    )
+    use_rslora: bool = field(default=False, metadata={"help": "scale by alpha/sqrt(r) (Kalajdzievski 2023)"})
+    method: ClassVar[str] = "lora"
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class LoRALinear(DeltaComponent):
+    """A linear (or GPT-2 Conv1D) layer plus one low-rank update per task, on chosen output slices.
+
+    For each task: `lora_A[task]` is (S*r, d_in) and `lora_B[task]` is (S*w, r) for S output slices of
+    width w; row block s of B pairs with row block s of A. With one slice covering the whole output
+    these are exactly the paper's A (r x d_in) and B (d_out x r).
+    """
+
+    method = "lora"
+
+    def __init__(self, base_layer: nn.Module, slices: list[tuple[int, int]] | None, state: TaskState):
+        super().__init__(state)
+        if not isinstance(base_layer, LINEAR_TYPES):
+            raise TypeError(f"LoRA needs nn.Linear or Conv1D, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.in_features = input_features(base_layer)
+        self.out_features = output_features(base_layer)
+        self.slices = slices or [(0, self.out_features)]
+        widths = {end - start for start, end in self.slices}
+        if len(widths) != 1:
+            raise ValueError(f"LoRA slices must have equal widths, got {self.slices}")
+        self.slice_width = widths.pop()
+        self.transposed = not isinstance(base_layer, nn.Linear)  # Conv1D: weight is (d_in, d_out)
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.rank: dict[str, int] = {}
+
+    # HF code sometimes reads `layer.weight` / `layer.bias` directly
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def add_task(self, task: str, config: LoRA) -> None:
+        n_slices = len(self.slices)
+        weight = self.base_layer.weight
+        lora_A = torch.empty(n_slices * config.r, self.in_features, dtype=weight.dtype, device=weight.device)
+        # Kaiming-uniform as nn.Linear initialises its weight (and as loralib/peft do for A)
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+        lora_B = torch.zeros(n_slices * self.slice_width, config.r, dtype=weight.dtype, device=weight.device)
+        self.lora_A[task] = nn.Parameter(lora_A)
+        self.lora_B[task] = nn.Parameter(lora_B)
+        self.lora_dropout[task] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.scaling[task] = config.scaling
+        self.rank[task] = config.r
+
+    def remove_task(self, task: str) -> None:
+        if self.merged_task == task:
+            self.unmerge()
+        for store in (self.lora_A, self.lora_B, self.lora_dropout):
+            del store[task]
+        del self.scaling[task], self.rank[task]
+
+    def task_parameters(self, task: str) -> dict[str, nn.Parameter]:
+        return {"lora_A": self.lora_A[task], "lora_B": self.lora_B[task]}
+
+    def delta_weight(self, task: str) -> torch.Tensor:
+        """(alpha/r) B A laid out like the base weight's output slices: (d_out, d_in), zeros elsewhere."""
+        r, width = self.rank[task], self.slice_width
+        A, B = self.lora_A[task], self.lora_B[task]
+        delta = torch.zeros(self.out_features, self.in_features, dtype=A.dtype, device=A.device)
+        for s, (start, end) in enumerate(self.slices):
+            # (w, r) @ (r, d_in) -> (w, d_in)
+            delta[start:end] = B[s * width : (s + 1) * width] @ A[s * r : (s + 1) * r]
+        return delta * self.scaling[task]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        task = self.active_task
+        if task is None or task not in self.lora_A or self.merged_task == task:
+            return result
+        A, B = self.lora_A[task], self.lora_B[task]
+        after_A = F.linear(self.lora_dropout[task](x).to(A.dtype), A)  # (..., S*r)
+        scaling = self.scaling[task]
+        if len(self.slices) == 1 and self.slices[0] == (0, self.out_features):
+            return result + F.linear(after_A, B) * scaling  # (..., r) @ (r, d_out)
+        r, width = self.rank[task], self.slice_width
+        updates = []  # (..., w) per slice, placed into the output columns they adapt
+        for s in range(len(self.slices)):
+            updates.append(F.linear(after_A[..., s * r : (s + 1) * r], B[s * width : (s + 1) * width]))
+        result = result.clone()
+        for (start, end), update in zip(self.slices, updates):
+            result[..., start:end] += update * scaling
+        return result
+
+    def merge(self, task: str) -> None:
+        """W <- W + (alpha/r) B A; the forward pass then skips the LoRA path.
+
+        The pre-merge W is kept so that `unmerge` restores it bit for bit (W + ΔW - ΔW is not W in
+        floating point); `merge_and_unload` drops that copy."""
+        if self.merged_task is not None:
+            self.unmerge()
+        weight = self.base_layer.weight
+        self.__dict__["unmerged_weight"] = weight.detach().clone()
+        with torch.no_grad():
+            delta = self.delta_weight(task).to(weight.dtype)
+            weight += delta.T if self.transposed else delta
+        self.merged_task = task
+
+    def unmerge(self) -> None:
+        if self.merged_task is None:
+            return
+        with torch.no_grad():
+            self.base_layer.weight.copy_(self.__dict__.pop("unmerged_weight"))
+        self.merged_task = None
+
+    def unload(self) -> nn.Module:
+        self.__dict__.pop("unmerged_weight", None)
+        return self.base_layer
+
+    def extra_repr(self) -> str:
+        return f"slices={self.slices}, tasks={self.tasks}"
+
+
+def inject(model: nn.Module, config: LoRA, task: str, state: TaskState, exclude: list[str]) -> None:
+    """Wrap every target layer in a LoRALinear (once) and give it fresh A, B for `task`."""
+    for name, slices in resolve_lora_targets(model, config.targets).items():
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = getattr(parent, child_name)
+        if not isinstance(layer, LoRALinear):
+            layer = LoRALinear(layer, slices, state)
+            setattr(parent, child_name, layer)
+        elif (slices or [(0, layer.out_features)]) != layer.slices:
+            raise ValueError(
+                f"{name} already carries LoRA on output slices {layer.slices}; a second LoRA task must "
+                f"adapt the same slices (asked for {slices})"
+            )
+        layer.add_task(task, config)

@@ -1,0 +1,151 @@
+"""Trainable-parameter table of every method for one architecture, built without weights.
+
+Reproduces the document's "Comparison of methods" table ("a transformer with 350M parameters and 24
+layers": RoBERTa-large) by actually attaching each method to the model built on the meta device, so
+the counts come from the same code that trains, not from formulas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from deltatune.registry import METHODS
+
+# Architectures known offline: model_type + config values of the public checkpoints.
+ARCHITECTURES: dict[str, tuple[str, dict]] = {
+    "roberta-large": ("roberta", dict(vocab_size=50265, hidden_size=1024, num_hidden_layers=24,
+                                      num_attention_heads=16, intermediate_size=4096,
+                                      max_position_embeddings=514, type_vocab_size=1, pad_token_id=1)),
+    "roberta-base": ("roberta", dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12,
+                                     num_attention_heads=12, intermediate_size=3072,
+                                     max_position_embeddings=514, type_vocab_size=1, pad_token_id=1)),
+    "bert-large": ("bert", dict(vocab_size=30522, hidden_size=1024, num_hidden_layers=24,
+                                num_attention_heads=16, intermediate_size=4096)),
+    "bert-base": ("bert", dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12,
+                               num_attention_heads=12, intermediate_size=3072)),
+    "gpt2-medium": ("gpt2", dict(vocab_size=50257, n_embd=1024, n_layer=24, n_head=16, n_positions=1024,
+                                 pad_token_id=50256)),
+    "gpt2": ("gpt2", dict(vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024,
+                          pad_token_id=50256)),
+}
+
+
+@dataclass(frozen=True)
+class LectureRow:
+    """One row of the document's table: method, settings, the figure it prints, and our reading."""
+
+    label: str
+    method: str
+    settings: dict
+    lecture: str
+    note: str = ""
+
+
+LECTURE_ROWS = [
+    LectureRow("Prompt tuning (length 20)", "prompt", {"length": 20}, "15k (0.006%)",
+               "lecture's 15k is 20 x 768 (a 768-wide model); 20 x 1024 = 20,480 is its 0.006%"),
+    LectureRow("Adapters (dim 64)", "adapter", {"bottleneck": 64}, "6M (2%)",
+               "adapter weights only; LayerNorms train too and are counted in the next column"),
+    LectureRow("LoRA (dim 8)", "lora", {"r": 8}, "0.8M (0.22%)", "2 x 24 layers x 2 (q,v) x 1024 x 8"),
+    LectureRow("BitFit", "bitfit", {}, "0.32M (0.09%)",
+               "q,k,v, attention-output, 2 FFN and 2 LayerNorm biases per layer; the lecture's 0.32M "
+               "is higher than its own formulas give (the BitFit paper: 0.08%)"),
+    LectureRow("Full fine-tuning", "full", {}, "350M (100%)", ""),
+]
+
+
+def build_config(arch: str):
+    """A transformers config for a named architecture, a local folder, or (with a hub) a model name."""
+    from transformers import AutoConfig
+
+    if arch in ARCHITECTURES:
+        model_type, values = ARCHITECTURES[arch]
+        config = AutoConfig.for_model(model_type, **values)
+    else:
+        from deltatune.models import resolve_model_path
+
+        path = resolve_model_path(arch)
+        if not Path(path).exists() and "/" not in arch:
+            raise ValueError(
+                f"unknown architecture {arch!r}: use one of {sorted(ARCHITECTURES)}, a local model folder, "
+                "the shortcuts 'minilm'/'smollm2', or a hub name"
+            )
+        config = AutoConfig.from_pretrained(path)
+    config.num_labels = 2
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = getattr(config, "eos_token_id", None) or 0
+    return config
+
+
+def build_on_meta(config) -> nn.Module:
+    """The sequence-classification model for `config`, with no memory for weights."""
+    from transformers import AutoModelForSequenceClassification
+
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(config)
+
+
+@dataclass
+class ParamsRow:
+    label: str
+    method: str
+    method_parameters: int | None
+    extra_parameters: int  # trained besides the method's own (adapter LayerNorms)
+    head_parameters: int
+    total_parameters: int
+    lecture: str
+    note: str
+    error: str | None = None
+
+    @property
+    def percent(self) -> float | None:
+        if self.method_parameters is None:
+            return None
+        return 100.0 * self.method_parameters / self.total_parameters
+
+
+def parameter_table(arch: str) -> tuple[list[ParamsRow], object]:
+    """Attach each of the document's methods to `arch` (on the meta device) and count parameters."""
+    from deltatune.delta import attach
+
+    config = build_config(arch)
+    rows = []
+    for row in LECTURE_ROWS:
+        if row.method not in METHODS:
+            continue
+        method_config = METHODS[row.method].config(**row.settings)
+        model = attach(build_on_meta(config), method_config, task="count")
+        report = model.report(print_table=False)
+        rows.append(
+            ParamsRow(row.label, row.method, report.method_parameters, report.norm_parameters,
+                      report.head_parameters, report.total_parameters, row.lecture, row.note)
+        )
+    return rows, config
+
+
+def format_table(rows: list[ParamsRow], arch: str, config) -> str:
+    layers = getattr(config, "num_hidden_layers", None)
+    width = getattr(config, "hidden_size", None)
+    total = rows[0].total_parameters if rows else 0
+    lines = [
+        f"Trainable parameters on {arch} ({config.model_type}, {layers} layers, hidden {width}, "
+        f"{total:,} parameters with a 2-class head)",
+        "",
+        f"{'method':<28}{'method params':>15}{'% of model':>12}{'+ norms':>10}{'+ head':>11}   "
+        f"{'lecture':<15}note",
+    ]
+    for row in rows:
+        percent = f"{row.percent:.4f}%" if row.percent is not None else "-"
+        extra = f"{row.extra_parameters:,}" if row.extra_parameters else "-"
+        lines.append(
+            f"{row.label:<28}{row.method_parameters:>15,}{percent:>12}{extra:>10}{row.head_parameters:>11,}   "
+            f"{row.lecture:<15}{row.note}"
+        )
+    lines.append("")
+    lines.append("'+ head': the task head trained with every method (here a 2-class classification head);")
+    lines.append("'% of model' counts the method's own parameters, as the lecture does.")
+    return "\n".join(lines)

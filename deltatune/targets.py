@@ -1,0 +1,197 @@
+"""Finding the modules a method acts on: per-architecture defaults in one table.
+
+Every method asks the same questions of a model — which linear layers are W_q and W_v, which modules
+form the repeated transformer blocks, which module is the task head — and this file answers them, so
+that the answer for a new architecture is added in one place.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+from torch import nn
+
+from deltatune.errors import TargetError
+from deltatune.methods.common import DeltaComponent
+
+try:  # GPT-2's fused projections are Conv1D (a Linear with a transposed weight)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a hard dependency
+    Conv1D = ()
+
+LINEAR_TYPES: tuple[type, ...] = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
+
+# model_type -> default LoRA targets (W_q and W_v). A target "name[i/n]" means: slice i of n equal
+# output slices of a fused projection (GPT-2's c_attn computes [q | k | v] in one Conv1D).
+DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "camembert": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "gpt2": ["c_attn[0/3]", "c_attn[2/3]"],
+}
+
+# Names of task heads trained along with every method (the `...ForSequenceClassification` heads).
+DEFAULT_HEAD_NAMES = ("classifier", "score", "classification_head", "qa_outputs")
+
+# Transformer blocks live in a ModuleList: BERT `encoder.layer.N`, GPT-2 `h.N`, Llama `layers.N`,
+# T5 `block.N`.
+_BLOCK_PATTERN = re.compile(r"(^|\.)(layer|layers|h|block|blocks)\.\d+(\.|$)")
+
+_SLICE_PATTERN = re.compile(r"^(?P<name>.+)\[(?P<index>\d+)/(?P<parts>\d+)\]$")
+
+
+def model_type(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None)
+
+
+def in_transformer_block(name: str) -> bool:
+    """True for a module or parameter name inside one of the repeated transformer blocks."""
+    return bool(_BLOCK_PATTERN.search(name))
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain layer inside deltatune's wrappers (they keep it as `base_layer`)."""
+    while hasattr(module, "base_layer") and isinstance(module.base_layer, nn.Module):
+        module = module.base_layer
+    return module
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """{full name: layer} of every linear (or Conv1D) layer, looking through deltatune's wrappers."""
+    modules = dict(model.named_modules())
+    components = [n for n, m in modules.items() if isinstance(m, DeltaComponent)]
+    return {
+        name: unwrap(module)
+        for name, module in modules.items()
+        if "base_layer" not in name.split(".")
+        and not any(name.startswith(c + ".") for c in components)  # not inside another method's layers
+        and isinstance(unwrap(module), LINEAR_TYPES)
+    }
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Full names of every linear (or Conv1D) layer: the candidates shown when a target matches nothing."""
+    return list(linear_layers(model))
+
+
+def head_names(model: nn.Module, heads: Sequence[str] | None | str = "auto") -> list[str]:
+    """Full names of the task-head modules to train with the method.
+
+    `"auto"` picks the standard heads of `...ForSequenceClassification` models; `None` or `[]` trains
+    no head; a list gives module-name suffixes.
+    """
+    if heads is None:
+        return []
+    suffixes = DEFAULT_HEAD_NAMES if heads == "auto" else tuple(heads)
+    found = [
+        name
+        for name, _ in model.named_modules()
+        if name and name.split(".")[-1] in suffixes and not in_transformer_block(name)
+    ]
+    # keep only outermost matches (a head's own sub-modules are part of it)
+    outer = [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
+    if heads != "auto" and not outer:
+        top = [name for name, _ in model.named_children()]
+        raise TargetError(f"head {list(suffixes)} matches no module; the model's top-level modules are {top}")
+    return outer
+
+
+def parse_target(target: str) -> tuple[str, int | None, int]:
+    """`"c_attn[2/3]"` -> ("c_attn", 2, 3); `"query"` -> ("query", None, 1)."""
+    match = _SLICE_PATTERN.match(target)
+    if not match:
+        return target, None, 1
+    return match["name"], int(match["index"]), int(match["parts"])
+
+
+def resolve_lora_targets(
+    model: nn.Module, targets: str | Sequence[str] | None
+) -> dict[str, list[tuple[int, int]] | None]:
+    """Map the user's `targets` to {module name: output slices or None (= the whole output)}.
+
+    `targets` is None (the architecture's W_q and W_v), a list of module-name suffixes (optionally with
+    a `[i/n]` slice of a fused projection), or a regex string matched against full module names.
+    """
+    if targets is None:
+        kind = model_type(model)
+        if kind not in DEFAULT_LORA_TARGETS:
+            raise TargetError(
+                f"no default LoRA targets for model type {kind!r}; pass targets=[...] "
+                f"(module-name suffixes or a regex). Linear layers in this model: "
+                f"{_summarise(linear_layer_names(model))}"
+            )
+        targets = DEFAULT_LORA_TARGETS[kind]
+
+    modules = linear_layers(model)
+    chosen: dict[str, list[tuple[int, int]] | None] = {}
+    if isinstance(targets, str):
+        pattern = re.compile(targets)
+        for name in modules:
+            if pattern.fullmatch(name):
+                chosen[name] = None
+        if not chosen:
+            raise TargetError(
+                f"target regex {targets!r} matches no linear layer. Candidates: "
+                f"{_summarise(modules)}"
+            )
+        return chosen
+
+    for target in targets:
+        base, index, parts = parse_target(target)
+        matched = [name for name in modules if name == base or name.endswith("." + base)]
+        if not matched:
+            raise TargetError(
+                f"LoRA target {target!r} matches no linear layer. Candidates: {_summarise(modules)}"
+            )
+        for name in matched:
+            if index is None:
+                chosen[name] = None
+                continue
+            out_features = output_features(modules[name])
+            if out_features % parts:
+                raise TargetError(f"{name} has {out_features} outputs, not divisible into {parts} slices")
+            width = out_features // parts
+            slices = chosen.setdefault(name, [])
+            if slices is None:
+                continue  # whole layer already chosen
+            slices.append((index * width, (index + 1) * width))
+    for name, slices in chosen.items():
+        if slices:
+            slices.sort()
+    return chosen
+
+
+def output_features(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    return module.weight.shape[1]  # Conv1D stores (in, out)
+
+
+def input_features(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    return module.weight.shape[0]
+
+
+def _summarise(names: Iterable[str], limit: int = 12) -> str:
+    """Short, readable list of candidate names: distinct suffixes first, then a few full names."""
+    names = list(names)
+    suffixes = sorted({n.split(".")[-1] for n in names})
+    examples = names[:limit]
+    return f"suffixes {suffixes}; e.g. {examples}" + (" ..." if len(names) > limit else "")
