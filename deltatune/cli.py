@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from deltatune.errors import DeltaTuneError
@@ -14,6 +15,109 @@ def cmd_params(args: argparse.Namespace) -> int:
     rows, config = parameter_table(args.arch)
     print(format_table(rows, args.arch, config))
     return 0
+
+
+def parse_options(pairs: list[str] | None) -> dict:
+    """`-o r=8 -o targets=query,value` -> {"r": 8, "targets": ["query", "value"]} (JSON where it parses)."""
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise DeltaTuneError(f"method option {pair!r} must look like KEY=VALUE (e.g. -o r=8)")
+        try:
+            options[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.replace("-", "_")] = value.split(",") if "," in value else value
+    return options
+
+
+def task_options(args: argparse.Namespace) -> dict:
+    if args.task not in {"csv", "jsonl"}:
+        return {}
+    if not args.data_file:
+        raise DeltaTuneError(f"task {args.task!r} needs --data-file PATH (and --text-columns, --label-column)")
+    return {"path": args.data_file, "text_columns": args.text_columns.split(","), "label_column": args.label_column}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from deltatune.train import TrainConfig, train
+
+    config = TrainConfig(
+        model=args.model, task=args.task, method=args.method, out=args.out,
+        method_options=parse_options(args.option), task_options=task_options(args), data_dir=args.data_dir,
+        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, max_length=args.max_length,
+        seed=args.seed, eval_every=args.eval_every, train_limit=args.train_limit, eval_limit=args.eval_limit,
+        checkpoint_every=args.checkpoint_every, resume=args.resume, precision=args.precision,
+        progress=not args.no_progress, on_nonfinite=args.on_nonfinite, grad_checkpointing=args.grad_checkpointing,
+    )
+    summary = train(config)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _load_for_inference(args: argparse.Namespace):
+    """Base model (with the head the delta's task needs) + the delta, and the task."""
+    from deltatune.delta import DeltaModel
+    from deltatune.io import read_delta
+    from deltatune.models import load_model, load_tokenizer
+    from deltatune.tasks import get_task
+
+    _, meta = read_delta(args.delta)
+    task = get_task(args.task or meta["task"], **task_options(args)) if (args.task or meta["task"]) else None
+    kind = {"classification": "classification", "regression": "regression", "generation": "causal-lm"}[task.kind]
+    base = load_model(args.model, kind, num_labels=task.num_labels if task.kind == "classification" else None)
+    model = DeltaModel(base)
+    model.add_delta(args.delta)
+    return model, load_tokenizer(args.model), task
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from deltatune.evaluate import evaluate
+
+    model, tokenizer, task = _load_for_inference(args)
+    results = {}
+    for split in args.split or [s for s in task.splits if s != "train"]:
+        examples = task.load(split, args.data_dir, limit=args.limit)
+        results[split] = evaluate(model, tokenizer, task, examples, max_length=args.max_length)
+    print(json.dumps({"task": task.name, "delta": str(args.delta), **results}, indent=2))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from deltatune.data import Encoded
+    from deltatune.evaluate import generate_texts, predict_scores
+
+    model, tokenizer, task = _load_for_inference(args)
+    if task.kind == "generation":
+        for text, output in zip(args.texts, generate_texts(model, tokenizer, args.texts)):
+            print(json.dumps({"input": text, "output": output}))
+        return 0
+    pairs = [t.split(args.pair_separator, 1) if args.pair_separator in t else [t] for t in args.texts]
+    encoded = tokenizer([p[0] for p in pairs], [p[1] for p in pairs] if all(len(p) == 2 for p in pairs) else None,
+                        truncation=True, max_length=args.max_length)
+    items = [Encoded(ids, encoded["token_type_ids"][i] if "token_type_ids" in encoded else None, None)
+             for i, ids in enumerate(encoded["input_ids"])]
+    scores = predict_scores(model, items, tokenizer.pad_token_id)
+    labels = model.task_info[model.active_task]["label_names"] or task.label_names
+    for text, row in zip(args.texts, scores):
+        if task.kind == "regression":
+            print(json.dumps({"input": text, "score": round(row.item(), 4)}))
+            continue
+        probabilities = row.softmax(-1).tolist()
+        best = int(row.argmax())
+        print(json.dumps({"input": text, "label": labels[best] if labels else best,
+                          "probabilities": {(labels[i] if labels else str(i)): round(p, 4)
+                                            for i, p in enumerate(probabilities)}}))
+    return 0
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", help="folder laid out like shared/data (default: $DELTATUNE_DATA, then the hub)")
+    parser.add_argument("--data-file", help="csv/jsonl tasks: the file")
+    parser.add_argument("--text-columns", default="text", help="csv/jsonl: text column(s), comma-separated")
+    parser.add_argument("--label-column", default="label", help="csv/jsonl: label column")
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per input (longer ones are cut)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +136,48 @@ def build_parser() -> argparse.ArgumentParser:
         help="roberta-large | roberta-base | bert-large | bert-base | gpt2-medium | gpt2 | minilm | PATH",
     )
     params.set_defaults(handler=cmd_params)
+
+    train = commands.add_parser("train", help="train one method on one task; saves the best delta in OUT/delta")
+    train.add_argument("--model", required=True, help="minilm | smollm2 | a local folder | a hub name")
+    train.add_argument("--task", required=True, help="sst2 rte mrpc stsb cola e2e bbc-news csv jsonl")
+    train.add_argument("--method", required=True, help="lora | bitfit | adapter | prompt | full")
+    train.add_argument("-o", "--option", action="append", metavar="KEY=VALUE",
+                       help="method option, repeatable: -o r=8 -o alpha=16 -o targets=query,value")
+    train.add_argument("--out", required=True, help="run folder (delta, checkpoints, metrics.jsonl, summary.json)")
+    train.add_argument("--epochs", type=float, default=1.0)
+    train.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--grad-accum", type=int, default=1)
+    train.add_argument("--lr", type=float, help="learning rate (default: per method, see README)")
+    train.add_argument("--weight-decay", type=float, default=0.01)
+    train.add_argument("--warmup-ratio", type=float, default=0.06)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--eval-every", type=int, help="evaluate every N steps (default: each epoch)")
+    train.add_argument("--train-limit", type=int, help="use only the first N training examples")
+    train.add_argument("--eval-limit", type=int, help="evaluate on the first N examples only")
+    train.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (for --resume)")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    train.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    train.add_argument("--on-nonfinite", choices=["stop", "skip"], default="stop")
+    train.add_argument("--grad-checkpointing", action="store_true")
+    train.add_argument("--no-progress", action="store_true")
+    _add_data_arguments(train)
+    train.set_defaults(handler=cmd_train)
+
+    for name, handler, help_text in [("eval", cmd_eval, "evaluate a saved delta on its task"),
+                                     ("predict", cmd_predict, "run a saved delta on given texts")]:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--model", required=True)
+        sub.add_argument("--delta", required=True, help="delta folder (delta.safetensors + delta.json)")
+        sub.add_argument("--task", help="default: the task the delta was trained on")
+        _add_data_arguments(sub)
+        if name == "eval":
+            sub.add_argument("--split", action="append", help="split(s) to score (default: all but train)")
+            sub.add_argument("--limit", type=int)
+        else:
+            sub.add_argument("texts", nargs="+", help="inputs; sentence pairs as 'first ||| second'")
+            sub.add_argument("--pair-separator", default=" ||| ")
+        sub.set_defaults(handler=handler)
     return parser
 
 

@@ -18,7 +18,14 @@ from torch import nn
 
 from deltatune import __version__
 from deltatune.errors import DeltaError, MergeError, TaskError
-from deltatune.io import FORMAT, FORMAT_VERSION, read_delta, shape_fingerprint, weights_fingerprint, write_delta
+from deltatune.io import (
+    FORMAT,
+    FORMAT_VERSION,
+    read_delta,
+    shape_fingerprint,
+    weights_fingerprint,
+    write_delta,
+)
 from deltatune.methods.common import BASE_TASK, DeltaComponent, TaskState, check_task_name, strip_wrappers
 from deltatune.methods.head import TaskHeads
 from deltatune.registry import config_from_dict, method_entry, method_of

@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,20 +54,19 @@ def weights_fingerprint(named_tensors: dict[str, torch.Tensor], sample: int = 64
     return digest.hexdigest()[:16]
 
 
-def write_delta(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    """Write a delta folder atomically: temp folder beside it, then rename; the old one survives until
-    the new one is complete."""
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; on success it replaces `path` (the old one survives
+    until the new one is complete, and is put back if the swap fails); on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not path.is_dir():
-        raise DeltaError(f"{path} exists and is not a folder; a delta is a folder (choose another path)")
+        raise DeltaError(f"{path} exists and is not a folder; choose another path")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        save_file(contiguous, tmp / WEIGHTS_FILE, metadata={"format": FORMAT})
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        for name in (WEIGHTS_FILE, META_FILE):
-            with open(tmp / name, "rb") as handle:
+        yield tmp
+        for file in tmp.iterdir():
+            with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
         if path.exists():
             backup = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -73,7 +74,7 @@ def write_delta(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta:
             try:
                 os.rename(tmp, path)
             except BaseException:
-                os.rename(backup, path)  # put the previous delta back
+                os.rename(backup, path)  # put the previous folder back
                 raise
             shutil.rmtree(backup, ignore_errors=True)
         else:
@@ -81,7 +82,15 @@ def write_delta(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return path
+
+
+def write_delta(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write a delta folder atomically (see `atomic_folder`)."""
+    with atomic_folder(path) as tmp:
+        contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        save_file(contiguous, tmp / WEIGHTS_FILE, metadata={"format": FORMAT})
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return Path(path)
 
 
 def read_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

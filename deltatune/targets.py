@@ -171,7 +171,7 @@ def resolve_lora_targets(
             if slices is None:
                 continue  # whole layer already chosen
             slices.append((index * width, (index + 1) * width))
-    for name, slices in chosen.items():
+    for slices in chosen.values():
         if slices:
             slices.sort()
     return chosen

@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 from typing import ClassVar
 
-import torch
 from torch import nn
 
 from deltatune.errors import TaskError
@@ -28,6 +27,9 @@ def check_task_name(task: str) -> str:
             f"invalid task name {task!r}: use 1-64 letters, digits, '_' or '-' (not starting with '-'); "
             f"{BASE_TASK!r} is reserved for the plain base model"
         )
+    if any(hasattr(container, task) for container in (nn.ParameterDict(), nn.ModuleDict())):
+        # per-task parameters live in Parameter/ModuleDicts, whose method names cannot be keys
+        raise TaskError(f"task name {task!r} is reserved (a torch container method); choose another name")
     return task
 
 

