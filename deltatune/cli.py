@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from deltatune.errors import DeltaTuneError
 
@@ -112,6 +113,42 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_config(args: argparse.Namespace):
+    from deltatune.compare import CompareConfig
+
+    return CompareConfig(
+        model=args.model, task=args.task, task_options=task_options(args) if args.task else {},
+        methods=args.methods.split(","), seeds=args.seeds, budget=args.budget, out=args.out,
+        batch_size=args.batch_size, max_length=args.max_length, data_dir=args.data_dir,
+        train_limit=args.train_limit, eval_limit=args.eval_limit, latency=not args.no_latency,
+        lr={k: float(v) for k, v in parse_options(args.lr).items()},
+        method_options={m: parse_options([o.split(":", 1)[1] for o in args.option or [] if o.startswith(m + ":")])
+                        for m in args.methods.split(",")},
+    )
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from deltatune.compare import compare
+
+    payload = compare(_compare_config(args), command=args.command_line)
+    print((Path(args.out) / "report.md").read_text())
+    return 0 if payload["rows"] else 1
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from deltatune.compare import sweep
+
+    name, _, values = args.param.partition("=")
+    if not values:
+        raise DeltaTuneError(f"--param {args.param!r} must look like NAME=V1,V2,... (e.g. length=1,5,10,20,50)")
+    parsed = [json.loads(v) if v.strip().lstrip("-").replace(".", "", 1).isdigit() else v for v in values.split(",")]
+    args.methods = args.method
+    sweep(_compare_config(args), args.method, name.replace("-", "_"), parsed,
+          command=args.command_line)
+    print((Path(args.out) / "report.md").read_text())
+    return 0
+
+
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="folder laid out like shared/data (default: $DELTATUNE_DATA, then the hub)")
     parser.add_argument("--data-file", help="csv/jsonl tasks: the file")
@@ -164,6 +201,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_arguments(train)
     train.set_defaults(handler=cmd_train)
 
+    for name, handler, help_text in [("compare", cmd_compare, "train every method on one task and compare them"),
+                                     ("sweep", cmd_sweep, "one method, one parameter over several values")]:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--model", default="minilm")
+        sub.add_argument("--task", help="default: sst2 if the data folder has it, else bbc-news")
+        if name == "compare":
+            sub.add_argument("--methods", default="full,lora,adapter,bitfit,prompt")
+        else:
+            sub.add_argument("--method", required=True)
+            sub.add_argument("--param", required=True, help="NAME=V1,V2,... e.g. length=1,5,10,20,50")
+        sub.add_argument("--seeds", type=int, default=1 if name == "compare" else 3)
+        sub.add_argument("--budget", default="steps=300", help="per cell: steps=N | epochs=E | seconds=S")
+        sub.add_argument("--out", default=f"runs/{name}")
+        sub.add_argument("--batch-size", type=int, default=32)
+        sub.add_argument("--train-limit", type=int)
+        sub.add_argument("--eval-limit", type=int)
+        sub.add_argument("--lr", action="append", metavar="METHOD=LR", help="per-method learning rate")
+        sub.add_argument("-o", "--option", action="append", metavar="METHOD:KEY=VALUE",
+                         help="method option, e.g. -o lora:r=16 -o prompt:length=10")
+        sub.add_argument("--no-latency", action="store_true", help="skip the inference latency measurements")
+        _add_data_arguments(sub)
+        sub.set_defaults(handler=handler)
+    commands.choices["compare"].set_defaults(max_length=64)
+    commands.choices["sweep"].set_defaults(max_length=64)
+
     for name, handler, help_text in [("eval", cmd_eval, "evaluate a saved delta on its task"),
                                      ("predict", cmd_predict, "run a saved delta on given texts")]:
         sub = commands.add_parser(name, help=help_text)
@@ -182,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.command_line = "deltatune " + " ".join(argv)
     try:
         return args.handler(args)
     except DeltaTuneError as error:

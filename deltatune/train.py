@@ -57,6 +57,7 @@ class TrainConfig:
     data_dir: str | None = None
     epochs: float = 1.0
     max_steps: int | None = None  # overrides epochs
+    max_seconds: float | None = None  # wall-clock budget: stop after this much training time
     batch_size: int = 32
     grad_accum: int = 1
     lr: float | None = None  # None: DEFAULT_LEARNING_RATES[method]
@@ -167,7 +168,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
             with open(out / "metrics.jsonl", "a") as handle:
                 handle.write(json.dumps(record) + "\n")
 
+    evaluated_at = {"step": None}
+
     def run_eval(step: int) -> dict[str, float]:
+        evaluated_at["step"] = step
         metrics = evaluate(model, tokenizer, task, eval_examples, max_length=max_length)
         log({"step": step, "eval": metrics})
         model.train()
@@ -243,6 +247,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         due = bool(config.checkpoint_every) and state["step"] % config.checkpoint_every == 0
         if is_main and (due or stop["signal"]):
             save_checkpoint(out / "checkpoint", model, optimizer, scheduler, state)
+        if config.max_seconds and state["train_seconds"] >= config.max_seconds:
+            log({"step": state["step"], "stopped": f"time budget of {config.max_seconds} s reached"})
+            break
         if stop["signal"]:
             progress.close()
             raise KeyboardInterrupt(f"stopped by signal {stop['signal']} at step {state['step']}; "
@@ -251,7 +258,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     for sig, handler in previous_handlers.items():
         signal.signal(sig, handler)
 
-    if not last_metrics or state["best_step"] is None:
+    if not last_metrics or evaluated_at["step"] != state["step"]:  # score the final weights too
         last_metrics = run_eval(state["step"])
     summary = {
         "task": task.name, "method": config.method, "model": config.model, "steps": state["step"],
@@ -259,11 +266,21 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "examples_per_s": round(state["examples"] / max(state["train_seconds"], 1e-9), 2),
         "final": last_metrics, "best": {main_metric: state["best"], "step": state["best_step"]},
         "trainable_parameters": model.report(print_table=False).trainable, "learning_rate": lr,
-        "delta": str(out / "delta"),
+        "delta": str(out / "delta"), "peak_memory_mb": round(peak_memory_mb(), 1),
+        "device": str(device), "threads": torch.get_num_threads(),
     }
     if is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process: CUDA's max allocated on a GPU, else the peak resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
 def _check_explosion(losses: list[float], step: int, lr: float) -> None:

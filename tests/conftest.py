@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from deltatune.models import tiny_model
+from deltatune.models import tiny_model, tiny_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -41,3 +42,32 @@ def data_dir() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} is not present")
     return SHARED_DATA
+
+
+WORDS_POSITIVE = ["great", "charming", "moving", "funny"]
+WORDS_NEGATIVE = ["terrible", "bleak", "weak", "desperate"]
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A tiny random BERT classifier and tokenizer saved as a model folder."""
+    path = tmp_path / "tiny-bert"
+    make_model("bert").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def sentiment_csv(tmp_path):
+    """128 short reviews whose label is given by one sentiment word (learnable by a tiny model)."""
+    generator = torch.Generator().manual_seed(0)
+    path = tmp_path / "reviews.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["review", "sentiment"])
+        for i in range(128):
+            label = i % 2
+            words = WORDS_POSITIVE if label else WORDS_NEGATIVE
+            word = words[int(torch.randint(len(words), (1,), generator=generator))]
+            writer.writerow([f"the movie was {word} .", "positive" if label else "negative"])
+    return path

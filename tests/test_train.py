@@ -3,46 +3,15 @@ CLI's train / eval / predict work end to end."""
 
 from __future__ import annotations
 
-import csv
 import json
 
 import pytest
 import torch
-from conftest import make_model
 from safetensors.torch import load_file
 
 import deltatune.train as train_module
 from deltatune.cli import main as cli_main
-from deltatune.models import tiny_tokenizer
 from deltatune.train import TrainConfig, TrainingError, train
-
-WORDS_POSITIVE = ["great", "charming", "moving", "funny"]
-WORDS_NEGATIVE = ["terrible", "bleak", "weak", "desperate"]
-
-
-@pytest.fixture
-def tiny_model_dir(tmp_path):
-    """A tiny random BERT classifier and tokenizer saved as a model folder."""
-    path = tmp_path / "tiny-bert"
-    make_model("bert").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture
-def sentiment_csv(tmp_path):
-    """128 short reviews whose label is given by one sentiment word (learnable by a tiny model)."""
-    generator = torch.Generator().manual_seed(0)
-    path = tmp_path / "reviews.csv"
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["review", "sentiment"])
-        for i in range(128):
-            label = i % 2
-            words = WORDS_POSITIVE if label else WORDS_NEGATIVE
-            word = words[int(torch.randint(len(words), (1,), generator=generator))]
-            writer.writerow([f"the movie was {word} .", "positive" if label else "negative"])
-    return path
 
 
 def config(model_dir, data_file, out, **overrides) -> TrainConfig:

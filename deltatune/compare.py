@@ -1,0 +1,232 @@
+"""`deltatune compare` and `deltatune sweep`: the document's comparison of methods, measured.
+
+Every (method, seed) cell trains in its own subprocess with the same model, task, data and budget,
+so one failing method is reported with its error while the others run, and peak memory is the
+cell's own. Finished cells are kept in `OUT/cells/*.json`: rerunning with the same `--out` reuses
+them (no lost work). Then inference latency is timed for the base model and each method's delta
+(LoRA unmerged and merged), and `report.py` writes the tables and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deltatune.train import TrainConfig
+
+DEFAULT_METHODS = ["full", "lora", "adapter", "bitfit", "prompt"]
+
+
+@dataclass
+class CompareConfig:
+    model: str = "minilm"
+    task: str | None = None  # None: sst2 when the data folder has it, else bbc-news
+    task_options: dict[str, Any] = field(default_factory=dict)  # csv/jsonl: path, columns
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    seeds: int = 1
+    budget: str = "steps=300"  # steps=N | epochs=E | seconds=S (per cell)
+    out: str = "runs/compare"
+    batch_size: int = 32
+    max_length: int = 64
+    data_dir: str | None = None
+    train_limit: int | None = None
+    eval_limit: int | None = None
+    lr: dict[str, float] = field(default_factory=dict)  # per-method overrides
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    latency: bool = True
+    latency_repeats: int = 20
+    precision: str = "fp32"
+
+
+def parse_budget(budget: str) -> dict[str, float]:
+    """"steps=300" -> {"max_steps": 300}; "epochs=1" -> {"epochs": 1.0}; "seconds=120" -> {...}."""
+    kind, _, value = budget.partition("=")
+    keys = {"steps": "max_steps", "epochs": "epochs", "seconds": "max_seconds"}
+    if kind not in keys or not value:
+        raise ValueError(f"budget {budget!r} must be steps=N, epochs=E or seconds=S")
+    number = float(value)
+    return {keys[kind]: int(number) if kind == "steps" else number}
+
+
+def default_task(data_dir: str | None) -> str:
+    """SST-2 when the data folder holds it, else BBC News (shipped by a PyPI package)."""
+    from deltatune.tasks import DataError, get_task
+
+    try:
+        get_task("sst2").load("dev", data_dir, limit=1)
+        return "sst2"
+    except DataError:
+        return "bbc-news"
+
+
+def cell_name(method: str, seed: int, label: str | None = None) -> str:
+    return f"{label or method}-seed{seed}"
+
+
+def run_cell(config: TrainConfig, cell_file: Path, log_file: Path) -> dict[str, Any]:
+    """Train one cell in a subprocess; record its summary (or its error) in `cell_file`."""
+    started = time.perf_counter()
+    code = (
+        "import json, sys; from deltatune.train import TrainConfig, train; "
+        "print(json.dumps(train(TrainConfig(**json.loads(sys.argv[1])))))"
+    )
+    with open(log_file, "w") as log:
+        process = subprocess.run([sys.executable, "-c", code, json.dumps(asdict(config))],
+                                 stdout=subprocess.PIPE, stderr=log, text=True, env=os.environ.copy())
+    result: dict[str, Any] = {"config": asdict(config), "wall_seconds": round(time.perf_counter() - started, 1)}
+    if process.returncode == 0:
+        result["summary"] = json.loads(process.stdout.strip().splitlines()[-1])
+    else:
+        lines = [line for line in log_file.read_text().splitlines() if line.strip()]
+        errors = [line for line in lines if "Error" in line]
+        result["error"] = (errors or lines or ["failed"])[-1]
+    cell_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cell_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, cell_file)  # a cell is either finished or absent
+    return result
+
+
+def plan_cells(
+    config: CompareConfig, variants: list[tuple[str, str, dict]] | None = None
+) -> list[tuple[str, TrainConfig]]:
+    """(cell name, TrainConfig) for every variant x seed. A variant = (label, method, options)."""
+    task = config.task or default_task(config.data_dir)
+    variants = variants or [(m, m, config.method_options.get(m, {})) for m in config.methods]
+    out = Path(config.out)
+    cells = []
+    for label, method, options in variants:
+        for seed in range(config.seeds):
+            name = cell_name(method, seed, label)
+            cells.append((name, TrainConfig(
+                model=config.model, task=task, method=method, out=str(out / "runs" / name), method_options=options,
+                task_options=config.task_options, data_dir=config.data_dir, batch_size=config.batch_size,
+                max_length=config.max_length,
+                lr=config.lr.get(method), seed=seed, train_limit=config.train_limit, eval_limit=config.eval_limit,
+                precision=config.precision, progress=False, **parse_budget(config.budget),
+            )))
+    return cells
+
+
+def run_cells(config: CompareConfig, cells: list[tuple[str, TrainConfig]]) -> dict[str, dict]:
+    """Run every unfinished cell with a progress display (which cell, ETA); reuse finished ones."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    out = Path(config.out)
+    results = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()) as progress:
+        bar = progress.add_task("compare", total=len(cells))
+        for name, train_config in cells:
+            cell_file = out / "cells" / f"{name}.json"
+            if cell_file.is_file():
+                results[name] = json.loads(cell_file.read_text())
+                progress.update(bar, advance=1, description=f"{name}: reused")
+                continue
+            progress.update(bar, description=f"training {name}")
+            (out / "logs").mkdir(parents=True, exist_ok=True)
+            results[name] = run_cell(train_config, cell_file, out / "logs" / f"{name}.log")
+            status = "failed" if "error" in results[name] else "done"
+            progress.update(bar, advance=1, description=f"{name}: {status}")
+    return results
+
+
+# ---- inference latency ------------------------------------------------------------------------
+def _median_ms(fn, repeats: int, warmup: int = 3) -> float:
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1000)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def measure_latency(config: CompareConfig, results: dict[str, dict], seq_len: int = 128) -> list[dict]:
+    """Median latency at batch 1 and 16 (sequence `seq_len`) for the base model and each trained delta:
+    LoRA unmerged and merged, BitFit unmerged and merged, adapters, prompt tuning."""
+    from deltatune.delta import DeltaModel
+    from deltatune.models import load_model
+    from deltatune.tasks import get_task
+
+    first = {r["config"]["method"]: r for r in results.values() if "summary" in r and r["config"]["seed"] == 0}
+    if not first:
+        return []
+    cell_config = next(iter(first.values()))["config"]
+    task = get_task(cell_config["task"], **cell_config["task_options"])
+    kind = "regression" if task.kind == "regression" else "classification"
+    model = DeltaModel(load_model(config.model, kind, num_labels=task.num_labels if kind == "classification" else None))
+    model.eval()
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    low = 1000 if vocab > 2000 else 4  # ordinary tokens, not special ones
+    inputs = {b: torch.randint(low, vocab - 1, (b, seq_len), generator=generator) for b in (1, 16)}
+    variants: list[tuple[str, str | None, bool]] = [("base model", None, False)]
+    for method in ("lora", "bitfit", "adapter", "prompt"):
+        if method in first:
+            model.add_delta(Path(first[method]["summary"]["delta"]), task=method)
+            variants.append((f"{method} (unmerged)" if method in {"lora", "bitfit"} else method, method, False))
+            if method in {"lora", "bitfit"}:
+                variants.append((f"{method} (merged)", method, True))
+    rows = []
+    for label, task_name, merged in variants:
+        model.use(task_name)
+        if merged:
+            model.merge()
+        row = {"variant": label}
+        for batch, input_ids in inputs.items():
+            ids = input_ids
+            if task_name == "prompt":  # the prompt makes the sequence longer; keep the model's limit
+                ids = input_ids[:, : seq_len]
+            row[f"batch{batch}_ms"] = round(_median_ms(lambda ids=ids: model(input_ids=ids,
+                                                       attention_mask=torch.ones_like(ids)),
+                                                       config.latency_repeats), 2)
+        if merged:
+            model.unmerge()
+        rows.append(row)
+    base = rows[0]
+    for row in rows:
+        for batch in (1, 16):
+            row[f"batch{batch}_vs_base"] = round(row[f"batch{batch}_ms"] / base[f"batch{batch}_ms"], 3)
+    return rows
+
+
+def compare(config: CompareConfig, command: str = "") -> dict[str, Any]:
+    """Run (or reuse) every cell, time inference, write report.md, results.json/csv and plots."""
+    from deltatune.report import write_report
+
+    cells = plan_cells(config)
+    results = run_cells(config, cells)
+    latency_file = Path(config.out) / "latency.json"
+    latency = json.loads(latency_file.read_text()) if latency_file.is_file() else None
+    if config.latency and latency is None:
+        latency = measure_latency(config, results)
+        latency_file.write_text(json.dumps(latency, indent=2) + "\n")
+    return write_report(config, results, latency or [], command=command, kind="compare")
+
+
+def sweep(config: CompareConfig, method: str, parameter: str, values: list, command: str = "") -> dict[str, Any]:
+    """One method, one parameter over several values (x seeds): quality vs the parameter."""
+    from deltatune.report import write_report
+
+    base_options = config.method_options.get(method, {})
+    variants = [(f"{method}-{parameter}={v}", method, {**base_options, parameter: v}) for v in values]
+    cells = plan_cells(replace(config, methods=[method]), variants)
+    results = run_cells(config, cells)
+    for label, _, options in variants:
+        for result in results.values():
+            if result["config"]["method_options"] == options:
+                result["label"] = label
+                result["sweep_value"] = options[parameter]
+    return write_report(config, results, [], command=command, kind="sweep", sweep=(method, parameter))

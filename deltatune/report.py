@@ -1,0 +1,195 @@
+"""Tables and plots for `compare` and `sweep`: report.md, results.json, results.csv, PNG plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def environment() -> dict[str, str]:
+    import transformers
+
+    import deltatune
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({cpu})"
+    return {"deltatune": deltatune.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "device": device, "threads": str(torch.get_num_threads())}
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def aggregate(results: dict[str, dict]) -> list[dict[str, Any]]:
+    """One row per method (or sweep value): mean and std over seeds, or the error of a failed cell."""
+    groups: dict[str, list[dict]] = {}
+    for result in results.values():  # in the order the cells were planned
+        label = result.get("label") or result["config"]["method"]
+        groups.setdefault(label, []).append(result)
+    rows = []
+    for label, cells in groups.items():
+        done = [c["summary"] for c in cells if "summary" in c]
+        errors = [c["error"] for c in cells if "error" in c]
+        row: dict[str, Any] = {"label": label, "method": cells[0]["config"]["method"], "seeds": len(done),
+                               "sweep_value": cells[0].get("sweep_value"), "error": errors[0] if errors else None}
+        if done:
+            first = done[0]
+            row["trainable_parameters"] = first["trainable_parameters"]
+            row["delta_bytes"] = _dir_size(Path(first["delta"]))
+            for metric in first["final"]:
+                mean, std = _mean_std([s["final"].get(metric) for s in done])
+                row[f"{metric}_mean"], row[f"{metric}_std"] = mean, std
+            for key in ("train_seconds", "examples_per_s", "peak_memory_mb", "steps"):
+                row[key] = _mean_std([s.get(key) for s in done])[0]
+            row["metrics"] = list(first["final"])
+        rows.append(row)
+    return rows
+
+
+def _fmt_metric(row: dict, metric: str) -> str:
+    mean, std = row.get(f"{metric}_mean"), row.get(f"{metric}_std")
+    if mean is None:
+        return "-"
+    return f"{100 * mean:.2f} ± {100 * std:.2f}" if abs(mean) <= 1.0 else f"{mean:.3f} ± {std:.3f}"
+
+
+def write_report(config, results: dict[str, dict], latency: list[dict], command: str, kind: str,
+                 sweep: tuple[str, str] | None = None) -> dict[str, Any]:
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = aggregate(results)
+    env = environment()
+    metrics = next((r["metrics"] for r in rows if r.get("metrics")), [])
+    base_params = _base_parameters(results)
+    payload = {"kind": kind, "command": command, "environment": env, "config": asdict(config), "rows": rows,
+               "latency": latency, "base_parameters": base_params, "cells": results}
+    (out / "results.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    _write_csv(out / "results.csv", rows, metrics)
+    plots = _plots(out, rows, latency, metrics, sweep)
+
+    task = next((r["config"]["task"] for r in results.values()), "?")
+    lines = [f"# deltatune {kind}: {config.model} on {task}", "", f"Command: `{command}`", "",
+             "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), "",
+             f"Budget per cell: {config.budget}, batch {config.batch_size}, max length {config.max_length}, "
+             f"{config.seeds} seed(s); quality = the task's metrics on its dev split at the end of training "
+             f"(mean ± std over seeds, in % where the metric is a fraction).", ""]
+    header = ["method", "trainable params", "% of base", "delta size", *metrics, "train s", "ex/s", "peak MB"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        if row.get("trainable_parameters") is None:
+            lines.append(f"| {row['label']} | failed: {row['error']} |" + " |" * (len(header) - 2))
+            continue
+        percent = 100 * row["trainable_parameters"] / base_params if base_params else float("nan")
+        lines.append("| " + " | ".join([
+            row["label"], f"{row['trainable_parameters']:,}", f"{percent:.3f}%", f"{row['delta_bytes'] / 1e6:.2f} MB",
+            *[_fmt_metric(row, m) for m in metrics], f"{row['train_seconds']:.0f}", f"{row['examples_per_s']:.1f}",
+            f"{row['peak_memory_mb']:.0f}",
+        ]) + " |")
+    if latency:
+        lines += ["", "## Inference latency (median ms, sequence 128)", "",
+                  "| variant | batch 1 | vs base | batch 16 | vs base |", "|---|---|---|---|---|"]
+        for row in latency:
+            lines.append(f"| {row['variant']} | {row['batch1_ms']:.1f} | {row['batch1_vs_base']:.2f}× | "
+                         f"{row['batch16_ms']:.1f} | {row['batch16_vs_base']:.2f}× |")
+    lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return payload
+
+
+def _base_parameters(results: dict[str, dict]) -> int | None:
+    """Base model size, from a full fine-tuning cell's delta.json (or any delta's base description)."""
+    for result in results.values():
+        if "summary" in result:
+            meta = Path(result["summary"]["delta"]) / "delta.json"
+            if meta.is_file():
+                return json.loads(meta.read_text())["base"]["num_parameters"]
+    return None
+
+
+def _write_csv(path: Path, rows: list[dict], metrics: list[str]) -> None:
+    columns = ["label", "method", "sweep_value", "seeds", "trainable_parameters", "delta_bytes",
+               *[f"{m}_{s}" for m in metrics for s in ("mean", "std")], "train_seconds", "examples_per_s",
+               "peak_memory_mb", "steps", "error"]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _plots(out: Path, rows: list[dict], latency: list[dict], metrics: list[str], sweep) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    done = [r for r in rows if r.get(f"{metrics[0]}_mean") is not None] if metrics else []
+    if done and sweep is None:
+        figure, axis = plt.subplots(figsize=(6.5, 4.2))
+        for row in done:
+            axis.errorbar(row["trainable_parameters"], 100 * row[f"{metrics[0]}_mean"],
+                          yerr=100 * row[f"{metrics[0]}_std"], fmt="o", capsize=4, label=row["label"])
+            axis.annotate(row["label"], (row["trainable_parameters"], 100 * row[f"{metrics[0]}_mean"]),
+                          textcoords="offset points", xytext=(6, 4), fontsize=9)
+        axis.set_xscale("log")
+        axis.set_xlabel("trainable parameters (log scale)")
+        axis.set_ylabel(f"{metrics[0]} (%)")
+        axis.set_title("Quality vs trainable parameters (mean ± std over seeds)")
+        axis.grid(alpha=0.3)
+        figure.tight_layout()
+        paths.append(out / "quality_vs_parameters.png")
+        figure.savefig(paths[-1], dpi=120)
+        plt.close(figure)
+    if done and sweep is not None:
+        method, parameter = sweep
+        ordered = sorted(done, key=lambda r: float(r["sweep_value"]))
+        figure, axis = plt.subplots(figsize=(6.5, 4.2))
+        axis.errorbar([float(r["sweep_value"]) for r in ordered], [100 * r[f"{metrics[0]}_mean"] for r in ordered],
+                      yerr=[100 * r[f"{metrics[0]}_std"] for r in ordered], fmt="o-", capsize=4)
+        axis.set_xscale("log")
+        axis.set_xlabel(f"{method} {parameter} (log scale)")
+        axis.set_ylabel(f"{metrics[0]} (%)")
+        axis.set_title(f"{method}: quality vs {parameter} (mean ± std over seeds)")
+        axis.grid(alpha=0.3)
+        figure.tight_layout()
+        paths.append(out / f"sweep_{method}_{parameter}.png")
+        figure.savefig(paths[-1], dpi=120)
+        plt.close(figure)
+    if latency:
+        figure, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+        for axis, batch in zip(axes, (1, 16)):
+            values = [row[f"batch{batch}_ms"] for row in latency]
+            axis.barh([row["variant"] for row in latency], values, color="tab:blue")
+            for y, value in enumerate(values):
+                axis.text(value, y, f" {value:.1f}", va="center", fontsize=8)
+            axis.set_title(f"batch {batch}")
+            axis.set_xlabel("median latency (ms)")
+            axis.invert_yaxis()
+        figure.suptitle("Inference latency by method (sequence 128)")
+        figure.tight_layout()
+        paths.append(out / "latency.png")
+        figure.savefig(paths[-1], dpi=120)
+        plt.close(figure)
+    return paths

@@ -1,0 +1,56 @@
+"""`deltatune compare` end to end on a tiny model: every output file, numbers consistent between
+results.json and report.md, and finished cells reused after an interruption."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from deltatune.cli import main as cli_main
+
+
+def compare_args(model_dir, data_file, out, methods="lora,bitfit", seeds=2):
+    return ["compare", "--model", str(model_dir), "--task", "csv", "--data-file", str(data_file),
+            "--text-columns", "review", "--label-column", "sentiment", "--methods", methods,
+            "--seeds", str(seeds), "--budget", "steps=3", "--batch-size", "8", "--out", str(out)]
+
+
+@pytest.mark.slow
+def test_compare_writes_consistent_report(tiny_model_dir, sentiment_csv, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert cli_main(compare_args(tiny_model_dir, sentiment_csv, out)) == 0
+    for name in ["report.md", "results.json", "results.csv", "quality_vs_parameters.png", "latency.png"]:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    report = (out / "report.md").read_text()
+    rows = {row["label"]: row for row in results["rows"]}
+    assert set(rows) == {"lora", "bitfit"}
+    for label, row in rows.items():
+        assert row["seeds"] == 2 and row["error"] is None
+        line = next(line for line in report.splitlines() if line.startswith(f"| {label} |"))
+        assert f"{row['trainable_parameters']:,}" in line
+        accuracy = f"{100 * row['accuracy_mean']:.2f} ± {100 * row['accuracy_std']:.2f}"
+        assert accuracy in line, (accuracy, line)
+    with open(out / "results.csv") as handle:
+        assert {r["label"] for r in csv.DictReader(handle)} == {"lora", "bitfit"}
+    variants = [row["variant"] for row in results["latency"]]
+    assert variants == ["base model", "lora (unmerged)", "lora (merged)", "bitfit (unmerged)", "bitfit (merged)"]
+    assert "Environment:" in report and "torch" in report and "Command: `deltatune compare" in report
+
+
+@pytest.mark.slow
+def test_compare_reuses_finished_cells_and_reports_failures(tiny_model_dir, sentiment_csv, tmp_path):
+    out = tmp_path / "cmp"
+    args = compare_args(tiny_model_dir, sentiment_csv, out, methods="lora", seeds=1) + ["--no-latency"]
+    assert cli_main(args) == 0  # as if killed after the first method
+    first = (out / "cells" / "lora-seed0.json").read_text()
+    first_mtime = (out / "runs" / "lora-seed0" / "summary.json").stat().st_mtime_ns
+
+    rerun = compare_args(tiny_model_dir, sentiment_csv, out, methods="lora,nosuchmethod", seeds=1)
+    assert cli_main(rerun + ["--no-latency"]) == 0
+    assert (out / "cells" / "lora-seed0.json").read_text() == first  # reused, not retrained
+    assert (out / "runs" / "lora-seed0" / "summary.json").stat().st_mtime_ns == first_mtime
+    report = (out / "report.md").read_text()
+    assert "| nosuchmethod | failed:" in report and "unknown method 'nosuchmethod'" in report
