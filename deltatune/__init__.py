@@ -10,11 +10,14 @@ __version__ = "0.1.0"
 
 from deltatune.delta import DeltaModel, ParameterReport, attach, load_delta  # noqa: E402
 from deltatune.errors import DeltaError, DeltaTuneError, MergeError, TargetError, TaskError  # noqa: E402
+from deltatune.methods.adapter import Adapter  # noqa: E402
 from deltatune.methods.bitfit import BitFit  # noqa: E402
 from deltatune.methods.full import FullFineTune  # noqa: E402
 from deltatune.methods.lora import LoRA  # noqa: E402
+from deltatune.methods.prompt import PromptTuning  # noqa: E402
 
 __all__ = [
+    "Adapter",
     "BitFit",
     "DeltaError",
     "DeltaModel",
@@ -23,6 +26,7 @@ __all__ = [
     "LoRA",
     "MergeError",
     "ParameterReport",
+    "PromptTuning",
     "TargetError",
     "TaskError",
     "attach",

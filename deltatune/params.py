@@ -49,7 +49,7 @@ LECTURE_ROWS = [
     LectureRow("Prompt tuning (length 20)", "prompt", {"length": 20}, "15k (0.006%)",
                "lecture's 15k is 20 x 768 (a 768-wide model); 20 x 1024 = 20,480 is its 0.006%"),
     LectureRow("Adapters (dim 64)", "adapter", {"bottleneck": 64}, "6M (2%)",
-               "adapter weights only; LayerNorms train too and are counted in the next column"),
+               "24 layers x 2 adapters x (2 x 1024 x 64 + 64 + 1024); '+ norms': the 49 LayerNorms' g, b"),
     LectureRow("LoRA (dim 8)", "lora", {"r": 8}, "0.8M (0.22%)", "2 x 24 layers x 2 (q,v) x 1024 x 8"),
     LectureRow("BitFit", "bitfit", {}, "0.32M (0.09%)",
                "q,k,v, attention-output, 2 FFN and 2 LayerNorm biases per layer; the lecture's 0.32M "

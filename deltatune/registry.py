@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
-from deltatune.methods import bitfit, full, lora
+from deltatune.methods import adapter, bitfit, full, lora, prompt
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,8 @@ METHODS: dict[str, MethodEntry] = {
     "lora": MethodEntry(lora.LoRA, lora.inject, mergeable=True),
     "bitfit": MethodEntry(bitfit.BitFit, bitfit.inject, mergeable=True),
     "full": MethodEntry(full.FullFineTune, full.inject, mergeable=True),
+    "adapter": MethodEntry(adapter.Adapter, adapter.inject, mergeable=False),
+    "prompt": MethodEntry(prompt.PromptTuning, prompt.inject, mergeable=False),
 }
 
 

@@ -150,7 +150,9 @@ class BiasDelta(DeltaComponent):
 def inject(model: nn.Module, config: BitFit, task: str, state: TaskState, exclude: list[str]) -> None:
     """Hook a BiasDelta (once) onto every BitFit target and give it a zero Δb for `task`."""
     for name, width in bitfit_targets(model, config, exclude).items():
-        layer = model.get_submodule(name)
+        # hook the plain layer, not a wrapper around it: removing another method's task (which may
+        # unwrap the layer) must not take the bias shifts with it
+        layer = unwrap(model.get_submodule(name))
         component = getattr(layer, "bitfit", None)
         if component is None:
             component = BiasDelta(layer, width, state)

@@ -1,0 +1,244 @@
+"""Prompt tuning (Lester et al. 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning").
+
+P trainable virtual-token embeddings P_e (P x d, d = the hidden size) join the embedded input X_e
+(n x d); the model, its embedding matrix included, stays frozen; only P_e and the task head train
+(section 2):
+
+    [P_e ; X_e]  ->  frozen transformer            (P + n) x d,  attention mask extended by P ones
+
+Where the prompt goes: decoders (GPT-2, Llama) and T5's encoder get it in front, as in the paper;
+BERT-style encoders, whose classification head reads the first token ([CLS]), get it right after that
+token, so the head still reads [CLS]. Labels of causal LMs get -100 at the prompt positions (no loss).
+
+Initialisation (section 3.2): "random" (normal, with the embedding matrix's standard deviation),
+"vocab" (embeddings of random vocabulary tokens) or "text" (embeddings of a text's tokens, repeated or
+cut to P). A config holds token ids, not a tokenizer: `PromptTuning.from_text(text, tokenizer)` or
+`init_token_ids=[...]`; the ids are saved with the delta.
+
+The document's drawback is real: the prompt occupies P of the model's positions, so an input longer
+than max_position_embeddings - P is cut to fit, with a warning (`truncate=False`: an error instead).
+A prompt is not a weight change: it cannot be merged.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from deltatune.errors import DeltaTuneError, MergeError
+from deltatune.methods.common import DeltaComponent, TaskState
+from deltatune.targets import model_type
+
+INITS = ("random", "text", "vocab")
+IGNORE_INDEX = -100  # labels the loss skips
+ROBERTA_LIKE = {"roberta", "xlm-roberta", "camembert"}  # positions are numbered from padding_idx + 1
+
+
+@dataclass
+class PromptTuning:
+    """Prompt-tuning settings (Lester et al. 2021)."""
+
+    length: int = field(default=20, metadata={"help": "number P of virtual tokens (paper section 3.2)"})
+    init: str = field(default="random", metadata={"help": "random | text | vocab (paper section 3.2)"})
+    init_text: str | None = field(default=None, metadata={"help": "the text of init='text' (for the record)"})
+    init_token_ids: list[int] | None = field(
+        default=None, metadata={"help": "token ids of init_text; set by from_text(text, tokenizer)"}
+    )
+    truncate: bool = field(
+        default=True, metadata={"help": "cut inputs longer than the positions left by the prompt (else error)"}
+    )
+    method: ClassVar[str] = "prompt"
+
+    def __post_init__(self) -> None:
+        if self.length < 1:
+            raise ValueError(f"prompt length must be >= 1, got {self.length}")
+        if self.init not in INITS:
+            raise ValueError(f"unknown prompt init {self.init!r}; choose one of {INITS}")
+        if self.init == "text" and self.init_text is None and not self.init_token_ids:
+            raise ValueError("init='text' needs a text: PromptTuning.from_text(text, tokenizer) or init_token_ids")
+
+    @classmethod
+    def from_text(cls, text: str, tokenizer, **options) -> PromptTuning:
+        """Prompt tuning initialised from the embeddings of `text`'s tokens."""
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return cls(init="text", init_text=text, init_token_ids=list(ids), **options)
+
+
+def prompt_layout(model: nn.Module) -> str:
+    """Where the prompt goes: "encoder" (in front of an encoder-decoder's encoder input), "after_first"
+    (after [CLS] of a BERT-style encoder: a model type with a masked-LM head) or "prepend" (decoders)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "encoder"
+    return "after_first" if model_type(model) in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "prepend"
+
+
+def position_limit(config) -> int | None:
+    """How many tokens the model can number (None: relative positions, no limit)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and getattr(config, "model_type", None) in ROBERTA_LIKE:
+        limit -= (config.pad_token_id or 0) + 1
+    return limit
+
+
+class PromptEmbedding(DeltaComponent):
+    """Per-task prompts; `prepare_inputs` rewrites a forward call's keyword arguments to carry them."""
+
+    method = "prompt"
+    root_level = True  # delta key: "prompt_embeddings"
+
+    def __init__(self, model: nn.Module, state: TaskState):
+        super().__init__(state)
+        self.prompt_embeddings = nn.ParameterDict()  # task -> (P, d)
+        self.truncate: dict[str, bool] = {}
+        self.__dict__["model"] = model  # the base model (not a submodule: it is our parent)
+        self.layout = prompt_layout(model)
+        self.limit = position_limit(model.config)
+        # GPT-2/Llama classification pools position -1 when given inputs_embeds (and logs that it "will not
+        # detect padding tokens"): moving the padding to the left makes -1 every example's last token
+        self.pools_last_token = self.layout == "prepend" and type(model).__name__.endswith("ForSequenceClassification")
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.prompt_embeddings.keys())
+
+    @property
+    def reserved_positions(self) -> int:
+        """Positions the prompts take from the model's context (read by data.max_model_length)."""
+        return max((p.shape[0] for p in self.prompt_embeddings.values()), default=0)
+
+    def add_task(self, task: str, config: PromptTuning) -> None:
+        embedding = self.model.get_input_embeddings().weight.detach()  # (V, d)
+        vocab_size, width = embedding.shape
+        if config.init == "random":
+            values = torch.randn(config.length, width, dtype=embedding.dtype, device=embedding.device)
+            values = values * embedding.float().std().to(embedding.dtype)
+        else:
+            if config.init == "vocab":
+                ids = torch.randint(0, vocab_size, (config.length,)).tolist()
+            elif not config.init_token_ids:
+                raise DeltaTuneError("init='text' needs token ids: use PromptTuning.from_text(text, tokenizer) "
+                                     "or pass init_token_ids=tokenizer(text, add_special_tokens=False).input_ids")
+            else:  # the text's tokens, repeated or cut to the prompt's length
+                repeats = math.ceil(config.length / len(config.init_token_ids))
+                ids = (list(config.init_token_ids) * repeats)[: config.length]
+                if max(ids) >= vocab_size or min(ids) < 0:
+                    raise DeltaTuneError(f"init_token_ids must lie in [0, {vocab_size}), got {min(ids)}..{max(ids)}")
+            values = embedding[torch.tensor(ids, device=embedding.device)]
+        self.prompt_embeddings[task] = nn.Parameter(values.clone())
+        self.truncate[task] = config.truncate
+
+    def remove_task(self, task: str) -> None:
+        del self.prompt_embeddings[task], self.truncate[task]
+
+    def task_parameters(self, task: str) -> dict[str, nn.Parameter]:
+        return {"prompt_embeddings": self.prompt_embeddings[task]}
+
+    def _fit(self, task: str, length: int, reserve: int = 0) -> int:
+        """How many input tokens fit beside the prompt (and `reserve` new tokens); warns or raises if cut."""
+        prompt = self.prompt_embeddings[task].shape[0]
+        if self.limit is None or prompt + length + reserve <= self.limit:
+            return length
+        room = self.limit - prompt - reserve
+        problem = (f"an input of {length} tokens does not fit: the model has {self.limit} positions and the "
+                   f"prompt takes {prompt} of them" + (f" (plus {reserve} new tokens)" if reserve else ""))
+        if not self.truncate[task] or room < 1:
+            raise DeltaTuneError(f"{problem}; shorten inputs to {max(room, 0)} tokens or use a shorter prompt")
+        warnings.warn(f"{problem} (prompt tuning's drawback); keeping {room} tokens", stacklevel=4)
+        return room
+
+    def prepare_inputs(self, inputs: dict) -> dict:
+        task = self.active_task
+        if task not in self.prompt_embeddings:
+            return inputs
+        inputs = dict(inputs)
+        if inputs.get("position_ids") is not None:
+            raise DeltaTuneError("prompt tuning numbers positions itself; do not pass position_ids")
+        input_ids, embeds = inputs.pop("input_ids", None), inputs.pop("inputs_embeds", None)
+        if embeds is None:
+            if input_ids is None:
+                raise DeltaTuneError("prompt tuning needs input_ids=... (or inputs_embeds=...) as keyword arguments")
+            embeds = self.model.get_input_embeddings()(input_ids)  # (B, n, d)
+        batch, length = embeds.shape[:2]
+        mask = inputs.get("attention_mask")
+        mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device) if mask is None else mask
+        keep = self._fit(task, length)  # keep the first `keep` tokens, as a tokenizer truncates
+        per_token = {"attention_mask": mask, "token_type_ids": inputs.get("token_type_ids")}
+        labels = inputs.get("labels")
+        token_level = isinstance(labels, torch.Tensor) and labels.dim() >= 2 and labels.shape[1] == length
+        # (multi-label and regression targets are float; T5's labels are the decoder's, not the input's)
+        if token_level and not labels.is_floating_point() and self.layout != "encoder":
+            per_token["labels"] = labels  # token-level labels (causal LM): the prompt gets IGNORE_INDEX
+        fills = {"attention_mask": 1, "token_type_ids": 0, "labels": IGNORE_INDEX}
+
+        prompt = self.prompt_embeddings[task].to(embeds.dtype).expand(batch, -1, -1)  # (B, P, d)
+        at = 1 if self.layout == "after_first" else 0
+        embeds = torch.cat([embeds[:, :at], prompt, embeds[:, at:keep]], dim=1)  # (B, P + n, d)
+        for name, tensor in per_token.items():
+            if tensor is not None:
+                filler = tensor.new_full((batch, prompt.shape[1]), fills[name])
+                inputs[name] = torch.cat([tensor[:, :at], filler, tensor[:, at:keep]], dim=1)
+        if self.pools_last_token:  # left padding puts every example's last token at position -1
+            order = torch.argsort(inputs["attention_mask"], dim=1, stable=True)  # padding first, order kept
+            embeds = embeds.gather(1, order[..., None].expand_as(embeds))
+            for name in per_token:
+                if inputs.get(name) is not None:
+                    inputs[name] = inputs[name].gather(1, order)
+            inputs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+        if self.layout == "encoder":  # the decoder (and T5's classification pooling) reads the plain ids
+            encoder = self.model.get_encoder()
+            inputs["encoder_outputs"] = encoder(inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
+                                                return_dict=True)
+            inputs["input_ids"] = input_ids
+        else:
+            inputs["inputs_embeds"] = embeds
+        return inputs
+
+    def generate(self, model: nn.Module, inputs: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """`model.generate` with the active prompt. A causal LM returns input_ids + new tokens, as usual."""
+        input_ids = kwargs.pop("input_ids", inputs)
+        if self.layout != "prepend":  # T5: the encoder sees the prompt; its output is passed in
+            return model.generate(**self.prepare_inputs({"input_ids": input_ids, **kwargs}))
+        task = self.active_task
+        mask = kwargs.pop("attention_mask", None)
+        mask = torch.ones_like(input_ids) if mask is None else mask
+        keep = self._fit(task, input_ids.shape[1], reserve=kwargs.get("max_new_tokens") or 0)
+        ids, mask = input_ids[:, -keep:], mask[:, -keep:]  # keep the context nearest the new tokens
+        embeds = model.get_input_embeddings()(ids)
+        prompt = self.prompt_embeddings[task].to(embeds.dtype).expand(ids.shape[0], -1, -1)
+        embeds = torch.cat([prompt, embeds], dim=1)
+        mask = torch.cat([mask.new_ones(prompt.shape[:2]), mask], dim=1)
+        order = torch.argsort(mask, dim=1, stable=True)  # left padding, as generation needs
+        embeds, mask = embeds.gather(1, order[..., None].expand_as(embeds)), mask.gather(1, order)
+        output = model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)  # new tokens only
+        if isinstance(output, torch.Tensor):
+            return torch.cat([input_ids, output.to(input_ids.device)], dim=1)
+        output.sequences = torch.cat([input_ids, output.sequences.to(input_ids.device)], dim=1)
+        return output
+
+    def merge(self, task: str) -> None:
+        raise MergeError("a prompt is not a weight change; prompt tuning cannot be merged into the base weights")
+
+    def unmerge(self) -> None:
+        """Nothing is ever merged."""
+
+    def unload(self) -> None:
+        return None
+
+    def extra_repr(self) -> str:
+        return f"layout={self.layout}, tasks={self.tasks}"
+
+
+def inject(model: nn.Module, config: PromptTuning, task: str, state: TaskState, exclude: list[str]) -> None:
+    """One PromptEmbedding at the model's root (once) holds every task's prompt."""
+    component = getattr(model, "deltatune_prompt", None)
+    if component is None:
+        component = PromptEmbedding(model, state)
+        model.deltatune_prompt = component
+    component.add_task(task, config)
