@@ -40,17 +40,34 @@ def task_options(args: argparse.Namespace) -> dict:
     return {"path": args.data_file, "text_columns": args.text_columns.split(","), "label_column": args.label_column}
 
 
+def method_options(args: argparse.Namespace) -> dict:
+    """The -o options, checked against the method's settings now: a typo fails before any model loads."""
+    from deltatune.registry import METHODS, config_from_dict
+
+    if args.method not in METHODS:
+        raise DeltaTuneError(f"unknown method {args.method!r}; the methods are {sorted(METHODS)}")
+    options = parse_options(args.option)
+    try:
+        config_from_dict(args.method, options)
+    except (TypeError, ValueError) as error:
+        raise DeltaTuneError(f"bad -o option for {args.method}: {error}") from None
+    return options
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from deltatune.train import TrainConfig, train
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise DeltaTuneError(f"--out {args.out} is a file; the run folder must be a folder (new or existing)")
     config = TrainConfig(
         model=args.model, task=args.task, method=args.method, out=args.out,
-        method_options=parse_options(args.option), task_options=task_options(args), data_dir=args.data_dir,
+        method_options=method_options(args), task_options=task_options(args), data_dir=args.data_dir,
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, max_length=args.max_length,
         seed=args.seed, eval_every=args.eval_every, train_limit=args.train_limit, eval_limit=args.eval_limit,
         checkpoint_every=args.checkpoint_every, resume=args.resume, precision=args.precision,
         progress=not args.no_progress, on_nonfinite=args.on_nonfinite, grad_checkpointing=args.grad_checkpointing,
+        fsdp=args.fsdp,
     )
     summary = train(config)
     print(json.dumps(summary, indent=2))
@@ -64,12 +81,12 @@ def _load_for_inference(args: argparse.Namespace):
     from deltatune.models import load_model, load_tokenizer
     from deltatune.tasks import get_task
 
-    _, meta = read_delta(args.delta)
-    task = get_task(args.task or meta["task"], **task_options(args)) if (args.task or meta["task"]) else None
+    _, meta = read_delta(args.delta, trust_pickle=args.trust_pickle)
+    task = get_task(args.task or meta["task"], **task_options(args))
     kind = {"classification": "classification", "regression": "regression", "generation": "causal-lm"}[task.kind]
     base = load_model(args.model, kind, num_labels=task.num_labels if task.kind == "classification" else None)
     model = DeltaModel(base)
-    model.add_delta(args.delta)
+    model.add_delta(args.delta, trust_pickle=args.trust_pickle)
     return model, load_tokenizer(args.model), task
 
 
@@ -149,6 +166,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from deltatune.peft_format import export_peft
+
+    print(f"wrote {export_peft(args.delta, args.out)} (Hugging Face peft adapter: PeftModel.from_pretrained)")
+    return 0
+
+
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="folder laid out like shared/data (default: $DELTATUNE_DATA, then the hub)")
     parser.add_argument("--data-file", help="csv/jsonl tasks: the file")
@@ -197,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     train.add_argument("--on-nonfinite", choices=["stop", "skip"], default="stop")
     train.add_argument("--grad-checkpointing", action="store_true")
+    train.add_argument("--fsdp", action="store_true",
+                       help="under torchrun / accelerate launch: shard the model over the processes (FSDP2)")
     train.add_argument("--no-progress", action="store_true")
     _add_data_arguments(train)
     train.set_defaults(handler=cmd_train)
@@ -232,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--model", required=True)
         sub.add_argument("--delta", required=True, help="delta folder (delta.safetensors + delta.json)")
         sub.add_argument("--task", help="default: the task the delta was trained on")
+        sub.add_argument("--trust-pickle", action="store_true",
+                         help="also read a delta whose weights are a pickle (.bin/.pt): torch.load(weights_only=True)")
         _add_data_arguments(sub)
         if name == "eval":
             sub.add_argument("--split", action="append", help="split(s) to score (default: all but train)")
@@ -240,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("texts", nargs="+", help="inputs; sentence pairs as 'first ||| second'")
             sub.add_argument("--pair-separator", default=" ||| ")
         sub.set_defaults(handler=handler)
+
+    export = commands.add_parser("export", help="write a delta in another library's format (peft: LoRA, prompt)")
+    export.add_argument("--delta", required=True, help="delta folder (delta.safetensors + delta.json)")
+    export.add_argument("--format", required=True, choices=["peft"], help="peft: adapter_config.json + safetensors")
+    export.add_argument("out", help="folder to write")
+    export.set_defaults(handler=cmd_export)
     return parser
 
 
@@ -250,8 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except DeltaTuneError as error:
-        print(f"deltatune: error: {error}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())  # one line
+        print(f"deltatune: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGINT/SIGTERM during training (a checkpoint is saved)
+        print(f"deltatune: {stop or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

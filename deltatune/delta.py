@@ -8,8 +8,11 @@ weights (no added latency) and `merge_and_unload()` returns a plain transformers
 
 from __future__ import annotations
 
+import re
+import types
+import typing
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ from deltatune.io import (
 )
 from deltatune.methods.common import BASE_TASK, DeltaComponent, TaskState, check_task_name, strip_wrappers
 from deltatune.methods.head import TaskHeads
+from deltatune.peft_format import PEFT_FORMAT, check_peft_fits
 from deltatune.registry import config_from_dict, method_entry, method_of
 from deltatune.targets import head_names, model_type
 
@@ -175,6 +179,7 @@ class DeltaModel(nn.Module):
         for name, component in sorted(self.components().items(), key=lambda kv: -kv[0].count(".")):
             if task in component.tasks:
                 component.remove_task(task)
+                component.clear_mixed_cache()
             if not component.tasks:
                 self._replace_component(name, component.unload())
 
@@ -292,30 +297,47 @@ class DeltaModel(nn.Module):
         }
         return write_delta(path, tensors, meta)
 
-    def add_delta(self, path: str | Path, task: str | None = None) -> str:
+    def add_delta(self, path: str | Path, task: str | None = None, trust_pickle: bool = False) -> str:
         """Load a saved delta as a new task (its saved name unless `task` is given). Returns the name.
 
-        On any error the model is left exactly as it was."""
-        tensors, meta = read_delta(path)
+        Anything wrong with the files (corrupt, malformed, made for another model) is a `DeltaError`;
+        a bad or taken `task` name given here is a `TaskError`. On any error the model is left exactly
+        as it was. `trust_pickle`: see `read_delta`."""
+        tensors, meta = read_delta(path, trust_pickle=trust_pickle)
         self.check_base(meta, path)
-        task = task or meta.get("task")
+        if task is None:
+            try:
+                task = check_task_name(meta["task"])
+            except TaskError as error:
+                raise DeltaError(f"{path}: delta.json: {error}; pass another name to load it under") from None
+        check_task_name(task)
+        if task in self.task_info:
+            raise TaskError(f"task {task!r} already exists; use remove_task({task!r}) or another name")
         try:
-            config = config_from_dict(meta["method"], meta.get("config") or {})
-            check_task_name(task)
-        except (KeyError, TypeError, ValueError) as error:
+            _check_config_types(method_entry(meta["method"]).config, meta["config"])
+            config = config_from_dict(meta["method"], meta["config"])
+        except (TypeError, ValueError) as error:
             raise DeltaError(f"{path}: bad delta.json: {error}") from error
-        previous = self.active_task
-        self.add_task(config, task, label_names=meta.get("label_names"))
+        previous, merged = self.active_task, self.merged_task
         try:
+            self.add_task(config, task, label_names=meta["label_names"])
             self._fill_task(task, tensors, meta, path)
-        except BaseException:
-            self.remove_task(task)
+        except BaseException as error:
+            if task in self.task_info:
+                self.remove_task(task)
             self.use(previous)
+            if merged is not None:
+                self.merge()  # use() unmerged it to switch to the new task
+            unfit = isinstance(error, TypeError | ValueError | RuntimeError | re.error)  # unknown targets, bad regex...
+            if unfit and not isinstance(error, DeltaError):
+                raise DeltaError(f"{path} does not fit this model: {error}") from error
             raise
         return task
 
     def check_base(self, meta: dict[str, Any], path: str | Path) -> None:
         """Refuse a delta made for another base model (different parameter names/shapes)."""
+        if meta.get("format") == PEFT_FORMAT:  # a Hugging Face peft adapter: it describes no base model
+            return check_peft_fits(self, meta, path)
         base = meta.get("base")
         if not isinstance(base, dict):
             raise DeltaError(f"{path}: delta.json has no 'base' model description")
@@ -339,7 +361,25 @@ class DeltaModel(nn.Module):
             )
 
     def _fill_task(self, task: str, tensors: dict[str, torch.Tensor], meta: dict, path) -> None:
-        head_keys = set(meta.get("head_keys") or [])
+        if meta.get("format") == PEFT_FORMAT:  # without modules_to_save, peft runs the model's own head
+            tensors = {**self.task_parameters(task, roles=("head",)), **tensors}
+        head_keys = set(meta["head_keys"])
+        current = {key: tensor.shape for key, tensor in self.task_parameters(task, roles=("head",)).items()}
+        strange = sorted(head_keys - (set(current) & set(tensors)))
+        if strange:
+            raise DeltaError(f"{path}: head_keys {strange[:3]} are not head parameters of both the file and this model")
+        resized = {key: tensors[key].shape for key in head_keys if tensors[key].shape != current[key]}
+        for layer in {key.rpartition(".")[0] for key in resized}:
+            # another number of labels: all of the output layer's parameters get one new dim 0, nothing else
+            own = [key for key in current if key.rpartition(".")[0] == layer]
+            if not (
+                all(key in resized and len(resized[key]) == len(current[key]) >= 1 for key in own)
+                and len({resized[key][0] for key in own}) == 1
+                and all(resized[key][0] >= 1 and resized[key][1:] == current[key][1:] for key in own)
+            ):
+                saved = {key: tuple(tensors[key].shape) for key in own if key in tensors}
+                raise DeltaError(f"{path}: head layer {layer} is saved with shapes {saved}, which are not this "
+                                 f"model's {({key: tuple(current[key]) for key in own})} with another number of labels")
         for name in self.head_modules:  # a head saved with another number of labels
             shapes = {k[len(name) + 1 :]: tensors[k].shape for k in head_keys if k.startswith(name + ".")}
             self._task_heads(name).resize(task, shapes)
@@ -351,23 +391,75 @@ class DeltaModel(nn.Module):
                 f"{path} does not fit this model: missing {len(missing)} key(s) {missing[:3]}, "
                 f"unexpected {len(unexpected)} key(s) {unexpected[:3]}"
             )
+        converted = {}
         for key, target in expected.items():
             source = tensors[key]
             if source.shape != target.shape:
                 raise DeltaError(f"{path}: {key} has shape {tuple(source.shape)}, expected {tuple(target.shape)}")
             if not source.is_floating_point():
                 raise DeltaError(f"{path}: {key} has dtype {source.dtype}, expected floating point")
-            if not torch.isfinite(source).all():
-                raise DeltaError(f"{path}: {key} contains NaN or Inf values")
+            converted[key] = source.to(target.dtype)  # checked after the cast: 1e300 in float64 is Inf in float32
+            if not torch.isfinite(converted[key]).all():
+                raise DeltaError(f"{path}: {key} contains NaN or Inf values (in {target.dtype})")
         with torch.no_grad():
             for key, target in expected.items():
-                target.copy_(tensors[key].to(target.dtype))
+                target.copy_(converted[key])
 
     # ---- forward ------------------------------------------------------------------------------------
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, tasks: list[str | None] | None = None, **kwargs):
+        """The base model's forward with the active task's delta. With `tasks=` (one task name per example;
+        "base" or None: no delta) a mixed-task batch: each example runs with its own task's delta in one
+        pass, with the results of running it alone after `use(task)`. Full fine-tuning tasks cannot be
+        mixed; a merged task is unmerged first (as `use` does); heads with different numbers of labels
+        give logits padded with -inf (see `TaskHeads`)."""
+        if tasks is not None:
+            return self._forward_mixed(self._example_tasks(tasks, args, kwargs), args, kwargs)
         for component in self.components().values():
             kwargs = component.prepare_inputs(kwargs)
         return self.base_model(*args, **kwargs)
+
+    def _forward_mixed(self, per_example: list[str | None], args, kwargs):
+        components = self.components().values()
+        distinct = set(per_example)
+        for component in components:
+            component.check_mixed(distinct)
+        if self.merged_task is not None and distinct != {self.merged_task}:
+            self.unmerge()
+        state, active = self.task_state, self.task_state.active
+        try:
+            if len(distinct) == 1:  # one task for all: its own single-task path (the fastest)
+                state.active = per_example[0]
+            else:
+                state.per_example = per_example  # read by every component's mixed path
+            for component in components:
+                kwargs = component.prepare_inputs(kwargs)
+            return self.base_model(*args, **kwargs)
+        finally:
+            state.per_example = None
+            state.active = active
+
+    def _example_tasks(self, tasks, args, kwargs) -> list[str | None]:
+        """`tasks=` checked against the loaded tasks and the batch size; "base" becomes None."""
+        if isinstance(tasks, str) or not all(t is None or isinstance(t, str) for t in tasks):
+            raise TaskError(f"tasks= takes a list with one task name per example, not {tasks!r:.80}; "
+                            f"for one task for the whole batch, call use(task)")
+        names = list(tasks)
+        unknown = sorted({t for t in names if t not in self.task_info and t not in (BASE_TASK, None)})
+        if unknown:
+            raise TaskError(f"unknown task(s) {unknown} in tasks=; tasks loaded: {self.tasks} (or 'base' for none)")
+        batched = [kwargs.get(k) for k in ("input_ids", "inputs_embeds", "attention_mask")] + list(args[:1])
+        first = next((t for t in batched if isinstance(t, torch.Tensor)), None)
+        if first is not None and first.shape[0] != len(names):
+            raise TaskError(f"tasks= names {len(names)} task(s) for a batch of {first.shape[0]} examples")
+        return [None if t == BASE_TASK else t for t in names]
+
+    def generate(self, *args, **kwargs):
+        """The base model's `generate` under the active task. A component that rewrites the input sequence
+        (prompt tuning: the prompt is not made of token ids) runs the generation itself."""
+        for component in self.components().values():
+            if component.active_task in component.tasks and hasattr(component, "generate"):
+                return component.generate(self.base_model, *args, **kwargs)
+        return self.base_model.generate(*args, **kwargs)
 
 
 def attach(
@@ -387,10 +479,11 @@ def attach(
     return delta_model.add_task(config, task, label_names=label_names)
 
 
-def load_delta(model: nn.Module, path: str | Path, task: str | None = None) -> DeltaModel:
-    """Load the delta at `path` onto `model` (a plain model or a DeltaModel) and make it active."""
+def load_delta(model: nn.Module, path: str | Path, task: str | None = None, trust_pickle: bool = False) -> DeltaModel:
+    """Load the delta at `path` onto `model` (a plain model or a DeltaModel) and make it active.
+    Errors: see `DeltaModel.add_delta`."""
     delta_model = model if isinstance(model, DeltaModel) else DeltaModel(model)
-    delta_model.add_delta(path, task=task)
+    delta_model.add_delta(path, task=task, trust_pickle=trust_pickle)
     return delta_model
 
 
@@ -398,3 +491,29 @@ def _label_names(model: nn.Module) -> list[str] | None:
     id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
     names = [id2label[i] for i in sorted(id2label)]
     return None if all(n == f"LABEL_{i}" for i, n in enumerate(names)) else names
+
+
+def _check_config_types(config_class: type, values: dict[str, Any]) -> None:
+    """Settings read from JSON must have the types the config declares: `r: "8"` or `targets: 5` would
+    fail later, and `use_rslora: "no"` would load silently with the opposite meaning. (Unknown
+    settings are left to `config_from_dict`.)"""
+    hints = typing.get_type_hints(config_class)
+    for name in {f.name for f in fields(config_class)} & set(values):
+        if not _has_type(values[name], hints[name]):
+            kind = hints[name].__name__ if isinstance(hints[name], type) else str(hints[name])
+            raise TypeError(f"{config_class.__name__} field {name!r} must be {kind}, not {values[name]!r:.80}")
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_has_type(value, option) for option in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_has_type(v, item) for v in value)
+    if hint is float:  # JSON writes 16.0 as 16; a bool is not a number here
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True  # an annotation this check does not know: the config's own checks apply

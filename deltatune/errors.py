@@ -10,11 +10,14 @@ class TargetError(DeltaTuneError):
 
 
 class DeltaError(DeltaTuneError):
-    """A delta on disk cannot be loaded (wrong base model, corrupt or unsafe file, bad JSON...)."""
+    """A delta on disk cannot be loaded or saved (wrong base model, corrupt or unsafe file, bad JSON...).
+
+    Everything wrong with the files is this error, also a bad task name written in delta.json: the
+    caller can only fix it by choosing another file (or another name, `add_delta(path, task=...)`)."""
 
 
 class TaskError(DeltaTuneError, KeyError):
-    """An unknown task name was given to `use()` or in a mixed batch."""
+    """A task name given by the caller is unknown (`use()`, a mixed batch), invalid or already taken."""
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""

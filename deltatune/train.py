@@ -3,9 +3,12 @@
     run = train(TrainConfig(model="minilm", task="sst2", method="lora", out="runs/sst2-lora"))
 
 Same code on the CPU, one GPU (bf16 autocast) or several processes (`accelerate launch` /
-`torchrun`: each rank takes its slice of every global batch, gradients are all-reduced, rank 0
-logs and saves). AdamW, linear warmup then linear decay, gradient clipping and accumulation,
-evaluation every N steps or each epoch, the best delta kept. Checkpoints hold the delta, optimizer,
+`torchrun`, on GPUs or on CPUs with gloo): each rank takes its slice of every global batch, the
+trainable parameters' gradients are all-reduced (DDP) — or, with `fsdp=True`, every parameter is
+sharded over the ranks (FSDP2) — and the update is exactly the one-process update for the same
+global batch; every rank takes the same decisions; rank 0 logs and saves the complete delta.
+AdamW, linear warmup then linear decay, gradient clipping and accumulation, evaluation every N steps
+or each epoch (split over the ranks), the best delta kept. Checkpoints hold the delta, optimizer,
 scheduler, RNG states and data position, so `resume=True` ends with exactly the delta of an
 uninterrupted run.
 """
@@ -17,6 +20,7 @@ import math
 import random
 import signal
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,11 +29,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from deltatune.data import collate, encode, epoch_batches, max_model_length
+from deltatune.data import IGNORE_INDEX, Encoded, collate, encode, epoch_batches, max_model_length
 from deltatune.delta import DeltaModel, attach
 from deltatune.errors import DeltaTuneError
-from deltatune.evaluate import evaluate, task_loss
-from deltatune.io import atomic_folder
+from deltatune.evaluate import generate_texts, predict_scores, task_loss
+from deltatune.io import atomic_folder, recover
 from deltatune.registry import method_entry
 
 # Per-method default learning rates (AdamW), as commonly used for each method; override with --lr.
@@ -78,6 +82,7 @@ class TrainConfig:
     progress: bool = True
     on_nonfinite: str = "stop"  # or "skip" the batch
     grad_checkpointing: bool = False
+    fsdp: bool = False  # several processes: shard the model over them (FSDP2) instead of replicating it
 
 
 def set_seed(seed: int) -> None:
@@ -109,8 +114,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
     from deltatune.models import load_tokenizer
     from deltatune.tasks import get_task
 
-    accelerator = Accelerator(mixed_precision="bf16" if config.precision == "bf16" else "no")
+    # cpu=True where there is no GPU: accelerate then sees torchrun's processes (gloo); otherwise it
+    # silently trains one full copy per process
+    gpu = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision="bf16" if config.precision == "bf16" else "no", cpu=not gpu)
     is_main = accelerator.is_main_process
+    world, rank = accelerator.num_processes, accelerator.process_index
+    sharded = config.fsdp and _launched()  # (one process started alone: nothing to shard)
     out = Path(config.out)
     set_seed(config.seed)
 
@@ -119,8 +129,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(config.model)
     model = build_model(config, task, tokenizer)
     if config.grad_checkpointing:
-        model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.base_model.enable_input_require_grads()
+        # non-reentrant: needs no input that requires grad (frozen embeddings, prompts) and, unlike the
+        # reentrant one, marks each parameter ready once under DDP and re-gathers FSDP shards
+        options = {"use_reentrant": False}
+        if hasattr(model.base_model, "activation_checkpointing_enable"):  # transformers >= 5.24
+            model.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
     max_length = max_model_length(model, tokenizer, config.max_length)
     train_examples = task.load("train", config.data_dir, limit=config.train_limit)
     eval_examples = task.load(config.eval_split, config.data_dir, limit=config.eval_limit)
@@ -130,9 +145,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
     steps_per_epoch = math.ceil(len(train_items) / config.batch_size) // config.grad_accum
     total_steps = config.max_steps or max(1, int(steps_per_epoch * config.epochs))
     if steps_per_epoch == 0:
-        raise TrainingError(f"{len(train_items)} training examples are fewer than one batch of {config.batch_size}")
+        raise TrainingError(f"{len(train_items)} training examples make fewer batches of {config.batch_size} than "
+                            f"one optimizer step needs ({config.grad_accum}, --grad-accum)")
 
     # ---- optimizer and schedule ----------------------------------------------------------------
+    if sharded:
+        shard_model(model, accelerator.device)  # before the optimizer: the parameters become shards
     lr = config.lr or DEFAULT_LEARNING_RATES.get(config.method, 1e-3)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -150,13 +168,19 @@ def train(config: TrainConfig) -> dict[str, Any]:
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    prepared_model, optimizer = accelerator.prepare(model, optimizer)
+    if sharded:  # accelerate would wrap the sharded model in DDP
+        prepared_model, optimizer = model, accelerator.prepare(optimizer)
+    else:
+        prepared_model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
 
     # ---- state, possibly resumed ---------------------------------------------------------------
     state = {"step": 0, "best": None, "best_step": None, "examples": 0, "train_seconds": 0.0}
+    if config.resume and is_main:
+        recover(out / "checkpoint")  # a checkpoint save killed between its two renames left it aside
+    accelerator.wait_for_everyone()  # every rank reads the checkpoint rank 0 recovered
     if config.resume and (out / "checkpoint").is_dir():
-        state = load_checkpoint(out / "checkpoint", model, optimizer, scheduler)
+        state = load_checkpoint(out / "checkpoint", model, optimizer, scheduler, rank)
     elif is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").write_text("")
@@ -172,14 +196,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     def run_eval(step: int) -> dict[str, float]:
         evaluated_at["step"] = step
-        metrics = evaluate(model, tokenizer, task, eval_examples, max_length=max_length)
-        log({"step": step, "eval": metrics})
-        model.train()
-        score = metrics[main_metric]
-        if state["best"] is None or score > state["best"]:
-            state["best"], state["best_step"] = score, step
-            if is_main:
-                model.save_delta(out / "delta")
+        with full_parameters(model):  # FSDP: the whole model on every rank while it evaluates and saves
+            metrics = evaluate_sharded(model, tokenizer, task, eval_examples, max_length, rank, world)
+            log({"step": step, "eval": metrics})
+            model.train()
+            score = metrics[main_metric]  # the same on every rank: so are `best` and the decision to save
+            if state["best"] is None or score > state["best"]:
+                state["best"], state["best_step"] = score, step
+                if is_main:
+                    model.save_delta(out / "delta")
         return metrics
 
     stop = {"signal": None}
@@ -187,13 +212,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
     def request_stop(signum, frame):  # SIGINT/SIGTERM: checkpoint, then exit
         stop["signal"] = signum
 
+    # on every rank (torchrun and accelerate pass the signal on to each): all of them stop after the same step
     previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)} \
-        if is_main and _main_thread() else {}
+        if _main_thread() else {}
 
     # ---- the loop ------------------------------------------------------------------------------
     progress = _Progress(total_steps, enabled=is_main and config.progress, start=state["step"])
     model.train()
-    world, rank = accelerator.num_processes, accelerator.process_index
     epoch_cache: dict[int, list[list[int]]] = {}
     last_metrics: dict[str, float] = {}
     loss_window: list[float] = []
@@ -201,21 +226,31 @@ def train(config: TrainConfig) -> dict[str, Any]:
     while state["step"] < total_steps:
         step = state["step"]
         optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
+        step_loss = torch.zeros((), dtype=torch.float64, device=device)
         for micro in range(config.grad_accum):
             global_batch = step * config.grad_accum + micro
             epoch, index = divmod(global_batch, steps_per_epoch * config.grad_accum)
             if epoch not in epoch_cache:
                 epoch_cache = {epoch: epoch_batches(len(train_items), config.batch_size, config.seed, epoch, lengths)}
-            indices = epoch_cache[epoch][index][rank::world]  # this rank's slice of the global batch
-            batch = collate([train_items[i] for i in indices], tokenizer.pad_token_id)
+            global_indices = epoch_cache[epoch][index]
+            indices = global_indices[rank::world]  # this rank's slice of the global batch
+            # The slice's mean loss, weighted by the slice's share of the batch (times `world`, as the ranks'
+            # gradients are averaged): the update is the one-process update even when slices differ in size
+            # (7 examples on 2 ranks: 4 + 3). A rank left without examples computes a loss weighted 0, as
+            # it must join the gradient all-reduce anyway.
+            weight = world * _loss_units(task, [train_items[i] for i in indices]) \
+                / max(1, _loss_units(task, [train_items[i] for i in global_indices]))
+            batch = collate([train_items[i] for i in indices or global_indices[:1]], tokenizer.pad_token_id)
             labels = batch.pop("labels").to(device)
-            with accelerator.autocast():
-                outputs = prepared_model(**{k: v.to(device) for k, v in batch.items()})
-                loss = task_loss(task, outputs, labels) / config.grad_accum
-            accelerator.backward(loss)
-            step_loss += loss.item()
-            state["examples"] += len(indices) * world
+            last_micro = micro == config.grad_accum - 1  # DDP all-reduces the accumulated gradients once
+            with nullcontext() if last_micro else accelerator.no_sync(prepared_model):
+                with accelerator.autocast():
+                    outputs = prepared_model(**{k: v.to(device) for k, v in batch.items()})
+                    loss = task_loss(task, outputs, labels) * weight / config.grad_accum
+                accelerator.backward(loss)
+            step_loss += loss.detach()
+            state["examples"] += len(global_indices)
+        step_loss = accelerator.reduce(step_loss, reduction="mean").item()  # the global batch's loss, on every rank
         if not math.isfinite(step_loss):
             if config.on_nonfinite == "skip":
                 log({"step": step, "skipped": "non-finite loss"})
@@ -244,15 +279,18 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if (config.eval_every and state["step"] % config.eval_every == 0) or (not config.eval_every and end_of_epoch):
             last_metrics = run_eval(state["step"])
         state["train_seconds"] = time.perf_counter() - started
+        # ranks decide together (a checkpoint gathers from all of them; one stopping alone would leave the
+        # others waiting): a signal any rank got, the longest training time
+        signum, seconds = _max_over_ranks([stop["signal"] or 0, state["train_seconds"]], device)
         due = bool(config.checkpoint_every) and state["step"] % config.checkpoint_every == 0
-        if is_main and (due or stop["signal"]):
-            save_checkpoint(out / "checkpoint", model, optimizer, scheduler, state)
-        if config.max_seconds and state["train_seconds"] >= config.max_seconds:
+        if due or signum:
+            save_checkpoint(out / "checkpoint", model, optimizer, scheduler, state, is_main)
+        if config.max_seconds and seconds >= config.max_seconds:
             log({"step": state["step"], "stopped": f"time budget of {config.max_seconds} s reached"})
             break
-        if stop["signal"]:
+        if signum:
             progress.close()
-            raise KeyboardInterrupt(f"stopped by signal {stop['signal']} at step {state['step']}; "
+            raise KeyboardInterrupt(f"stopped by {signal.Signals(int(signum)).name} at step {state['step']}; "
                                     f"checkpoint saved in {out / 'checkpoint'} (resume with --resume)")
     progress.close()
     for sig, handler in previous_handlers.items():
@@ -267,10 +305,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "final": last_metrics, "best": {main_metric: state["best"], "step": state["best_step"]},
         "trainable_parameters": model.report(print_table=False).trainable, "learning_rate": lr,
         "delta": str(out / "delta"), "peak_memory_mb": round(peak_memory_mb(), 1),
-        "device": str(device), "threads": torch.get_num_threads(),
+        "device": str(device), "threads": torch.get_num_threads(), "processes": world,
     }
     if is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    accelerator.wait_for_everyone()  # on any rank, train() returns once the run folder is complete
     return summary
 
 
@@ -301,33 +340,135 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+# ---- several processes -------------------------------------------------------------------------
+def _loss_units(task, items: list[Encoded]) -> int:
+    """What the task's loss is a mean over: examples, or for generation the target tokens (labels
+    after the first position, as `task_loss` shifts them, that are not IGNORE_INDEX)."""
+    if task.kind != "generation":
+        return len(items)
+    return sum(label != IGNORE_INDEX for item in items for label in item.label[1:])
+
+
+def _launched() -> bool:
+    """Started by torchrun / accelerate launch (a process group exists, maybe of one process)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _max_over_ranks(values: list[float], device) -> list[float]:
+    """Each value's maximum over all ranks (the values themselves in one process)."""
+    if not _launched():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+def shard_model(model: DeltaModel, device) -> None:
+    """FSDP2 (`fully_shard`): each transformer block is one unit, the rest (embeddings, task head, prompts)
+    the root unit. Per-parameter sharding lets frozen base weights and trainable delta tensors share a unit.
+    Every rank built the same model from the same seed, so the shards fit together."""
+    from torch.distributed.fsdp import fully_shard
+
+    if any(component.method == "full" for component in model.components().values()):
+        raise TrainingError("--fsdp does not work with --method full, which keeps references to the model's "
+                            "parameters that sharding replaces; use --method full without --fsdp (DDP)")
+    model.to(device)
+    blocks = set(getattr(model.base_model, "_no_split_modules", None) or ())  # e.g. {"BertLayer", ...}
+    for layers in [module for module in model.modules() if isinstance(module, torch.nn.ModuleList)]:
+        for block in layers:
+            if type(block).__name__ in blocks:
+                fully_shard(block, reshard_after_forward=True)
+    fully_shard(model, reshard_after_forward=False)  # the root's parameters are needed again for backward
+
+
+@contextmanager
+def full_parameters(model: DeltaModel):
+    """Under FSDP: every rank holds the complete parameters inside the block (to save the delta whole, and
+    to evaluate with forward passes that need no other rank), sharded again after it. Else: nothing."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.set_reshard_after_forward(unit is not model, recurse=False)  # as shard_model set it
+            unit.reshard()
+
+
+def evaluate_sharded(model, tokenizer, task, examples: list[dict], max_length: int, rank: int = 0,
+                     world: int = 1) -> dict[str, float]:
+    """`evaluate` with the examples split over the ranks: each one predicts every `world`-th example, the
+    predictions are gathered, and every rank computes the same metrics from all of them."""
+    from accelerate.utils import gather_object
+
+    mine = examples[rank::world]
+    if task.kind == "generation":
+        predictions = generate_texts(model, tokenizer, [e["source"] for e in mine], batch_size=16)
+    elif mine:
+        scores = predict_scores(model, encode(task, mine, tokenizer, max_length), tokenizer.pad_token_id)
+        predictions = scores.squeeze(-1).tolist() if task.kind == "regression" else scores.argmax(-1).tolist()
+    else:  # fewer examples than ranks
+        predictions = []
+    ordered: list = [None] * len(examples)
+    for source_rank, part in enumerate(gather_object([predictions])):
+        ordered[source_rank::world] = part
+    references = [e["references"] if task.kind == "generation" else e["label"] for e in examples]
+    return task.compute_metrics(ordered, references)
+
+
 # ---- checkpoints -------------------------------------------------------------------------------
-def save_checkpoint(path: Path, model: DeltaModel, optimizer, scheduler, state: dict) -> None:
-    """Delta + optimizer + scheduler + RNG + data position, written atomically."""
+def save_checkpoint(path: Path, model: DeltaModel, optimizer, scheduler, state: dict, is_main: bool = True) -> None:
+    """Delta + optimizer + scheduler + every rank's RNG + data position, written atomically by rank 0.
+    Every rank calls it: under FSDP the delta and the optimizer state are gathered from the shards."""
+    from accelerate.utils import gather_object
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    # keyed by parameter names, complete (not this rank's shard): resumable with another number of processes
+    optimizer_state = get_optimizer_state_dict(
+        model, getattr(optimizer, "optimizer", optimizer),  # accelerate's wrapper -> the torch optimizer
+        options=StateDictOptions(full_state_dict=True, cpu_offload=_launched()),  # cpu_offload: on rank 0 only
+    )
+    rng_states = gather_object([torch.get_rng_state()])  # dropout masks differ per rank
+    with full_parameters(model):  # a copy: FSDP frees the gathered parameters when the block ends
+        delta = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.task_parameters().items()}
+    if not is_main:
+        return
     with atomic_folder(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.task_parameters().items()},
-                  tmp / "delta.safetensors")
+        save_file(delta, tmp / "delta.safetensors")
         torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()},
+            {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+             "torch_rng": rng_states, "python_rng": random.getstate()},
             tmp / "training_state.pt",
         )
         (tmp / "state.json").write_text(json.dumps(state) + "\n")
 
 
-def load_checkpoint(path: Path, model: DeltaModel, optimizer, scheduler) -> dict:
+def load_checkpoint(path: Path, model: DeltaModel, optimizer, scheduler, rank: int = 0) -> dict:
+    """Every rank reads the whole checkpoint and keeps what is its own (its shards, its RNG)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
     tensors = load_file(path / "delta.safetensors")
     targets = model.task_parameters()
     if set(tensors) != set(targets):
         raise TrainingError(f"checkpoint {path} does not match this model/method; start without --resume")
     with torch.no_grad():
         for key, tensor in targets.items():
-            tensor.copy_(tensors[key])
+            value = tensors[key].to(tensor.device)
+            if isinstance(tensor, DTensor):  # FSDP: this rank's shard of the saved tensor
+                value = distribute_tensor(value, tensor.device_mesh, tensor.placements, src_data_rank=None)
+            tensor.copy_(value)
     # our own file, read with the safe loader (tensors and plain containers only)
     saved = torch.load(path / "training_state.pt", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
+    set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), saved["optimizer"],
+                             options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(saved["scheduler"])
-    torch.set_rng_state(saved["torch_rng"])
+    rng_states = saved["torch_rng"]
+    torch.set_rng_state(rng_states[rank] if rank < len(rng_states) else rng_states[0])
     random.setstate(_as_tuple(saved["python_rng"]))
     return json.loads((path / "state.json").read_text())
 

@@ -111,12 +111,57 @@ class BottleneckAdapter(DeltaComponent):
                 "adapter_up.weight": up.weight, "adapter_up.bias": up.bias}
 
     def _add_adapter(self, layer: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        if self.task_state.per_example is not None:
+            return self._add_adapter_mixed(output)
         task = self.active_task
         if task not in self.adapter_down:
             return output
         down, up = self.adapter_down[task], self.adapter_up[task]
         bottleneck = ACTIVATIONS[self.activation[task]](down(output.to(down.weight.dtype)))  # (..., m)
         return output + up(bottleneck).to(output.dtype)  # (..., m) -> (..., d), plus the skip connection
+
+    def _add_adapter_mixed(self, output: torch.Tensor) -> torch.Tensor:
+        """A mixed-task batch: each example through its own task's adapter, as two batched matmuls.
+
+        Every task's W_down, W_up and biases are stacked once (cached), zero-padded to the widest bottleneck
+        m_max, plus a zero row for examples whose task has no adapter here. Zero padding is exact: every
+        activation has f(0) = 0, and the padded columns of W_up are zero."""
+        params = [tensor for task in self.tasks for tensor in self.task_parameters(task).values()]
+        down_w, down_b, up_w, up_b, uses = self.stacked("adapter", params, self._stack_for_mixed)
+        batch = output.shape[0]
+        rows = self.example_rows(batch, output.device)
+        h = output.reshape(batch, -1, self.width).to(down_w.dtype)  # (B, L, d)
+        # (B, L, d) @ (B, d, m_max) + (B, 1, m_max) -> (B, L, m_max)
+        pre = torch.baddbmm(down_b[rows].unsqueeze(1), h, down_w[rows])
+        if len(uses) == 1:
+            bottleneck = ACTIVATIONS[next(iter(uses))](pre)
+        else:  # tasks with different nonlinearities: each example takes its own
+            bottleneck = torch.zeros_like(pre)
+            for name, rows_using in uses.items():
+                chosen = rows_using.to(pre.device)[rows].view(batch, 1, 1)
+                bottleneck = torch.where(chosen, ACTIVATIONS[name](pre), bottleneck)
+        # (B, L, m_max) @ (B, m_max, d) + (B, 1, d) -> (B, L, d), plus the skip connection
+        update = torch.baddbmm(up_b[rows].unsqueeze(1), bottleneck, up_w[rows])
+        return output + update.view(output.shape).to(output.dtype)
+
+    def _stack_for_mixed(self):
+        """W_down^T (T+1, d, m_max), b_down (T+1, m_max), W_up^T (T+1, m_max, d), b_up (T+1, d), and
+        {activation: (T+1,) bool, which rows use it}."""
+        tasks = self.tasks
+        m_max = max(self.adapter_down[task].out_features for task in tasks)
+        reference = self.adapter_down[tasks[0]].weight
+        down_w = reference.new_zeros(len(tasks) + 1, self.width, m_max)
+        down_b = reference.new_zeros(len(tasks) + 1, m_max)
+        up_w = reference.new_zeros(len(tasks) + 1, m_max, self.width)
+        up_b = reference.new_zeros(len(tasks) + 1, self.width)
+        uses: dict[str, torch.Tensor] = {}
+        for t, task in enumerate(tasks):
+            down, up = self.adapter_down[task], self.adapter_up[task]
+            m = down.out_features
+            down_w[t, :, :m], down_b[t, :m] = down.weight.T, down.bias
+            up_w[t, :m], up_b[t] = up.weight.T, up.bias
+            uses.setdefault(self.activation[task], torch.zeros(len(tasks) + 1, dtype=torch.bool))[t] = True
+        return down_w, down_b, up_w, up_b, uses
 
     def merge(self, task: str) -> None:
         raise MergeError("adapters add layers to the forward pass; they cannot be merged into the base weights")
@@ -169,12 +214,50 @@ class NormDelta(DeltaComponent):
         return {f"{name}_delta": delta for name, delta in self.norm_delta[task].items()}
 
     def forward(self, *args, **kwargs):
+        if self.task_state.per_example is not None:
+            return self._forward_mixed(*args, **kwargs)
         task = self.active_task
         if task not in self.norm_delta:
             return self.base_layer(*args, **kwargs)
         shifted = {name: getattr(self.base_layer, name) + delta for name, delta in self.norm_delta[task].items()}
         # the norm's own forward with g + Δg, b + Δb: exact for any norm class, no copy of its code
         return torch.func.functional_call(self.base_layer, shifted, args, kwargs)
+
+    def _forward_mixed(self, *args, **kwargs) -> torch.Tensor:
+        """A mixed-task batch. A norm is affine in its gain and bias: y(g + Δg, b + Δb) = y(g, b) + Δg ⊙ x̂ + Δb,
+        with x̂ the normalised input, so each example adds its own Δg ⊙ x̂ + Δb (zero rows: no delta here)."""
+        base = self.base_layer(*args, **kwargs)
+        params = [tensor for task in self.tasks for tensor in self.norm_delta[task].values()]
+        stacks = self.stacked("norm", params, self._stack_for_mixed)  # {"weight": (T+1, d), "bias": (T+1, d)}
+        batch = base.shape[0]
+        rows = self.example_rows(batch, base.device)
+        output = base
+        for name, stack in stacks.items():
+            delta = stack[rows].view(batch, *[1] * (base.dim() - stack.dim()), *stack.shape[1:])  # (B, 1.., d)
+            if name == "bias":
+                output = output + delta
+            elif name == "weight":
+                output = output + delta * self._normalised(base, args, kwargs)
+            else:
+                raise TypeError(f"{type(self.base_layer).__name__} has parameter {name!r}: not a gain or a bias")
+        return output
+
+    def _normalised(self, output: torch.Tensor, args, kwargs) -> torch.Tensor:
+        """x̂: LayerNorm without affine; for other norm classes y(g + 1) - y(g), which is exact for any norm
+        linear in its gain (RMSNorm, T5's, and Gemma's (1 + g) alike)."""
+        layer = self.base_layer
+        if isinstance(layer, nn.LayerNorm):
+            return F.layer_norm(args[0] if args else kwargs["input"], layer.normalized_shape, eps=layer.eps)
+        shifted = {"weight": layer.weight + 1}
+        return torch.func.functional_call(layer, shifted, args, kwargs) - output
+
+    def _stack_for_mixed(self) -> dict[str, torch.Tensor]:
+        tasks = self.tasks
+        return {
+            name: torch.cat([torch.stack([self.norm_delta[task][name] for task in tasks]),
+                             torch.zeros_like(base)[None]])
+            for name, base in self.base_layer.named_parameters(recurse=False)
+        }
 
     def merge(self, task: str) -> None:
         raise MergeError("adapters cannot be merged into the base weights, nor can their layer norms")

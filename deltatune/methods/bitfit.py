@@ -111,10 +111,24 @@ class BiasDelta(DeltaComponent):
         return {"bias_delta": self.bias_delta[task]}
 
     def _add_bias_delta(self, layer: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        if self.task_state.per_example is not None:
+            return self._add_bias_delta_mixed(output)
         task = self.active_task
         if task is None or task not in self.bias_delta or self.merged_task == task:
             return output
         return output + self.bias_delta[task]
+
+    def _add_bias_delta_mixed(self, output: torch.Tensor) -> torch.Tensor:
+        """A mixed-task batch: each example's own Δb (a zero row for tasks without BitFit here), gathered."""
+        if self.merged_task is not None:
+            raise RuntimeError(f"{self.merged_task!r} is merged into this bias: unmerge() before a mixed batch")
+        deltas = list(self.bias_delta.values())
+        stack = self.stacked(  # (T+1, width)
+            "bitfit", deltas, lambda: torch.cat([torch.stack(deltas), deltas[0].new_zeros(1, self.width)])
+        )
+        rows = self.example_rows(output.shape[0], output.device)
+        # (B, width) -> (B, 1, ..., 1, width): one shift per example, broadcast over its positions
+        return output + stack[rows].view(output.shape[0], *[1] * (output.dim() - 2), self.width)
 
     def merge(self, task: str) -> None:
         """b <- b + Δb (a linear layer without a bias gets one)."""

@@ -10,8 +10,10 @@ on one base model, and reads which task is active from a `TaskState` shared by a
 from __future__ import annotations
 
 import re
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from deltatune.errors import TaskError
@@ -37,12 +39,34 @@ class TaskState:
     """Which task the model runs now; shared by reference between a DeltaModel and its components.
 
     `active` is one task name (or None for the base model). `per_example` is set only during a
-    mixed-task forward pass: a list with one task name per example of the batch.
+    mixed-task forward pass: a list with one task name per example of the batch (None: the base model).
     """
 
     def __init__(self) -> None:
         self.active: str | None = None
-        self.per_example: list[str | None] | None = None
+        self._per_example: list[str | None] | None = None
+        self._rows: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
+
+    @property
+    def per_example(self) -> list[str | None] | None:
+        return self._per_example
+
+    @per_example.setter
+    def per_example(self, tasks: list[str | None] | None) -> None:
+        self._per_example = None if tasks is None else list(tasks)
+        self._rows = {}
+
+    def example_rows(self, tasks: list[str], device: torch.device) -> torch.Tensor:
+        """(B,) long: for each example of the mixed batch, the index of its task in `tasks`, or len(tasks)
+        (the zero row of a component's stacked weights) when `tasks` lacks it. Computed once per
+        forward pass for each distinct task list: the components of one method share theirs."""
+        key = (tuple(tasks), torch.device(device))
+        rows = self._rows.get(key)
+        if rows is None:
+            position = {task: i for i, task in enumerate(tasks)}
+            rows = torch.tensor([position.get(t, len(tasks)) for t in self._per_example or []], device=device)
+            self._rows[key] = rows
+        return rows
 
 
 def strip_wrappers(name: str) -> str:
@@ -105,3 +129,37 @@ class DeltaComponent(nn.Module):
     def prepare_inputs(self, inputs: dict) -> dict:
         """Methods that act on the input sequence (prompt tuning) rewrite the forward kwargs here."""
         return inputs
+
+    # ---- mixed-task batches (task_state.per_example is set) -----------------------------------------
+    def check_mixed(self, tasks: set[str | None]) -> None:
+        """Raise if these tasks cannot share one forward pass here (called before every mixed pass)."""
+
+    def example_rows(self, batch: int, device: torch.device) -> torch.Tensor:
+        """Each example's row in this component's stacked weights (`stacked`): its task's index in
+        `self.tasks`, or len(self.tasks) for examples whose task has no parameters here."""
+        if batch != len(self.task_state.per_example):
+            raise ValueError(f"{type(self).__name__} got a batch of {batch} examples, but tasks= names "
+                             f"{len(self.task_state.per_example)}; the model must keep the batch in dim 0")
+        return self.task_state.example_rows(self.tasks, device)
+
+    def stacked(self, key: str, tensors: list[torch.Tensor], build: Callable[[], Any]) -> Any:
+        """`build()`: per-task weights stacked along a new dim 0 (one row per task, plus a zero row), cached.
+
+        The cache is rebuilt when the task list changed or any of `tensors` was updated in place (an
+        optimizer step or a load bumps `_version`). It holds the tensors themselves, so that their ids cannot
+        be reused by new parameters while cached. While gradients are recorded for the parameters, the
+        stack is built anew each pass: gradients flow through it into each task's own parameters."""
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return build()
+        stamp = (tuple(self.tasks), tuple((id(t), t._version) for t in tensors))
+        cache = self.__dict__.setdefault("_mixed_cache", {})
+        hit = cache.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[2]
+        value = build()
+        cache[key] = (stamp, list(tensors), value)
+        return value
+
+    def clear_mixed_cache(self) -> None:
+        """Drop the stacked weights of mixed batches (DeltaModel calls it when a task is removed)."""
+        self.__dict__.pop("_mixed_cache", None)

@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from deltatune.errors import DeltaTuneError
 from deltatune.methods.common import DeltaComponent, TaskState, strip_wrappers
 
 
@@ -74,6 +75,16 @@ class FullWeights(DeltaComponent):
             for name, param in self.weights.items():
                 param.copy_(source[name])
         self.__dict__["loaded_task"] = task
+
+    def check_mixed(self, tasks: set[str | None]) -> None:
+        """Full fine-tuning deltas ARE the weights: examples cannot each run on their own copy in one pass."""
+        full = sorted(task for task in tasks if task in self.tasks)
+        if full:
+            raise DeltaTuneError(f"full fine-tuning tasks {full} cannot be mixed in a batch (each is a whole copy "
+                                 f"of the model's weights); run them alone with use(task) and no tasks=")
+        if self.loaded_task is not None:
+            raise DeltaTuneError(f"the model holds the weights of full fine-tuning task {self.loaded_task!r} (the "
+                                 f"active task); call use('base') or use() another task before a mixed batch")
 
     def merge(self, task: str) -> None:
         self.merged_task = task  # the weights are already in the model

@@ -50,9 +50,45 @@ class TaskHeads(DeltaComponent):
                     owner.out_features, owner.in_features = shape
 
     def forward(self, *args, **kwargs):
+        if self.task_state.per_example is not None:
+            return self._forward_mixed(*args, **kwargs)
         task = self.active_task
         head = self.heads[task] if task in self.heads else self.base_layer
         return head(*args, **kwargs)
+
+    def _forward_mixed(self, *args, **kwargs) -> torch.Tensor:
+        """A mixed-task batch: each distinct task's head runs on its group of examples; the outputs go back
+        in batch order. Heads with different numbers of labels: the narrower outputs are padded with -inf
+        in the last dim (softmax gives those labels probability 0, argmax never picks them); a task's own
+        logits are `[..., :num_labels]`."""
+        per_example = self.task_state.per_example
+        batch = len(per_example)
+        groups: dict[str, list[int]] = {}  # head's task (None: the base head) -> its examples
+        for i, task in enumerate(per_example):
+            groups.setdefault(task if task in self.heads else None, []).append(i)
+        if len(groups) == 1:
+            return self._head(next(iter(groups)))(*args, **kwargs)
+        outputs = []
+        for task, members in groups.items():
+            index = torch.tensor(members, device=args[0].device if args else None)
+
+            def rows(value):
+                is_batched = isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch
+                return value.index_select(0, index) if is_batched else value
+
+            output = self._head(task)(*[rows(a) for a in args], **{k: rows(v) for k, v in kwargs.items()})
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(f"a mixed batch needs heads that return a tensor, not {type(output).__name__}")
+            outputs.append((index, output))
+        first = outputs[0][1]
+        width = max(output.shape[-1] for _, output in outputs)
+        result = first.new_full((batch, *first.shape[1:-1], width), float("-inf"))
+        for index, output in outputs:
+            result[index, ..., : output.shape[-1]] = output
+        return result
+
+    def _head(self, task: str | None) -> nn.Module:
+        return self.heads[task] if task in self.heads else self.base_layer
 
     def merge(self, task: str) -> None:
         self.merged_task = task

@@ -126,23 +126,76 @@ class LoRALinear(DeltaComponent):
         return delta * self.scaling[task]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.task_state.per_example is not None:
+            return self._forward_mixed(x)
         result = self.base_layer(x)
         task = self.active_task
         if task is None or task not in self.lora_A or self.merged_task == task:
             return result
-        A, B = self.lora_A[task], self.lora_B[task]
-        after_A = F.linear(self.lora_dropout[task](x).to(A.dtype), A)  # (..., S*r)
-        scaling = self.scaling[task]
-        if len(self.slices) == 1 and self.slices[0] == (0, self.out_features):
-            return result + F.linear(after_A, B) * scaling  # (..., r) @ (r, d_out)
-        r, width = self.rank[task], self.slice_width
-        updates = []  # (..., w) per slice, placed into the output columns they adapt
-        for s in range(len(self.slices)):
-            updates.append(F.linear(after_A[..., s * r : (s + 1) * r], B[s * width : (s + 1) * width]))
-        result = result.clone()
-        for (start, end), update in zip(self.slices, updates):
-            result[..., start:end] += update * scaling
+        A, B = self.lora_A[task], self.placed_B(task)
+        x = self.lora_dropout[task](x)
+        after_A = F.linear(x if x.dtype == A.dtype else x.to(A.dtype), A) * self.scaling[task]  # (..., S*r)
+        # One GEMM adds the update to the base output (addmm = result + after_A @ B^T), and the scaling goes
+        # on the narrow (..., S*r) tensor: no full-width update tensor and no full-width scale or add pass,
+        # forward or backward (`result + lora_B(lora_A(x)) * scaling` makes three full-width tensors).
+        dtype = result.dtype  # bf16 under autocast
+        flat = torch.addmm(
+            result.reshape(-1, self.out_features), after_A.reshape(-1, after_A.shape[-1]).to(dtype), B.T.to(dtype)
+        )  # (N, d_out) + (N, S*r) @ (S*r, d_out)
+        return flat.view(result.shape)
+
+    def placed_B(self, task: str) -> torch.Tensor:
+        """B over the whole output, (d_out, S*r): slice s's (w, r) block at rows start:end and columns
+        s*r:(s+1)*r, zeros elsewhere, so that one product updates every slice. The plain B for one full slice.
+        (This is also the exact form a fused slice takes in Hugging Face peft's format, see peft_format.py.)"""
+        B = self.lora_B[task]
+        if self.slices == [(0, self.out_features)]:
+            return B
+        blocks = torch.block_diag(*B.split(self.slice_width))  # (S*w, S*r)
+        rows = torch.cat([torch.arange(start, end, device=B.device) for start, end in self.slices])
+        return B.new_zeros(self.out_features, blocks.shape[1]).index_copy(0, rows, blocks)
+
+    def _forward_mixed(self, x: torch.Tensor) -> torch.Tensor:
+        """A mixed-task batch (`task_state.per_example`): each example gets its own task's update, batched.
+
+        The base matmul is shared. Every task's A and B are stacked once (cached, see `stacked`), zero-padded
+        to the largest rank r_max, with B scaled by alpha/r and placed at its slice's output columns, plus a
+        zero row for examples whose task has no LoRA here ("base", another method). Each example gathers
+        its row: two batched matmuls, no loop over examples or tasks."""
+        result = self.base_layer(x)
+        if self.merged_task is not None:
+            raise RuntimeError(f"{self.merged_task!r} is merged into this layer: unmerge() before a mixed batch")
+        A_all, B_all, dropout = self.stacked(
+            "lora", [*self.lora_A.values(), *self.lora_B.values()], self._stack_for_mixed
+        )
+        batch = x.shape[0]
+        rows = self.example_rows(batch, x.device)
+        x = x.reshape(batch, -1, self.in_features).to(A_all.dtype)  # (B, L, d_in)
+        if self.training and bool(dropout.any()):  # each example with its task's dropout rate
+            p = dropout.to(x.device, x.dtype)[rows].view(batch, 1, 1)
+            x = x * (torch.rand_like(x) >= p) / (1 - p)
+        after_A = torch.bmm(x, A_all[rows])  # (B, L, d_in) @ (B, d_in, S*r_max) -> (B, L, S*r_max)
+        # (B, L, S*r_max) @ (B, S*r_max, d_out) added into the base output in place, as forward does
+        if not result.is_contiguous():
+            result = result.contiguous()
+        out = result.view(batch, -1, self.out_features)
+        out.baddbmm_(after_A.to(result.dtype), B_all[rows].to(result.dtype))
         return result
+
+    def _stack_for_mixed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A_all^T (T+1, d_in, S*r_max), B_all (T+1, S*r_max, d_out) scaled, per-task dropout rates (T+1,)."""
+        tasks, n_slices, width = self.tasks, len(self.slices), self.slice_width
+        r_max = max(self.rank[task] for task in tasks)
+        reference = self.lora_A[tasks[0]]
+        A_all = reference.new_zeros(len(tasks) + 1, n_slices * r_max, self.in_features)
+        B_all = reference.new_zeros(len(tasks) + 1, n_slices * r_max, self.out_features)
+        for t, task in enumerate(tasks):
+            r, A, B = self.rank[task], self.lora_A[task], self.lora_B[task] * self.scaling[task]
+            for s, (start, end) in enumerate(self.slices):
+                A_all[t, s * r_max : s * r_max + r] = A[s * r : (s + 1) * r]
+                B_all[t, s * r_max : s * r_max + r, start:end] = B[s * width : (s + 1) * width].T  # (r, w)
+        dropout = torch.tensor([getattr(self.lora_dropout[task], "p", 0.0) for task in tasks] + [0.0])
+        return A_all.transpose(1, 2).contiguous(), B_all, dropout
 
     def merge(self, task: str) -> None:
         """W <- W + (alpha/r) B A; the forward pass then skips the LoRA path.

@@ -154,6 +154,8 @@ class PromptEmbedding(DeltaComponent):
         return room
 
     def prepare_inputs(self, inputs: dict) -> dict:
+        if self.task_state.per_example is not None:
+            return self._prepare_mixed(inputs)
         task = self.active_task
         if task not in self.prompt_embeddings:
             return inputs
@@ -199,6 +201,92 @@ class PromptEmbedding(DeltaComponent):
         else:
             inputs["inputs_embeds"] = embeds
         return inputs
+
+    def _prepare_mixed(self, inputs: dict) -> dict:
+        """A mixed-task batch: each example gets its own task's prompt, none for tasks without one.
+
+        Each row is the example's sequence as it would run alone, plus masked padding where its prompt is
+        shorter than the batch's longest. Decoders ("prepend") put that padding in front and number positions
+        from the first real token, so every example's own tokens sit at the same offsets (as token-level
+        logits and labels need); the other layouts put it at the end of the row, so that absolute and
+        relative positions (BERT, T5) are exactly those of the example alone."""
+        present = [task for task in dict.fromkeys(self.task_state.per_example) if task in self.prompt_embeddings]
+        if not present:
+            return inputs
+        inputs = dict(inputs)
+        if inputs.get("position_ids") is not None:
+            raise DeltaTuneError("prompt tuning numbers positions itself; do not pass position_ids")
+        input_ids, embeds = inputs.pop("input_ids", None), inputs.pop("inputs_embeds", None)
+        if embeds is None:
+            if input_ids is None:
+                raise DeltaTuneError("prompt tuning needs input_ids=... (or inputs_embeds=...) as keyword arguments")
+            embeds = self.model.get_input_embeddings()(input_ids)  # (B, n, d)
+        batch, length = embeds.shape[:2]
+        device = embeds.device
+        mask = inputs.get("attention_mask")
+        mask = torch.ones(batch, length, dtype=torch.long, device=device) if mask is None else mask
+        table, lengths = self.stacked("prompt", list(self.prompt_embeddings.values()), self._stack_for_mixed)
+        rows = self.example_rows(batch, device)
+        kept = {task: self._fit(task, length) for task in present}  # input tokens each task's prompt leaves
+        keep = torch.tensor([kept.get(task, length) for task in self.tasks] + [length], device=device)[rows, None]
+        prompt_length = lengths.to(device)[rows, None]  # (B, 1)
+        longest = int(prompt_length.max())
+
+        # each output position's source in [the example's n tokens | its task's prompt rows | one padding slot]
+        width = table.shape[1]
+        padding = length + width
+        if self.layout == "prepend":  # [padding, prompt, tokens]
+            position = torch.arange(longest + int(keep.max()), device=device)[None]  # (1, L)
+            gap = longest - prompt_length
+            index = torch.where(position < gap, padding, torch.where(
+                position < longest, length + position - gap, torch.where(
+                    position < longest + keep, position - longest, padding)))
+        else:  # [first token (after_first: [CLS]), prompt, the other tokens, padding]
+            first = 1 if self.layout == "after_first" else 0
+            position = torch.arange(int((prompt_length + keep).max()), device=device)[None]
+            index = torch.where(position < first, position, torch.where(
+                position < first + prompt_length, length + position - first, torch.where(
+                    position < prompt_length + keep, position - prompt_length, padding)))
+        source = torch.cat([embeds, table[rows].to(embeds.dtype), embeds.new_zeros(batch, 1, embeds.shape[-1])], 1)
+        embeds = source.gather(1, index[..., None].expand(-1, -1, source.shape[-1]))  # (B, L, d)
+
+        per_token = {"attention_mask": mask, "token_type_ids": inputs.get("token_type_ids")}
+        labels = inputs.get("labels")
+        token_level = isinstance(labels, torch.Tensor) and labels.dim() >= 2 and labels.shape[1] == length
+        if token_level and not labels.is_floating_point() and self.layout != "encoder":
+            per_token["labels"] = labels
+        fills = {"attention_mask": (1, 0), "token_type_ids": (0, 0), "labels": (IGNORE_INDEX, IGNORE_INDEX)}
+        for name, tensor in per_token.items():
+            if tensor is not None:
+                at_prompt, at_padding = fills[name]
+                source = torch.cat([tensor, tensor.new_full((batch, width), at_prompt),
+                                    tensor.new_full((batch, 1), at_padding)], dim=1)
+                inputs[name] = source.gather(1, index)
+        if self.pools_last_token:  # as in prepare_inputs: all padding to the left, last token at -1
+            order = torch.argsort(inputs["attention_mask"], dim=1, stable=True)
+            embeds = embeds.gather(1, order[..., None].expand_as(embeds))
+            for name in per_token:
+                if inputs.get(name) is not None:
+                    inputs[name] = inputs[name].gather(1, order)
+        if self.pools_last_token or (self.layout == "prepend" and longest > int(prompt_length.min())):
+            inputs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+        if self.layout == "encoder":
+            encoder = self.model.get_encoder()
+            inputs["encoder_outputs"] = encoder(inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
+                                                return_dict=True)
+            inputs["input_ids"] = input_ids
+        else:
+            inputs["inputs_embeds"] = embeds
+        return inputs
+
+    def _stack_for_mixed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every task's prompt in one zero-padded table (T+1, P_max, d) (last row: no prompt), and the
+        prompts' lengths (T+1,)."""
+        prompts = list(self.prompt_embeddings.values())
+        table = prompts[0].new_zeros(len(prompts) + 1, max(p.shape[0] for p in prompts), prompts[0].shape[1])
+        for t, prompt in enumerate(prompts):
+            table[t, : prompt.shape[0]] = prompt
+        return table, torch.tensor([p.shape[0] for p in prompts] + [0])
 
     def generate(self, model: nn.Module, inputs: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """`model.generate` with the active prompt. A causal LM returns input_ids + new tokens, as usual."""

@@ -1,0 +1,344 @@
+"""Hugging Face PEFT's adapter format: export deltatune deltas to it, and read its adapters as deltas.
+
+A peft adapter folder holds `adapter_config.json` (a `LoraConfig` or `PromptTuningConfig` as JSON) and
+`adapter_model.safetensors`. Key names are exactly those peft 0.21's `save_pretrained` writes
+(`get_peft_model_state_dict` drops the adapter name, and the `.modules_to_save.default` it uses in memory):
+
+    deltatune delta key            peft key                                       shape
+    <module>.lora_A                base_model.model.<module>.lora_A.weight        (r, d_in)
+    <module>.lora_B                base_model.model.<module>.lora_B.weight        (d_out, r)
+    <head>.<param>  (LoRA)         base_model.model.<head>.<param>                (modules_to_save)
+    prompt_embeddings              prompt_embeddings                              (P, d)
+    <head>.<param>  (prompt)       base_model.<head>.<param>                      (modules_to_save)
+
+Both scale the update the same way: alpha / r, or alpha / sqrt(r) with `use_rslora`.
+
+GPT-2's fused `c_attn` computes [q | k | v]; deltatune adapts only the q and v slices (one A, B pair per
+slice), peft's LoRA adapts the whole fused output. The slices export exactly as one rank-2r LoRA:
+
+    A' = [A_q; A_v]   (2r x d_in)       B' = [[B_q, 0], [0, 0], [0, B_v]]   (3d x 2r)
+
+so B' A' = [B_q A_q; 0; B_v A_v], with alpha' chosen so that alpha'/r' (or alpha'/sqrt(r')) equals
+deltatune's scaling: peft then computes the same function (training on in peft may fill the zero blocks).
+
+Prompt tuning exports only where both libraries put the prompt in the same place: in front of the
+input (decoders). For BERT-style encoders deltatune puts the prompt after [CLS] (the head reads [CLS]),
+peft in front of it; such a prompt would run a different model in the other library, so both directions
+refuse it. Anything peft can express that deltatune cannot (DoRA, per-module ranks, trained biases,
+LoRA on embeddings, ...) is refused on reading, never loaded approximately.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from deltatune.errors import DeltaError
+from deltatune.io import atomic_folder, read_delta
+from deltatune.methods.common import TASK_NAME
+from deltatune.methods.lora import LoRA
+from deltatune.methods.prompt import PromptTuning, prompt_layout
+from deltatune.targets import DEFAULT_HEAD_NAMES, DEFAULT_LORA_TARGETS, parse_target
+
+PEFT_FORMAT = "peft"  # meta["format"] of a delta read from a peft folder
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+LORA_PREFIX = "base_model.model."  # peft's key prefix for LoRA weights and their heads
+PROMPT_HEAD_PREFIX = "base_model."  # ... and for the heads of prompt-learning adapters
+CONV1D_MODEL_TYPES = {"gpt2"}  # weights stored (d_in, d_out): peft's `fan_in_fan_out=True`
+
+# peft LoraConfig fields that change the computed function: deltatune reads an adapter only where each is
+# unset (None, False, empty) or equal to the value given here
+LORA_UNSUPPORTED = {
+    "use_dora": False, "lora_bias": False, "bias": "none", "rank_pattern": {}, "alpha_pattern": {},
+    "layers_to_transform": None, "layer_replication": None, "target_parameters": None,
+    "trainable_token_indices": None, "alora_invocation_tokens": None, "use_qalora": False, "use_bdlora": None,
+    "arrow_config": None, "kasa_config": None, "monteclora_config": None, "velora_config": None,
+    "megatron_config": None,
+}
+
+
+def is_peft_folder(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+
+
+# ---- deltatune -> peft ---------------------------------------------------------------------------------
+def export_peft(source, out_dir: str | os.PathLike, task: str | None = None) -> Path:
+    """Write a deltatune delta as a peft adapter folder (`PeftModel.from_pretrained(base, out_dir)`).
+
+    `source` is a delta folder or a DeltaModel (its `task`, default the active one). Raises DeltaError
+    when the delta cannot be expressed exactly in peft's format."""
+    if isinstance(source, str | os.PathLike):
+        tensors, meta = read_delta(source)
+    else:  # a DeltaModel: save its delta as usual, then convert that
+        with tempfile.TemporaryDirectory() as tmp:
+            tensors, meta = read_delta(source.save_delta(Path(tmp) / "delta", task=task))
+    method = meta.get("method")
+    if method == "lora":
+        peft_tensors, config = _lora_to_peft(tensors, meta)
+    elif method == "prompt":
+        peft_tensors, config = _prompt_to_peft(tensors, meta)
+    else:
+        raise DeltaError(f"{method} deltas have no peft equivalent that deltatune exports; LoRA and prompt tuning do")
+    with atomic_folder(out_dir) as tmp:
+        save_file({k: v.contiguous() for k, v in peft_tensors.items()}, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return Path(out_dir)
+
+
+def _lora_to_peft(tensors: dict[str, torch.Tensor], meta: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    config = LoRA(**meta["config"])
+    base = meta.get("base") or {}
+    head_keys = list(meta.get("head_keys") or [])
+    heads = _head_modules(head_keys)
+    out: dict[str, torch.Tensor] = {}
+    ranks: dict[str, tuple[int, float]] = {}  # module -> (peft r, peft lora_alpha)
+    for module in sorted({k.rsplit(".", 1)[0] for k in tensors if k not in head_keys}):
+        A, B = tensors[f"{module}.lora_A"], tensors[f"{module}.lora_B"]
+        if any(module == h or module.startswith(h + ".") for h in heads):
+            raise DeltaError(f"LoRA on {module}, inside the trained head, has no peft equivalent (peft never "
+                             f"puts LoRA inside modules_to_save)")
+        layout = _slices(module, config.targets, base.get("model_type"), A.shape[0] // config.r, B.shape[0])
+        if layout is not None:  # fused output slices -> one block LoRA over the whole output (module doc)
+            slices, out_features = layout
+            width = B.shape[0] // len(slices)
+            block = B.new_zeros(out_features, A.shape[0])  # (d_out, S*r)
+            for s, (start, end) in enumerate(slices):
+                block[start:end, s * config.r : (s + 1) * config.r] = B[s * width : (s + 1) * width]
+            B = block
+        rank = A.shape[0]
+        ranks[module] = (rank, config.alpha if rank == config.r else config.scaling * _rank_divisor(config, rank))
+        out[f"{LORA_PREFIX}{module}.lora_A.weight"] = A
+        out[f"{LORA_PREFIX}{module}.lora_B.weight"] = B
+    out.update({LORA_PREFIX + k: tensors[k] for k in head_keys})
+    # the most common (r, alpha) is the config's; modules that differ go to peft's rank/alpha patterns
+    (r, alpha), _ = Counter(ranks.values()).most_common(1)[0]
+    odd = {m: ra for m, ra in ranks.items() if ra != (r, alpha)}
+    peft_config = {
+        **_common_config(meta),
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": config.dropout,
+        "use_rslora": config.use_rslora,
+        "target_modules": sorted(ranks),  # full module names: peft matches them exactly (key in target_modules)
+        "fan_in_fan_out": base.get("model_type") in CONV1D_MODEL_TYPES,
+        "rank_pattern": {re.escape(m): ra[0] for m, ra in odd.items()},
+        "alpha_pattern": {re.escape(m): ra[1] for m, ra in odd.items()},
+        "modules_to_save": heads or None,
+        "bias": "none",
+        "use_dora": False,
+        "init_lora_weights": True,
+    }
+    return out, peft_config
+
+
+def _rank_divisor(config: LoRA, rank: int) -> float:
+    return math.sqrt(rank) if config.use_rslora else rank
+
+
+def _slices(
+    module: str, targets, model_type: str | None, n_slices: int, rows: int
+) -> tuple[list[tuple[int, int]], int] | None:
+    """The output slices a LoRA on `module` adapts and the layer's output width, or None for the whole
+    output; read from the config's targets as `targets.resolve_lora_targets` reads them."""
+    targets = DEFAULT_LORA_TARGETS.get(model_type) if targets is None else targets
+    if targets is None or isinstance(targets, str):
+        return None
+    chosen = []
+    for target in targets:
+        name, index, parts = parse_target(target)
+        if module == name or module.endswith("." + name):
+            if index is None:
+                return None
+            chosen.append((index, parts))
+    if not chosen:
+        return None
+    if len(chosen) != n_slices or len({parts for _, parts in chosen}) != 1:
+        raise DeltaError(f"{module}: the delta's LoRA shapes do not match its targets {targets}")
+    width = rows // n_slices
+    parts = chosen[0][1]
+    return sorted((index * width, (index + 1) * width) for index, _ in chosen), parts * width
+
+
+def _head_modules(head_keys: list[str]) -> list[str]:
+    """Module names for peft's modules_to_save: the standard head a key lies in (`classifier`), else the
+    module that owns the parameter."""
+    modules = []
+    for key in head_keys:
+        parts = key.split(".")
+        standard = [i for i, part in enumerate(parts[:-1]) if part in DEFAULT_HEAD_NAMES]
+        module = ".".join(parts[: standard[0] + 1]) if standard else key.rsplit(".", 1)[0]
+        if module not in modules:
+            modules.append(module)
+    return modules
+
+
+def _common_config(meta: dict) -> dict[str, Any]:
+    base = meta.get("base") or {}
+    return {
+        "task_type": _task_type(base.get("class") or ""),
+        "base_model_name_or_path": base.get("name_or_path"),
+        "inference_mode": True,
+        "revision": None,
+    }
+
+
+def _task_type(class_name: str) -> str | None:
+    """peft's task type for a transformers model class (it picks the PeftModel subclass)."""
+    endings = {
+        "ForSequenceClassification": "SEQ_CLS",
+        "ForCausalLM": "CAUSAL_LM",
+        "LMHeadModel": "CAUSAL_LM",
+        "ForConditionalGeneration": "SEQ_2_SEQ_LM",
+        "ForTokenClassification": "TOKEN_CLS",
+        "ForQuestionAnswering": "QUESTION_ANS",
+    }
+    return next((task for ending, task in endings.items() if class_name.endswith(ending)), None)
+
+
+def _prompt_to_peft(tensors: dict[str, torch.Tensor], meta: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    base = meta.get("base") or {}
+    layout = _layout_of(base.get("model_type"), base.get("class") or "")
+    if layout != "prepend":
+        raise DeltaError(_layout_refusal(base.get("model_type"), layout))
+    prompt = tensors["prompt_embeddings"]  # (P, d)
+    head_keys = list(meta.get("head_keys") or [])
+    out = {"prompt_embeddings": prompt, **{PROMPT_HEAD_PREFIX + k: tensors[k] for k in head_keys}}
+    config = {
+        **_common_config(meta),
+        "peft_type": "PROMPT_TUNING",
+        "num_virtual_tokens": prompt.shape[0],
+        "token_dim": prompt.shape[1],
+        "num_transformer_submodules": 1,
+        "prompt_tuning_init": "RANDOM",  # how it started; the weights are the trained ones
+        "modules_to_save": _head_modules(head_keys) or None,
+    }
+    return out, config
+
+
+def _layout_of(model_type: str | None, class_name: str) -> str:
+    """Where deltatune puts a prompt for this model (prompt.prompt_layout, from the description alone)."""
+    config = SimpleNamespace(model_type=model_type, is_encoder_decoder=class_name.endswith("ForConditionalGeneration"))
+    return prompt_layout(SimpleNamespace(config=config))
+
+
+def _layout_refusal(model_type: str | None, layout: str) -> str:
+    where = "after the first token ([CLS])" if layout == "after_first" else "in the encoder input"
+    return (f"prompt tuning on {model_type}: deltatune puts the prompt {where}, peft in front of the input "
+            f"(and per encoder/decoder for seq2seq); the same prompt would run a different model in the other "
+            f"library, so it is not converted")
+
+
+# ---- peft -> deltatune ---------------------------------------------------------------------------------
+def read_peft(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a peft adapter folder as a deltatune delta: (tensors keyed as deltatune keys them, metadata
+    with `format` "peft"). Refuses what deltatune cannot compute exactly."""
+    path = Path(path)
+    if not is_peft_folder(path):
+        raise DeltaError(f"{path} is not a peft adapter folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    try:
+        peft_config = json.loads((path / CONFIG_FILE).read_text())
+        tensors = load_file(path / WEIGHTS_FILE)
+    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError, ValueError) as error:
+        raise DeltaError(f"{path}: unreadable peft adapter: {error}") from error
+    if not isinstance(peft_config, dict):
+        raise DeltaError(f"{path / CONFIG_FILE} is not a JSON object")
+    kind = peft_config.get("peft_type")
+    if kind == "LORA":
+        delta, config, head_keys = _lora_from_peft(tensors, peft_config, path)
+    elif kind == "PROMPT_TUNING":
+        delta, config, head_keys = _prompt_from_peft(tensors, peft_config, path)
+    else:
+        raise DeltaError(f"{path}: peft type {kind!r} has no deltatune equivalent (LORA and PROMPT_TUNING do)")
+    meta = {
+        "format": PEFT_FORMAT,
+        "task": path.name if TASK_NAME.match(path.name) and path.name != "base" else "default",
+        "method": config.method,
+        "config": asdict(config),
+        "label_names": None,
+        "head_keys": head_keys,
+        "num_parameters": sum(t.numel() for t in delta.values()),
+        "base": None,  # peft records only a name; keys and shapes are checked when the delta is filled in
+        "peft_config": peft_config,
+    }
+    return delta, meta
+
+
+def _lora_from_peft(tensors: dict[str, torch.Tensor], peft_config: dict, path: Path):
+    unsupported = {k: v for k, ok in LORA_UNSUPPORTED.items() if (v := peft_config.get(k)) and v != ok}
+    if unsupported:
+        raise DeltaError(f"{path}: peft LoRA options deltatune does not compute exactly (a task has one rank and "
+                         f"plain LoRA on linear layers): {unsupported}")
+    delta: dict[str, torch.Tensor] = {}
+    head_keys: list[str] = []
+    for key, tensor in tensors.items():
+        match = re.fullmatch(r"base_model\.model\.(.+)\.(lora_A|lora_B)\.weight", key)
+        if match:
+            delta[f"{match[1]}.{match[2]}"] = tensor
+        elif key.startswith(LORA_PREFIX) and _in_modules(key[len(LORA_PREFIX) :], peft_config):
+            head_keys.append(key[len(LORA_PREFIX) :])
+            delta[head_keys[-1]] = tensor
+        else:
+            raise DeltaError(f"{path}: peft key {key!r} is neither LoRA A/B of a linear layer nor a "
+                             f"modules_to_save head; deltatune cannot load it exactly")
+    modules = sorted({k.rsplit(".", 1)[0] for k in delta if k not in head_keys})
+    if not modules:
+        raise DeltaError(f"{path}: the peft adapter holds no LoRA weights")
+    ranks = {delta[f"{m}.lora_A"].shape[0] for m in modules}
+    if ranks != {peft_config.get("r")}:
+        raise DeltaError(f"{path}: LoRA ranks {sorted(ranks)} differ from the config's r={peft_config.get('r')}")
+    config = LoRA(
+        r=int(peft_config["r"]),
+        alpha=peft_config.get("lora_alpha", 8),
+        dropout=float(peft_config.get("lora_dropout") or 0.0),
+        targets=modules,  # the exact modules the adapter holds
+        use_rslora=bool(peft_config.get("use_rslora", False)),
+    )
+    return delta, config, head_keys
+
+
+def _in_modules(name: str, peft_config: dict) -> bool:
+    """A parameter of a modules_to_save module (peft matches them as name suffixes)."""
+    modules = peft_config.get("modules_to_save") or []
+    module = name.rsplit(".", 1)[0]
+    return any(re.fullmatch(rf"(.*\.)?{re.escape(m)}(\..*)?", module) for m in modules)
+
+
+def _prompt_from_peft(tensors: dict[str, torch.Tensor], peft_config: dict, path: Path):
+    if (peft_config.get("num_transformer_submodules") or 1) != 1:
+        raise DeltaError(f"{path}: a peft prompt for an encoder-decoder (one per submodule) has no deltatune "
+                         f"equivalent")
+    delta, head_keys = {}, []
+    for key, tensor in tensors.items():
+        if key == "prompt_embeddings":
+            delta[key] = tensor
+        elif key.startswith(PROMPT_HEAD_PREFIX) and _in_modules(key[len(PROMPT_HEAD_PREFIX) :], peft_config):
+            head_keys.append(key[len(PROMPT_HEAD_PREFIX) :])
+            delta[head_keys[-1]] = tensor
+        else:
+            raise DeltaError(f"{path}: unexpected key {key!r} in a peft prompt-tuning adapter")
+    if "prompt_embeddings" not in delta:
+        raise DeltaError(f"{path}: the peft adapter holds no prompt_embeddings")
+    return delta, PromptTuning(length=delta["prompt_embeddings"].shape[0]), head_keys
+
+
+def check_peft_fits(model, meta: dict, path) -> None:
+    """Called by DeltaModel.check_base for a peft folder: refuse an adapter deltatune would run differently."""
+    if meta.get("method") == "prompt":
+        layout = prompt_layout(model.base_model)
+        if layout != "prepend":
+            raise DeltaError(f"{path}: " + _layout_refusal(model.base_identity.get("model_type"), layout))

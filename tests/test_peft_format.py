@@ -1,0 +1,238 @@
+"""Hugging Face peft interop, checked against the real peft: the same adapter computes the same logits in
+both libraries, in both directions. Also: deltatune's in-place LoRA forward trains exactly like peft's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import deltatune
+from deltatune.cli import main
+from deltatune.errors import DeltaError
+from deltatune.peft_format import export_peft, read_peft
+from tests.conftest import make_inputs, make_model
+
+peft = pytest.importorskip("peft")
+from peft import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore")  # peft warns about Conv1D fan_in_fan_out, missing heads, ...
+ATOL = 1e-5
+
+
+def randomise(tensors, seed: int = 3) -> None:
+    """Non-zero values everywhere (LoRA's B starts at zero, which would hide a wrong B layout)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in tensors:
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.5)
+
+
+def logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(**inputs).logits
+
+
+def trained_delta(arch: str, config, kind: str = "classification"):
+    model = deltatune.attach(make_model(arch, kind=kind), config, task="t")
+    randomise(model.task_parameters("t").values())
+    return model
+
+
+# ---- deltatune -> peft --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "arch, config",
+    [
+        ("bert", deltatune.LoRA(r=4, alpha=8)),
+        ("roberta", deltatune.LoRA(r=4, alpha=8, dropout=0.1)),
+        ("llama", deltatune.LoRA(r=4, alpha=16, use_rslora=True)),
+        ("gpt2", deltatune.LoRA(r=4, alpha=8)),  # fused c_attn q, v slices -> rank-8 block LoRA
+        ("gpt2", deltatune.LoRA(r=2, alpha=4, use_rslora=True)),
+    ],
+)
+def test_lora_export_loads_in_peft(arch, config, tmp_path):
+    model = trained_delta(arch, config)
+    inputs = make_inputs(arch)
+    model.save_delta(tmp_path / "delta")
+    export_peft(tmp_path / "delta", tmp_path / "peft")
+    peft_model = PeftModel.from_pretrained(make_model(arch), tmp_path / "peft")
+    torch.testing.assert_close(logits(peft_model, inputs), logits(model, inputs), atol=ATOL, rtol=0)
+    saved = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "LORA" and saved["task_type"] == "SEQ_CLS"
+    assert saved["use_rslora"] == config.use_rslora and saved["lora_dropout"] == config.dropout
+
+
+def test_export_key_names_are_peft_s(tmp_path):
+    """Exactly the keys peft's own save_pretrained writes for the same LoRA + head."""
+    export_peft(trained_delta("bert", deltatune.LoRA(r=4)), tmp_path / "ours")
+    reference = get_peft_model(
+        make_model("bert"), LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS")
+    )
+    reference.save_pretrained(tmp_path / "theirs")
+    ours = load_safetensors(tmp_path / "ours")
+    theirs = load_safetensors(tmp_path / "theirs")
+    assert ours.keys() == theirs.keys()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    assert "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight" in ours
+    assert "base_model.model.classifier.weight" in ours
+
+
+def load_safetensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def test_gpt2_fused_slices_export_as_an_exact_block_lora(tmp_path):
+    model = trained_delta("gpt2", deltatune.LoRA(r=4, alpha=8))
+    export_peft(model, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["fan_in_fan_out"]) == (8, 16, True)  # same alpha/r
+    tensors = load_safetensors(tmp_path / "peft")
+    B = tensors["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]  # (3d, 2r), d = 32
+    assert B.shape == (96, 8)
+    assert B[32:64].abs().sum() == 0  # k rows: no update
+    assert B[:32, 4:].abs().sum() == 0 and B[64:, :4].abs().sum() == 0  # q uses A's first r rows, v the rest
+    ours = model.task_parameters("t")["transformer.h.0.attn.c_attn.lora_B"]
+    torch.testing.assert_close(B[:32, :4], ours[:32]) and torch.testing.assert_close(B[64:, 4:], ours[32:])
+
+
+def test_mixed_ranks_use_peft_rank_pattern(tmp_path):
+    """Fused slices (rank 2r in peft) beside plain layers (rank r): per-module ranks via rank_pattern."""
+    model = trained_delta("gpt2", deltatune.LoRA(r=2, alpha=8, targets=["c_attn[0/3]", "c_attn[2/3]", "c_proj"]))
+    export_peft(model, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["r"] == 2 and set(config["rank_pattern"].values()) == {4}
+    peft_model = PeftModel.from_pretrained(make_model("gpt2"), tmp_path / "peft")
+    inputs = make_inputs("gpt2")
+    torch.testing.assert_close(logits(peft_model, inputs), logits(model, inputs), atol=ATOL, rtol=0)
+    with pytest.raises(DeltaError, match="rank_pattern"):  # deltatune gives a task one rank: refused, not bent
+        deltatune.load_delta(make_model("gpt2"), tmp_path / "peft")
+
+
+def test_causal_lm_export(tmp_path):
+    model = trained_delta("llama", deltatune.LoRA(r=4), kind="causal-lm")
+    export_peft(model, tmp_path / "peft")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    peft_model = PeftModel.from_pretrained(make_model("llama", kind="causal-lm"), tmp_path / "peft")
+    inputs = make_inputs("llama")
+    torch.testing.assert_close(logits(peft_model, inputs), logits(model, inputs), atol=ATOL, rtol=0)
+
+
+def test_cli_export(tmp_path, capsys):
+    trained_delta("bert", deltatune.LoRA(r=4)).save_delta(tmp_path / "delta")
+    assert main(["export", "--delta", str(tmp_path / "delta"), "--format", "peft", str(tmp_path / "out")]) == 0
+    peft_model = PeftModel.from_pretrained(make_model("bert"), tmp_path / "out")
+    reloaded = deltatune.load_delta(make_model("bert"), tmp_path / "delta")
+    inputs = make_inputs("bert")
+    torch.testing.assert_close(logits(peft_model, inputs), logits(reloaded, inputs), atol=ATOL, rtol=0)
+
+
+def test_methods_without_peft_equivalent_are_refused(tmp_path):
+    model = deltatune.attach(make_model("bert"), deltatune.BitFit(), task="t")
+    with pytest.raises(DeltaError, match="no peft equivalent"):
+        export_peft(model, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
+
+
+# ---- peft -> deltatune --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "arch, targets, rslora",
+    [("bert", ["query", "value"], False), ("roberta", ["query", "key", "dense"], False),
+     ("llama", ["q_proj", "v_proj"], True), ("gpt2", ["c_attn"], False)],
+)
+def test_peft_lora_loads_in_deltatune(arch, targets, rslora, tmp_path):
+    head = {"bert": "classifier", "roberta": "classifier", "llama": "score", "gpt2": "score"}[arch]
+    config = LoraConfig(r=4, lora_alpha=12, target_modules=targets, use_rslora=rslora, modules_to_save=[head])
+    peft_model = get_peft_model(make_model(arch), config)
+    randomise([p for p in peft_model.parameters() if p.requires_grad])  # LoRA A, B and the head copy
+    peft_model.save_pretrained(tmp_path / "adapter")
+    inputs = make_inputs(arch)
+    ours = deltatune.load_delta(make_model(arch), tmp_path / "adapter")
+    torch.testing.assert_close(logits(ours, inputs), logits(peft_model, inputs), atol=ATOL, rtol=0)
+    assert ours.task_info[ours.active_task]["config"].use_rslora == rslora
+
+
+def test_peft_adapter_without_head_uses_the_model_s_head(tmp_path):
+    peft_model = get_peft_model(make_model("bert"), LoraConfig(r=4, target_modules=["query", "value"]))
+    randomise([p for p in peft_model.parameters() if p.requires_grad])
+    peft_model.save_pretrained(tmp_path / "adapter")
+    _, meta = read_peft(tmp_path / "adapter")
+    assert meta["head_keys"] == [] and meta["method"] == "lora"
+    ours = deltatune.load_delta(make_model("bert"), tmp_path / "adapter", task="sst2")
+    inputs = make_inputs("bert")
+    torch.testing.assert_close(logits(ours, inputs), logits(peft_model, inputs), atol=ATOL, rtol=0)
+
+
+def test_peft_options_deltatune_cannot_compute_are_refused(tmp_path):
+    peft_model = get_peft_model(make_model("bert"), LoraConfig(r=4, target_modules=["query"], use_dora=True))
+    peft_model.save_pretrained(tmp_path / "dora")
+    with pytest.raises(DeltaError, match="use_dora"):
+        deltatune.load_delta(make_model("bert"), tmp_path / "dora")
+
+
+# ---- prompt tuning ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch, kind", [("gpt2", "classification"), ("llama", "causal-lm")])
+def test_prompt_export_and_import(arch, kind, tmp_path):
+    model = trained_delta(arch, deltatune.PromptTuning(length=5), kind=kind)
+    inputs = make_inputs(arch)
+    export_peft(model, tmp_path / "peft")
+    peft_model = PeftModel.from_pretrained(make_model(arch, kind=kind), tmp_path / "peft")
+    expected = logits(model, inputs)
+    torch.testing.assert_close(logits(peft_model, inputs), expected, atol=ATOL, rtol=0)
+    back = deltatune.load_delta(make_model(arch, kind=kind), tmp_path / "peft")
+    torch.testing.assert_close(logits(back, inputs), expected, atol=ATOL, rtol=0)
+
+
+def test_peft_prompt_loads_in_deltatune(tmp_path):
+    peft_model = get_peft_model(make_model("gpt2"), PromptTuningConfig(num_virtual_tokens=4, task_type="SEQ_CLS"))
+    randomise([p for p in peft_model.parameters() if p.requires_grad])
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ours = deltatune.load_delta(make_model("gpt2"), tmp_path / "adapter")
+    inputs = make_inputs("gpt2")
+    torch.testing.assert_close(logits(ours, inputs), logits(peft_model, inputs), atol=ATOL, rtol=0)
+
+
+def test_encoder_prompts_are_refused_both_ways(tmp_path):
+    """deltatune puts a BERT prompt after [CLS], peft in front: the same prompt would be another model."""
+    with pytest.raises(DeltaError, match="CLS"):
+        export_peft(trained_delta("bert", deltatune.PromptTuning(length=3)), tmp_path / "out")
+    peft_model = get_peft_model(make_model("bert"), PromptTuningConfig(num_virtual_tokens=3, task_type="SEQ_CLS"))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    base = make_model("bert")
+    with pytest.raises(DeltaError, match="CLS"):
+        deltatune.load_delta(base, tmp_path / "adapter")
+
+
+# ---- the LoRA forward: in-place fused accumulation equals peft's textbook path -----------------------
+@pytest.mark.parametrize("arch, targets", [("bert", None), ("gpt2", ["c_attn"]), ("gpt2", None)])
+def test_lora_training_step_matches_peft(arch, targets, tmp_path):
+    """Same gradients for A, B and the head as peft (fp32): plain layers, whole and sliced fused layers."""
+    model = trained_delta(arch, deltatune.LoRA(r=4, alpha=8, targets=targets))
+    export_peft(model, tmp_path / "peft")
+    peft_model = PeftModel.from_pretrained(make_model(arch), tmp_path / "peft", is_trainable=True)
+    inputs = {**make_inputs(arch), "labels": torch.tensor([0, 1, 1])}
+    for m in (model, peft_model):
+        m.eval()(**inputs).loss.backward()  # eval: no dropout, so both see the same function
+    ours = {k: p.grad for k, p in model.task_parameters("t").items()}
+    theirs = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    for key, grad in ours.items():
+        name = key.replace(".lora_A", ".lora_A.default.weight").replace(".lora_B", ".lora_B.default.weight")
+        if key.startswith("score.") or key.startswith("classifier."):
+            name = key.replace(".", ".modules_to_save.default.", 1)
+        reference = theirs["base_model.model." + name]
+        if reference.shape != grad.shape:  # GPT-2 q, v slices: the diagonal blocks of peft's (3d, 2r) B
+            reference = torch.cat([reference[:32, :4], reference[64:, 4:]])
+        torch.testing.assert_close(grad, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_lora_under_bf16_autocast_stays_close_to_fp32():
+    """The fast path (bf16 autocast) runs through the in-place GEMM with matching dtypes and stays close."""
+    model = trained_delta("bert", deltatune.LoRA(r=4))
+    inputs = make_inputs("bert")
+    expected = logits(model, inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = logits(model, inputs)
+    assert fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), expected, atol=0.05, rtol=0.05)
