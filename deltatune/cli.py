@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -70,7 +71,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         fsdp=args.fsdp,
     )
     summary = train(config)
-    print(json.dumps(summary, indent=2))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun/accelerate launch: one summary, not one per rank
+        print(json.dumps(summary, indent=2))
     return 0
 
 

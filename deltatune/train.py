@@ -109,6 +109,16 @@ def task_slug(name: str) -> str:
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train, evaluate, keep the best delta in `out/delta`; return the run summary."""
+    watched = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in watched} if _main_thread() else {}
+    try:
+        return _train(config)
+    finally:  # a run that raised must not leave its SIGINT/SIGTERM handlers behind (e.g. in a notebook)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _train(config: TrainConfig) -> dict[str, Any]:
     from accelerate import Accelerator
 
     from deltatune.models import load_tokenizer
@@ -213,8 +223,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         stop["signal"] = signum
 
     # on every rank (torchrun and accelerate pass the signal on to each): all of them stop after the same step
-    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)} \
-        if _main_thread() else {}
+    if _main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, request_stop)
 
     # ---- the loop ------------------------------------------------------------------------------
     progress = _Progress(total_steps, enabled=is_main and config.progress, start=state["step"])
@@ -293,8 +304,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
             raise KeyboardInterrupt(f"stopped by {signal.Signals(int(signum)).name} at step {state['step']}; "
                                     f"checkpoint saved in {out / 'checkpoint'} (resume with --resume)")
     progress.close()
-    for sig, handler in previous_handlers.items():
-        signal.signal(sig, handler)
 
     if not last_metrics or evaluated_at["step"] != state["step"]:  # score the final weights too
         last_metrics = run_eval(state["step"])
