@@ -95,6 +95,13 @@ def _load_for_inference(args: argparse.Namespace):
 def cmd_eval(args: argparse.Namespace) -> int:
     from deltatune.evaluate import evaluate
 
+    if args.method in {"zero-shot", "few-shot"}:
+        if not args.task:
+            raise DeltaTuneError(f"--method {args.method} needs --task")
+        return cmd_eval_prompting(args)
+    if not args.delta:
+        raise DeltaTuneError("eval needs --delta DIR (or --method zero-shot|few-shot --task T)")
+
     model, tokenizer, task = _load_for_inference(args)
     results = {}
     for split in args.split or [s for s in task.splits if s != "train"]:
@@ -168,10 +175,64 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from deltatune.serve import ServeConfig, serve
+
+    deltas: dict[str | None, str] = {}
+    for spec in args.delta or []:
+        name, sep, path = spec.partition("=")
+        deltas[name if sep else None] = path if sep else spec  # DIR alone: the task name saved in the delta
+    config = ServeConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
+                         max_inputs=args.max_inputs, max_length=args.max_length, trust_pickle=args.trust_pickle)
+    serve(args.model, deltas, host=args.host, port=args.port, config=config)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from deltatune.peft_format import export_peft
 
     print(f"wrote {export_peft(args.delta, args.out)} (Hugging Face peft adapter: PeftModel.from_pretrained)")
+    return 0
+
+
+def cmd_prompt(args: argparse.Namespace) -> int:
+    """Zero-/few-shot prompting of a causal LM: the document's starting point."""
+    from deltatune import fewshot
+    from deltatune.models import load_model, load_tokenizer
+
+    prefix = ""
+    if args.examples:  # a file of solved examples, one per line, used as written
+        prefix = Path(args.examples).read_text().rstrip("\n") + "\n"
+    elif args.task and args.shots:
+        from deltatune.tasks import get_task
+
+        task = get_task(args.task)
+        template = fewshot.template_for(task)
+        pool = task.load("train", args.data_dir)
+        demonstrations = fewshot.select_demonstrations(pool, args.shots, seed=args.seed)
+        prefix = template.build_prefix(demonstrations, fewshot.label_words_for(task, template))
+    prompt = prefix + args.text
+    model = load_model(args.model, "causal-lm")
+    completion = fewshot.complete(model, load_tokenizer(args.model), prompt, max_new_tokens=args.max_new_tokens)
+    if args.show_prompt:
+        print(prompt, end="")
+        print(f"\033[1m{completion}\033[0m" if sys.stdout.isatty() else completion)
+    else:
+        print(completion.strip())
+    return 0
+
+
+def cmd_eval_prompting(args: argparse.Namespace) -> int:
+    from deltatune.fewshot import evaluate_fewshot
+    from deltatune.models import load_model, load_tokenizer
+
+    shots = 0 if args.method == "zero-shot" else args.shots
+    model = load_model(args.model, "causal-lm")
+    results = {}
+    for split in args.split or ["dev"]:
+        results[split] = evaluate_fewshot(model, load_tokenizer(args.model), args.task, shots=shots, split=split,
+                                          data_dir=args.data_dir, limit=args.limit)
+    print(json.dumps({"task": args.task, "method": args.method, **results}, indent=2, default=str))
     return 0
 
 
@@ -251,6 +312,17 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--no-latency", action="store_true", help="skip the inference latency measurements")
         _add_data_arguments(sub)
         sub.set_defaults(handler=handler)
+    prompt = commands.add_parser("prompt", help="zero-/few-shot completion with a causal LM")
+    prompt.add_argument("--model", default="smollm2")
+    prompt.add_argument("text", help="the prompt (after any demonstrations)")
+    prompt.add_argument("--task", help="draw --shots demonstrations from this task's train split")
+    prompt.add_argument("--shots", type=int, default=0)
+    prompt.add_argument("--examples", help="a file of solved examples put before the text")
+    prompt.add_argument("--seed", type=int, default=0)
+    prompt.add_argument("--max-new-tokens", type=int, default=20)
+    prompt.add_argument("--show-prompt", action="store_true", help="print the full prompt, then the completion")
+    prompt.add_argument("--data-dir")
+    prompt.set_defaults(handler=cmd_prompt)
     commands.choices["compare"].set_defaults(max_length=64)
     commands.choices["sweep"].set_defaults(max_length=64)
 
@@ -258,13 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
                                      ("predict", cmd_predict, "run a saved delta on given texts")]:
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("--model", required=True)
-        sub.add_argument("--delta", required=True, help="delta folder (delta.safetensors + delta.json)")
+        sub.add_argument("--delta", required=name == "predict", help="delta folder (delta.safetensors + delta.json)")
         sub.add_argument("--task", help="default: the task the delta was trained on")
         sub.add_argument("--trust-pickle", action="store_true",
                          help="also read a delta whose weights are a pickle (.bin/.pt): torch.load(weights_only=True)")
         _add_data_arguments(sub)
         if name == "eval":
             sub.add_argument("--split", action="append", help="split(s) to score (default: all but train)")
+            sub.add_argument("--method", choices=["zero-shot", "few-shot"],
+                             help="prompting baselines of a causal LM (no delta): label-word scoring / generation")
+            sub.add_argument("--shots", type=int, default=4, help="few-shot: demonstrations from the train split")
             sub.add_argument("--limit", type=int)
         else:
             sub.add_argument("texts", nargs="+", help="inputs; sentence pairs as 'first ||| second'")
@@ -276,6 +351,21 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=["peft"], help="peft: adapter_config.json + safetensors")
     export.add_argument("out", help="folder to write")
     export.set_defaults(handler=cmd_export)
+
+    serve = commands.add_parser("serve", help="an HTTP service for many task deltas on one base model, "
+                                              "batching requests across tasks")
+    serve.add_argument("--model", required=True, help="the base model: minilm | a local folder | a hub name")
+    serve.add_argument("--delta", action="append", metavar="NAME=DIR",
+                       help="a delta to serve as task NAME, repeatable (DIR alone: its saved task name)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000, help="0: any free port (printed at start)")
+    serve.add_argument("--max-batch-size", type=int, default=32, help="inputs in one forward pass at most")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others")
+    serve.add_argument("--queue-size", type=int, default=256, help="waiting requests at most; more get 503")
+    serve.add_argument("--max-inputs", type=int, default=64, help="inputs in one request at most")
+    serve.add_argument("--max-length", type=int, default=128, help="tokens per input (longer ones are cut)")
+    serve.add_argument("--trust-pickle", action="store_true", help="also load deltas stored as pickles")
+    serve.set_defaults(handler=cmd_serve)
     return parser
 
 

@@ -250,3 +250,21 @@ def test_smollm2_completes_the_lecture_translation_prompt():
     model, smol_tokenizer = load_model("smollm2", "causal-lm"), load_tokenizer("smollm2")
     prompt = "Translate from Russian to English:\nстол => table\nсыр => cheese\nдом =>"
     assert complete(model, smol_tokenizer, prompt) in (" home", " house")
+
+
+
+def test_cli_prompt_prints_prompt_and_completion(tmp_path, capsys):
+    from deltatune.cli import main as cli_main
+    from deltatune.models import load_model
+
+    torch.manual_seed(0)
+    tiny_model("llama", "causal-lm").save_pretrained(tmp_path / "lm")
+    tiny_tokenizer().save_pretrained(tmp_path / "lm")
+    shots = "table => table\ncheese => cheese\n"
+    (tmp_path / "shots.txt").write_text(shots)
+    assert cli_main(["prompt", "--model", str(tmp_path / "lm"), "--examples", str(tmp_path / "shots.txt"),
+                     "--show-prompt", "--max-new-tokens", "3", "home =>"]) == 0
+    out = capsys.readouterr().out
+    expected = complete(load_model(str(tmp_path / "lm"), "causal-lm"), tiny_tokenizer(), shots + "home =>",
+                        max_new_tokens=3)
+    assert out == shots + "home =>" + expected + "\n"
