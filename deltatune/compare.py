@@ -128,9 +128,11 @@ def run_cells(config: CompareConfig, cells: list[tuple[str, TrainConfig]]) -> di
         for name, train_config in cells:
             cell_file = out / "cells" / f"{name}.json"
             if cell_file.is_file():
-                results[name] = json.loads(cell_file.read_text())
-                progress.update(bar, advance=1, description=f"{name}: reused")
-                continue
+                finished = json.loads(cell_file.read_text())
+                if finished["config"] == json.loads(json.dumps(asdict(train_config))):  # same settings only
+                    results[name] = finished
+                    progress.update(bar, advance=1, description=f"{name}: reused")
+                    continue
             progress.update(bar, description=f"training {name}")
             (out / "logs").mkdir(parents=True, exist_ok=True)
             results[name] = run_cell(train_config, cell_file, out / "logs" / f"{name}.log")

@@ -54,3 +54,7 @@ def test_compare_reuses_finished_cells_and_reports_failures(tiny_model_dir, sent
     assert (out / "runs" / "lora-seed0" / "summary.json").stat().st_mtime_ns == first_mtime
     report = (out / "report.md").read_text()
     assert "| nosuchmethod | failed:" in report and "unknown method 'nosuchmethod'" in report
+
+    other_budget = [a if a != "steps=3" else "steps=2" for a in args]
+    assert cli_main(other_budget) == 0  # different settings: the cell is trained again, not reused
+    assert json.loads((out / "cells" / "lora-seed0.json").read_text())["config"]["max_steps"] == 2
