@@ -82,6 +82,11 @@ class DeltaComponent(nn.Module):
     - `add_task(task, config)` creates fresh parameters for a task; `remove_task(task)` drops them;
     - `merge(task)` / `unmerge()` fold a task into the base weights and back (or raise MergeError);
     - `unload()` -> the module that replaces this component when the model is returned plain.
+
+    Mixed-task batches: while `task_state.per_example` is set, a component's forward runs each example
+    with its own task (its single-task path stays as it is; one dispatch line at its top). Per-task weights
+    are stacked along a new dim 0 with a zero row last (`stacked`, cached) and each example gathers its
+    row (`example_rows`); `check_mixed` refuses tasks that cannot share a pass (full fine-tuning).
     """
 
     method: ClassVar[str] = ""

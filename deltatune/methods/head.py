@@ -71,12 +71,8 @@ class TaskHeads(DeltaComponent):
         outputs = []
         for task, members in groups.items():
             index = torch.tensor(members, device=args[0].device if args else None)
-
-            def rows(value):
-                is_batched = isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch
-                return value.index_select(0, index) if is_batched else value
-
-            output = self._head(task)(*[rows(a) for a in args], **{k: rows(v) for k, v in kwargs.items()})
+            output = self._head(task)(*[_rows(a, index, batch) for a in args],
+                                      **{k: _rows(v, index, batch) for k, v in kwargs.items()})
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"a mixed batch needs heads that return a tensor, not {type(output).__name__}")
             outputs.append((index, output))
@@ -99,3 +95,9 @@ class TaskHeads(DeltaComponent):
     def unload(self) -> nn.Module:
         task = self.merged_task or self.active_task
         return self.heads[task] if task in self.heads else self.base_layer
+
+
+def _rows(value, index: torch.Tensor, batch: int):
+    """The examples `index` of a batched tensor argument; other arguments as they are."""
+    is_batched = isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch
+    return value.index_select(0, index) if is_batched else value

@@ -134,15 +134,13 @@ class LoRALinear(DeltaComponent):
             return result
         A, B = self.lora_A[task], self.placed_B(task)
         x = self.lora_dropout[task](x)
-        after_A = F.linear(x if x.dtype == A.dtype else x.to(A.dtype), A) * self.scaling[task]  # (..., S*r)
-        # One GEMM adds the update to the base output (addmm = result + after_A @ B^T), and the scaling goes
-        # on the narrow (..., S*r) tensor: no full-width update tensor and no full-width scale or add pass,
-        # forward or backward (`result + lora_B(lora_A(x)) * scaling` makes three full-width tensors).
-        dtype = result.dtype  # bf16 under autocast
-        flat = torch.addmm(
-            result.reshape(-1, self.out_features), after_A.reshape(-1, after_A.shape[-1]).to(dtype), B.T.to(dtype)
-        )  # (N, d_out) + (N, S*r) @ (S*r, d_out)
-        return flat.view(result.shape)
+        after_A = F.linear(x if x.dtype == A.dtype else x.to(A.dtype), A)  # (..., d_in) @ (d_in, S*r)
+        # Scale the narrow (..., S*r) tensor, not the (..., d_out) update: `B(A(x)) * scaling` costs one more
+        # full-width pass forward and one backward, and a full-width tensor. (Measured per layer: adding
+        # with addmm or in place is no faster in forward + backward; in-place writes into Linear's output,
+        # a view, make autograd copy the whole output in backward.)
+        update = F.linear(after_A * self.scaling[task], B)  # (..., S*r) @ (S*r, d_out)
+        return result + update.to(result.dtype)
 
     def placed_B(self, task: str) -> torch.Tensor:
         """B over the whole output, (d_out, S*r): slice s's (w, r) block at rows start:end and columns
@@ -174,13 +172,14 @@ class LoRALinear(DeltaComponent):
         if self.training and bool(dropout.any()):  # each example with its task's dropout rate
             p = dropout.to(x.device, x.dtype)[rows].view(batch, 1, 1)
             x = x * (torch.rand_like(x) >= p) / (1 - p)
-        after_A = torch.bmm(x, A_all[rows])  # (B, L, d_in) @ (B, d_in, S*r_max) -> (B, L, S*r_max)
-        # (B, L, S*r_max) @ (B, S*r_max, d_out) added into the base output in place, as forward does
-        if not result.is_contiguous():
-            result = result.contiguous()
-        out = result.view(batch, -1, self.out_features)
-        out.baddbmm_(after_A.to(result.dtype), B_all[rows].to(result.dtype))
-        return result
+        after_A = torch.bmm(x, A_all[rows]).to(result.dtype)  # (B, L, d_in) @ (B, d_in, S*r_max) -> (B, L, S*r_max)
+        B_rows = B_all[rows].to(result.dtype)  # (B, S*r_max, d_out)
+        out = result.reshape(batch, -1, self.out_features)
+        if torch.is_grad_enabled() and (out.requires_grad or after_A.requires_grad or B_rows.requires_grad):
+            # training: out of place (an in-place write into Linear's output makes backward copy it)
+            return torch.baddbmm(out, after_A, B_rows).view(result.shape)
+        # inference: accumulate into the base output in place (measured: 3.5x less added time than a new tensor)
+        return out.baddbmm_(after_A, B_rows).view(result.shape)
 
     def _stack_for_mixed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A_all^T (T+1, d_in, S*r_max), B_all (T+1, S*r_max, d_out) scaled, per-task dropout rates (T+1,)."""

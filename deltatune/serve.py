@@ -1,0 +1,471 @@
+"""`deltatune serve`: many task deltas on one base model behind HTTP, requests batched ACROSS tasks.
+
+    deltatune serve --model minilm --delta sst2=runs/sst2/delta --delta rte=runs/rte/delta --port 8000
+    curl -s localhost:8000/v1/predict -d '{"task": "sst2", "inputs": ["a charming film", "a dull one"]}'
+
+Endpoints: `POST /v1/predict` ({"task", "inputs"} -> a label and probabilities per input, as `deltatune
+predict` prints them), `GET /v1/tasks`, `POST /v1/tasks` ({"name", "path"}: load a delta while serving),
+`DELETE /v1/tasks/{name}`, `GET /health`, `GET /metrics` (counters: batches, mixed batches, rejections);
+the OpenAPI schema at `/openapi.json` (browsable at `/docs`).
+
+How requests become batches: a request handler only puts a job (task + texts) in a bounded queue and awaits
+it. One worker thread owns the model. It takes the oldest job, waits up to `max_wait_ms` after that job
+arrived for others (until `max_batch_size` inputs), and runs them all, whatever their tasks, as ONE
+mixed-task forward pass: `model(**batch, tasks=[one task per input])`. Loading and removing deltas run on the
+same thread, between batches, so the model is never changed under a running pass. When `queue_size`
+requests wait already, a new one is answered 503 with Retry-After: memory stays bounded under overload.
+
+Errors: an unknown task is 404 with the list of tasks; a malformed body 422; a delta that cannot be loaded
+400 with the reason (the tasks already loaded keep serving); a name taken 409. Full fine-tuning deltas are
+whole models and cannot share a batch: `serve` refuses them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import ctypes.util
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from deltatune.data import Encoded, collate, max_model_length
+from deltatune.delta import DeltaModel
+from deltatune.errors import DeltaError, DeltaTuneError, TaskError
+from deltatune.methods.common import BASE_TASK
+
+
+@dataclass
+class ServeConfig:
+    """How the server batches and how much it accepts."""
+
+    max_batch_size: int = field(default=32, metadata={"help": "inputs in one forward pass (at most)"})
+    max_wait_ms: float = field(default=5.0, metadata={"help": "how long the oldest request waits for company"})
+    queue_size: int = field(default=256, metadata={"help": "requests waiting at most; more get 503"})
+    max_inputs: int = field(default=64, metadata={"help": "inputs in one request at most (more: 422)"})
+    max_length: int = field(default=128, metadata={"help": "tokens per input (longer ones are cut)"})
+    trust_pickle: bool = field(default=False, metadata={"help": "also load deltas stored as pickles"})
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.queue_size < 1 or self.max_inputs < 1 or self.max_wait_ms < 0:
+            raise DeltaTuneError(f"serve settings must be positive: {self}")
+
+
+class Overloaded(DeltaTuneError):
+    """The request queue is full: try again later (HTTP 503)."""
+
+
+def _free_memory_releaser() -> Callable[[], object] | None:
+    """glibc's malloc_trim, if this C library has it (Linux + glibc)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        return lambda: libc.malloc_trim(0) if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+# A server runs forward passes of ever new shapes. glibc then keeps freed tensor memory in its heap (it raises its
+# mmap threshold as large blocks are freed), and the resident set creeps up by ~100 MiB per few thousand requests.
+# Handing free pages back (malloc_trim) at most every TRIM_EVERY_S seconds keeps it flat for ~2% CPU; making every
+# large block an mmap (mallopt M_MMAP_THRESHOLD) also keeps it flat, but cost 60% more CPU here (page faults).
+TRIM_EVERY_S = 0.5
+_release_free_memory = _free_memory_releaser()
+
+
+@dataclass
+class _Job:
+    task: str
+    inputs: list[str | tuple[str, str]]
+    future: Future = field(default_factory=Future)
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class Engine:
+    """One DeltaModel, its tokenizer and the worker thread that alone runs the model."""
+
+    def __init__(self, model: DeltaModel, tokenizer, config: ServeConfig | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config or ServeConfig()
+        self._condition = threading.Condition()
+        self._pending: collections.deque[_Job] = collections.deque()
+        self._pending_inputs = 0
+        self._control: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
+        self._closing = False
+        self._tasks: dict[str, dict[str, Any]] = {}  # a snapshot for the HTTP threads; replaced, never mutated
+        self._refresh_tasks()
+        keys = ("requests", "inputs", "batches", "mixed_batches", "max_tasks_in_batch", "max_batch_inputs",
+                "rejected", "failed")
+        self.stats = collections.Counter(dict.fromkeys(keys, 0))  # all keys now: readers never see it grow
+        self._worker = threading.Thread(target=self._run, name="deltatune-serve-worker", daemon=True)
+
+    # ---- for the HTTP side (any thread) --------------------------------------------------------------
+    def start(self) -> Engine:
+        self._worker.start()
+        return self
+
+    def close(self) -> None:
+        with self._condition:
+            self._closing = True
+            self._condition.notify_all()
+        if self._worker.is_alive():
+            self._worker.join(timeout=30)
+
+    @property
+    def alive(self) -> bool:
+        return self._worker.is_alive()
+
+    @property
+    def tasks(self) -> dict[str, dict[str, Any]]:
+        """{name: {"method", "labels", "path"}} of the tasks loaded now."""
+        return self._tasks
+
+    def check_task(self, task: str) -> None:
+        if task != BASE_TASK and task not in self._tasks:
+            raise TaskError(f"unknown task {task!r}; tasks loaded: {sorted(self._tasks)} (or 'base')")
+
+    def submit(self, task: str, inputs: list[str | tuple[str, str]]) -> Future:
+        """Queue a prediction; its future gives one result dict per input. Raises TaskError, Overloaded."""
+        self.check_task(task)
+        job = _Job(task, list(inputs))
+        with self._condition:
+            if self._closing:
+                raise Overloaded("the server is shutting down")
+            if len(self._pending) >= self.config.queue_size:
+                self.stats["rejected"] += 1
+                raise Overloaded(f"{len(self._pending)} requests are waiting already (queue_size); retry shortly")
+            self._pending.append(job)
+            self._pending_inputs += len(job.inputs)
+            self.stats["requests"] += 1
+            self._condition.notify_all()
+        return job.future
+
+    def call(self, function: Callable[[], Any]) -> Future:
+        """Run `function()` on the worker thread between batches (the model's owner); its result in a future."""
+        future: Future = Future()
+        with self._condition:
+            self._control.append((function, future))
+            self._condition.notify_all()
+        return future
+
+    def load(self, name: str, path: str | Path) -> Future:
+        return self.call(lambda: self._load(name, path))
+
+    def remove(self, name: str) -> Future:
+        return self.call(lambda: self._remove(name))
+
+    def metrics(self) -> dict[str, Any]:
+        with self._condition:
+            waiting = len(self._pending)
+        return {**self.stats, "queue": waiting, "tasks": len(self._tasks)}
+
+    # ---- on the worker thread -------------------------------------------------------------------------
+    def _load(self, name: str, path: str | Path) -> dict[str, Any]:
+        task = self.model.add_delta(path, task=name, trust_pickle=self.config.trust_pickle)
+        if self.model.task_info[task]["method"] == "full":
+            self.model.remove_task(task)
+            raise DeltaError(f"{path} is a full fine-tuning delta (a whole model's weights): it cannot share a "
+                             f"batch with other tasks; serve a parameter-efficient delta (LoRA, BitFit, adapter...)")
+        self.model.task_info[task]["path"] = str(path)
+        self._refresh_tasks()
+        return self._tasks[task] | {"name": task}
+
+    def _remove(self, name: str) -> None:
+        self.model.remove_task(name)
+        self._refresh_tasks()
+
+    def _refresh_tasks(self) -> None:
+        self._tasks = {
+            name: {"method": info["method"], "labels": info["label_names"], "path": info.get("path")}
+            for name, info in self.model.task_info.items()
+        }
+
+    def _run(self) -> None:
+        trimmed = time.monotonic()
+        with torch.inference_mode():
+            while True:
+                work = self._next_work()
+                if work is None:
+                    return
+                if isinstance(work, tuple):
+                    function, future = work
+                    try:
+                        future.set_result(function())
+                    except BaseException as error:  # noqa: BLE001 - handed to the caller
+                        future.set_exception(error)
+                else:
+                    self._run_batch(work)
+                if _release_free_memory is not None and time.monotonic() - trimmed > TRIM_EVERY_S:
+                    _release_free_memory()
+                    trimmed = time.monotonic()
+
+    def _next_work(self):
+        """A control call, or the jobs of the next batch (None: closing). Waits for company up to max_wait."""
+        config = self.config
+        with self._condition:
+            while not (self._pending or self._control or self._closing):
+                self._condition.wait()
+            if self._control:
+                return self._control.popleft()
+            if not self._pending:
+                return None  # closing
+            deadline = self._pending[0].arrived + config.max_wait_ms / 1000
+            while self._pending_inputs < config.max_batch_size and not (self._control or self._closing):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._condition.wait(remaining)
+            jobs, count = [], 0
+            while self._pending and (not jobs or count + len(self._pending[0].inputs) <= config.max_batch_size):
+                job = self._pending.popleft()
+                jobs.append(job)
+                count += len(job.inputs)
+            self._pending_inputs -= count
+            return jobs
+
+    def _run_batch(self, jobs: list[_Job]) -> None:
+        examples: list[tuple[_Job, Encoded]] = []
+        max_length = max_model_length(self.model, self.tokenizer, self.config.max_length)
+        for job in jobs:
+            try:
+                self.check_task(job.task)  # it may have been removed while the job waited
+                examples += [(job, item) for item in self._encode(job.inputs, max_length)]
+            except Exception as error:  # noqa: BLE001 - this job fails, the others run
+                self.stats["failed"] += 1
+                job.future.set_exception(error)
+        live = [job for job in jobs if not job.future.done()]
+        try:
+            rows = self._forward(examples)
+        except Exception as error:  # noqa: BLE001
+            self.stats["failed"] += len(live)
+            for job in live:
+                job.future.set_exception(error)
+            return
+        self.stats["inputs"] += len(examples)  # counted before any caller can read the metrics
+        start = 0
+        for job in live:
+            job.future.set_result([self._prediction(job.task, text, row) for text, row in
+                                   zip(job.inputs, rows[start : start + len(job.inputs)])])
+            start += len(job.inputs)
+
+    def _encode(self, inputs: list[str | tuple[str, str]], max_length: int) -> list[Encoded]:
+        pairs = [tuple(i) if not isinstance(i, str) else (i,) for i in inputs]
+        if all(len(p) == 2 for p in pairs):
+            encoded = self.tokenizer([p[0] for p in pairs], [p[1] for p in pairs], truncation=True,
+                                     max_length=max_length)
+        elif all(len(p) == 1 for p in pairs):
+            encoded = self.tokenizer([p[0] for p in pairs], truncation=True, max_length=max_length)
+        else:
+            raise DeltaTuneError("one request's inputs must be all texts or all [text, text] pairs")
+        types = encoded.get("token_type_ids")
+        return [Encoded(ids, types[i] if types else None, None) for i, ids in enumerate(encoded["input_ids"])]
+
+    def _forward(self, examples: list[tuple[_Job, Encoded]]) -> list[torch.Tensor]:
+        """Logits of every example, in order: mixed-task passes of at most max_batch_size inputs."""
+        rows: list[torch.Tensor] = []
+        device = next(self.model.parameters()).device
+        size = self.config.max_batch_size
+        for start in range(0, len(examples), size):
+            chunk = examples[start : start + size]
+            batch = collate([item for _, item in chunk], self.tokenizer.pad_token_id)
+            tasks = [job.task for job, _ in chunk]
+            logits = self.model(**{k: v.to(device) for k, v in batch.items()}, tasks=tasks).logits.float().cpu()
+            rows += list(logits)
+            self.stats["batches"] += 1
+            distinct = len(set(tasks))
+            self.stats["mixed_batches"] += distinct > 1
+            self.stats["max_tasks_in_batch"] = max(self.stats["max_tasks_in_batch"], distinct)
+            self.stats["max_batch_inputs"] = max(self.stats["max_batch_inputs"], len(chunk))
+        return rows
+
+    def _prediction(self, task: str, text, row: torch.Tensor) -> dict[str, Any]:
+        """As `deltatune predict` prints it: a label and each label's probability (or a score)."""
+        labels = self._tasks[task]["labels"] if task in self._tasks else None
+        width = len(labels) if labels else int(torch.isfinite(row).sum())  # heads narrower than others: -inf pad
+        row = row[:width]
+        shown = text if isinstance(text, str) else list(text)
+        if width == 1:
+            return {"input": shown, "score": row.item()}
+        names = labels or [str(i) for i in range(width)]
+        probabilities = row.softmax(-1).tolist()
+        return {"input": shown, "label": names[int(row.argmax())],
+                "probabilities": dict(zip(names, probabilities))}
+
+
+# ---- HTTP ----------------------------------------------------------------------------------------------
+Text = Annotated[str, StringConstraints(max_length=100_000)]
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    task: str = Field(description="a loaded task's name, or 'base' for the base model without a delta")
+    inputs: list[Text | tuple[Text, Text]] = Field(
+        min_length=1, description="texts to classify (at most --max-inputs); a sentence pair as [first, second]")
+
+
+class Prediction(BaseModel):
+    input: str | list[str]
+    label: str | None = None
+    probabilities: dict[str, float] | None = None
+    score: float | None = None
+
+
+class PredictResponse(BaseModel):
+    task: str
+    predictions: list[Prediction]
+
+
+class LoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="the task's name in requests")
+    path: str = Field(description="a delta folder on the server's disk (delta.json + delta.safetensors)")
+
+
+def create_app(engine: Engine) -> FastAPI:
+    """The FastAPI application around an engine (started by the caller)."""
+    from deltatune import __version__
+
+    app = FastAPI(title="deltatune serve", version=__version__,
+                  description="Many task deltas on one base model; requests are batched across tasks.")
+
+    def unknown(error: TaskError) -> JSONResponse:
+        return JSONResponse({"detail": str(error), "tasks": sorted(engine.tasks)}, status_code=404)
+
+    def overloaded(error: Overloaded) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status_code=503, headers={"Retry-After": "1"})
+
+    @app.post("/v1/predict", response_model=PredictResponse, response_model_exclude_none=True,
+              responses={404: {"description": "unknown task"}, 503: {"description": "overloaded"}})
+    async def predict(request: PredictRequest):
+        if len(request.inputs) > engine.config.max_inputs:
+            return JSONResponse({"detail": f"{len(request.inputs)} inputs in one request; at most "
+                                           f"{engine.config.max_inputs} (--max-inputs)"}, status_code=422)
+        try:
+            future = engine.submit(request.task, request.inputs)
+        except TaskError as error:
+            return unknown(error)
+        except Overloaded as error:
+            return overloaded(error)
+        try:
+            predictions = await asyncio.wrap_future(future)
+        except TaskError as error:  # removed while the request waited
+            return unknown(error)
+        except DeltaTuneError as error:
+            return JSONResponse({"detail": str(error)}, status_code=400)
+        return {"task": request.task, "predictions": predictions}
+
+    @app.get("/v1/tasks")
+    async def list_tasks():
+        return {"tasks": [{"name": name, **info} for name, info in engine.tasks.items()]}
+
+    @app.post("/v1/tasks", status_code=201, responses={400: {"description": "the delta cannot be loaded"},
+                                                       409: {"description": "the name is taken"}})
+    async def load_task(request: LoadRequest):
+        if request.name in engine.tasks:
+            return JSONResponse({"detail": f"task {request.name!r} is loaded already; DELETE it first"}, 409)
+        try:
+            return await asyncio.wrap_future(engine.load(request.name, request.path))
+        except DeltaTuneError as error:  # DeltaError (bad files, another base model...), TaskError (bad name)
+            return JSONResponse({"detail": str(error)}, status_code=400)
+
+    @app.delete("/v1/tasks/{name}", responses={404: {"description": "unknown task"}})
+    async def delete_task(name: str):
+        if name not in engine.tasks:
+            return unknown(TaskError(f"unknown task {name!r}; tasks loaded: {sorted(engine.tasks)}"))
+        await asyncio.wrap_future(engine.remove(name))
+        return {"deleted": name}
+
+    @app.get("/health")
+    async def health():
+        if not engine.alive:
+            return JSONResponse({"status": "worker stopped"}, status_code=503)
+        return {"status": "ok", "tasks": sorted(engine.tasks), "queue": engine.metrics()["queue"]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return engine.metrics()
+
+    return app
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket (port 0: any free port; read it back with sock.getsockname()[1])."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    return sock
+
+
+class BackgroundServer:
+    """The HTTP server on a thread of this process (tests, notebooks): `with BackgroundServer(engine) as url:`."""
+
+    def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 0):
+        import uvicorn
+
+        self.engine = engine
+        self.socket = bind(host, port)
+        self.port = self.socket.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+
+    def __enter__(self) -> str:
+        self.engine.start()
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the HTTP server did not start")
+            time.sleep(0.01)
+        return self.url
+
+    def __exit__(self, *exc_info) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.engine.close()
+        self.socket.close()
+
+
+def build_engine(model_name: str, deltas: dict[str | None, str], config: ServeConfig | None = None) -> Engine:
+    """Load the base model (with a classification head) and its tokenizer, and every delta given.
+
+    `deltas`: {task name (None: the name saved in the delta): delta folder}."""
+    from deltatune.models import load_model, load_tokenizer
+
+    config = config or ServeConfig()
+    engine = Engine(DeltaModel(load_model(model_name, "classification")), load_tokenizer(model_name), config)
+    for name, path in deltas.items():
+        try:
+            engine._load(name, path)  # the worker has not started: this thread owns the model still
+        except DeltaTuneError as error:
+            raise DeltaTuneError(f"--delta {name or ''}{'=' if name else ''}{path}: {error}") from error
+    return engine
+
+
+def serve(model_name: str, deltas: dict[str | None, str], host: str = "127.0.0.1", port: int = 8000,
+          config: ServeConfig | None = None) -> None:
+    """Run the server in the foreground until interrupted (what `deltatune serve` does)."""
+    import uvicorn
+
+    engine = build_engine(model_name, deltas, config).start()
+    sock = bind(host, port)
+    print(f"deltatune serve: http://{host}:{sock.getsockname()[1]} (tasks: {', '.join(engine.tasks) or 'none'}; "
+          f"API schema at /docs)", flush=True)
+    try:
+        uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning")).run(sockets=[sock])
+    finally:
+        engine.close()
+        sock.close()

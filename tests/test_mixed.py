@@ -1,0 +1,207 @@
+"""Mixed-task batches: `model(**batch, tasks=[...])` runs each example with its own task's delta in one pass.
+
+The reference for every example is the same example run alone (batch of one, unpadded) after
+`use(task)`. Each method gets two tasks with different shapes (ranks, targets, bottlenecks, activations,
+prompt lengths) so that zero padding and "no delta here" rows are exercised, plus "base" examples.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deltatune
+from deltatune.errors import DeltaTuneError, TaskError
+from deltatune.models import tiny_model
+
+ARCHS = ["bert", "gpt2", "llama", "t5"]
+BIASLESS = {"llama", "t5"}
+OUTPUT_PROJECTION = {"bert": "attention.output.dense", "gpt2": "attn.c_proj", "llama": "o_proj",
+                     "t5": "SelfAttention.o"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from more threads, and on a busy machine a second one can cost 50x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def two_tasks(arch: str, method: str) -> dict[str, object]:
+    """Two configs of one method that differ in shape."""
+    if method == "lora":  # the second adapts only the output projections: the q/v layers have one task
+        return {"lora_a": deltatune.LoRA(r=2, alpha=4),
+                "lora_b": deltatune.LoRA(r=4, alpha=8, targets=[OUTPUT_PROJECTION[arch]])}
+    if method == "bitfit":
+        return {"bitfit_a": deltatune.BitFit(add_missing=arch in BIASLESS),
+                "bitfit_b": deltatune.BitFit(add_missing=arch in BIASLESS)}
+    if method == "adapter":
+        return {"adapter_a": deltatune.Adapter(bottleneck=4),
+                "adapter_b": deltatune.Adapter(bottleneck=8, activation="relu", placement="pfeiffer")}
+    return {"prompt_a": deltatune.PromptTuning(length=3), "prompt_b": deltatune.PromptTuning(length=6)}
+
+
+def randomise(model: deltatune.DeltaModel, task: str, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in model.task_parameters(task).values():
+            tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.1)
+
+
+def make_model(arch: str, kind: str = "classification", num_labels: int = 2):
+    """The same tiny base for the same arguments; heads of other widths on the same body."""
+    torch.manual_seed(0)
+    return tiny_model(arch, kind, num_labels=num_labels)
+
+
+def build(arch: str, configs: dict[str, object], kind: str = "classification") -> deltatune.DeltaModel:
+    model = make_model(arch, kind=kind)
+    for index, (task, config) in enumerate(configs.items()):
+        model = deltatune.attach(model, config, task=task)
+        randomise(model, task, seed=index)
+    return model
+
+
+def padded_batch(count: int, seed: int = 3) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Right-padded examples of different lengths (each ends with </s>, which T5 classification reads)."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = [4 + (5 * i) % 7 for i in range(count)]
+    input_ids = torch.zeros(count, max(lengths), dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, length in enumerate(lengths):
+        input_ids[i, :length] = torch.randint(4, 500, (length,), generator=generator)
+        input_ids[i, length - 1] = 1
+        attention_mask[i, :length] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}, lengths
+
+
+@torch.no_grad()
+def alone(model: deltatune.DeltaModel, batch: dict, lengths: list[int], tasks: list[str]) -> list[torch.Tensor]:
+    """Each example's logits run by itself, unpadded, after use(its task)."""
+    outputs = []
+    for i, task in enumerate(tasks):
+        model.use(task)
+        outputs.append(model(**{k: v[i : i + 1, : lengths[i]] for k, v in batch.items()}).logits[0])
+    return outputs
+
+
+def assert_mixed_matches_alone(model, tasks: list[str]) -> torch.Tensor:
+    batch, lengths = padded_batch(len(tasks))
+    with torch.no_grad():
+        mixed = model(**batch, tasks=tasks).logits
+    for i, expected in enumerate(alone(model, batch, lengths, tasks)):
+        labels = expected.shape[-1]
+        torch.testing.assert_close(mixed[i, :labels], expected, atol=1e-5, rtol=0, msg=f"example {i} ({tasks[i]})")
+    return mixed
+
+
+@pytest.mark.parametrize("method", ["lora", "bitfit", "adapter", "prompt"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mixed_batch_equals_each_example_alone(arch, method):
+    configs = two_tasks(arch, method)
+    model = build(arch, configs)
+    first, second = configs
+    active = model.active_task
+    assert_mixed_matches_alone(model.use(active), [first, second, "base", second, first, "base", first])
+    assert model.task_state.per_example is None
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_method_in_one_batch_with_heads_of_different_widths(arch, tmp_path):
+    configs = {**two_tasks(arch, "lora"), "bitfit": deltatune.BitFit(add_missing=arch in BIASLESS),
+               "adapter": deltatune.Adapter(bottleneck=4), "prompt": deltatune.PromptTuning(length=4)}
+    model = build(arch, configs)
+    # a task whose head has 3 labels, saved from a 3-label copy of the base and loaded beside the others
+    three = deltatune.attach(make_model(arch, num_labels=3), deltatune.LoRA(r=2), task="three")
+    randomise(three, "three", seed=9)
+    three.save_delta(tmp_path / "three")
+    model.add_delta(tmp_path / "three")
+    tasks = ["three", "lora_a", "bitfit", "base", "adapter", "prompt", "lora_b", "three", "prompt"]
+    mixed = assert_mixed_matches_alone(model, tasks)
+    assert mixed.shape[-1] == 3
+    two_label = [i for i, task in enumerate(tasks) if task != "three"]
+    assert torch.isneginf(mixed[two_label, 2]).all() and torch.isfinite(mixed[[0, 7]]).all()
+    assert (mixed.softmax(-1)[two_label, 2] == 0).all()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_causal_lm_prompts_of_different_lengths_keep_tokens_aligned(arch):
+    """Decoders pad before the prompt: every example's own tokens sit at the same positions of the logits."""
+    model = build(arch, {"short": deltatune.PromptTuning(length=2), "long": deltatune.PromptTuning(length=5),
+                         "lora": deltatune.LoRA(r=2)}, kind="causal-lm")
+    tasks = ["long", "short", "base", "lora", "short"]
+    batch, lengths = padded_batch(len(tasks))
+    with torch.no_grad():
+        mixed = model(**batch, tasks=tasks).logits
+    offset = mixed.shape[1] - batch["input_ids"].shape[1]  # the longest prompt
+    assert offset == 5
+    for i, expected in enumerate(alone(model, batch, lengths, tasks)):
+        own = expected[-lengths[i] :]  # logits at the example's own tokens (after its prompt, if any)
+        torch.testing.assert_close(mixed[i, offset : offset + lengths[i]], own, atol=1e-5, rtol=0)
+
+
+def test_one_task_for_all_takes_the_single_task_path():
+    model = build("bert", two_tasks("bert", "lora"))
+    batch, _ = padded_batch(4)
+    with torch.no_grad():
+        expected = model.use("lora_b")(**batch).logits
+        model.use("lora_a")
+        assert torch.equal(model(**batch, tasks=["lora_b"] * 4).logits, expected)
+    assert model.active_task == "lora_a"
+
+
+def test_stacks_follow_in_place_updates_and_reloaded_tasks(tmp_path):
+    model = build("bert", two_tasks("bert", "lora"))
+    tasks = ["lora_a", "lora_b", "base", "lora_a"]
+    assert_mixed_matches_alone(model, tasks)  # stacks built and cached (no_grad)
+    randomise(model, "lora_a", seed=11)  # in place, as an optimizer step
+    assert_mixed_matches_alone(model, tasks)
+    other = build("bert", {"lora_a": deltatune.LoRA(r=3, alpha=3)})
+    randomise(other, "lora_a", seed=12)
+    other.save_delta(tmp_path / "a")
+    model.remove_task("lora_a")
+    model.add_delta(tmp_path / "a")  # same name, another rank and other values
+    assert_mixed_matches_alone(model, tasks)
+
+
+def test_a_merged_task_is_unmerged_for_a_mixed_batch():
+    model = build("bert", two_tasks("bert", "lora"))
+    model.use("lora_a").merge()
+    assert_mixed_matches_alone(model, ["lora_a", "base", "lora_b"])
+    assert model.merged_task is None
+
+
+def test_gradients_reach_each_task_in_a_mixed_batch():
+    model = build("bert", {**two_tasks("bert", "lora"), **two_tasks("bert", "adapter"), "p": deltatune.PromptTuning(2)})
+    model.train()
+    for task in model.tasks:
+        for tensor in model.task_parameters(task).values():
+            tensor.requires_grad_(True)
+    batch, _ = padded_batch(4)
+    tasks = ["lora_a", "adapter_b", "p", "base"]
+    model(**batch, tasks=tasks).logits.sum().backward()
+    for task in model.tasks:
+        grads = [t.grad for t in model.task_parameters(task).values()]
+        has_gradient = any(g is not None and g.abs().sum() > 0 for g in grads)
+        assert has_gradient == (task in tasks), task
+
+
+def test_mixed_batch_errors_are_clear():
+    model = build("bert", {**two_tasks("bert", "lora"), "full": deltatune.FullFineTune()})
+    batch, _ = padded_batch(3)
+    with pytest.raises(TaskError, match=r"unknown task\(s\) \['nope'\].*lora_a"):
+        model(**batch, tasks=["lora_a", "nope", "base"])
+    with pytest.raises(TaskError, match="for a batch of 3"):
+        model(**batch, tasks=["lora_a", "base"])
+    with pytest.raises(TaskError, match="one task name per example"):
+        model(**batch, tasks="lora_a")
+    with pytest.raises(DeltaTuneError, match="full fine-tuning tasks \\['full'\\] cannot be mixed"):
+        model(**batch, tasks=["lora_a", "full", "base"])
+    model.use("full")  # the model's weights are the full task's now
+    with pytest.raises(DeltaTuneError, match="holds the weights of full fine-tuning task 'full'"):
+        model(**batch, tasks=["lora_a", "lora_b", "base"])
+    model.use("base")
+    assert_mixed_matches_alone(model, ["lora_a", "lora_b", "base"])
+    assert model.task_state.per_example is None

@@ -1,0 +1,167 @@
+"""`deltatune serve` over real HTTP (httpx) on a free loopback port, with a tiny model folder and deltas.
+
+To make batching deterministic, tests hold the worker thread (`engine.call(gate.wait)`) while requests
+queue up, then release it: the queued requests must then run as one mixed batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from conftest import make_model
+
+import deltatune
+from deltatune.models import load_model, load_tokenizer
+from deltatune.serve import BackgroundServer, ServeConfig, build_engine
+
+TEXTS = ["the movie was great .", "a bleak and weak plot", "funny"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from more threads, and on a busy machine a second one can cost 50x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def randomise(model: deltatune.DeltaModel, task: str, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in model.task_parameters(task).values():
+            tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.2)
+
+
+@pytest.fixture
+def deltas(tiny_model_dir, tmp_path):
+    """Two task deltas (LoRA, adapter) made on the tiny model folder, and one made for another model."""
+    paths = {}
+    configs = {"sst2": deltatune.LoRA(r=4), "rte": deltatune.Adapter(bottleneck=8)}
+    for index, (task, config) in enumerate(configs.items()):
+        model = deltatune.attach(load_model(str(tiny_model_dir)), config, task=task)
+        randomise(model, task, seed=index)
+        paths[task] = model.save_delta(tmp_path / task)
+    foreign = deltatune.attach(make_model("gpt2"), deltatune.LoRA(r=2), task="foreign")
+    paths["foreign"] = foreign.save_delta(tmp_path / "foreign")
+    return paths
+
+
+@contextlib.contextmanager
+def running(tiny_model_dir, deltas, **settings):
+    engine = build_engine(str(tiny_model_dir), {"sst2": deltas["sst2"], "rte": deltas["rte"]}, ServeConfig(**settings))
+    with BackgroundServer(engine) as url:
+        yield engine, url
+
+
+@contextlib.contextmanager
+def held(engine):
+    """The worker thread waits (between batches) until the block ends."""
+    gate = threading.Event()
+    engine.call(lambda: gate.wait(30))
+    try:
+        yield
+    finally:
+        gate.set()
+
+
+def wait_for_queue(engine, size: int) -> None:
+    deadline = time.monotonic() + 10
+    while engine.metrics()["queue"] < size:
+        assert time.monotonic() < deadline, "requests did not reach the queue"
+        time.sleep(0.005)
+
+
+def expected_probabilities(tiny_model_dir, deltas, task: str, texts: list[str]) -> torch.Tensor:
+    """Each text alone through the delta loaded with the library (no server), softmaxed."""
+    model = deltatune.load_delta(load_model(str(tiny_model_dir)), deltas[task])
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    with torch.no_grad():
+        return torch.stack([model(**tokenizer(text, return_tensors="pt")).logits[0].softmax(-1) for text in texts])
+
+
+def test_requests_for_two_tasks_run_as_one_mixed_batch(tiny_model_dir, deltas):
+    async def scenario(engine, url):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            with held(engine):
+                first = asyncio.create_task(client.post("/v1/predict", json={"task": "sst2", "inputs": TEXTS}))
+                second = asyncio.create_task(client.post("/v1/predict", json={"task": "rte", "inputs": TEXTS[:2]}))
+                base = asyncio.create_task(client.post("/v1/predict", json={"task": "base", "inputs": TEXTS[2:]}))
+                await asyncio.to_thread(wait_for_queue, engine, 3)
+            return [await first, await second, await base], (await client.get("/metrics")).json()
+
+    with running(tiny_model_dir, deltas, max_wait_ms=50) as (engine, url):
+        responses, metrics = asyncio.run(scenario(engine, url))
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert metrics["batches"] == 1 and metrics["mixed_batches"] == 1 and metrics["max_tasks_in_batch"] == 3
+    assert metrics["requests"] == 3 and metrics["inputs"] == 6
+    for response, task, texts in zip(responses[:2], ["sst2", "rte"], [TEXTS, TEXTS[:2]]):
+        body = response.json()
+        assert body["task"] == task and [p["input"] for p in body["predictions"]] == texts
+        got = torch.tensor([[p["probabilities"][k] for k in ("0", "1")] for p in body["predictions"]])
+        torch.testing.assert_close(got, expected_probabilities(tiny_model_dir, deltas, task, texts), atol=1e-5, rtol=0)
+        assert all(p["label"] == max(p["probabilities"], key=p["probabilities"].get) for p in body["predictions"])
+
+
+def test_unknown_task_malformed_body_and_the_schema(tiny_model_dir, deltas):
+    with running(tiny_model_dir, deltas, max_inputs=4) as (_, url), httpx.Client(base_url=url, timeout=30) as client:
+        response = client.post("/v1/predict", json={"task": "mnli", "inputs": ["x"]})
+        assert response.status_code == 404
+        assert response.json()["tasks"] == ["rte", "sst2"] and "mnli" in response.json()["detail"]
+        for body in [{"task": "sst2"}, {"task": "sst2", "inputs": []}, {"task": "sst2", "inputs": "text"},
+                     {"task": "sst2", "inputs": [3]}, {"task": "sst2", "inputs": ["x"], "extra": 1},
+                     {"task": "sst2", "inputs": ["x"] * 5}]:
+            assert client.post("/v1/predict", json=body).status_code == 422, body
+        assert client.post("/v1/predict", content=b"{not json").status_code == 422
+        pair = client.post("/v1/predict", json={"task": "sst2", "inputs": [["a premise", "a hypothesis"]]})
+        assert pair.status_code == 200 and pair.json()["predictions"][0]["input"] == ["a premise", "a hypothesis"]
+        assert client.get("/health").json() == {"status": "ok", "tasks": ["rte", "sst2"], "queue": 0}
+        paths = client.get("/openapi.json").json()["paths"]
+        assert {"/v1/predict", "/v1/tasks", "/v1/tasks/{name}", "/health", "/metrics"} <= set(paths)
+
+
+def test_loading_and_deleting_deltas_while_serving(tiny_model_dir, deltas, tmp_path):
+    with running(tiny_model_dir, deltas) as (_, url), httpx.Client(base_url=url, timeout=30) as client:
+        missing = client.post("/v1/tasks", json={"name": "cola", "path": str(tmp_path / "nowhere")})
+        assert missing.status_code == 400 and "nowhere" in missing.json()["detail"]
+        foreign = client.post("/v1/tasks", json={"name": "cola", "path": str(deltas["foreign"])})
+        assert foreign.status_code == 400 and "was made for base model" in foreign.json()["detail"]
+        assert client.post("/v1/tasks", json={"name": "bad name!", "path": str(deltas["sst2"])}).status_code == 400
+        assert client.post("/v1/tasks", json={"name": "rte", "path": str(deltas["sst2"])}).status_code == 409
+        assert [t["name"] for t in client.get("/v1/tasks").json()["tasks"]] == ["sst2", "rte"]
+        assert client.post("/v1/predict", json={"task": "sst2", "inputs": TEXTS}).status_code == 200  # still serving
+
+        loaded = client.post("/v1/tasks", json={"name": "sst2_copy", "path": str(deltas["sst2"])})
+        assert loaded.status_code == 201 and loaded.json()["method"] == "lora"
+        same = [client.post("/v1/predict", json={"task": t, "inputs": TEXTS}).json()["predictions"]
+                for t in ("sst2", "sst2_copy")]
+        assert same[0] == same[1]
+
+        assert client.delete("/v1/tasks/sst2").json() == {"deleted": "sst2"}
+        gone = client.post("/v1/predict", json={"task": "sst2", "inputs": TEXTS})
+        assert gone.status_code == 404 and gone.json()["tasks"] == ["rte", "sst2_copy"]
+        assert client.delete("/v1/tasks/sst2").status_code == 404
+        assert client.post("/v1/predict", json={"task": "sst2_copy", "inputs": TEXTS}).json()["predictions"] == same[1]
+
+
+def test_a_full_queue_answers_503_with_retry_after(tiny_model_dir, deltas):
+    async def scenario(engine, url):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            with held(engine):
+                waiting = [asyncio.create_task(client.post("/v1/predict", json={"task": t, "inputs": TEXTS}))
+                           for t in ("sst2", "rte")]
+                await asyncio.to_thread(wait_for_queue, engine, 2)
+                rejected = await client.post("/v1/predict", json={"task": "sst2", "inputs": TEXTS})
+            return rejected, [await w for w in waiting], (await client.get("/metrics")).json()
+
+    with running(tiny_model_dir, deltas, queue_size=2) as (engine, url):
+        rejected, accepted, metrics = asyncio.run(scenario(engine, url))
+    assert rejected.status_code == 503 and rejected.headers["retry-after"] == "1"
+    assert [r.status_code for r in accepted] == [200, 200]
+    assert metrics["rejected"] == 1 and metrics["queue"] == 0
