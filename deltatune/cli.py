@@ -142,10 +142,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _compare_config(args: argparse.Namespace):
     from deltatune.compare import CompareConfig
 
+    data_dir = args.data_dir
+    if data_dir is None and not os.environ.get("DELTATUNE_DATA") and Path("../shared/data").is_dir():
+        data_dir = str(Path("../shared/data").resolve())  # the offline data folder beside the repo
     return CompareConfig(
         model=args.model, task=args.task, task_options=task_options(args) if args.task else {},
         methods=args.methods.split(","), seeds=args.seeds, budget=args.budget, out=args.out,
-        batch_size=args.batch_size, max_length=args.max_length, data_dir=args.data_dir,
+        batch_size=args.batch_size, max_length=args.max_length, data_dir=data_dir,
         train_limit=args.train_limit, eval_limit=args.eval_limit, latency=not args.no_latency,
         lr={k: float(v) for k, v in parse_options(args.lr).items()},
         method_options={m: parse_options([o.split(":", 1)[1] for o in args.option or [] if o.startswith(m + ":")])

@@ -142,22 +142,9 @@ def run_cells(config: CompareConfig, cells: list[tuple[str, TrainConfig]]) -> di
 
 
 # ---- inference latency ------------------------------------------------------------------------
-def _median_ms(fn, repeats: int, warmup: int = 3) -> float:
-    with torch.no_grad():
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1000)
-    times.sort()
-    return times[len(times) // 2]
-
-
 def measure_latency(config: CompareConfig, results: dict[str, dict], seq_len: int = 128) -> list[dict]:
     """Median latency at batch 1 and 16 (sequence `seq_len`) for the base model and each trained delta:
-    LoRA unmerged and merged, BitFit unmerged and merged, adapters, prompt tuning."""
+    LoRA unmerged and merged, BitFit unmerged and merged, adapters, prompt tuning (interleaved rounds)."""
     from deltatune.delta import DeltaModel
     from deltatune.models import load_model
     from deltatune.tasks import get_task
@@ -181,21 +168,28 @@ def measure_latency(config: CompareConfig, results: dict[str, dict], seq_len: in
             variants.append((f"{method} (unmerged)" if method in {"lora", "bitfit"} else method, method, False))
             if method in {"lora", "bitfit"}:
                 variants.append((f"{method} (merged)", method, True))
+    # interleaved: every round times each variant once, so machine drift hits all variants alike
+    times: dict[tuple[str, int], list[float]] = {(label, b): [] for label, _, _ in variants for b in inputs}
+    with torch.no_grad():
+        for round_index in range(config.latency_repeats + 2):  # the first two rounds are warm-up
+            for label, task_name, merged in variants:
+                model.use(task_name)
+                if merged:
+                    model.merge()
+                for batch, ids in inputs.items():
+                    mask = torch.ones_like(ids)
+                    start = time.perf_counter()
+                    model(input_ids=ids, attention_mask=mask)
+                    if round_index >= 2:
+                        times[(label, batch)].append((time.perf_counter() - start) * 1000)
+                if merged:
+                    model.unmerge()
     rows = []
-    for label, task_name, merged in variants:
-        model.use(task_name)
-        if merged:
-            model.merge()
+    for label, _, _ in variants:
         row = {"variant": label}
-        for batch, input_ids in inputs.items():
-            ids = input_ids
-            if task_name == "prompt":  # the prompt makes the sequence longer; keep the model's limit
-                ids = input_ids[:, : seq_len]
-            row[f"batch{batch}_ms"] = round(_median_ms(lambda ids=ids: model(input_ids=ids,
-                                                       attention_mask=torch.ones_like(ids)),
-                                                       config.latency_repeats), 2)
-        if merged:
-            model.unmerge()
+        for batch in inputs:
+            ordered = sorted(times[(label, batch)])
+            row[f"batch{batch}_ms"] = round(ordered[len(ordered) // 2], 2)
         rows.append(row)
     base = rows[0]
     for row in rows:
