@@ -153,12 +153,8 @@ class PromptEmbedding(DeltaComponent):
         warnings.warn(f"{problem} (prompt tuning's drawback); keeping {room} tokens", stacklevel=4)
         return room
 
-    def prepare_inputs(self, inputs: dict) -> dict:
-        if self.task_state.per_example is not None:
-            return self._prepare_mixed(inputs)
-        task = self.active_task
-        if task not in self.prompt_embeddings:
-            return inputs
+    def _embedded_inputs(self, inputs: dict) -> tuple[dict, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(a copy of the kwargs without input_ids/inputs_embeds, input_ids, embeddings (B, n, d), mask)."""
         inputs = dict(inputs)
         if inputs.get("position_ids") is not None:
             raise DeltaTuneError("prompt tuning numbers positions itself; do not pass position_ids")
@@ -167,9 +163,19 @@ class PromptEmbedding(DeltaComponent):
             if input_ids is None:
                 raise DeltaTuneError("prompt tuning needs input_ids=... (or inputs_embeds=...) as keyword arguments")
             embeds = self.model.get_input_embeddings()(input_ids)  # (B, n, d)
-        batch, length = embeds.shape[:2]
         mask = inputs.get("attention_mask")
-        mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device) if mask is None else mask
+        if mask is None:
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        return inputs, input_ids, embeds, mask
+
+    def prepare_inputs(self, inputs: dict) -> dict:
+        if self.task_state.per_example is not None:
+            return self._prepare_mixed(inputs)
+        task = self.active_task
+        if task not in self.prompt_embeddings:
+            return inputs
+        inputs, input_ids, embeds, mask = self._embedded_inputs(inputs)
+        batch, length = embeds.shape[:2]
         keep = self._fit(task, length)  # keep the first `keep` tokens, as a tokenizer truncates
         per_token = {"attention_mask": mask, "token_type_ids": inputs.get("token_type_ids")}
         labels = inputs.get("labels")
@@ -213,18 +219,9 @@ class PromptEmbedding(DeltaComponent):
         present = [task for task in dict.fromkeys(self.task_state.per_example) if task in self.prompt_embeddings]
         if not present:
             return inputs
-        inputs = dict(inputs)
-        if inputs.get("position_ids") is not None:
-            raise DeltaTuneError("prompt tuning numbers positions itself; do not pass position_ids")
-        input_ids, embeds = inputs.pop("input_ids", None), inputs.pop("inputs_embeds", None)
-        if embeds is None:
-            if input_ids is None:
-                raise DeltaTuneError("prompt tuning needs input_ids=... (or inputs_embeds=...) as keyword arguments")
-            embeds = self.model.get_input_embeddings()(input_ids)  # (B, n, d)
+        inputs, input_ids, embeds, mask = self._embedded_inputs(inputs)
         batch, length = embeds.shape[:2]
         device = embeds.device
-        mask = inputs.get("attention_mask")
-        mask = torch.ones(batch, length, dtype=torch.long, device=device) if mask is None else mask
         table, lengths = self.stacked("prompt", list(self.prompt_embeddings.values()), self._stack_for_mixed)
         rows = self.example_rows(batch, device)
         kept = {task: self._fit(task, length) for task in present}  # input tokens each task's prompt leaves
