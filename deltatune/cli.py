@@ -299,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--model", default="minilm")
         sub.add_argument("--task", help="default: sst2 if the data folder has it, else bbc-news")
         if name == "compare":
-            sub.add_argument("--methods", default="full,lora,adapter,bitfit,prompt")
+            sub.add_argument("--methods", default="full,lora,adapter,bitfit,prompt",
+                             help="comma-separated; also zero-shot, few-shot (a causal LM: --model smollm2; "
+                                  "-o few-shot:shots=4)")
         else:
             sub.add_argument("--method", required=True)
             sub.add_argument("--param", required=True, help="NAME=V1,V2,... e.g. length=1,5,10,20,50")

@@ -23,6 +23,8 @@ import torch
 from deltatune.train import TrainConfig
 
 DEFAULT_METHODS = ["full", "lora", "adapter", "bitfit", "prompt"]
+# Baselines that train nothing: the frozen causal LM prompted with 0 or k solved examples (`fewshot.py`).
+PROMPTING_METHODS = ("zero-shot", "few-shot")
 
 
 @dataclass
@@ -71,12 +73,55 @@ def cell_name(method: str, seed: int, label: str | None = None) -> str:
     return f"{label or method}-seed{seed}"
 
 
+def run_method(config: TrainConfig) -> dict[str, Any]:
+    """One cell's summary: `train` for a tuning method, `prompting_summary` for zero-/few-shot."""
+    if config.method in PROMPTING_METHODS:
+        return prompting_summary(config)
+    from deltatune.train import train
+
+    return train(config)
+
+
+def prompting_summary(config: TrainConfig) -> dict[str, Any]:
+    """Zero-/few-shot prompting scored on the cell's evaluation split, as a summary shaped like `train`'s.
+
+    Nothing trains (0 trainable parameters, no delta); demonstrations come from the train split with the
+    cell's seed, so seeds measure how much the choice of demonstrations matters. ``final`` holds the raw
+    label-word predictions' metrics (generation: greedy outputs); the calibrated ones are kept beside them.
+    """
+    from deltatune.fewshot import evaluate_fewshot
+    from deltatune.models import load_model, load_tokenizer
+    from deltatune.tasks import get_task
+    from deltatune.train import peak_memory_mb, set_seed
+
+    set_seed(config.seed)
+    shots = 0 if config.method == "zero-shot" else int(config.method_options.get("shots", 4))
+    task = get_task(config.task, **config.task_options)
+    model = load_model(config.model, "causal-lm")
+    result = evaluate_fewshot(model, load_tokenizer(config.model), task, shots=shots, split=config.eval_split,
+                              data_dir=config.data_dir, limit=config.eval_limit, seed=config.seed)
+    final = {name: result[name] for name in task.metric_names}
+    main_metric = task.metric_names[0]
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    summary = {
+        "task": task.name, "method": config.method, "model": config.model, "steps": 0, "examples_seen": 0,
+        "train_seconds": 0.0, "examples_per_s": None, "final": final,
+        "best": {main_metric: final[main_metric], "step": 0}, "trainable_parameters": 0, "delta": None,
+        "peak_memory_mb": round(peak_memory_mb(), 1), "eval_seconds": result["seconds"],
+        "shots": shots, "demonstrations": result["demonstrations"], "prefix_tokens": result["prefix_tokens"],
+        "calibrated": {name[len("calibrated_"):]: value for name, value in result.items()
+                       if name.startswith("calibrated_")},
+    }
+    (Path(config.out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
 def run_cell(config: TrainConfig, cell_file: Path, log_file: Path) -> dict[str, Any]:
-    """Train one cell in a subprocess; record its summary (or its error) in `cell_file`."""
+    """Run one cell in a subprocess; record its summary (or its error) in `cell_file`."""
     started = time.perf_counter()
     code = (
-        "import json, sys; from deltatune.train import TrainConfig, train; "
-        "print(json.dumps(train(TrainConfig(**json.loads(sys.argv[1])))))"
+        "import json, sys; from deltatune.compare import run_method; from deltatune.train import TrainConfig; "
+        "print(json.dumps(run_method(TrainConfig(**json.loads(sys.argv[1])))))"
     )
     with open(log_file, "w") as log:
         process = subprocess.run([sys.executable, "-c", code, json.dumps(asdict(config))],
@@ -149,7 +194,8 @@ def measure_latency(config: CompareConfig, results: dict[str, dict], seq_len: in
     from deltatune.models import load_model
     from deltatune.tasks import get_task
 
-    first = {r["config"]["method"]: r for r in results.values() if "summary" in r and r["config"]["seed"] == 0}
+    first = {r["config"]["method"]: r for r in results.values()
+             if "summary" in r and r["config"]["seed"] == 0 and r["config"]["method"] not in PROMPTING_METHODS}
     if not first:
         return []
     cell_config = next(iter(first.values()))["config"]

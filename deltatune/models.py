@@ -188,6 +188,7 @@ def load_model(
                 path, num_labels=1, problem_type="regression", dtype=dtype
             )
         elif kind == "causal-lm":
+            _require_decoder(name, path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         else:
             model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype)
@@ -196,6 +197,24 @@ def load_model(
     if model.config.pad_token_id is None and _eos_id(model.config) is not None:
         model.config.pad_token_id = _eos_id(model.config)
     return model.eval()
+
+
+# Encoder-only families: transformers gives them an LM head class, but they were not trained to predict the
+# next token, so "causal-lm" on them (zero-/few-shot prompting, generation) would give noise.
+ENCODER_ONLY_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "camembert",
+                                "deberta", "deberta-v2", "mpnet", "modernbert"})
+
+
+def _require_decoder(name: str, path: str) -> None:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type in ENCODER_ONLY_TYPES and not getattr(config, "is_decoder", False):
+        raise ModelError(
+            f"{name} is an encoder ({config.model_type}), not a causal language model: it cannot generate text "
+            f"or score label words by next-token probability. Use a decoder (offline: --model smollm2; or "
+            f"gpt2, a Llama-style model) for prompting and generation tasks."
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -57,13 +57,17 @@ def aggregate(results: dict[str, dict]) -> list[dict[str, Any]]:
         if done:
             first = done[0]
             row["trainable_parameters"] = first["trainable_parameters"]
-            row["delta_bytes"] = _dir_size(Path(first["delta"]))
+            row["delta_bytes"] = _dir_size(Path(first["delta"])) if first["delta"] else 0  # prompting: no delta
             for metric in first["final"]:
                 mean, std = _mean_std([s["final"].get(metric) for s in done])
                 row[f"{metric}_mean"], row[f"{metric}_std"] = mean, std
             for key in ("train_seconds", "examples_per_s", "peak_memory_mb", "steps"):
                 row[key] = _mean_std([s.get(key) for s in done])[0]
             row["metrics"] = list(first["final"])
+            if "calibrated" in first:  # zero-/few-shot: contextual calibration, beside the raw scores
+                for metric in first["calibrated"]:
+                    mean, std = _mean_std([s["calibrated"].get(metric) for s in done])
+                    row[f"calibrated_{metric}_mean"], row[f"calibrated_{metric}_std"] = mean, std
         rows.append(row)
     return rows
 
@@ -104,9 +108,14 @@ def write_report(config, results: dict[str, dict], latency: list[dict], command:
         percent = 100 * row["trainable_parameters"] / base_params if base_params else float("nan")
         lines.append("| " + " | ".join([
             row["label"], f"{row['trainable_parameters']:,}", f"{percent:.3f}%", f"{row['delta_bytes'] / 1e6:.2f} MB",
-            *[_fmt_metric(row, m) for m in metrics], f"{row['train_seconds']:.0f}", f"{row['examples_per_s']:.1f}",
-            f"{row['peak_memory_mb']:.0f}",
+            *[_fmt_metric(row, m) for m in metrics], f"{row['train_seconds']:.0f}",
+            "-" if row["examples_per_s"] is None else f"{row['examples_per_s']:.1f}", f"{row['peak_memory_mb']:.0f}",
         ]) + " |")
+    calibrated = [r for r in rows if r.get(f"calibrated_{metrics[0]}_mean") is not None] if metrics else []
+    if calibrated:
+        lines += ["", "Zero-/few-shot rows score label words by the frozen model's next-token log-probabilities "
+                  "(raw, above); with contextual calibration (Zhao et al. 2021): " + "; ".join(
+                      f"{r['label']} {_fmt_metric(r, 'calibrated_' + metrics[0])}" for r in calibrated) + "."]
     if latency:
         lines += ["", "## Inference latency (median ms, sequence 128)", "",
                   "| variant | batch 1 | vs base | batch 16 | vs base |", "|---|---|---|---|---|"]
@@ -121,7 +130,7 @@ def write_report(config, results: dict[str, dict], latency: list[dict], command:
 def _base_parameters(results: dict[str, dict]) -> int | None:
     """Base model size, from a full fine-tuning cell's delta.json (or any delta's base description)."""
     for result in results.values():
-        if "summary" in result:
+        if "summary" in result and result["summary"]["delta"]:
             meta = Path(result["summary"]["delta"]) / "delta.json"
             if meta.is_file():
                 return json.loads(meta.read_text())["base"]["num_parameters"]
@@ -148,7 +157,11 @@ def _plots(out: Path, rows: list[dict], latency: list[dict], metrics: list[str],
     done = [r for r in rows if r.get(f"{metrics[0]}_mean") is not None] if metrics else []
     if done and sweep is None:
         figure, axis = plt.subplots(figsize=(6.5, 4.2))
-        for row in done:
+        for row in [r for r in done if not r["trainable_parameters"]]:  # prompting: nothing trained, a floor
+            axis.axhline(100 * row[f"{metrics[0]}_mean"], linestyle="--", color="gray", alpha=0.7)
+            axis.annotate(f"{row['label']} (0 trained)", (0.01, 100 * row[f"{metrics[0]}_mean"]),
+                          xycoords=("axes fraction", "data"), xytext=(0, 3), textcoords="offset points", fontsize=9)
+        for row in [r for r in done if r["trainable_parameters"]]:
             axis.errorbar(row["trainable_parameters"], 100 * row[f"{metrics[0]}_mean"],
                           yerr=100 * row[f"{metrics[0]}_std"], fmt="o", capsize=4, label=row["label"])
             axis.annotate(row["label"], (row["trainable_parameters"], 100 * row[f"{metrics[0]}_mean"]),

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from deltatune.cli import main as cli_main
+from deltatune.models import tiny_tokenizer
 
 
 def compare_args(model_dir, data_file, out, methods="lora,bitfit", seeds=2):
@@ -58,3 +59,54 @@ def test_compare_reuses_finished_cells_and_reports_failures(tiny_model_dir, sent
     other_budget = [a if a != "steps=3" else "steps=2" for a in args]
     assert cli_main(other_budget) == 0  # different settings: the cell is trained again, not reused
     assert json.loads((out / "cells" / "lora-seed0.json").read_text())["config"]["max_steps"] == 2
+
+
+@pytest.mark.slow
+def test_compare_prompting_baselines_are_rows_with_zero_trainable(tmp_path, sentiment_csv):
+    """zero-shot/few-shot join compare as cells that train nothing; their numbers are evaluate_fewshot's;
+    an encoder asked for prompting fails its own cells with a reason while the other methods still run."""
+    from deltatune.fewshot import evaluate_fewshot
+    from deltatune.models import load_model, load_tokenizer
+    from deltatune.tasks import get_task
+
+    from conftest import make_model
+
+    decoder_dir = tmp_path / "tiny-llama"
+    make_model("llama", kind="causal-lm").save_pretrained(decoder_dir)
+    tiny_tokenizer().save_pretrained(decoder_dir)
+    out = tmp_path / "cmp"
+    args = compare_args(decoder_dir, sentiment_csv, out, methods="zero-shot,few-shot", seeds=2)
+    assert cli_main(args + ["-o", "few-shot:shots=2", "--no-latency"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = {row["label"]: row for row in results["rows"]}
+    assert rows["zero-shot"]["trainable_parameters"] == 0 and rows["few-shot"]["trainable_parameters"] == 0
+    assert rows["zero-shot"]["error"] is None and rows["few-shot"]["seeds"] == 2
+
+    task = get_task("csv", path=str(sentiment_csv), text_columns=["review"], label_column="sentiment")
+    model, tokenizer = load_model(str(decoder_dir), "causal-lm"), load_tokenizer(str(decoder_dir))
+    for seed in (0, 1):  # each seed draws its own demonstrations
+        expected = evaluate_fewshot(model, tokenizer, task, shots=2, split="dev", seed=seed)
+        cell = results["cells"][f"few-shot-seed{seed}"]["summary"]
+        assert cell["final"]["accuracy"] == pytest.approx(expected["accuracy"])
+        assert cell["calibrated"]["accuracy"] == pytest.approx(expected["calibrated_accuracy"])
+        assert cell["demonstrations"] == 2 and cell["delta"] is None
+    report = (out / "report.md").read_text()
+    zero_line = next(line for line in report.splitlines() if line.startswith("| zero-shot |"))
+    assert "| 0 | 0.000% | 0.00 MB |" in zero_line
+    assert "contextual calibration" in report
+
+    encoder_out = tmp_path / "cmp-encoder"
+    assert cli_main(compare_args(tiny_model_dir_for(tmp_path), sentiment_csv, encoder_out, methods="zero-shot,lora",
+                                 seeds=1) + ["--no-latency"]) == 0
+    report = (encoder_out / "report.md").read_text()
+    assert "| zero-shot | failed:" in report and "is an encoder" in report
+    assert json.loads((encoder_out / "results.json").read_text())["rows"][1]["error"] is None  # lora still ran
+
+
+def tiny_model_dir_for(tmp_path):
+    from conftest import make_model
+
+    path = tmp_path / "tiny-bert"
+    make_model("bert").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
