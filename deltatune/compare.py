@@ -149,7 +149,7 @@ def plan_cells(
     out = Path(config.out)
     cells = []
     for label, method, options in variants:
-        for seed in range(config.seeds):
+        for seed in range(1 if method == "zero-shot" else config.seeds):  # zero-shot draws nothing: one cell
             name = cell_name(method, seed, label)
             cells.append((name, TrainConfig(
                 model=config.model, task=task, method=method, out=str(out / "runs" / name), method_options=options,

@@ -56,6 +56,7 @@ def generate_texts(
         generated = model.generate(
             **batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            stop_strings=["\n"], tokenizer=tokenizer,  # only the first line is kept: stop there
         )
         new_tokens = generated[:, batch["input_ids"].shape[1] :]
         for row in tokenizer.batch_decode(new_tokens, skip_special_tokens=True):

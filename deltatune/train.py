@@ -206,9 +206,13 @@ def _train(config: TrainConfig) -> dict[str, Any]:
 
     def run_eval(step: int) -> dict[str, float]:
         evaluated_at["step"] = step
+        eval_started = time.perf_counter()
         with full_parameters(model):  # FSDP: the whole model on every rank while it evaluates and saves
             metrics = evaluate_sharded(model, tokenizer, task, eval_examples, max_length, rank, world)
-            log({"step": step, "eval": metrics})
+            state["eval_seconds"] = state.get("eval_seconds", 0.0) + time.perf_counter() - eval_started
+            # seconds: since training started, evaluations included; eval_seconds: the evaluations' share
+            log({"step": step, "eval": metrics, "seconds": round(time.perf_counter() - started, 2),
+                 "eval_seconds": round(state["eval_seconds"], 2)})
             model.train()
             score = metrics[main_metric]  # the same on every rank: so are `best` and the decision to save
             if state["best"] is None or score > state["best"]:

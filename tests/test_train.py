@@ -35,6 +35,10 @@ def test_training_learns_and_writes_its_run_folder(tiny_model_dir, sentiment_csv
     n_train = 115  # 128 rows less a seeded 10% (13) (the csv task holds a seeded 10% out as dev)
     assert summary["steps"] == 90 and summary["examples_seen"] == 6 * n_train  # 15 steps per epoch
     assert summary["final"]["accuracy"] > 0.9  # the sentiment word decides the label
+    evals = [r for r in records if "eval" in r]  # time-to-quality: when each evaluation happened
+    assert [r["step"] for r in evals] == [15 * e for e in range(1, 7)]  # once per epoch
+    assert all(0 < r["eval_seconds"] < r["seconds"] <= summary["train_seconds"] for r in evals)
+    assert [r["seconds"] for r in evals] == sorted(r["seconds"] for r in evals)
 
 
 def test_resume_after_a_crash_gives_the_same_delta_bit_for_bit(tiny_model_dir, sentiment_csv, tmp_path,
