@@ -149,7 +149,7 @@ def _compare_config(args: argparse.Namespace):
         model=args.model, task=args.task, task_options=task_options(args) if args.task else {},
         methods=args.methods.split(","), seeds=args.seeds, budget=args.budget, out=args.out,
         batch_size=args.batch_size, max_length=args.max_length, data_dir=data_dir,
-        train_limit=args.train_limit, eval_limit=args.eval_limit, latency=not args.no_latency,
+        train_limit=args.train_limit, eval_limit=args.eval_limit, latency=not args.no_latency, precision=args.precision,
         lr={k: float(v) for k, v in parse_options(args.lr).items()},
         method_options={m: parse_options([o.split(":", 1)[1] for o in args.option or [] if o.startswith(m + ":")])
                         for m in args.methods.split(",")},
@@ -284,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-limit", type=int, help="evaluate on the first N examples only")
     train.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (for --resume)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    train.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    train.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                       help="auto (default): bf16 autocast where the CPU/GPU has native bf16 math, else fp32")
     train.add_argument("--on-nonfinite", choices=["stop", "skip"], default="stop")
     train.add_argument("--grad-checkpointing", action="store_true")
     train.add_argument("--fsdp", action="store_true",
@@ -315,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("-o", "--option", action="append", metavar="METHOD:KEY=VALUE",
                          help="method option, e.g. -o lora:r=16 -o prompt:length=10")
         sub.add_argument("--no-latency", action="store_true", help="skip the inference latency measurements")
+        sub.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                         help="training precision of every cell (auto: bf16 autocast where the hardware has it)")
         _add_data_arguments(sub)
         sub.set_defaults(handler=handler)
     prompt = commands.add_parser("prompt", help="zero-/few-shot completion with a causal LM")

@@ -107,6 +107,7 @@ def prompting_summary(config: TrainConfig) -> dict[str, Any]:
         "task": task.name, "method": config.method, "model": config.model, "steps": 0, "examples_seen": 0,
         "train_seconds": 0.0, "examples_per_s": None, "final": final,
         "best": {main_metric: final[main_metric], "step": 0}, "trainable_parameters": 0, "delta": None,
+        "base_parameters": sum(p.numel() for p in model.parameters()),
         "peak_memory_mb": round(peak_memory_mb(), 1), "eval_seconds": result["seconds"],
         "shots": shots, "demonstrations": result["demonstrations"], "prefix_tokens": result["prefix_tokens"],
         "calibrated": {name[len("calibrated_"):]: value for name, value in result.items()

@@ -97,6 +97,7 @@ def write_report(config, results: dict[str, dict], latency: list[dict], command:
     lines = [f"# deltatune {kind}: {config.model} on {task}", "", f"Command: `{command}`", "",
              "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), "",
              f"Budget per cell: {config.budget}, batch {config.batch_size}, max length {config.max_length}, "
+             f"training precision {_precisions(results) or config.precision}, "
              f"{config.seeds} seed(s); quality = the task's metrics on its dev split at the end of training "
              f"(mean ± std over seeds, in % where the metric is a fraction).", ""]
     header = ["method", "trainable params", "% of base", "delta size", *metrics, "train s", "ex/s", "peak MB"]
@@ -127,6 +128,12 @@ def write_report(config, results: dict[str, dict], latency: list[dict], command:
     return payload
 
 
+def _precisions(results: dict[str, dict]) -> str:
+    """The precision(s) the cells trained in, as their summaries recorded them ("auto" resolved)."""
+    found = sorted({r["summary"]["precision"] for r in results.values() if r.get("summary", {}).get("precision")})
+    return "/".join(found)
+
+
 def _base_parameters(results: dict[str, dict]) -> int | None:
     """Base model size, from a full fine-tuning cell's delta.json (or any delta's base description)."""
     for result in results.values():
@@ -134,7 +141,8 @@ def _base_parameters(results: dict[str, dict]) -> int | None:
             meta = Path(result["summary"]["delta"]) / "delta.json"
             if meta.is_file():
                 return json.loads(meta.read_text())["base"]["num_parameters"]
-    return None
+    counted = [r["summary"].get("base_parameters") for r in results.values() if "summary" in r]
+    return next((n for n in counted if n), None)  # only prompting cells: the model they prompted
 
 
 def _write_csv(path: Path, rows: list[dict], metrics: list[str]) -> None:

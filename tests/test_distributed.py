@@ -28,7 +28,7 @@ from deltatune.train import TrainConfig, train
 
 STEPS, BATCH = 6, 7
 COMMON = ["--max-steps", str(STEPS), "--batch-size", str(BATCH), "--lr", "5e-3", "--seed", "3", "--no-progress",
-          "--checkpoint-every", "4"]
+          "--checkpoint-every", "4", "--precision", "fp32"]  # compared with fp32 one-process runs
 # name -> extra `deltatune train` arguments; each run is compared with the one-process run of its method
 RUNS = {
     "ddp-lora": ["--method", "lora"],

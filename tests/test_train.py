@@ -91,3 +91,37 @@ def test_cli_train_eval_predict(tiny_model_dir, sentiment_csv, tmp_path, capsys)
     prediction = json.loads(capsys.readouterr().out.strip())
     assert prediction["label"] in {"negative", "positive"}
     assert sum(prediction["probabilities"].values()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_precision_auto_picks_bf16_only_with_native_support(monkeypatch):
+    from deltatune.train import resolve_precision
+
+    assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for avx512_bf16, amx, expected in [(True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert resolve_precision("auto") == expected
+    with pytest.raises(TrainingError, match="choose fp32, bf16 or auto"):
+        resolve_precision("fp16")
+
+
+def test_cli_train_defaults_to_auto_precision_and_records_what_ran(tiny_model_dir, sentiment_csv, tmp_path):
+    """The CLI's default is the fast path where the hardware has it; the summary says which precision ran,
+    and the bf16 run's delta gives outputs close to the fp32 run's (same seed, same data)."""
+    from deltatune.train import resolve_precision
+
+    runs = {}
+    for precision in ("auto", "fp32"):
+        out = tmp_path / precision
+        assert cli_main(["train", "--model", str(tiny_model_dir), "--task", "csv", "--method", "lora",
+                         "--data-file", str(sentiment_csv), "--text-columns", "review", "--label-column", "sentiment",
+                         "--max-steps", "6", "--batch-size", "8", "--seed", "1", "--no-progress", "--out", str(out)]
+                        + ([] if precision == "auto" else ["--precision", "fp32"])) == 0
+        runs[precision] = json.loads((out / "summary.json").read_text())
+    assert runs["auto"]["precision"] == resolve_precision("auto") and runs["fp32"]["precision"] == "fp32"
+    fast = load_file(tmp_path / "auto" / "delta" / "delta.safetensors")
+    exact = load_file(tmp_path / "fp32" / "delta" / "delta.safetensors")
+    assert fast.keys() == exact.keys()
+    for key in fast:  # six steps apart only by bf16 rounding in the matrix products
+        torch.testing.assert_close(fast[key], exact[key], atol=2e-3, rtol=0.05)
