@@ -20,15 +20,6 @@ OUTPUT_PROJECTION = {"bert": "attention.output.dense", "gpt2": "attn.c_proj", "l
                      "t5": "SelfAttention.o"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from more threads, and on a busy machine a second one can cost 50x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def two_tasks(arch: str, method: str) -> dict[str, object]:
     """Two configs of one method that differ in shape."""
     if method == "lora":  # the second adapts only the output projections: the q/v layers have one task

@@ -23,15 +23,6 @@ from deltatune.serve import BackgroundServer, ServeConfig, build_engine
 TEXTS = ["the movie was great .", "a bleak and weak plot", "funny"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from more threads, and on a busy machine a second one can cost 50x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randomise(model: deltatune.DeltaModel, task: str, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
