@@ -3,6 +3,7 @@
     python benchmarks/sst2_methods.py [--methods full,lora,bitfit,adapter,prompt] [--epochs 1]
                                       [--train-limit N] [--eval-every 500] [--precision fp32|bf16]
                                       [--lr METHOD=LR ...] [--lora-targets query,value] [--target 0.86]
+                                      [--seed 0] [--no-length-bucketing]
                                       [--out runs/bench-sst2]
 
 Targets (issue "Real tasks, real data, real training"): full fine-tuning >= 88% dev accuracy; LoRA
@@ -34,6 +35,8 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="override a default rate")
     parser.add_argument("--lora-targets", help="comma-separated module-name suffixes (default: query,value)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-length-bucketing", action="store_true", help="plain shuffled batches, as Trainer")
     parser.add_argument("--target", type=float, default=0.86, help="report the time to this dev accuracy")
     parser.add_argument("--out", default="runs/bench-sst2")
     parser.add_argument("--data-dir", default=os.environ.get("DELTATUNE_DATA", "../shared/data"))
@@ -49,7 +52,7 @@ def main() -> None:
             model="minilm", task="sst2", method=method, out=f"{args.out}/{method}", data_dir=args.data_dir,
             epochs=args.epochs, batch_size=32, max_length=128, eval_every=args.eval_every,
             train_limit=args.train_limit, progress=False, log_every=100, precision=args.precision,
-            lr=rates.get(method),
+            lr=rates.get(method), seed=args.seed, length_bucketing=not args.no_length_bucketing,
             method_options={"targets": args.lora_targets.split(",")} if method == "lora" and args.lora_targets else {},
         ))
         wall = time.perf_counter() - started

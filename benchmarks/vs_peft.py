@@ -246,12 +246,18 @@ def training_table(times: dict[str, list[float]], peaks: dict[str, float], preci
 # ---- inference --------------------------------------------------------------------------------------
 def bench_inference(
     base: nn.Module, variants: dict[str, nn.Module], reps: int, precision: str
-) -> dict[int, dict[str, list[float]]]:
-    """base / LoRA unmerged / LoRA merged (kept wrapped: peft merge_adapter, deltatune merge), eval mode."""
+) -> dict[int, dict[str, dict[str, list[float]]]]:
+    """base / LoRA unmerged / LoRA merged (kept wrapped: peft merge_adapter, deltatune merge) / deltatune
+    merge_and_unload (a plain transformers model again), eval mode.
+
+    Two blocks per repetition, unmerged and merged, each timing the base model too, so that every variant
+    has a paired ratio to the base measured seconds apart (``ratios``) beside its raw times (``times``).
+    """
     frozen, peft_model, ours = variants["frozen"], variants["peft LoRA"], variants["deltatune LoRA"]
     for model in (frozen, peft_model, ours):
         model.eval()
     randomise_lora(peft_model, ours)
+    unloaded = copy.deepcopy(ours).merge_and_unload().eval()
     results = {}
     for batch_size in (1, 16):
         batch = make_batch(base, batch_size, SEQ, labels=False)
@@ -264,18 +270,24 @@ def bench_inference(
             return forward
 
         unmerged = {"base": run(frozen), "peft LoRA unmerged": run(peft_model), "deltatune LoRA unmerged": run(ours)}
-        merged = {"peft LoRA merged": run(peft_model), "deltatune LoRA merged": run(ours)}
+        merged = {"base": run(frozen), "peft LoRA merged": run(peft_model), "deltatune LoRA merged": run(ours),
+                  "deltatune merge_and_unload": run(unloaded)}
         times: dict[str, list[float]] = {}
-        for _ in range(reps):  # merging is toggled between the timed blocks, outside them
-            for name, values in interleaved(dict(unmerged), 1, calls).items():
+        ratios: dict[str, list[float]] = {}
+
+        def record(block: dict[str, list[float]], times=times, ratios=ratios) -> None:
+            for name, values in block.items():
                 times.setdefault(name, []).extend(values)
+                ratios.setdefault(name, []).append(values[0] / block["base"][0])
+
+        for _ in range(reps):  # merging is toggled between the timed blocks, outside them
+            record(interleaved(dict(unmerged), 1, calls))
             peft_model.merge_adapter()
             ours.merge()
-            for name, values in interleaved(dict(merged), 1, calls).items():
-                times.setdefault(name, []).extend(values)
+            record(interleaved(dict(merged), 1, calls))
             peft_model.unmerge_adapter()
             ours.unmerge()
-        results[batch_size] = times
+        results[batch_size] = {"times": times, "ratios": ratios}
     return results
 
 
@@ -290,13 +302,17 @@ def randomise_lora(peft_model: nn.Module, ours: nn.Module) -> None:
             peft_model.get_parameter(peft_name).copy_(tensor)
 
 
-def inference_table(results: dict[int, dict[str, list[float]]]) -> str:
-    rows = ["| variant | b1 ms | b1 vs base | b16 ms | b16 vs base |", "|---|---:|---:|---:|---:|"]
-    med = {b: {k: statistics.median(v) for k, v in times.items()} for b, times in results.items()}
+def inference_table(results: dict[int, dict[str, dict[str, list[float]]]]) -> str:
+    """Median ms, the ratio of medians to the base, and the median of the paired per-repetition ratios."""
+    rows = ["| variant | b1 ms | b1 vs base | b1 paired | b16 ms | b16 vs base | b16 paired |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    med = {b: {k: statistics.median(v) for k, v in r["times"].items()} for b, r in results.items()}
+    paired = {b: {k: statistics.median(v) for k, v in r["ratios"].items()} for b, r in results.items()}
     for name in med[1]:
         cells = []
         for b in (1, 16):
-            cells += [f"{1000 * med[b][name]:.1f}", f"{100 * (med[b][name] / med[b]['base'] - 1):+.1f}%"]
+            cells += [f"{1000 * med[b][name]:.1f}", f"{100 * (med[b][name] / med[b]['base'] - 1):+.1f}%",
+                      f"{100 * (paired[b][name] - 1):+.1f}%"]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -402,6 +418,7 @@ def main() -> None:
     parser.add_argument("--models", default=None, help=f"comma-separated, default {','.join(MODELS)}; also "
                         "minilm-shape, roberta-large (random weights)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per row")
+    parser.add_argument("--infer-reps", type=int, default=None, help="inference repetitions (default: --reps)")
     parser.add_argument("--batch", type=int, default=BATCH, help="training batch size")
     parser.add_argument("--precisions", default="fp32,bf16", help="first: every row; others: floor and LoRA")
     parser.add_argument("--device", default="cpu", help="cpu (2 threads) or cuda")
@@ -434,7 +451,7 @@ def main() -> None:
     for name in models:
         gpu = DEVICE.type == "cuda"
         train_reps = args.reps or (2 if args.quick else (20 if gpu else 5 if "minilm" in name else 3))
-        infer_reps = args.reps or (3 if args.quick else (20 if gpu else 7 if "minilm" in name else 3))
+        infer_reps = args.infer_reps or args.reps or (3 if args.quick else (20 if gpu else 7 if "minilm" in name else 3))
         base = build_base(name)
         print(f"## {name} ({sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters) on {DEVICE.type}, "
               f"LoRA r={R} alpha={ALPHA} on query, value; prompt {PROMPT}; batch {args.batch} x {SEQ}\n")

@@ -96,9 +96,10 @@ def write_report(config, results: dict[str, dict], latency: list[dict], command:
     task = next((r["config"]["task"] for r in results.values()), "?")
     lines = [f"# deltatune {kind}: {config.model} on {task}", "", f"Command: `{command}`", "",
              "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), "",
-             f"Budget per cell: {config.budget}, batch {config.batch_size}, max length {config.max_length}, "
-             f"training precision {_precisions(results) or config.precision}, "
-             f"{config.seeds} seed(s); quality = the task's metrics on its dev split at the end of training "
+             (f"Budget per cell: {config.budget}, batch {config.batch_size}, max length {config.max_length}, "
+              f"training precision {_precisions(results) or config.precision}, "
+              if any(r.get("trainable_parameters") for r in rows) else "Prompting baselines only: nothing trains, ")
+             + f"{config.seeds} seed(s); quality = the task's metrics on its dev split at the end of training "
              f"(mean ± std over seeds, in % where the metric is a fraction).", ""]
     header = ["method", "trainable params", "% of base", "delta size", *metrics, "train s", "ex/s", "peak MB"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -175,6 +176,7 @@ def _plots(out: Path, rows: list[dict], latency: list[dict], metrics: list[str],
             axis.annotate(row["label"], (row["trainable_parameters"], 100 * row[f"{metrics[0]}_mean"]),
                           textcoords="offset points", xytext=(6, 4), fontsize=9)
         axis.set_xscale("log")
+        axis.margins(x=0.15)  # room for the right-most point's label
         axis.set_xlabel("trainable parameters (log scale)")
         axis.set_ylabel(f"{metrics[0]} (%)")
         axis.set_title("Quality vs trainable parameters (mean ± std over seeds)")

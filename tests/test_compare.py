@@ -95,12 +95,14 @@ def test_compare_prompting_baselines_are_rows_with_zero_trainable(tmp_path, sent
     zero_line = next(line for line in report.splitlines() if line.startswith("| zero-shot |"))
     assert "| 0 | 0.000% | 0.00 MB |" in zero_line
     assert "contextual calibration" in report
+    assert "Prompting baselines only: nothing trains" in report and "Budget per cell" not in report
 
     encoder_out = tmp_path / "cmp-encoder"
     assert cli_main(compare_args(tiny_model_dir_for(tmp_path), sentiment_csv, encoder_out, methods="zero-shot,lora",
                                  seeds=1) + ["--no-latency"]) == 0
     report = (encoder_out / "report.md").read_text()
     assert "| zero-shot | failed:" in report and "is an encoder" in report
+    assert "Budget per cell" in report  # lora trained
     assert json.loads((encoder_out / "results.json").read_text())["rows"][1]["error"] is None  # lora still ran
 
 
