@@ -25,3 +25,7 @@ class TaskError(DeltaTuneError, KeyError):
 
 class MergeError(DeltaTuneError):
     """The active method cannot be merged into the base weights."""
+
+
+class FewShotError(DeltaTuneError):
+    """A prompt cannot be built or does not fit the model, or the task cannot be prompted."""

@@ -12,7 +12,6 @@ import torch
 from deltatune.fewshot import (
     FewShotError,
     PromptTemplate,
-    _prompt_prefix_ids,
     calibrate,
     complete,
     evaluate_fewshot,
@@ -24,6 +23,7 @@ from deltatune.fewshot import (
     select_demonstrations,
 )
 from deltatune.models import tiny_model, tiny_tokenizer
+from deltatune.prefix_cache import prefix_token_ids
 from deltatune.tasks.task import Task
 
 PREFIX = (
@@ -77,7 +77,7 @@ def test_scores_are_log_probabilities_of_the_label_tokens(tokenizer):
     model = _decoder("llama")
     scores = score_labels(model, tokenizer, PREFIX, QUERIES[:1], LABEL_WORDS[:2])
     prompt = (
-        _prompt_prefix_ids(tokenizer, PREFIX) + tokenizer(QUERIES[0], add_special_tokens=False)["input_ids"]
+        prefix_token_ids(tokenizer, PREFIX) + tokenizer(QUERIES[0], add_special_tokens=False)["input_ids"]
     )
     with torch.no_grad():
         log_probs = model(input_ids=torch.tensor([prompt])).logits[0, -1].log_softmax(-1)
@@ -98,7 +98,7 @@ def _greedy_reference(model, prompt_ids: list[int], steps: int) -> list[int]:
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_greedy_generation_with_cached_prefix_matches_full_recompute(arch, tokenizer):
     model = _decoder(arch)
-    prefix_ids = _prompt_prefix_ids(tokenizer, PREFIX)
+    prefix_ids = prefix_token_ids(tokenizer, PREFIX)
     contexts = [tokenizer(q, add_special_tokens=False)["input_ids"] for q in QUERIES[:4]]
     expected = [tokenizer.decode(_greedy_reference(model, prefix_ids + c, 6)) for c in contexts]
     for use_cache in (True, False):
