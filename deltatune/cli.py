@@ -203,6 +203,7 @@ def cmd_prompt(args: argparse.Namespace) -> int:
     from deltatune import fewshot
     from deltatune.models import load_model, load_tokenizer
 
+    model, tokenizer = load_model(args.model, "causal-lm"), load_tokenizer(args.model)
     prefix = ""
     if args.examples:  # a file of solved examples, one per line, used as written
         prefix = Path(args.examples).read_text().rstrip("\n") + "\n"
@@ -211,12 +212,19 @@ def cmd_prompt(args: argparse.Namespace) -> int:
 
         task = get_task(args.task)
         template = fewshot.template_for(task)
+        words = fewshot.label_words_for(task, template) if task.kind == "classification" else []
         pool = task.load("train", args.data_dir)
-        demonstrations = fewshot.select_demonstrations(pool, args.shots, seed=args.seed)
-        prefix = template.build_prefix(demonstrations, fewshot.label_words_for(task, template))
+        if args.select_from > 1:
+            demonstrations, selection = fewshot.choose_demonstrations(
+                model, tokenizer, template, words, pool, args.shots, args.seed, args.select_from)
+            print(f"chose draw {selection['chosen_draw']} of {selection['candidates']} (accuracy on "
+                  f"{selection['validation_examples']} held-out train examples: "
+                  f"{selection['validation_accuracies']})", file=sys.stderr)
+        else:
+            demonstrations = fewshot.select_demonstrations(pool, args.shots, seed=args.seed)
+        prefix = template.build_prefix(demonstrations, words)
     prompt = prefix + args.text
-    model = load_model(args.model, "causal-lm")
-    completion = fewshot.complete(model, load_tokenizer(args.model), prompt, max_new_tokens=args.max_new_tokens)
+    completion = fewshot.complete(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens)
     if args.show_prompt:
         print(prompt, end="")
         print(f"\033[1m{completion}\033[0m" if sys.stdout.isatty() else completion)
@@ -234,7 +242,8 @@ def cmd_eval_prompting(args: argparse.Namespace) -> int:
     results = {}
     for split in args.split or ["dev"]:
         results[split] = evaluate_fewshot(model, load_tokenizer(args.model), args.task, shots=shots, split=split,
-                                          data_dir=args.data_dir, limit=args.limit)
+                                          data_dir=args.data_dir, limit=args.limit, seed=args.seed,
+                                          select_from=args.select_from)
     print(json.dumps({"task": args.task, "method": args.method, **results}, indent=2, default=str))
     return 0
 
@@ -327,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--shots", type=int, default=0)
     prompt.add_argument("--examples", help="a file of solved examples put before the text")
     prompt.add_argument("--seed", type=int, default=0)
+    prompt.add_argument("--select-from", type=int, default=1, metavar="N",
+                        help="classification: the best of N demonstration draws on held-out train examples")
     prompt.add_argument("--max-new-tokens", type=int, default=20)
     prompt.add_argument("--show-prompt", action="store_true", help="print the full prompt, then the completion")
     prompt.add_argument("--data-dir")
@@ -348,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--method", choices=["zero-shot", "few-shot"],
                              help="prompting baselines of a causal LM (no delta): label-word scoring / generation")
             sub.add_argument("--shots", type=int, default=4, help="few-shot: demonstrations from the train split")
+            sub.add_argument("--select-from", type=int, default=1, metavar="N",
+                             help="few-shot classification: the best of N demonstration draws, scored on 256 "
+                                  "held-out train examples (8 is a good choice)")
+            sub.add_argument("--seed", type=int, default=0, help="few-shot: which demonstrations are drawn")
             sub.add_argument("--limit", type=int)
         else:
             sub.add_argument("texts", nargs="+", help="inputs; sentence pairs as 'first ||| second'")

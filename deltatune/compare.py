@@ -95,11 +95,18 @@ def prompting_summary(config: TrainConfig) -> dict[str, Any]:
     from deltatune.train import peak_memory_mb, set_seed
 
     set_seed(config.seed)
-    shots = 0 if config.method == "zero-shot" else int(config.method_options.get("shots", 4))
+    options = dict(config.method_options)
+    unknown = set(options) - ({"shots", "select_from", "validation_size"} if config.method == "few-shot" else set())
+    if unknown:
+        raise ValueError(f"unknown {config.method} option(s) {sorted(unknown)}; few-shot takes shots, select_from "
+                         f"(best of N demonstration draws on held-out train examples) and validation_size")
+    shots = 0 if config.method == "zero-shot" else int(options.get("shots", 4))
     task = get_task(config.task, **config.task_options)
     model = load_model(config.model, "causal-lm")
     result = evaluate_fewshot(model, load_tokenizer(config.model), task, shots=shots, split=config.eval_split,
-                              data_dir=config.data_dir, limit=config.eval_limit, seed=config.seed)
+                              data_dir=config.data_dir, limit=config.eval_limit, seed=config.seed,
+                              select_from=int(options.get("select_from", 1)),
+                              validation_size=int(options.get("validation_size", 256)))
     final = {name: result[name] for name in task.metric_names}
     main_metric = task.metric_names[0]
     Path(config.out).mkdir(parents=True, exist_ok=True)
@@ -110,6 +117,7 @@ def prompting_summary(config: TrainConfig) -> dict[str, Any]:
         "base_parameters": sum(p.numel() for p in model.parameters()),
         "peak_memory_mb": round(peak_memory_mb(), 1), "eval_seconds": result["seconds"],
         "shots": shots, "demonstrations": result["demonstrations"], "prefix_tokens": result["prefix_tokens"],
+        "selection": result.get("selection"),
         "calibrated": {name[len("calibrated_"):]: value for name, value in result.items()
                        if name.startswith("calibrated_")},
     }

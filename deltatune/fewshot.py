@@ -182,14 +182,19 @@ def select_demonstrations(
 
 
 def plan_demonstrations(
-    examples: Sequence[Example], pool: Sequence[Example], shots: int, seed: int = 0
+    examples: Sequence[Example],
+    pool: Sequence[Example],
+    shots: int,
+    seed: int = 0,
+    shared: list[Example] | None = None,
 ) -> list[tuple[list[Example], list[int]]]:
     """Groups ``(demonstrations, indices of examples)`` that cover every example once.
 
-    Most examples share one set of demonstrations (one cached prefix); an example that is itself one of
-    them gets its own set drawn without it, so no example is ever shown its own answer.
+    Most examples share one set of demonstrations (`shared`, else the seeded draw: one cached prefix); an
+    example that is itself one of them gets its own set drawn without it, so no example is ever shown its
+    own answer.
     """
-    shared = select_demonstrations(pool, shots, seed)
+    shared = select_demonstrations(pool, shots, seed) if shared is None else shared
     shared_keys = {example_key(d) for d in shared}
     groups: dict[tuple | None, list[int]] = {}
     for i, example in enumerate(examples):
@@ -199,6 +204,57 @@ def plan_demonstrations(
         (shared if key is None else select_demonstrations(pool, shots, seed, exclude={key}), indices)
         for key, indices in groups.items()
     ]
+
+
+def candidate_seed(seed: int, draw: int) -> int:
+    """Seed of candidate draw `draw` of `choose_demonstrations`; draw 0 is the plain seeded draw."""
+    return seed + 1000 * draw
+
+
+def choose_demonstrations(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    template: PromptTemplate,
+    label_words: Sequence[str],
+    pool: Sequence[Example],
+    shots: int,
+    seed: int = 0,
+    candidates: int = 8,
+    validation_size: int = 256,
+    exclude: set[tuple] | frozenset = frozenset(),
+    batch_size: int = 16,
+) -> tuple[list[Example], dict[str, Any]]:
+    """The best of `candidates` seeded draws of `shots` demonstrations, chosen on training data only.
+
+    With few demonstrations, which ones are drawn moves accuracy by many points (Zhao et al. 2021, §3;
+    SmolLM2 on SST-2, 4-shot: 70-84% over draws). Each candidate prefix scores `validation_size` other
+    training examples (balanced over labels, none of them a candidate demonstration or in `exclude`, e.g.
+    the evaluation examples); the candidate with the highest label-word accuracy wins (ties: the earlier
+    draw; draw 0 is the plain seeded draw). Returns the demonstrations and a record of the choice.
+    """
+    if not label_words or not pool or "label" not in pool[0]:
+        raise FewShotError("choosing demonstrations scores label words: it needs a labelled classification task")
+    started = time.perf_counter()
+    draws = [select_demonstrations(pool, shots, candidate_seed(seed, i), exclude) for i in range(candidates)]
+    used = set(exclude) | {example_key(d) for draw in draws for d in draw}
+    validation = select_demonstrations(pool, validation_size, seed=candidate_seed(seed, candidates), exclude=used)
+    if len({example["label"] for example in validation}) < 2:
+        raise FewShotError(
+            f"choosing demonstrations needs held-out training examples of at least two labels; the train split "
+            f"has {len(validation)} left after the {candidates} candidate draws: use select_from=1"
+        )
+    queries = [template.format_query(example) for example in validation]
+    labels = torch.tensor([example["label"] for example in validation])
+    accuracies = []
+    for draw in draws:
+        prefix = template.build_prefix(draw, label_words)
+        scores = score_labels(model, tokenizer, prefix, queries, label_words, batch_size)
+        accuracies.append((scores.argmax(dim=-1) == labels).float().mean().item())
+    best = max(range(candidates), key=lambda i: (accuracies[i], -i))
+    record = {"candidates": candidates, "validation_examples": len(validation), "chosen_draw": best,
+              "validation_accuracies": [round(a, 4) for a in accuracies],
+              "seconds": round(time.perf_counter() - started, 2)}
+    return draws[best], record
 
 
 def calibrate(log_scores: torch.Tensor, content_free_log_scores: torch.Tensor) -> torch.Tensor:
@@ -267,14 +323,18 @@ def evaluate_fewshot(
     use_cache_prefix: bool = True,
     seed: int = 0,
     max_new_tokens: int = 64,
+    select_from: int = 1,
+    validation_size: int = 256,
 ) -> dict[str, Any]:
     """k-shot prompting of a frozen causal LM on `split` of `task` (a `Task` or its name).
 
     Classification: the task's metrics on raw label-word predictions, and with ``calibrated_`` in front,
     after contextual calibration (when `calibrate`). Generation: the task's metrics on greedy outputs.
-    Demonstrations come from the train split (seeded, balanced over labels). Also reports ``examples``,
-    ``shots`` asked, ``demonstrations`` used (fewer when the context is too short), ``prefix_tokens`` and
-    ``seconds`` (prompting and scoring, data loading excluded).
+    Demonstrations come from the train split (seeded, balanced over labels); with ``select_from > 1``
+    (classification) the best of that many draws on `validation_size` held-out training examples
+    (`choose_demonstrations`, its record under ``selection``). Also reports ``examples``, ``shots`` asked,
+    ``demonstrations`` used (fewer when the context is too short), ``prefix_tokens`` and ``seconds``
+    (choosing, prompting and scoring; data loading excluded).
     """
     if isinstance(task, str):
         from deltatune.tasks import get_task
@@ -286,7 +346,19 @@ def evaluate_fewshot(
     pool = task.load("train", data_dir=data_dir) if shots > 0 else []
     template = template_for(task, has_pair=examples[0].get("text_pair") is not None)
     started = time.perf_counter()
-    groups = plan_demonstrations(examples, pool, shots, seed)
+    shared, selection = None, None
+    if select_from > 1 and shots > 0:
+        if task.kind != "classification":
+            raise FewShotError(
+                f"choosing demonstrations (select_from={select_from}) scores label words, and task {task.name!r} "
+                f"is {task.kind}; use select_from=1 (one seeded draw)"
+            )
+        words = label_words_for(task, template)
+        shared, selection = choose_demonstrations(
+            model, tokenizer, template, words, pool, shots, seed, select_from, validation_size,
+            exclude={example_key(example) for example in examples}, batch_size=batch_size,
+        )
+    groups = plan_demonstrations(examples, pool, shots, seed, shared=shared)
     if task.kind == "classification":
         results = _evaluate_classification(
             model, tokenizer, task, template, examples, groups, calibrate, batch_size, use_cache_prefix
@@ -302,6 +374,7 @@ def evaluate_fewshot(
         **results,
         "examples": len(examples),
         "prefix_cache": use_cache_prefix,
+        **({"selection": selection} if selection else {}),
         "seconds": round(time.perf_counter() - started, 2),
     }
 

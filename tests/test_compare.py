@@ -10,6 +10,7 @@ import pytest
 
 from deltatune.cli import main as cli_main
 from deltatune.models import tiny_tokenizer
+from deltatune.train import TrainConfig
 
 
 def compare_args(model_dir, data_file, out, methods="lora,bitfit", seeds=2):
@@ -113,3 +114,12 @@ def tiny_model_dir_for(tmp_path):
     make_model("bert").save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def test_prompting_cells_refuse_unknown_options():
+    from deltatune.compare import prompting_summary
+
+    for method, options in [("few-shot", {"shot": "4"}), ("zero-shot", {"shots": "2"})]:
+        config = TrainConfig(model="smollm2", task="sst2", method=method, out="unused", method_options=options)
+        with pytest.raises(ValueError, match="unknown .* option"):
+            prompting_summary(config)

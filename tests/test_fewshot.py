@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from deltatune.fewshot import (
+    TEMPLATES,
     FewShotError,
     PromptTemplate,
     calibrate,
+    choose_demonstrations,
     complete,
     evaluate_fewshot,
     example_key,
@@ -224,6 +226,57 @@ def test_evaluate_fewshot_generation_end_to_end(tokenizer):
     task = _fake_task("e2e", "generation", train, dev, metric_names=["bleu"])
     result = evaluate_fewshot(_decoder("gpt2"), tokenizer, task, shots=2, max_new_tokens=5)
     assert result["examples"] == 1 and result["demonstrations"] == 2 and "bleu" in result
+
+
+def test_choose_demonstrations_keeps_the_draw_that_scores_best_on_held_out_train_examples(monkeypatch):
+    pool = _pool(60)
+    template, words = PromptTemplate("Review: {text}\nSentiment:"), [" negative", " positive"]
+    evaluated = [{"text": "review number 7", "text_pair": None, "label": 1}]  # also in the pool
+    draws = [select_demonstrations(pool, 4, 5 + 1000 * i, {example_key(evaluated[0])}) for i in range(4)]
+    good = draws[2][0]["text"] + "\n"  # a prefix holding this demonstration scores every query right
+    seen_queries = []
+
+    def fake_score_labels(model, tokenizer, prefix, queries, label_words, batch_size=16):
+        seen_queries.append(list(queries))
+        labels = torch.tensor([int(q.split()[3]) % 2 for q in queries])  # "Review: review number {i}"
+        right = torch.nn.functional.one_hot(labels, 2).float()
+        return right if good in prefix else 1 - right
+
+    monkeypatch.setattr("deltatune.fewshot.score_labels", fake_score_labels)
+    chosen, record = choose_demonstrations(None, None, template, words, pool, 4, seed=5, candidates=4,
+                                           validation_size=20, exclude={example_key(evaluated[0])})
+    assert chosen == draws[2] and record["chosen_draw"] == 2
+    assert record["validation_accuracies"] == [0.0, 0.0, 1.0, 0.0] and record["validation_examples"] == 20
+    assert draws[0] == select_demonstrations(pool, 4, 5, {example_key(evaluated[0])})  # draw 0: the plain one
+    shown = {template.format_query(d) for draw in draws for d in draw} | {template.format_query(evaluated[0])}
+    assert all(q not in shown for q in seen_queries[0]) and len(set(seen_queries[0])) == 20
+    assert all(queries == seen_queries[0] for queries in seen_queries)  # every draw on the same examples
+    with pytest.raises(FewShotError, match="label words"):
+        choose_demonstrations(None, None, template, [], [{"source": "x", "target": "y"}], 2)
+
+
+def test_evaluate_fewshot_with_select_from_uses_the_chosen_draw(tokenizer):
+    train = [{"text": f"{word} film {i}", "text_pair": None, "label": y}
+             for i in range(10) for word, y in [("a moving", 1), ("a dull", 0)]]
+    task = _fake_task("sst2", "classification", train, train[:6], metric_names=["accuracy"],
+                      label_names=["negative", "positive"])
+    model = _decoder("llama")
+    result = evaluate_fewshot(model, tokenizer, task, shots=2, select_from=3, validation_size=8)
+    record = result["selection"]
+    assert record["candidates"] == 3 and record["validation_examples"] == 8
+    chosen, again = choose_demonstrations(model, tokenizer, TEMPLATES["sst2"], [" negative", " positive"], train, 2,
+                                          candidates=3, validation_size=8,
+                                          exclude={example_key(e) for e in train[:6]})
+    assert again["chosen_draw"] == record["chosen_draw"]
+    assert again["validation_accuracies"] == record["validation_accuracies"]
+    scores = score_labels(model, tokenizer, TEMPLATES["sst2"].build_prefix(chosen, [" negative", " positive"]),
+                          [TEMPLATES["sst2"].format_query(e) for e in train[:6]], [" negative", " positive"])
+    expected = (scores.argmax(-1) == torch.tensor([e["label"] for e in train[:6]])).float().mean().item()
+    assert result["accuracy"] == pytest.approx(expected)
+    generation = _fake_task("e2e", "generation", [{"source": "a", "target": "b"}] * 4, [{"source": "c"}],
+                            metric_names=["bleu"])
+    with pytest.raises(FewShotError, match="select_from=1"):
+        evaluate_fewshot(model, tokenizer, generation, shots=2, select_from=4)
 
 
 def test_regression_tasks_are_refused(tokenizer):
