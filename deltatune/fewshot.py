@@ -211,7 +211,7 @@ def candidate_seed(seed: int, draw: int) -> int:
     return seed + 1000 * draw
 
 
-def choose_demonstrations(
+def rank_demonstration_draws(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     template: PromptTemplate,
@@ -223,14 +223,15 @@ def choose_demonstrations(
     validation_size: int = 256,
     exclude: set[tuple] | frozenset = frozenset(),
     batch_size: int = 16,
-) -> tuple[list[Example], dict[str, Any]]:
-    """The best of `candidates` seeded draws of `shots` demonstrations, chosen on training data only.
+) -> dict[str, Any]:
+    """Score `candidates` seeded draws of `shots` demonstrations on held-out training examples.
 
-    With few demonstrations, which ones are drawn moves accuracy by many points (Zhao et al. 2021, §3;
-    SmolLM2 on SST-2, 4-shot: 70-84% over draws). Each candidate prefix scores `validation_size` other
-    training examples (balanced over labels, none of them a candidate demonstration or in `exclude`, e.g.
-    the evaluation examples); the candidate with the highest label-word accuracy wins (ties: the earlier
-    draw; draw 0 is the plain seeded draw). Returns the demonstrations and a record of the choice.
+    With few demonstrations, which ones are drawn moves accuracy by tens of points (Zhao et al. 2021, §3;
+    SmolLM2 on SST-2, 4-shot: 51-84% over 12 draws). Each candidate prefix scores the same `validation_size`
+    other training examples (balanced over labels, none of them a candidate demonstration or in `exclude`,
+    e.g. the evaluation examples), raw and contextually calibrated. Draw 0 is the plain seeded draw.
+    Returns ``draws``, ``accuracy`` and ``calibrated_accuracy`` (one per draw), ``validation_examples``,
+    ``seconds``.
     """
     if not label_words or not pool or "label" not in pool[0]:
         raise FewShotError("choosing demonstrations scores label words: it needs a labelled classification task")
@@ -244,17 +245,53 @@ def choose_demonstrations(
             f"has {len(validation)} left after the {candidates} candidate draws: use select_from=1"
         )
     queries = [template.format_query(example) for example in validation]
-    labels = torch.tensor([example["label"] for example in validation])
-    accuracies = []
+    content_free = [template.format_query({"text": cf, "text_pair": cf}) for cf in CONTENT_FREE_INPUTS]
+    labels = [example["label"] for example in validation]
+    raw, calibrated = [], []
     for draw in draws:
         prefix = template.build_prefix(draw, label_words)
-        scores = score_labels(model, tokenizer, prefix, queries, label_words, batch_size)
-        accuracies.append((scores.argmax(dim=-1) == labels).float().mean().item())
-    best = max(range(candidates), key=lambda i: (accuracies[i], -i))
-    record = {"candidates": candidates, "validation_examples": len(validation), "chosen_draw": best,
-              "validation_accuracies": [round(a, 4) for a in accuracies],
-              "seconds": round(time.perf_counter() - started, 2)}
-    return draws[best], record
+        scores = score_labels(model, tokenizer, prefix, queries + content_free, label_words, batch_size)
+        example_scores, cf_scores = scores[: len(queries)], scores[len(queries) :]
+        raw.append(_accuracy(example_scores.argmax(dim=-1).tolist(), labels))
+        calibrated.append(_accuracy(calibrate(example_scores, cf_scores).argmax(dim=-1).tolist(), labels))
+    return {"draws": draws, "accuracy": raw, "calibrated_accuracy": calibrated,
+            "validation_examples": len(validation), "seconds": round(time.perf_counter() - started, 2)}
+
+
+def best_draw(ranking: dict[str, Any], by: str = "accuracy") -> int:
+    """Index of the draw with the highest `by` accuracy on the held-out examples (ties: the earlier draw)."""
+    return max(range(len(ranking[by])), key=lambda i: (ranking[by][i], -i))
+
+
+def choose_demonstrations(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    template: PromptTemplate,
+    label_words: Sequence[str],
+    pool: Sequence[Example],
+    shots: int,
+    seed: int = 0,
+    candidates: int = 8,
+    validation_size: int = 256,
+    exclude: set[tuple] | frozenset = frozenset(),
+    batch_size: int = 16,
+    by: str = "accuracy",
+) -> tuple[list[Example], dict[str, Any]]:
+    """The best of `candidates` seeded draws (`rank_demonstration_draws`) by `by` (``accuracy``: raw
+    label-word scores, ``calibrated_accuracy``), chosen on training data only: the demonstrations and a
+    record of the choice."""
+    ranking = rank_demonstration_draws(
+        model, tokenizer, template, label_words, pool, shots, seed, candidates, validation_size, exclude, batch_size
+    )
+    best = best_draw(ranking, by)
+    return ranking["draws"][best], _selection_record(ranking, chosen_draw=best)
+
+
+def _selection_record(ranking: dict[str, Any], **chosen: int) -> dict[str, Any]:
+    return {"candidates": len(ranking["draws"]), "validation_examples": ranking["validation_examples"], **chosen,
+            "validation_accuracies": [round(a, 4) for a in ranking["accuracy"]],
+            "validation_calibrated_accuracies": [round(a, 4) for a in ranking["calibrated_accuracy"]],
+            "seconds": ranking["seconds"]}
 
 
 def calibrate(log_scores: torch.Tensor, content_free_log_scores: torch.Tensor) -> torch.Tensor:
@@ -332,9 +369,10 @@ def evaluate_fewshot(
     after contextual calibration (when `calibrate`). Generation: the task's metrics on greedy outputs.
     Demonstrations come from the train split (seeded, balanced over labels); with ``select_from > 1``
     (classification) the best of that many draws on `validation_size` held-out training examples
-    (`choose_demonstrations`, its record under ``selection``). Also reports ``examples``, ``shots`` asked,
-    ``demonstrations`` used (fewer when the context is too short), ``prefix_tokens`` and ``seconds``
-    (choosing, prompting and scoring; data loading excluded).
+    (`rank_demonstration_draws`; record under ``selection``): raw metrics use the draw best for raw scoring,
+    calibrated ones the draw best after calibration (a second pass when they differ). Also reports
+    ``examples``, ``shots`` asked, ``demonstrations`` used (fewer when the context is too short),
+    ``prefix_tokens`` and ``seconds`` (choosing, prompting and scoring; data loading excluded).
     """
     if isinstance(task, str):
         from deltatune.tasks import get_task
@@ -346,24 +384,38 @@ def evaluate_fewshot(
     pool = task.load("train", data_dir=data_dir) if shots > 0 else []
     template = template_for(task, has_pair=examples[0].get("text_pair") is not None)
     started = time.perf_counter()
-    shared, selection = None, None
+    selection = None
     if select_from > 1 and shots > 0:
         if task.kind != "classification":
             raise FewShotError(
                 f"choosing demonstrations (select_from={select_from}) scores label words, and task {task.name!r} "
                 f"is {task.kind}; use select_from=1 (one seeded draw)"
             )
-        words = label_words_for(task, template)
-        shared, selection = choose_demonstrations(
-            model, tokenizer, template, words, pool, shots, seed, select_from, validation_size,
-            exclude={example_key(example) for example in examples}, batch_size=batch_size,
+        ranking = rank_demonstration_draws(
+            model, tokenizer, template, label_words_for(task, template), pool, shots, seed, select_from,
+            validation_size, exclude={example_key(example) for example in examples}, batch_size=batch_size,
         )
-    groups = plan_demonstrations(examples, pool, shots, seed, shared=shared)
+        # each reported number uses the draw that was best for it on the held-out examples
+        chosen = best_draw(ranking, "accuracy")
+        chosen_calibrated = best_draw(ranking, "calibrated_accuracy") if calibrate else chosen
+        selection = _selection_record(ranking, chosen_draw=chosen, chosen_draw_calibrated=chosen_calibrated)
     if task.kind == "classification":
-        results = _evaluate_classification(
-            model, tokenizer, task, template, examples, groups, calibrate, batch_size, use_cache_prefix
-        )
+        def run(shared: list[Example] | None, with_calibration: bool) -> dict[str, Any]:
+            groups = plan_demonstrations(examples, pool, shots, seed, shared=shared)
+            return _evaluate_classification(
+                model, tokenizer, task, template, examples, groups, with_calibration, batch_size, use_cache_prefix
+            )
+
+        if selection is None:
+            results = run(None, calibrate)
+        elif chosen == chosen_calibrated:
+            results = run(ranking["draws"][chosen], calibrate)
+        else:  # raw numbers from one draw, calibrated ones from another: two passes
+            results = run(ranking["draws"][chosen], False)
+            results.update({k: v for k, v in run(ranking["draws"][chosen_calibrated], True).items()
+                            if k.startswith("calibrated_")})
     else:
+        groups = plan_demonstrations(examples, pool, shots, seed)
         results = _evaluate_generation(
             model, tokenizer, task, template, examples, groups, batch_size, use_cache_prefix, max_new_tokens
         )

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from deltatune.fewshot import (
+    CONTENT_FREE_INPUTS,
     TEMPLATES,
     FewShotError,
     PromptTemplate,
+    best_draw,
     calibrate,
     choose_demonstrations,
     complete,
@@ -21,6 +23,7 @@ from deltatune.fewshot import (
     fit_demonstrations,
     generate_greedy,
     plan_demonstrations,
+    rank_demonstration_draws,
     score_labels,
     select_demonstrations,
 )
@@ -231,48 +234,64 @@ def test_evaluate_fewshot_generation_end_to_end(tokenizer):
 def test_choose_demonstrations_keeps_the_draw_that_scores_best_on_held_out_train_examples(monkeypatch):
     pool = _pool(60)
     template, words = PromptTemplate("Review: {text}\nSentiment:"), [" negative", " positive"]
-    evaluated = [{"text": "review number 7", "text_pair": None, "label": 1}]  # also in the pool
-    draws = [select_demonstrations(pool, 4, 5 + 1000 * i, {example_key(evaluated[0])}) for i in range(4)]
+    evaluated = {example_key({"text": "review number 7", "text_pair": None})}  # also in the pool
+    draws = [select_demonstrations(pool, 4, 5 + 1000 * i, evaluated) for i in range(4)]
     good = draws[2][0]["text"] + "\n"  # a prefix holding this demonstration scores every query right
     seen_queries = []
 
     def fake_score_labels(model, tokenizer, prefix, queries, label_words, batch_size=16):
         seen_queries.append(list(queries))
-        labels = torch.tensor([int(q.split()[3]) % 2 for q in queries])  # "Review: review number {i}"
-        right = torch.nn.functional.one_hot(labels, 2).float()
-        return right if good in prefix else 1 - right
+        rows = []
+        for query in queries:
+            words_ = query.split()
+            if len(words_) < 4 or not words_[3].isdigit():  # a content-free input: no preference
+                rows.append(torch.zeros(2))
+                continue
+            right = torch.nn.functional.one_hot(torch.tensor(int(words_[3]) % 2), 2).float()
+            rows.append(right if good in prefix else 1 - right)
+        return torch.stack(rows)
 
     monkeypatch.setattr("deltatune.fewshot.score_labels", fake_score_labels)
     chosen, record = choose_demonstrations(None, None, template, words, pool, 4, seed=5, candidates=4,
-                                           validation_size=20, exclude={example_key(evaluated[0])})
+                                           validation_size=20, exclude=evaluated)
     assert chosen == draws[2] and record["chosen_draw"] == 2
     assert record["validation_accuracies"] == [0.0, 0.0, 1.0, 0.0] and record["validation_examples"] == 20
-    assert draws[0] == select_demonstrations(pool, 4, 5, {example_key(evaluated[0])})  # draw 0: the plain one
-    shown = {template.format_query(d) for draw in draws for d in draw} | {template.format_query(evaluated[0])}
-    assert all(q not in shown for q in seen_queries[0]) and len(set(seen_queries[0])) == 20
+    assert record["validation_calibrated_accuracies"] == [0.0, 0.0, 1.0, 0.0]
+    assert draws[0] == select_demonstrations(pool, 4, 5, evaluated)  # draw 0: the plain seeded draw
+    shown = {template.format_query(d) for draw in draws for d in draw} | {"Review: review number 7\nSentiment:"}
+    validation = [q for q in seen_queries[0] if "number" in q]
+    assert len(set(validation)) == 20 and not shown & set(validation)
     assert all(queries == seen_queries[0] for queries in seen_queries)  # every draw on the same examples
     with pytest.raises(FewShotError, match="label words"):
         choose_demonstrations(None, None, template, [], [{"source": "x", "target": "y"}], 2)
 
 
-def test_evaluate_fewshot_with_select_from_uses_the_chosen_draw(tokenizer):
+def test_evaluate_fewshot_with_select_from_reports_each_mode_with_its_best_draw(tokenizer):
     train = [{"text": f"{word} film {i}", "text_pair": None, "label": y}
-             for i in range(10) for word, y in [("a moving", 1), ("a dull", 0)]]
-    task = _fake_task("sst2", "classification", train, train[:6], metric_names=["accuracy"],
+             for i in range(20) for word, y in [("a moving", 1), ("a dull", 0)]]
+    dev = train[:6]
+    task = _fake_task("sst2", "classification", train, dev, metric_names=["accuracy"],
                       label_names=["negative", "positive"])
-    model = _decoder("llama")
-    result = evaluate_fewshot(model, tokenizer, task, shots=2, select_from=3, validation_size=8)
+    model, template, words = _decoder("llama"), TEMPLATES["sst2"], [" negative", " positive"]
+    result = evaluate_fewshot(model, tokenizer, task, shots=2, select_from=4, validation_size=8)
     record = result["selection"]
-    assert record["candidates"] == 3 and record["validation_examples"] == 8
-    chosen, again = choose_demonstrations(model, tokenizer, TEMPLATES["sst2"], [" negative", " positive"], train, 2,
-                                          candidates=3, validation_size=8,
-                                          exclude={example_key(e) for e in train[:6]})
-    assert again["chosen_draw"] == record["chosen_draw"]
-    assert again["validation_accuracies"] == record["validation_accuracies"]
-    scores = score_labels(model, tokenizer, TEMPLATES["sst2"].build_prefix(chosen, [" negative", " positive"]),
-                          [TEMPLATES["sst2"].format_query(e) for e in train[:6]], [" negative", " positive"])
-    expected = (scores.argmax(-1) == torch.tensor([e["label"] for e in train[:6]])).float().mean().item()
-    assert result["accuracy"] == pytest.approx(expected)
+    assert record["candidates"] == 4 and record["validation_examples"] == 8
+    ranking = rank_demonstration_draws(model, tokenizer, template, words, train, 2, candidates=4, validation_size=8,
+                                       exclude={example_key(e) for e in dev})
+    assert record["validation_accuracies"] == [round(a, 4) for a in ranking["accuracy"]]
+    assert record["chosen_draw"] == best_draw(ranking, "accuracy")
+    assert record["chosen_draw_calibrated"] == best_draw(ranking, "calibrated_accuracy")
+    queries = [template.format_query(e) for e in dev]
+    content_free = [template.format_query({"text": cf}) for cf in CONTENT_FREE_INPUTS]
+    labels = torch.tensor([e["label"] for e in dev])
+    for key, draw in [("accuracy", record["chosen_draw"]), ("calibrated_accuracy", record["chosen_draw_calibrated"])]:
+        prefix = template.build_prefix(ranking["draws"][draw], words)
+        scores = score_labels(model, tokenizer, prefix, queries + content_free, words)
+        if key == "calibrated_accuracy":
+            predictions = calibrate(scores[: len(dev)], scores[len(dev) :]).argmax(-1)
+        else:
+            predictions = scores[: len(dev)].argmax(-1)
+        assert result[key] == pytest.approx((predictions == labels).float().mean().item())
     generation = _fake_task("e2e", "generation", [{"source": "a", "target": "b"}] * 4, [{"source": "c"}],
                             metric_names=["bleu"])
     with pytest.raises(FewShotError, match="select_from=1"):
