@@ -451,7 +451,8 @@ def main() -> None:
     for name in models:
         gpu = DEVICE.type == "cuda"
         train_reps = args.reps or (2 if args.quick else (20 if gpu else 5 if "minilm" in name else 3))
-        infer_reps = args.infer_reps or args.reps or (3 if args.quick else (20 if gpu else 7 if "minilm" in name else 3))
+        default_infer_reps = 3 if args.quick else (20 if gpu else 7 if "minilm" in name else 3)
+        infer_reps = args.infer_reps or args.reps or default_infer_reps
         base = build_base(name)
         print(f"## {name} ({sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters) on {DEVICE.type}, "
               f"LoRA r={R} alpha={ALPHA} on query, value; prompt {PROMPT}; batch {args.batch} x {SEQ}\n")
