@@ -340,3 +340,27 @@ def test_cli_prompt_prints_prompt_and_completion(tmp_path, capsys):
     expected = complete(load_model(str(tmp_path / "lm"), "causal-lm"), tiny_tokenizer(), shots + "home =>",
                         max_new_tokens=3)
     assert out == shots + "home =>" + expected + "\n"
+
+
+def test_cli_prompt_with_select_from_uses_the_chosen_demonstrations(tmp_path, capsys):
+    from deltatune.cli import main as cli_main
+    from deltatune.models import load_model
+    from deltatune.tasks import get_task
+
+    torch.manual_seed(0)
+    tiny_model("llama", "causal-lm").save_pretrained(tmp_path / "lm")
+    tiny_tokenizer().save_pretrained(tmp_path / "lm")
+    sst2 = tmp_path / "data" / "glue" / "sst2"
+    sst2.mkdir(parents=True)
+    rows = [f"{word} film number {i}\t{label}" for i in range(20) for word, label in [("a moving", 1), ("a dull", 0)]]
+    (sst2 / "train.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    assert cli_main(["prompt", "--model", str(tmp_path / "lm"), "--task", "sst2", "--shots", "2", "--select-from", "3",
+                     "--data-dir", str(tmp_path / "data"), "--show-prompt", "--max-new-tokens", "2",
+                     "Review: great\nSentiment:"]) == 0
+    captured = capsys.readouterr()
+    task, template = get_task("sst2"), TEMPLATES["sst2"]
+    chosen, record = choose_demonstrations(load_model(str(tmp_path / "lm"), "causal-lm"), tiny_tokenizer(), template,
+                                           [" negative", " positive"], task.load("train", tmp_path / "data"), 2,
+                                           candidates=3)
+    assert captured.out.startswith(template.build_prefix(chosen, [" negative", " positive"]) + "Review: great")
+    assert f"chose draw {record['chosen_draw']} of 3" in captured.err
