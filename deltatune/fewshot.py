@@ -207,7 +207,7 @@ def plan_demonstrations(
 
 
 def candidate_seed(seed: int, draw: int) -> int:
-    """Seed of candidate draw `draw` of `choose_demonstrations`; draw 0 is the plain seeded draw."""
+    """Seed of candidate draw `draw` in `rank_demonstration_draws`; draw 0 is the plain seeded draw."""
     return seed + 1000 * draw
 
 

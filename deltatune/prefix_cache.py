@@ -33,7 +33,7 @@ def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
-def leading_special_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def _leading_special_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Special tokens the tokenizer puts before a text (a BOS), to start the whole prompt with."""
     with_specials = tokenizer("a")["input_ids"]
     plain = encode_text(tokenizer, "a")
@@ -178,7 +178,7 @@ def _score_rows(
 
 
 def prefix_token_ids(tokenizer: PreTrainedTokenizerBase, prefix_text: str) -> list[int]:
-    return leading_special_ids(tokenizer) + encode_text(tokenizer, prefix_text)
+    return _leading_special_ids(tokenizer) + encode_text(tokenizer, prefix_text)
 
 
 @torch.inference_mode()
@@ -207,7 +207,7 @@ def score_labels(
         rows += query_rows
         owners += [q] * len(query_rows)
     table = torch.full((len(queries), len(label_words)), float("nan"))
-    with eval_mode(model):
+    with _eval_mode(model):
         row_scores = _score_rows(model, prefix_ids, rows, batch_size, use_cache_prefix, padding_side)
     for row, owner, values in zip(rows, owners, row_scores):
         for (label, _), value in zip(row.targets, values):
@@ -215,7 +215,7 @@ def score_labels(
     return table
 
 
-class eval_mode:
+class _eval_mode:
     """Dropout off while scoring; the caller's train/eval mode is restored afterwards."""
 
     def __init__(self, model: torch.nn.Module):
@@ -250,7 +250,7 @@ def generate_greedy(
     """Greedy continuation of ``prefix + context`` for every context, cut before `stop` (or at EOS)."""
     texts: list[str] = [""] * len(contexts)
     eos = tokenizer.eos_token_id
-    with eval_mode(model):
+    with _eval_mode(model):
         prefix_cache = encode_prefix(model, prefix_ids) if use_cache_prefix else None
         order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
         for start in range(0, len(order), batch_size):
