@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 from deltatune.fewshot import (
-    CONTENT_FREE_INPUTS,
     calibrate,
     example_key,
     label_words_for,
@@ -66,7 +65,7 @@ def main() -> None:
     per_label = args.held_out // 2
     held = [pool[i] for i in order if pool[i]["label"] == 0][:per_label]
     held += [pool[i] for i in order if pool[i]["label"] == 1][:per_label]
-    content_free = [template.format_query({"text": cf, "text_pair": cf}) for cf in CONTENT_FREE_INPUTS]
+    content_free = template.content_free_queries()
     held_labels = torch.tensor([h["label"] for h in held])
     dev_labels = torch.tensor([d["label"] for d in dev])
     print(f"SmolLM2-135M, SST-2, {args.shots}-shot, {args.draws} draws; held-out: {len(held)} train examples; "

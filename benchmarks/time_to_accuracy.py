@@ -105,18 +105,16 @@ def main() -> None:
                   f"{run['reached_train_seconds'] or '-'} | {run['best']:.2%} | {run['final']:.2%} | "
                   f"{run['epoch_seconds']:.0f} | {run['eval_seconds']:.0f} |")
     if set(runners) == {"trainer+peft", "deltatune"}:
-        pairs = [(d["reached_seconds"], t["reached_seconds"]) for d, t in
-                 zip(results["deltatune"], results["trainer+peft"]) if d["reached_seconds"] and t["reached_seconds"]]
+        pairs = [(d, t) for d, t in zip(results["deltatune"], results["trainer+peft"])
+                 if d["reached_seconds"] and t["reached_seconds"]]
         epochs = [d["epoch_seconds"] / t["epoch_seconds"]
                   for d, t in zip(results["deltatune"], results["trainer+peft"])]
         if pairs:
+            with_evals = statistics.median(d["reached_seconds"] / t["reached_seconds"] for d, t in pairs)
+            without = statistics.median(d["reached_seconds"] / t["reached_train_seconds"] for d, t in pairs)
             print(f"\ntime to {args.target:.0%}, deltatune / Trainer+peft: median "
-                  f"{statistics.median(d / t for d, t in pairs):.2f} over {len(pairs)} seed(s) where both reached it")
-            strict = [d["reached_seconds"] / t["reached_train_seconds"]
-                      for d, t in zip(results["deltatune"], results["trainer+peft"])
-                      if d["reached_seconds"] and t["reached_seconds"]]
-            print(f"the same, Trainer's evaluations not counted (deltatune's are): "
-                  f"median {statistics.median(strict):.2f}")
+                  f"{with_evals:.2f} over {len(pairs)} seed(s) where both reached it")
+            print(f"the same, Trainer's evaluations not counted (deltatune's are): median {without:.2f}")
         print(f"one epoch, deltatune / Trainer+peft: median {statistics.median(epochs):.2f}")
 
 

@@ -88,6 +88,10 @@ class PromptTemplate:
         shots = "".join(self.format_demonstration(d, label_words) + self.separator for d in demonstrations)
         return self.instruction + shots
 
+    def content_free_queries(self) -> list[str]:
+        """The query filled with each of `CONTENT_FREE_INPUTS`, for contextual calibration."""
+        return [self.format_query({"text": cf, "text_pair": cf}) for cf in CONTENT_FREE_INPUTS]
+
 
 # One table: task name -> template. Label id order follows each task's `label_names`.
 TEMPLATES: dict[str, PromptTemplate] = {
@@ -245,15 +249,15 @@ def rank_demonstration_draws(
             f"has {len(validation)} left after the {candidates} candidate draws: use select_from=1"
         )
     queries = [template.format_query(example) for example in validation]
-    content_free = [template.format_query({"text": cf, "text_pair": cf}) for cf in CONTENT_FREE_INPUTS]
     labels = [example["label"] for example in validation]
     raw, calibrated = [], []
     for draw in draws:
         prefix = template.build_prefix(draw, label_words)
-        scores = score_labels(model, tokenizer, prefix, queries + content_free, label_words, batch_size)
-        example_scores, cf_scores = scores[: len(queries)], scores[len(queries) :]
-        raw.append(_accuracy(example_scores.argmax(dim=-1).tolist(), labels))
-        calibrated.append(_accuracy(calibrate(example_scores, cf_scores).argmax(dim=-1).tolist(), labels))
+        raw_predictions, calibrated_predictions = predict_labels(
+            model, tokenizer, template, prefix, queries, label_words, batch_size
+        )
+        raw.append(_accuracy(raw_predictions.tolist(), labels))
+        calibrated.append(_accuracy(calibrated_predictions.tolist(), labels))
     return {"draws": draws, "accuracy": raw, "calibrated_accuracy": calibrated,
             "validation_examples": len(validation), "seconds": round(time.perf_counter() - started, 2)}
 
@@ -303,6 +307,24 @@ def calibrate(log_scores: torch.Tensor, content_free_log_scores: torch.Tensor) -
     content_free = content_free_log_scores.softmax(dim=-1).mean(dim=0)
     calibrated = probs / content_free
     return calibrated / calibrated.sum(dim=-1, keepdim=True)
+
+
+def predict_labels(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    template: PromptTemplate,
+    prefix: str,
+    queries: list[str],
+    label_words: Sequence[str],
+    batch_size: int = 16,
+    use_cache_prefix: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw and contextually calibrated label predictions for `queries` after `prefix`; the content-free
+    queries are scored in the same batched pass."""
+    content_free = template.content_free_queries()
+    scores = score_labels(model, tokenizer, prefix, queries + content_free, label_words, batch_size, use_cache_prefix)
+    example_scores, content_free_scores = scores[: len(queries)], scores[len(queries) :]
+    return example_scores.argmax(dim=-1), calibrate(example_scores, content_free_scores).argmax(dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,7 +459,7 @@ def _evaluate_classification(
     words = label_words_for(task, template)
     label_ids = [encode_text(tokenizer, word) for word in words]
     longest_label = max(len(ids) for ids in label_ids) - 1
-    content_free = [template.format_query({"text": cf, "text_pair": cf}) for cf in CONTENT_FREE_INPUTS]
+    content_free = template.content_free_queries()
     raw = torch.zeros(len(examples), dtype=torch.long)
     calibrated = torch.zeros(len(examples), dtype=torch.long)
     used, prefix_tokens = [], 0
@@ -446,12 +468,9 @@ def _evaluate_classification(
         longest = max(len(encode_text(tokenizer, q)) for q in queries + content_free) + longest_label
         kept, prefix_ids = fit_demonstrations(model, tokenizer, template, demonstrations, words, longest)
         prefix = template.build_prefix(kept, words)
-        scores = score_labels(
-            model, tokenizer, prefix, queries + content_free, words, batch_size, use_cache_prefix
+        raw[indices], calibrated[indices] = predict_labels(
+            model, tokenizer, template, prefix, queries, words, batch_size, use_cache_prefix
         )
-        example_scores, cf_scores = scores[: len(queries)], scores[len(queries) :]
-        raw[indices] = example_scores.argmax(dim=-1)
-        calibrated[indices] = calibrate(example_scores, cf_scores).argmax(dim=-1)
         used.append(len(kept))
         prefix_tokens = max(prefix_tokens, len(prefix_ids))
     labels = [example["label"] for example in examples]

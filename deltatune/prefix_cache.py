@@ -28,7 +28,6 @@ from deltatune.errors import FewShotError
 PaddingSide = Literal["left", "right"]
 
 
-
 def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 

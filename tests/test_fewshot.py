@@ -239,7 +239,7 @@ def test_choose_demonstrations_keeps_the_draw_that_scores_best_on_held_out_train
     good = draws[2][0]["text"] + "\n"  # a prefix holding this demonstration scores every query right
     seen_queries = []
 
-    def fake_score_labels(model, tokenizer, prefix, queries, label_words, batch_size=16):
+    def fake_score_labels(model, tokenizer, prefix, queries, label_words, batch_size=16, use_cache_prefix=True):
         seen_queries.append(list(queries))
         rows = []
         for query in queries:
