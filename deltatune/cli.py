@@ -243,7 +243,8 @@ def cmd_eval_prompting(args: argparse.Namespace) -> int:
     for split in args.split or ["dev"]:
         results[split] = evaluate_fewshot(model, load_tokenizer(args.model), args.task, shots=shots, split=split,
                                           data_dir=args.data_dir, limit=args.limit, seed=args.seed,
-                                          select_from=args.select_from)
+                                          select_from=args.select_from,
+                                          calibration_inputs=args.calibration_inputs)
     print(json.dumps({"task": args.task, "method": args.method, **results}, indent=2, default=str))
     return 0
 
@@ -363,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help="few-shot classification: the best of N demonstration draws, scored on 256 "
                                   "held-out train examples (8 is a good choice)")
             sub.add_argument("--seed", type=int, default=0, help="few-shot: which demonstrations are drawn")
+            sub.add_argument("--calibration-inputs", type=int, default=256, metavar="N",
+                             help="classification: batch calibration over N unlabeled train inputs (0: off)")
             sub.add_argument("--limit", type=int)
         else:
             sub.add_argument("texts", nargs="+", help="inputs; sentence pairs as 'first ||| second'")

@@ -87,18 +87,22 @@ def prompting_summary(config: TrainConfig) -> dict[str, Any]:
 
     Nothing trains (0 trainable parameters, no delta); demonstrations come from the train split with the
     cell's seed, so seeds measure how much the choice of demonstrations matters. ``final`` holds the raw
-    label-word predictions' metrics (generation: greedy outputs); the calibrated ones are kept beside them.
+    label-word predictions' metrics (generation: greedy outputs); the calibrated ones (contextual, batch) are
+    kept beside them.
     """
-    from deltatune.fewshot import evaluate_fewshot
+    from deltatune.fewshot import CALIBRATIONS, evaluate_fewshot
     from deltatune.models import load_model, load_tokenizer
     from deltatune.tasks import get_task
     from deltatune.train import peak_memory_mb, set_seed
 
     set_seed(config.seed)
     options = dict(config.method_options)
-    unknown = set(options) - ({"shots", "select_from", "validation_size"} if config.method == "few-shot" else set())
+    known = {"calibration_inputs"} | ({"shots", "select_from", "validation_size"} if config.method == "few-shot"
+                                      else set())
+    unknown = set(options) - known
     if unknown:
-        raise ValueError(f"unknown {config.method} option(s) {sorted(unknown)}; few-shot takes shots, select_from "
+        raise ValueError(f"unknown {config.method} option(s) {sorted(unknown)}; zero-shot takes calibration_inputs "
+                         f"(unlabeled train inputs for batch calibration); few-shot also takes shots, select_from "
                          f"(best of N demonstration draws on held-out train examples) and validation_size")
     shots = 0 if config.method == "zero-shot" else int(options.get("shots", 4))
     task = get_task(config.task, **config.task_options)
@@ -106,7 +110,8 @@ def prompting_summary(config: TrainConfig) -> dict[str, Any]:
     result = evaluate_fewshot(model, load_tokenizer(config.model), task, shots=shots, split=config.eval_split,
                               data_dir=config.data_dir, limit=config.eval_limit, seed=config.seed,
                               select_from=int(options.get("select_from", 1)),
-                              validation_size=int(options.get("validation_size", 256)))
+                              validation_size=int(options.get("validation_size", 256)),
+                              calibration_inputs=int(options.get("calibration_inputs", 256)))
     final = {name: result[name] for name in task.metric_names}
     main_metric = task.metric_names[0]
     Path(config.out).mkdir(parents=True, exist_ok=True)
@@ -118,8 +123,9 @@ def prompting_summary(config: TrainConfig) -> dict[str, Any]:
         "peak_memory_mb": round(peak_memory_mb(), 1), "eval_seconds": result["seconds"],
         "shots": shots, "demonstrations": result["demonstrations"], "prefix_tokens": result["prefix_tokens"],
         "selection": result.get("selection"),
-        "calibrated": {name[len("calibrated_"):]: value for name, value in result.items()
-                       if name.startswith("calibrated_")},
+        **{mode: {name[len(mode) + 1:]: value for name, value in result.items() if name.startswith(mode + "_")}
+           for mode in CALIBRATIONS},
+        "calibration_examples": result.get("calibration_examples", 0),
     }
     (Path(config.out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

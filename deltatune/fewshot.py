@@ -12,8 +12,12 @@ Classification is **label-word scoring**: each class has a verbalizer word (" ne
 the prediction is ``argmax_y log p(word_y | prompt)``, summing over the word's tokens when it has several.
 **Contextual calibration** (Zhao et al. 2021, "Calibrate Before Use", §5) removes the prompt's bias towards
 some words: with ``p_cf`` the label probabilities (normalised over labels) for content-free inputs ("N/A",
-"[MASK]", "", averaged), the calibrated prediction is ``argmax_y p(y|x) / p_cf(y)``. Generation (E2E) is
-greedy decoding that stops at a newline.
+"[MASK]", "", averaged), the calibrated prediction is ``argmax_y p(y|x) / p_cf(y)``. **Batch calibration**
+(Zhou et al. 2024, "Batch Calibration", §4) divides by the mean label probabilities over real unlabeled
+inputs instead, ``p_bc(y) = mean_j p(y|x_j)``: the paper takes the test batch; here ``x_j`` are training
+inputs (labels unused, `calibration_sample`), so the test set is never looked at and one query can be
+calibrated alone. With 4 demonstrations on SmolLM2-135M it turns a 51-84% spread over draws into 80-86%
+(docs/results/fewshot_smollm2.md). Generation (E2E) is greedy decoding that stops at a newline.
 
 Speed: the demonstrations are one prefix shared by every example, encoded once (`prefix_cache.py`).
 """
@@ -42,11 +46,13 @@ from deltatune.prefix_cache import (
 )
 
 __all__ = ["FewShotError", "PromptTemplate", "calibrate", "complete", "evaluate_fewshot", "generate_greedy",
-           "score_labels", "select_demonstrations", "template_for"]
+           "calibration_sample", "score_labels", "select_demonstrations", "template_for"]
 
 Example = dict[str, Any]
 # Zhao et al. (2021) average the calibration over these three content-free inputs.
 CONTENT_FREE_INPUTS: tuple[str, ...] = ("N/A", "[MASK]", "")
+# Prediction modes of label-word scoring; a mode's metrics are named ``<mode>_<metric>`` (raw: ``<metric>``).
+CALIBRATIONS: tuple[str, ...] = ("calibrated", "batch_calibrated")
 
 
 @dataclass(frozen=True)
@@ -210,6 +216,16 @@ def plan_demonstrations(
     ]
 
 
+def calibration_sample(
+    pool: Sequence[Example], size: int, seed: int = 0, exclude: set[tuple] | frozenset = frozenset()
+) -> list[Example]:
+    """`size` training examples drawn at random with a fixed seed, none with a key in `exclude`: the
+    unlabeled inputs of batch calibration (their labels are never read, so the sample follows the training
+    split's own label mix)."""
+    indices = [i for i, example in enumerate(pool) if example_key(example) not in exclude]
+    return [pool[i] for i in random.Random(f"calibration-{seed}").sample(indices, min(size, len(indices)))]
+
+
 def candidate_seed(seed: int, draw: int) -> int:
     """Seed of candidate draw `draw` in `rank_demonstration_draws`; draw 0 is the plain seeded draw."""
     return seed + 1000 * draw
@@ -227,15 +243,17 @@ def rank_demonstration_draws(
     validation_size: int = 256,
     exclude: set[tuple] | frozenset = frozenset(),
     batch_size: int = 16,
+    calibration_inputs: int = 256,
 ) -> dict[str, Any]:
     """Score `candidates` seeded draws of `shots` demonstrations on held-out training examples.
 
     With few demonstrations, which ones are drawn moves accuracy by tens of points (Zhao et al. 2021, §3;
     SmolLM2 on SST-2, 4-shot: 51-84% over 12 draws). Each candidate prefix scores the same `validation_size`
     other training examples (balanced over labels, none of them a candidate demonstration or in `exclude`,
-    e.g. the evaluation examples), raw and contextually calibrated. Draw 0 is the plain seeded draw.
-    Returns ``draws``, ``accuracy`` and ``calibrated_accuracy`` (one per draw), ``validation_examples``,
-    ``seconds``.
+    e.g. the evaluation examples), raw, contextually calibrated and batch calibrated over
+    `calibration_inputs` other unlabeled training inputs (0: not). Draw 0 is the plain seeded draw.
+    Returns ``draws``, ``accuracy``, ``calibrated_accuracy`` and ``batch_calibrated_accuracy`` (one per draw),
+    ``validation_examples``, ``calibration_set`` (the batch calibration inputs), ``seconds``.
     """
     if not label_words or not pool or "label" not in pool[0]:
         raise FewShotError("choosing demonstrations scores label words: it needs a labelled classification task")
@@ -248,18 +266,19 @@ def rank_demonstration_draws(
             f"choosing demonstrations needs held-out training examples of at least two labels; the train split "
             f"has {len(validation)} left after the {candidates} candidate draws: use select_from=1"
         )
+    reference = calibration_sample(pool, calibration_inputs, seed, used | {example_key(e) for e in validation})
     queries = [template.format_query(example) for example in validation]
+    reference_queries = [template.format_query(example) for example in reference]
     labels = [example["label"] for example in validation]
-    raw, calibrated = [], []
+    accuracies: dict[str, list[float]] = {}
     for draw in draws:
         prefix = template.build_prefix(draw, label_words)
-        raw_predictions, calibrated_predictions = predict_labels(
-            model, tokenizer, template, prefix, queries, label_words, batch_size
-        )
-        raw.append(_accuracy(raw_predictions.tolist(), labels))
-        calibrated.append(_accuracy(calibrated_predictions.tolist(), labels))
-    return {"draws": draws, "accuracy": raw, "calibrated_accuracy": calibrated,
-            "validation_examples": len(validation), "seconds": round(time.perf_counter() - started, 2)}
+        predicted = predict_labels(model, tokenizer, template, prefix, queries, label_words, batch_size,
+                                   reference_queries=reference_queries)
+        for mode, values in predicted.items():
+            accuracies.setdefault(metric_name(mode, "accuracy"), []).append(_accuracy(values.tolist(), labels))
+    return {"draws": draws, **accuracies, "validation_examples": len(validation), "calibration_set": reference,
+            "seconds": round(time.perf_counter() - started, 2)}
 
 
 def best_draw(ranking: dict[str, Any], by: str = "accuracy") -> int:
@@ -292,21 +311,34 @@ def choose_demonstrations(
 
 
 def _selection_record(ranking: dict[str, Any], **chosen: int) -> dict[str, Any]:
-    return {"candidates": len(ranking["draws"]), "validation_examples": ranking["validation_examples"], **chosen,
-            "validation_accuracies": [round(a, 4) for a in ranking["accuracy"]],
-            "validation_calibrated_accuracies": [round(a, 4) for a in ranking["calibrated_accuracy"]],
-            "seconds": ranking["seconds"]}
+    record = {"candidates": len(ranking["draws"]), "validation_examples": ranking["validation_examples"], **chosen}
+    for mode in ("raw", *CALIBRATIONS):
+        if metric_name(mode, "accuracy") in ranking:
+            name = "validation_accuracies" if mode == "raw" else f"validation_{mode}_accuracies"
+            record[name] = [round(a, 4) for a in ranking[metric_name(mode, "accuracy")]]
+    return {**record, "seconds": ranking["seconds"]}
 
 
-def calibrate(log_scores: torch.Tensor, content_free_log_scores: torch.Tensor) -> torch.Tensor:
-    """Contextual calibration: ``p(y|x) / mean_cf p(y|cf)``, renormalised; both normalised over labels first.
+def calibrate(log_scores: torch.Tensor, reference_log_scores: torch.Tensor) -> torch.Tensor:
+    """``p(y|x) / mean_r p(y|r)``, renormalised; both normalised over labels first.
 
-    log_scores: (N, labels); content_free_log_scores: (C, labels). Returns probabilities (N, labels).
+    With content-free references ("N/A", ...) this is contextual calibration (Zhao et al. 2021, §5:
+    W = diag(p_cf)^-1, b = 0); with real unlabeled inputs it is batch calibration (Zhou et al. 2024).
+    log_scores: (N, labels); reference_log_scores: (R, labels). Returns probabilities (N, labels).
     """
     probs = log_scores.softmax(dim=-1)
-    content_free = content_free_log_scores.softmax(dim=-1).mean(dim=0)
-    calibrated = probs / content_free
+    reference = reference_log_scores.softmax(dim=-1).mean(dim=0)
+    calibrated = probs / reference
     return calibrated / calibrated.sum(dim=-1, keepdim=True)
+
+
+def metric_name(mode: str, metric: str) -> str:
+    """``accuracy`` for raw predictions, ``calibrated_accuracy`` / ``batch_calibrated_accuracy`` otherwise."""
+    return metric if mode == "raw" else f"{mode}_{metric}"
+
+
+def _mode_of(name: str) -> str:
+    return next((mode for mode in sorted(CALIBRATIONS, key=len, reverse=True) if name.startswith(mode + "_")), "raw")
 
 
 def predict_labels(
@@ -318,13 +350,21 @@ def predict_labels(
     label_words: Sequence[str],
     batch_size: int = 16,
     use_cache_prefix: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw and contextually calibrated label predictions for `queries` after `prefix`; the content-free
-    queries are scored in the same batched pass."""
+    reference_queries: Sequence[str] = (),
+) -> dict[str, torch.Tensor]:
+    """Label predictions for `queries` after `prefix` by mode: ``raw``, ``calibrated`` (contextual, with the
+    template's content-free queries) and, given unlabeled `reference_queries`, ``batch_calibrated``. All
+    queries are scored in one batched pass."""
     content_free = template.content_free_queries()
-    scores = score_labels(model, tokenizer, prefix, queries + content_free, label_words, batch_size, use_cache_prefix)
-    example_scores, content_free_scores = scores[: len(queries)], scores[len(queries) :]
-    return example_scores.argmax(dim=-1), calibrate(example_scores, content_free_scores).argmax(dim=-1)
+    scores = score_labels(model, tokenizer, prefix, [*queries, *content_free, *reference_queries], label_words,
+                          batch_size, use_cache_prefix)
+    n, c = len(queries), len(content_free)
+    example_scores = scores[:n]
+    predicted = {"raw": example_scores.argmax(dim=-1),
+                 "calibrated": calibrate(example_scores, scores[n : n + c]).argmax(dim=-1)}
+    if reference_queries:
+        predicted["batch_calibrated"] = calibrate(example_scores, scores[n + c :]).argmax(dim=-1)
+    return predicted
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,17 +424,19 @@ def evaluate_fewshot(
     max_new_tokens: int = 64,
     select_from: int = 1,
     validation_size: int = 256,
+    calibration_inputs: int = 256,
 ) -> dict[str, Any]:
     """k-shot prompting of a frozen causal LM on `split` of `task` (a `Task` or its name).
 
-    Classification: the task's metrics on raw label-word predictions, and with ``calibrated_`` in front,
-    after contextual calibration (when `calibrate`). Generation: the task's metrics on greedy outputs.
-    Demonstrations come from the train split (seeded, balanced over labels); with ``select_from > 1``
-    (classification) the best of that many draws on `validation_size` held-out training examples
-    (`rank_demonstration_draws`; record under ``selection``): raw metrics use the draw best for raw scoring,
-    calibrated ones the draw best after calibration (a second pass when they differ). Also reports
-    ``examples``, ``shots`` asked, ``demonstrations`` used (fewer when the context is too short),
-    ``prefix_tokens`` and ``seconds`` (choosing, prompting and scoring; data loading excluded).
+    Classification: the task's metrics on raw label-word predictions; when `calibrate`, also with
+    ``calibrated_`` in front (contextual calibration) and ``batch_calibrated_`` (batch calibration over
+    `calibration_inputs` unlabeled training inputs, `calibration_sample`; 0: not). Generation: the task's
+    metrics on greedy outputs. Demonstrations come from the train split (seeded, balanced over labels); with
+    ``select_from > 1`` (classification) the best of that many draws on `validation_size` held-out training
+    examples (`rank_demonstration_draws`; record under ``selection``): each mode's metrics use the draw best
+    for that mode (one more pass per distinct draw). Also reports ``examples``, ``shots`` asked,
+    ``demonstrations`` used (fewer when the context is too short), ``prefix_tokens``, ``calibration_examples``
+    and ``seconds`` (choosing, prompting and scoring; data loading excluded).
     """
     if isinstance(task, str):
         from deltatune.tasks import get_task
@@ -403,39 +445,54 @@ def evaluate_fewshot(
     examples = task.load(split, data_dir=data_dir, limit=limit)
     if not examples:
         raise FewShotError(f"no examples in split {split!r} of task {task.name!r}")
-    pool = task.load("train", data_dir=data_dir) if shots > 0 else []
+    classification = task.kind == "classification"
+    batch_calibration = classification and calibrate and calibration_inputs > 0
+    pool = task.load("train", data_dir=data_dir) if shots > 0 or batch_calibration else []
     template = template_for(task, has_pair=examples[0].get("text_pair") is not None)
+    evaluated = {example_key(example) for example in examples}
+    modes = ["raw", *CALIBRATIONS] if calibrate else ["raw"]
+    choosing = select_from > 1 and shots > 0
     started = time.perf_counter()
-    selection = None
-    if select_from > 1 and shots > 0:
-        if task.kind != "classification":
+    selection, reference = None, []
+    if choosing:
+        if not classification:
             raise FewShotError(
                 f"choosing demonstrations (select_from={select_from}) scores label words, and task {task.name!r} "
                 f"is {task.kind}; use select_from=1 (one seeded draw)"
             )
         ranking = rank_demonstration_draws(
             model, tokenizer, template, label_words_for(task, template), pool, shots, seed, select_from,
-            validation_size, exclude={example_key(example) for example in examples}, batch_size=batch_size,
+            validation_size, exclude=evaluated, batch_size=batch_size,
+            calibration_inputs=calibration_inputs if batch_calibration else 0,
         )
+        reference = ranking["calibration_set"]
+    elif batch_calibration:  # none of the evaluated examples, none of the demonstrations
+        shown = {example_key(d) for d in select_demonstrations(pool, shots, seed)}
+        reference = calibration_sample(pool, calibration_inputs, seed, evaluated | shown)
+    if not reference and "batch_calibrated" in modes:  # off, or evaluating on the train split itself
+        modes.remove("batch_calibrated")
+    if choosing:
         # each reported number uses the draw that was best for it on the held-out examples
-        chosen = best_draw(ranking, "accuracy")
-        chosen_calibrated = best_draw(ranking, "calibrated_accuracy") if calibrate else chosen
-        selection = _selection_record(ranking, chosen_draw=chosen, chosen_draw_calibrated=chosen_calibrated)
-    if task.kind == "classification":
-        def run(shared: list[Example] | None, with_calibration: bool) -> dict[str, Any]:
+        chosen = {mode: best_draw(ranking, metric_name(mode, "accuracy")) for mode in modes}
+        selection = _selection_record(
+            ranking, **{"chosen_draw" + ("" if mode == "raw" else f"_{mode}"): draw for mode, draw in chosen.items()}
+        )
+    if classification:
+        reference_queries = [template.format_query(example) for example in reference]
+
+        def run(shared: list[Example] | None) -> dict[str, Any]:
             groups = plan_demonstrations(examples, pool, shots, seed, shared=shared)
-            return _evaluate_classification(
-                model, tokenizer, task, template, examples, groups, with_calibration, batch_size, use_cache_prefix
-            )
+            return _evaluate_classification(model, tokenizer, task, template, examples, groups, modes,
+                                            reference_queries, batch_size, use_cache_prefix)
 
         if selection is None:
-            results = run(None, calibrate)
-        elif chosen == chosen_calibrated:
-            results = run(ranking["draws"][chosen], calibrate)
-        else:  # raw numbers from one draw, calibrated ones from another: two passes
-            results = run(ranking["draws"][chosen], False)
-            results.update({k: v for k, v in run(ranking["draws"][chosen_calibrated], True).items()
-                            if k.startswith("calibrated_")})
+            results = run(None)
+        else:  # one pass per distinct chosen draw; each mode keeps the numbers of its own draw
+            results = {}
+            for draw in dict.fromkeys(chosen.values()):
+                outcome = run(ranking["draws"][draw])
+                results.update({name: value for name, value in outcome.items() if chosen[_mode_of(name)] == draw})
+        results["calibration_examples"] = len(reference)
     else:
         groups = plan_demonstrations(examples, pool, shots, seed)
         results = _evaluate_generation(
@@ -454,33 +511,31 @@ def evaluate_fewshot(
 
 
 def _evaluate_classification(
-    model, tokenizer, task, template, examples, groups, calibrate_scores, batch_size, use_cache_prefix
+    model, tokenizer, task, template, examples, groups, modes, reference_queries, batch_size, use_cache_prefix
 ) -> dict[str, Any]:
     words = label_words_for(task, template)
     label_ids = [encode_text(tokenizer, word) for word in words]
     longest_label = max(len(ids) for ids in label_ids) - 1
     content_free = template.content_free_queries()
-    raw = torch.zeros(len(examples), dtype=torch.long)
-    calibrated = torch.zeros(len(examples), dtype=torch.long)
+    predicted = {mode: torch.zeros(len(examples), dtype=torch.long) for mode in modes}
     used, prefix_tokens = [], 0
     for demonstrations, indices in groups:
         queries = [template.format_query(examples[i]) for i in indices]
-        longest = max(len(encode_text(tokenizer, q)) for q in queries + content_free) + longest_label
-        kept, prefix_ids = fit_demonstrations(model, tokenizer, template, demonstrations, words, longest)
+        longest = max(len(encode_text(tokenizer, q)) for q in queries + content_free + reference_queries)
+        kept, prefix_ids = fit_demonstrations(model, tokenizer, template, demonstrations, words,
+                                              longest + longest_label)
         prefix = template.build_prefix(kept, words)
-        raw[indices], calibrated[indices] = predict_labels(
-            model, tokenizer, template, prefix, queries, words, batch_size, use_cache_prefix
-        )
+        outcome = predict_labels(model, tokenizer, template, prefix, queries, words, batch_size, use_cache_prefix,
+                                 reference_queries=reference_queries if "batch_calibrated" in modes else ())
+        for mode in modes:
+            predicted[mode][indices] = outcome[mode]
         used.append(len(kept))
         prefix_tokens = max(prefix_tokens, len(prefix_ids))
     labels = [example["label"] for example in examples]
     results: dict[str, Any] = {"demonstrations": min(used), "prefix_tokens": prefix_tokens}
-    results["accuracy"] = _accuracy(raw.tolist(), labels)
-    results.update(task.compute_metrics(raw.tolist(), labels))
-    if calibrate_scores:
-        results["calibrated_accuracy"] = _accuracy(calibrated.tolist(), labels)
-        metrics = task.compute_metrics(calibrated.tolist(), labels)
-        results.update({f"calibrated_{name}": value for name, value in metrics.items()})
+    for mode, values in predicted.items():
+        metrics = {"accuracy": _accuracy(values.tolist(), labels), **task.compute_metrics(values.tolist(), labels)}
+        results.update({metric_name(mode, name): value for name, value in metrics.items()})
     return results
 
 

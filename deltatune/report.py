@@ -64,10 +64,11 @@ def aggregate(results: dict[str, dict]) -> list[dict[str, Any]]:
             for key in ("train_seconds", "examples_per_s", "peak_memory_mb", "steps"):
                 row[key] = _mean_std([s.get(key) for s in done])[0]
             row["metrics"] = list(first["final"])
-            if "calibrated" in first:  # zero-/few-shot: contextual calibration, beside the raw scores
-                for metric in first["calibrated"]:
-                    mean, std = _mean_std([s["calibrated"].get(metric) for s in done])
-                    row[f"calibrated_{metric}_mean"], row[f"calibrated_{metric}_std"] = mean, std
+            for mode in ("calibrated", "batch_calibrated"):  # zero-/few-shot: beside the raw scores
+                for metric in first.get(mode, {}):
+                    mean, std = _mean_std([s[mode].get(metric) for s in done])
+                    row[f"{mode}_{metric}_mean"], row[f"{mode}_{metric}_std"] = mean, std
+            row["calibration_examples"] = first.get("calibration_examples")
         rows.append(row)
     return rows
 
@@ -115,9 +116,15 @@ def write_report(config, results: dict[str, dict], latency: list[dict], command:
         ]) + " |")
     calibrated = [r for r in rows if r.get(f"calibrated_{metrics[0]}_mean") is not None] if metrics else []
     if calibrated:
-        lines += ["", "Zero-/few-shot rows score label words by the frozen model's next-token log-probabilities "
-                  "(raw, above); with contextual calibration (Zhao et al. 2021): " + "; ".join(
-                      f"{r['label']} {_fmt_metric(r, 'calibrated_' + metrics[0])}" for r in calibrated) + "."]
+        text = ("Zero-/few-shot rows score label words by the frozen model's next-token log-probabilities (raw, "
+                "above); with contextual calibration (Zhao et al. 2021): " + "; ".join(
+                    f"{r['label']} {_fmt_metric(r, 'calibrated_' + metrics[0])}" for r in calibrated))
+        batch = [r for r in calibrated if r.get(f"batch_calibrated_{metrics[0]}_mean") is not None]
+        if batch:
+            text += (f"; with batch calibration over {batch[0]['calibration_examples']} unlabeled training inputs "
+                     "(Zhou et al. 2024): " + "; ".join(
+                         f"{r['label']} {_fmt_metric(r, 'batch_calibrated_' + metrics[0])}" for r in batch))
+        lines += ["", text + "."]
     if latency:
         lines += ["", "## Inference latency (median ms, sequence 128)", "",
                   "| variant | batch 1 | vs base | batch 16 | vs base |", "|---|---|---|---|---|"]

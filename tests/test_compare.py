@@ -75,6 +75,9 @@ def test_compare_prompting_baselines_are_rows_with_zero_trainable(tmp_path, sent
     decoder_dir = tmp_path / "tiny-llama"
     make_model("llama", kind="causal-lm").save_pretrained(decoder_dir)
     tiny_tokenizer().save_pretrained(decoder_dir)
+    # every review distinct, so training inputs that are not also dev inputs exist for batch calibration
+    reviews = sentiment_csv.read_text().splitlines()
+    sentiment_csv.write_text("\n".join([reviews[0]] + [f"{i}: {row}" for i, row in enumerate(reviews[1:])]) + "\n")
     out = tmp_path / "cmp"
     args = compare_args(decoder_dir, sentiment_csv, out, methods="zero-shot,few-shot", seeds=2)
     assert cli_main(args + ["-o", "few-shot:shots=2", "--no-latency"]) == 0
@@ -91,11 +94,13 @@ def test_compare_prompting_baselines_are_rows_with_zero_trainable(tmp_path, sent
         cell = results["cells"][f"few-shot-seed{seed}"]["summary"]
         assert cell["final"]["accuracy"] == pytest.approx(expected["accuracy"])
         assert cell["calibrated"]["accuracy"] == pytest.approx(expected["calibrated_accuracy"])
+        assert cell["batch_calibrated"]["accuracy"] == pytest.approx(expected["batch_calibrated_accuracy"])
         assert cell["demonstrations"] == 2 and cell["delta"] is None
     report = (out / "report.md").read_text()
     zero_line = next(line for line in report.splitlines() if line.startswith("| zero-shot |"))
     assert "| 0 | 0.000% | 0.00 MB |" in zero_line
     assert "contextual calibration" in report
+    assert "batch calibration over " in report and "unlabeled training inputs (Zhou et al. 2024): zero-shot" in report
     assert "Prompting baselines only: nothing trains" in report and "Budget per cell" not in report
 
     encoder_out = tmp_path / "cmp-encoder"

@@ -16,6 +16,7 @@ from deltatune.fewshot import (
     PromptTemplate,
     best_draw,
     calibrate,
+    calibration_sample,
     choose_demonstrations,
     complete,
     evaluate_fewshot,
@@ -181,6 +182,50 @@ def test_calibration_removes_a_constant_bias():
     torch.testing.assert_close(uniform, log_scores.softmax(-1))
 
 
+def test_batch_calibration_divides_by_the_mean_over_unlabeled_inputs():
+    log_scores = torch.tensor([[0.8, 0.2], [0.6, 0.4]]).log()
+    unlabeled = torch.tensor([[0.9, 0.1], [0.5, 0.5]]).log()  # mean p = (0.7, 0.3): this prompt leans to label 0
+    calibrated = calibrate(log_scores, unlabeled)
+    # (0.8/0.7, 0.2/0.3) and (0.6/0.7, 0.4/0.3), renormalised by hand
+    torch.testing.assert_close(calibrated, torch.tensor([[0.6316, 0.3684], [0.3913, 0.6087]]), atol=1e-4, rtol=0)
+    assert calibrated.argmax(-1).tolist() == [0, 1]
+
+
+def test_calibration_sample_is_seeded_and_never_holds_an_excluded_example():
+    pool = _pool(50)
+    excluded = {example_key(e) for e in pool[:10]}
+    sample = calibration_sample(pool, 30, seed=3, exclude=excluded)
+    assert len({example_key(e) for e in sample}) == 30 and not excluded & {example_key(e) for e in sample}
+    assert sample == calibration_sample(pool, 30, seed=3, exclude=excluded)
+    assert sample != calibration_sample(pool, 30, seed=4, exclude=excluded)
+    assert len(calibration_sample(pool, 100, exclude=excluded)) == 40  # all there is
+
+
+def test_evaluate_fewshot_batch_calibration_matches_scoring_by_hand(tokenizer):
+    train = [{"text": f"{word} film {i}", "text_pair": None, "label": y}
+             for i in range(30) for word, y in [("a moving", 1), ("a dull", 0)]]
+    dev = [{"text": f"{word} story {i}", "text_pair": None, "label": y}
+           for i in range(3) for word, y in [("a moving", 1), ("a dull", 0)]]
+    task = _fake_task("sst2", "classification", train, dev, metric_names=["accuracy"],
+                      label_names=["negative", "positive"])
+    model, template, words = _decoder("gpt2"), TEMPLATES["sst2"], [" negative", " positive"]
+    for shots in (0, 2):
+        result = evaluate_fewshot(model, tokenizer, task, shots=shots, seed=1, calibration_inputs=16)
+        shown = {example_key(d) for d in select_demonstrations(train, shots, 1)}
+        reference = calibration_sample(train, 16, 1, exclude={example_key(e) for e in dev} | shown)
+        assert result["calibration_examples"] == 16
+        prefix = template.build_prefix(select_demonstrations(train, shots, 1), words)
+        scores = score_labels(model, tokenizer, prefix,
+                              [template.format_query(e) for e in dev + reference], words)
+        probs = scores.softmax(-1)
+        predictions = (probs[: len(dev)] / probs[len(dev) :].mean(0)).argmax(-1)
+        expected = (predictions == torch.tensor([e["label"] for e in dev])).float().mean().item()
+        assert result["batch_calibrated_accuracy"] == pytest.approx(expected)
+    off = evaluate_fewshot(model, tokenizer, task, shots=2, seed=1, calibration_inputs=0)
+    assert "batch_calibrated_accuracy" not in off and off["calibration_examples"] == 0
+    assert off["calibrated_accuracy"] == result["calibrated_accuracy"] and off["accuracy"] == result["accuracy"]
+
+
 def _fake_task(name: str, kind: str, train: list[dict], dev: list[dict], **fields) -> Task:
     return Task(
         name=name,
@@ -257,10 +302,14 @@ def test_choose_demonstrations_keeps_the_draw_that_scores_best_on_held_out_train
     assert chosen == draws[2] and record["chosen_draw"] == 2
     assert record["validation_accuracies"] == [0.0, 0.0, 1.0, 0.0] and record["validation_examples"] == 20
     assert record["validation_calibrated_accuracies"] == [0.0, 0.0, 1.0, 0.0]
+    assert record["validation_batch_calibrated_accuracies"] == [0.0, 0.0, 1.0, 0.0]
     assert draws[0] == select_demonstrations(pool, 4, 5, evaluated)  # draw 0: the plain seeded draw
     shown = {template.format_query(d) for draw in draws for d in draw} | {"Review: review number 7\nSentiment:"}
-    validation = [q for q in seen_queries[0] if "number" in q]
+    validation = seen_queries[0][:20]
+    reference = seen_queries[0][20 + len(CONTENT_FREE_INPUTS) :]  # batch calibration's unlabeled inputs
     assert len(set(validation)) == 20 and not shown & set(validation)
+    assert len(set(reference)) == 60 - len(shown) - 20  # every other pool example: none shown, held out, evaluated
+    assert not (shown | set(validation)) & set(reference)
     assert all(queries == seen_queries[0] for queries in seen_queries)  # every draw on the same examples
     with pytest.raises(FewShotError, match="label words"):
         choose_demonstrations(None, None, template, [], [{"source": "x", "target": "y"}], 2)
@@ -281,16 +330,25 @@ def test_evaluate_fewshot_with_select_from_reports_each_mode_with_its_best_draw(
     assert record["validation_accuracies"] == [round(a, 4) for a in ranking["accuracy"]]
     assert record["chosen_draw"] == best_draw(ranking, "accuracy")
     assert record["chosen_draw_calibrated"] == best_draw(ranking, "calibrated_accuracy")
+    assert record["chosen_draw_batch_calibrated"] == best_draw(ranking, "batch_calibrated_accuracy")
+    reference = ranking["calibration_set"]
+    held_back = {example_key(e) for e in dev} | {example_key(d) for draw in ranking["draws"] for d in draw}
+    assert result["calibration_examples"] == len(reference) == 40 - 8 - len(held_back)  # 8 validation examples
     queries = [template.format_query(e) for e in dev]
     content_free = [template.format_query({"text": cf}) for cf in CONTENT_FREE_INPUTS]
+    reference_queries = [template.format_query(e) for e in reference]
     labels = torch.tensor([e["label"] for e in dev])
-    for key, draw in [("accuracy", record["chosen_draw"]), ("calibrated_accuracy", record["chosen_draw_calibrated"])]:
+    for key, draw in [("accuracy", record["chosen_draw"]), ("calibrated_accuracy", record["chosen_draw_calibrated"]),
+                      ("batch_calibrated_accuracy", record["chosen_draw_batch_calibrated"])]:
         prefix = template.build_prefix(ranking["draws"][draw], words)
-        scores = score_labels(model, tokenizer, prefix, queries + content_free, words)
+        scores = score_labels(model, tokenizer, prefix, queries + content_free + reference_queries, words)
+        examples, rest = scores[: len(dev)], scores[len(dev) :]
         if key == "calibrated_accuracy":
-            predictions = calibrate(scores[: len(dev)], scores[len(dev) :]).argmax(-1)
+            predictions = calibrate(examples, rest[: len(content_free)]).argmax(-1)
+        elif key == "batch_calibrated_accuracy":
+            predictions = calibrate(examples, rest[len(content_free) :]).argmax(-1)
         else:
-            predictions = scores[: len(dev)].argmax(-1)
+            predictions = examples.argmax(-1)
         assert result[key] == pytest.approx((predictions == labels).float().mean().item())
     generation = _fake_task("e2e", "generation", [{"source": "a", "target": "b"}] * 4, [{"source": "c"}],
                             metric_names=["bleu"])
