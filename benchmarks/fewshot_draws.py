@@ -30,7 +30,10 @@ from pathlib import Path
 
 import torch
 
-from deltatune.fewshot import calibrate, example_key, label_words_for, score_labels, select_demonstrations, template_for
+from deltatune.calibration import calibrate
+from deltatune.demonstrations import example_key, select_demonstrations
+from deltatune.fewshot import label_words_for, template_for
+from deltatune.prefix_cache import score_labels
 
 MODES = ("raw", "contextual", "batch_train", "batch_dev")
 

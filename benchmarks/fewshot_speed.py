@@ -21,7 +21,8 @@ import time
 
 import torch
 
-from deltatune.fewshot import evaluate_fewshot, label_words_for, select_demonstrations, template_for
+from deltatune.demonstrations import select_demonstrations
+from deltatune.fewshot import evaluate_fewshot, label_words_for, template_for
 from deltatune.models import load_model, load_tokenizer
 from deltatune.tasks import get_task
 

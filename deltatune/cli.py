@@ -201,6 +201,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_prompt(args: argparse.Namespace) -> int:
     """Zero-/few-shot prompting of a causal LM: the document's starting point."""
     from deltatune import fewshot
+    from deltatune.demonstrations import choose_demonstrations, select_demonstrations
     from deltatune.models import load_model, load_tokenizer
 
     model, tokenizer = load_model(args.model, "causal-lm"), load_tokenizer(args.model)
@@ -215,13 +216,13 @@ def cmd_prompt(args: argparse.Namespace) -> int:
         words = fewshot.label_words_for(task, template) if task.kind == "classification" else []
         pool = task.load("train", args.data_dir)
         if args.select_from > 1:
-            demonstrations, selection = fewshot.choose_demonstrations(
+            demonstrations, selection = choose_demonstrations(
                 model, tokenizer, template, words, pool, args.shots, args.seed, args.select_from)
             print(f"chose draw {selection['chosen_draw']} of {selection['candidates']} (accuracy on "
                   f"{selection['validation_examples']} held-out train examples: "
                   f"{selection['validation_accuracies']})", file=sys.stderr)
         else:
-            demonstrations = fewshot.select_demonstrations(pool, args.shots, seed=args.seed)
+            demonstrations = select_demonstrations(pool, args.shots, seed=args.seed)
         prefix = template.build_prefix(demonstrations, words)
     prompt = prefix + args.text
     completion = fewshot.complete(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens)

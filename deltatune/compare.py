@@ -90,7 +90,8 @@ def prompting_summary(config: TrainConfig) -> dict[str, Any]:
     label-word predictions' metrics (generation: greedy outputs); the calibrated ones (contextual, batch) are
     kept beside them.
     """
-    from deltatune.fewshot import CALIBRATIONS, evaluate_fewshot
+    from deltatune.calibration import CALIBRATIONS
+    from deltatune.fewshot import evaluate_fewshot
     from deltatune.models import load_model, load_tokenizer
     from deltatune.tasks import get_task
     from deltatune.train import peak_memory_mb, set_seed

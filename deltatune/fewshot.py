@@ -9,22 +9,18 @@ The founding lecture starts here: a large LM solves a new task when the prompt s
     дом =>                      -> " home"
 
 Classification is **label-word scoring**: each class has a verbalizer word (" negative" / " positive");
-the prediction is ``argmax_y log p(word_y | prompt)``, summing over the word's tokens when it has several.
-**Contextual calibration** (Zhao et al. 2021, "Calibrate Before Use", §5) removes the prompt's bias towards
-some words: with ``p_cf`` the label probabilities (normalised over labels) for content-free inputs ("N/A",
-"[MASK]", "", averaged), the calibrated prediction is ``argmax_y p(y|x) / p_cf(y)``. **Batch calibration**
-(Zhou et al. 2024, "Batch Calibration", §4) divides by the mean label probabilities over real unlabeled
-inputs instead, ``p_bc(y) = mean_j p(y|x_j)``: the paper takes the test batch; here ``x_j`` are training
-inputs (labels unused, `calibration_sample`), so the test set is never looked at and one query can be
-calibrated alone. With 4 demonstrations on SmolLM2-135M it turns a 51-84% spread over draws into 80-86%
-(docs/results/fewshot_smollm2.md). Generation (E2E) is greedy decoding that stops at a newline.
+the prediction is ``argmax_y log p(word_y | prompt)``, summing over the word's tokens when it has several,
+reported raw and after two calibrations (`calibration.py`): contextual (Zhao et al. 2021, content-free
+inputs) and batch (Zhou et al. 2024, unlabeled training inputs). With 4 demonstrations on SmolLM2-135M
+batch calibration turns a 51-84% spread over draws into 80-85% (docs/results/fewshot_smollm2.md).
+Demonstrations are drawn, and optionally chosen on training data, by `demonstrations.py`. Generation (E2E)
+is greedy decoding that stops at a newline.
 
 Speed: the demonstrations are one prefix shared by every example, encoded once (`prefix_cache.py`).
 """
 
 from __future__ import annotations
 
-import random
 import time
 import warnings
 from collections.abc import Sequence
@@ -35,6 +31,25 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from deltatune.calibration import (
+    CALIBRATIONS,
+    CONTENT_FREE_INPUTS,
+    accuracy,
+    calibrate,
+    metric_name,
+    mode_of,
+    predict_labels,
+)
+from deltatune.demonstrations import (
+    best_draw,
+    calibration_sample,
+    choose_demonstrations,
+    example_key,
+    plan_demonstrations,
+    rank_demonstration_draws,
+    select_demonstrations,
+    selection_record,
+)
 from deltatune.errors import FewShotError
 from deltatune.prefix_cache import (
     complete,
@@ -45,14 +60,12 @@ from deltatune.prefix_cache import (
     score_labels,
 )
 
-__all__ = ["FewShotError", "PromptTemplate", "calibrate", "complete", "evaluate_fewshot", "generate_greedy",
-           "calibration_sample", "score_labels", "select_demonstrations", "template_for"]
+__all__ = ["CONTENT_FREE_INPUTS", "FewShotError", "PromptTemplate", "best_draw", "calibrate", "calibration_sample",
+           "choose_demonstrations", "complete", "evaluate_fewshot", "example_key", "generate_greedy",
+           "plan_demonstrations", "predict_labels", "rank_demonstration_draws", "score_labels",
+           "select_demonstrations", "template_for"]
 
 Example = dict[str, Any]
-# Zhao et al. (2021) average the calibration over these three content-free inputs.
-CONTENT_FREE_INPUTS: tuple[str, ...] = ("N/A", "[MASK]", "")
-# Prediction modes of label-word scoring; a mode's metrics are named ``<mode>_<metric>`` (raw: ``<metric>``).
-CALIBRATIONS: tuple[str, ...] = ("calibrated", "batch_calibrated")
 
 
 @dataclass(frozen=True)
@@ -145,226 +158,6 @@ def label_words_for(task: Any, template: PromptTemplate) -> list[str]:
     if names and len(words) != len(names):
         raise FewShotError(f"template for {task.name!r} has {len(words)} label words for {len(names)} labels")
     return words
-
-
-# ---------------------------------------------------------------------------------------------
-# Demonstrations
-
-
-def example_key(example: Example) -> tuple:
-    """What makes two examples the same prompt: the texts (classification) or the source (generation)."""
-    if "source" in example:
-        return ("source", example["source"])
-    return ("text", example.get("text"), example.get("text_pair"))
-
-
-def select_demonstrations(
-    pool: Sequence[Example], shots: int, seed: int = 0, exclude: set[tuple] | frozenset = frozenset()
-) -> list[Example]:
-    """`shots` distinct examples of `pool`, none with a key in `exclude`, drawn with a fixed seed.
-
-    Classification draws round-robin over labels (balanced), then shuffles the order so that no label
-    always comes last.
-    """
-    if shots <= 0:
-        return []
-    rng = random.Random(seed)
-    candidates = [i for i, example in enumerate(pool) if example_key(example) not in exclude]
-    rng.shuffle(candidates)
-    if pool and "label" in pool[0]:
-        by_label: dict[int, list[int]] = {}
-        for i in candidates:
-            by_label.setdefault(pool[i]["label"], []).append(i)
-        queues = [by_label[label] for label in sorted(by_label)]
-        candidates = [
-            queue[r] for r in range(max(map(len, queues), default=0)) for queue in queues if r < len(queue)
-        ]
-    chosen, seen = [], set()
-    for i in candidates:
-        key = example_key(pool[i])
-        if key not in seen:
-            chosen.append(pool[i])
-            seen.add(key)
-        if len(chosen) == shots:
-            break
-    rng.shuffle(chosen)
-    return chosen
-
-
-def plan_demonstrations(
-    examples: Sequence[Example],
-    pool: Sequence[Example],
-    shots: int,
-    seed: int = 0,
-    shared: list[Example] | None = None,
-) -> list[tuple[list[Example], list[int]]]:
-    """Groups ``(demonstrations, indices of examples)`` that cover every example once.
-
-    Most examples share one set of demonstrations (`shared`, else the seeded draw: one cached prefix); an
-    example that is itself one of them gets its own set drawn without it, so no example is ever shown its
-    own answer.
-    """
-    shared = select_demonstrations(pool, shots, seed) if shared is None else shared
-    shared_keys = {example_key(d) for d in shared}
-    groups: dict[tuple | None, list[int]] = {}
-    for i, example in enumerate(examples):
-        key = example_key(example)
-        groups.setdefault(key if key in shared_keys else None, []).append(i)
-    return [
-        (shared if key is None else select_demonstrations(pool, shots, seed, exclude={key}), indices)
-        for key, indices in groups.items()
-    ]
-
-
-def calibration_sample(
-    pool: Sequence[Example], size: int, seed: int = 0, exclude: set[tuple] | frozenset = frozenset()
-) -> list[Example]:
-    """`size` training examples drawn at random with a fixed seed, none with a key in `exclude`: the
-    unlabeled inputs of batch calibration (their labels are never read, so the sample follows the training
-    split's own label mix)."""
-    indices = [i for i, example in enumerate(pool) if example_key(example) not in exclude]
-    return [pool[i] for i in random.Random(f"calibration-{seed}").sample(indices, min(size, len(indices)))]
-
-
-def candidate_seed(seed: int, draw: int) -> int:
-    """Seed of candidate draw `draw` in `rank_demonstration_draws`; draw 0 is the plain seeded draw."""
-    return seed + 1000 * draw
-
-
-def rank_demonstration_draws(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    template: PromptTemplate,
-    label_words: Sequence[str],
-    pool: Sequence[Example],
-    shots: int,
-    seed: int = 0,
-    candidates: int = 8,
-    validation_size: int = 256,
-    exclude: set[tuple] | frozenset = frozenset(),
-    batch_size: int = 16,
-    calibration_inputs: int = 256,
-) -> dict[str, Any]:
-    """Score `candidates` seeded draws of `shots` demonstrations on held-out training examples.
-
-    With few demonstrations, which ones are drawn moves accuracy by tens of points (Zhao et al. 2021, §3;
-    SmolLM2 on SST-2, 4-shot: 51-84% over 12 draws). Each candidate prefix scores the same `validation_size`
-    other training examples (balanced over labels, none of them a candidate demonstration or in `exclude`,
-    e.g. the evaluation examples), raw, contextually calibrated and batch calibrated over
-    `calibration_inputs` other unlabeled training inputs (0: not). Draw 0 is the plain seeded draw.
-    Returns ``draws``, ``accuracy``, ``calibrated_accuracy`` and ``batch_calibrated_accuracy`` (one per draw),
-    ``validation_examples``, ``calibration_set`` (the batch calibration inputs), ``seconds``.
-    """
-    if not label_words or not pool or "label" not in pool[0]:
-        raise FewShotError("choosing demonstrations scores label words: it needs a labelled classification task")
-    started = time.perf_counter()
-    draws = [select_demonstrations(pool, shots, candidate_seed(seed, i), exclude) for i in range(candidates)]
-    used = set(exclude) | {example_key(d) for draw in draws for d in draw}
-    validation = select_demonstrations(pool, validation_size, seed=candidate_seed(seed, candidates), exclude=used)
-    if len({example["label"] for example in validation}) < 2:
-        raise FewShotError(
-            f"choosing demonstrations needs held-out training examples of at least two labels; the train split "
-            f"has {len(validation)} left after the {candidates} candidate draws: use select_from=1"
-        )
-    reference = calibration_sample(pool, calibration_inputs, seed, used | {example_key(e) for e in validation})
-    queries = [template.format_query(example) for example in validation]
-    reference_queries = [template.format_query(example) for example in reference]
-    labels = [example["label"] for example in validation]
-    accuracies: dict[str, list[float]] = {}
-    for draw in draws:
-        prefix = template.build_prefix(draw, label_words)
-        predicted = predict_labels(model, tokenizer, template, prefix, queries, label_words, batch_size,
-                                   reference_queries=reference_queries)
-        for mode, values in predicted.items():
-            accuracies.setdefault(metric_name(mode, "accuracy"), []).append(_accuracy(values.tolist(), labels))
-    return {"draws": draws, **accuracies, "validation_examples": len(validation), "calibration_set": reference,
-            "seconds": round(time.perf_counter() - started, 2)}
-
-
-def best_draw(ranking: dict[str, Any], by: str = "accuracy") -> int:
-    """Index of the draw with the highest `by` accuracy on the held-out examples (ties: the earlier draw)."""
-    return max(range(len(ranking[by])), key=lambda i: (ranking[by][i], -i))
-
-
-def choose_demonstrations(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    template: PromptTemplate,
-    label_words: Sequence[str],
-    pool: Sequence[Example],
-    shots: int,
-    seed: int = 0,
-    candidates: int = 8,
-    validation_size: int = 256,
-    exclude: set[tuple] | frozenset = frozenset(),
-    batch_size: int = 16,
-    by: str = "accuracy",
-) -> tuple[list[Example], dict[str, Any]]:
-    """The best of `candidates` seeded draws (`rank_demonstration_draws`) by `by` (``accuracy``: raw
-    label-word scores, ``calibrated_accuracy``), chosen on training data only: the demonstrations and a
-    record of the choice."""
-    ranking = rank_demonstration_draws(
-        model, tokenizer, template, label_words, pool, shots, seed, candidates, validation_size, exclude, batch_size
-    )
-    best = best_draw(ranking, by)
-    return ranking["draws"][best], _selection_record(ranking, chosen_draw=best)
-
-
-def _selection_record(ranking: dict[str, Any], **chosen: int) -> dict[str, Any]:
-    record = {"candidates": len(ranking["draws"]), "validation_examples": ranking["validation_examples"], **chosen}
-    for mode in ("raw", *CALIBRATIONS):
-        if metric_name(mode, "accuracy") in ranking:
-            name = "validation_accuracies" if mode == "raw" else f"validation_{mode}_accuracies"
-            record[name] = [round(a, 4) for a in ranking[metric_name(mode, "accuracy")]]
-    return {**record, "seconds": ranking["seconds"]}
-
-
-def calibrate(log_scores: torch.Tensor, reference_log_scores: torch.Tensor) -> torch.Tensor:
-    """``p(y|x) / mean_r p(y|r)``, renormalised; both normalised over labels first.
-
-    With content-free references ("N/A", ...) this is contextual calibration (Zhao et al. 2021, §5:
-    W = diag(p_cf)^-1, b = 0); with real unlabeled inputs it is batch calibration (Zhou et al. 2024).
-    log_scores: (N, labels); reference_log_scores: (R, labels). Returns probabilities (N, labels).
-    """
-    probs = log_scores.softmax(dim=-1)
-    reference = reference_log_scores.softmax(dim=-1).mean(dim=0)
-    calibrated = probs / reference
-    return calibrated / calibrated.sum(dim=-1, keepdim=True)
-
-
-def metric_name(mode: str, metric: str) -> str:
-    """``accuracy`` for raw predictions, ``calibrated_accuracy`` / ``batch_calibrated_accuracy`` otherwise."""
-    return metric if mode == "raw" else f"{mode}_{metric}"
-
-
-def _mode_of(name: str) -> str:
-    return next((mode for mode in sorted(CALIBRATIONS, key=len, reverse=True) if name.startswith(mode + "_")), "raw")
-
-
-def predict_labels(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    template: PromptTemplate,
-    prefix: str,
-    queries: list[str],
-    label_words: Sequence[str],
-    batch_size: int = 16,
-    use_cache_prefix: bool = True,
-    reference_queries: Sequence[str] = (),
-) -> dict[str, torch.Tensor]:
-    """Label predictions for `queries` after `prefix` by mode: ``raw``, ``calibrated`` (contextual, with the
-    template's content-free queries) and, given unlabeled `reference_queries`, ``batch_calibrated``. All
-    queries are scored in one batched pass."""
-    content_free = template.content_free_queries()
-    scores = score_labels(model, tokenizer, prefix, [*queries, *content_free, *reference_queries], label_words,
-                          batch_size, use_cache_prefix)
-    n, c = len(queries), len(content_free)
-    example_scores = scores[:n]
-    predicted = {"raw": example_scores.argmax(dim=-1),
-                 "calibrated": calibrate(example_scores, scores[n : n + c]).argmax(dim=-1)}
-    if reference_queries:
-        predicted["batch_calibrated"] = calibrate(example_scores, scores[n + c :]).argmax(dim=-1)
-    return predicted
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,7 +267,7 @@ def evaluate_fewshot(
     if choosing:
         # each reported number uses the draw that was best for it on the held-out examples
         chosen = {mode: best_draw(ranking, metric_name(mode, "accuracy")) for mode in modes}
-        selection = _selection_record(
+        selection = selection_record(
             ranking, **{"chosen_draw" + ("" if mode == "raw" else f"_{mode}"): draw for mode, draw in chosen.items()}
         )
     if classification:
@@ -491,7 +284,7 @@ def evaluate_fewshot(
             results = {}
             for draw in dict.fromkeys(chosen.values()):
                 outcome = run(ranking["draws"][draw])
-                results.update({name: value for name, value in outcome.items() if chosen[_mode_of(name)] == draw})
+                results.update({name: value for name, value in outcome.items() if chosen[mode_of(name)] == draw})
         results["calibration_examples"] = len(reference)
     else:
         groups = plan_demonstrations(examples, pool, shots, seed)
@@ -534,13 +327,9 @@ def _evaluate_classification(
     labels = [example["label"] for example in examples]
     results: dict[str, Any] = {"demonstrations": min(used), "prefix_tokens": prefix_tokens}
     for mode, values in predicted.items():
-        metrics = {"accuracy": _accuracy(values.tolist(), labels), **task.compute_metrics(values.tolist(), labels)}
+        metrics = {"accuracy": accuracy(values.tolist(), labels), **task.compute_metrics(values.tolist(), labels)}
         results.update({metric_name(mode, name): value for name, value in metrics.items()})
     return results
-
-
-def _accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
-    return sum(p == y for p, y in zip(predictions, labels)) / len(labels)
 
 
 def _evaluate_generation(

@@ -9,27 +9,20 @@ import warnings
 import pytest
 import torch
 
-from deltatune.fewshot import (
-    CONTENT_FREE_INPUTS,
-    TEMPLATES,
-    FewShotError,
-    PromptTemplate,
+from deltatune.calibration import CONTENT_FREE_INPUTS, calibrate
+from deltatune.demonstrations import (
     best_draw,
-    calibrate,
     calibration_sample,
     choose_demonstrations,
-    complete,
-    evaluate_fewshot,
     example_key,
-    fit_demonstrations,
-    generate_greedy,
     plan_demonstrations,
     rank_demonstration_draws,
-    score_labels,
     select_demonstrations,
 )
+from deltatune.errors import FewShotError
+from deltatune.fewshot import TEMPLATES, PromptTemplate, evaluate_fewshot, fit_demonstrations
 from deltatune.models import tiny_model, tiny_tokenizer
-from deltatune.prefix_cache import prefix_token_ids
+from deltatune.prefix_cache import complete, generate_greedy, prefix_token_ids, score_labels
 from deltatune.tasks.task import Task
 
 PREFIX = (
@@ -296,7 +289,7 @@ def test_choose_demonstrations_keeps_the_draw_that_scores_best_on_held_out_train
             rows.append(right if good in prefix else 1 - right)
         return torch.stack(rows)
 
-    monkeypatch.setattr("deltatune.fewshot.score_labels", fake_score_labels)
+    monkeypatch.setattr("deltatune.calibration.score_labels", fake_score_labels)
     chosen, record = choose_demonstrations(None, None, template, words, pool, 4, seed=5, candidates=4,
                                            validation_size=20, exclude=evaluated)
     assert chosen == draws[2] and record["chosen_draw"] == 2
