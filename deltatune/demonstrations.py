@@ -4,13 +4,15 @@ With a handful of demonstrations, which ones are drawn moves a small LM's accura
 (Zhao et al. 2021, §3; SmolLM2 on SST-2, 4-shot: 51-84% over 12 draws). `select_demonstrations` draws
 them with a seed; `plan_demonstrations` makes sure no example is shown its own answer;
 `rank_demonstration_draws` scores several draws on held-out training examples so that one can be chosen
-on training data only; `calibration_sample` holds out the unlabeled inputs of batch calibration.
+on training data only; `calibration_sample` holds out the unlabeled inputs of batch calibration;
+`fit_demonstrations` drops demonstrations until the prompt fits the model's context.
 """
 
 from __future__ import annotations
 
 import random
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from deltatune.calibration import CALIBRATIONS, accuracy, metric_name, predict_labels
 from deltatune.errors import FewShotError
+from deltatune.prefix_cache import context_length, encode_text, prefix_token_ids
 
 Example = dict[str, Any]
 
@@ -140,10 +143,13 @@ def rank_demonstration_draws(
     reference = calibration_sample(pool, calibration_inputs, seed, used | {example_key(e) for e in validation})
     queries = [template.format_query(example) for example in validation]
     reference_queries = [template.format_query(example) for example in reference]
+    longest = longest_continuation(tokenizer, [*queries, *template.content_free_queries(), *reference_queries],
+                                   label_words)
     labels = [example["label"] for example in validation]
     accuracies: dict[str, list[float]] = {}
     for draw in draws:
-        prefix = template.build_prefix(draw, label_words)
+        kept, _ = fit_demonstrations(model, tokenizer, template, draw, label_words, longest)
+        prefix = template.build_prefix(kept, label_words)
         predicted = predict_labels(model, tokenizer, template, prefix, queries, label_words, batch_size,
                                    reference_queries=reference_queries)
         for mode, values in predicted.items():
@@ -188,3 +194,43 @@ def selection_record(ranking: dict[str, Any], **chosen: int) -> dict[str, Any]:
             name = "validation_accuracies" if mode == "raw" else f"validation_{mode}_accuracies"
             record[name] = [round(a, 4) for a in ranking[metric_name(mode, "accuracy")]]
     return {**record, "seconds": ranking["seconds"]}
+
+
+def longest_continuation(tokenizer: PreTrainedTokenizerBase, queries: Sequence[str], label_words: Sequence[str]) -> int:
+    """Tokens the longest query plus the longest label word (all but its last token) add after the prefix."""
+    longest_label = max((len(encode_text(tokenizer, word)) for word in label_words), default=1) - 1
+    return max(len(encode_text(tokenizer, query)) for query in queries) + longest_label
+
+
+def fit_demonstrations(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    template: Any,
+    demonstrations: list[Example],
+    label_words: Sequence[str],
+    longest_continuation: int,
+) -> tuple[list[Example], list[int]]:
+    """Drop demonstrations from the end until prefix + the longest continuation fit the model's context.
+
+    Returns the demonstrations kept and the prefix token ids; warns when some were dropped and raises
+    `FewShotError` when even the zero-shot prompt is too long.
+    """
+    limit, kept = context_length(model), list(demonstrations)
+    while True:
+        prefix_ids = prefix_token_ids(tokenizer, template.build_prefix(kept, label_words))
+        if limit is None or len(prefix_ids) + longest_continuation <= limit:
+            break
+        if not kept:
+            raise FewShotError(
+                f"the longest example needs {len(prefix_ids) + longest_continuation} tokens even zero-shot, "
+                f"more than the model's context of {limit} tokens; use shorter texts or another model"
+            )
+        kept.pop()
+    if len(kept) < len(demonstrations):
+        warnings.warn(
+            f"few-shot prompt too long for the model's context of {limit} tokens: dropped "
+            f"{len(demonstrations) - len(kept)} of {len(demonstrations)} demonstrations "
+            f"({len(kept)}-shot now)",
+            stacklevel=3,
+        )
+    return kept, prefix_ids

@@ -22,7 +22,6 @@ Speed: the demonstrations are one prefix shared by every example, encoded once (
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,8 @@ from deltatune.demonstrations import (
     calibration_sample,
     choose_demonstrations,
     example_key,
+    fit_demonstrations,
+    longest_continuation,
     plan_demonstrations,
     rank_demonstration_draws,
     select_demonstrations,
@@ -53,10 +54,8 @@ from deltatune.demonstrations import (
 from deltatune.errors import FewShotError
 from deltatune.prefix_cache import (
     complete,
-    context_length,
     encode_text,
     generate_greedy,
-    prefix_token_ids,
     score_labels,
 )
 
@@ -158,44 +157,6 @@ def label_words_for(task: Any, template: PromptTemplate) -> list[str]:
     if names and len(words) != len(names):
         raise FewShotError(f"template for {task.name!r} has {len(words)} label words for {len(names)} labels")
     return words
-
-
-# ---------------------------------------------------------------------------------------------
-# Fitting the context
-
-
-def fit_demonstrations(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    template: PromptTemplate,
-    demonstrations: list[Example],
-    label_words: Sequence[str],
-    longest_continuation: int,
-) -> tuple[list[Example], list[int]]:
-    """Drop demonstrations from the end until prefix + the longest continuation fit the model's context.
-
-    Returns the demonstrations kept and the prefix token ids; warns when some were dropped and raises
-    `FewShotError` when even the zero-shot prompt is too long.
-    """
-    limit, kept = context_length(model), list(demonstrations)
-    while True:
-        prefix_ids = prefix_token_ids(tokenizer, template.build_prefix(kept, label_words))
-        if limit is None or len(prefix_ids) + longest_continuation <= limit:
-            break
-        if not kept:
-            raise FewShotError(
-                f"the longest example needs {len(prefix_ids) + longest_continuation} tokens even zero-shot, "
-                f"more than the model's context of {limit} tokens; use shorter texts or another model"
-            )
-        kept.pop()
-    if len(kept) < len(demonstrations):
-        warnings.warn(
-            f"few-shot prompt too long for the model's context of {limit} tokens: dropped "
-            f"{len(demonstrations) - len(kept)} of {len(demonstrations)} demonstrations "
-            f"({len(kept)}-shot now)",
-            stacklevel=3,
-        )
-    return kept, prefix_ids
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,16 +268,13 @@ def _evaluate_classification(
     model, tokenizer, task, template, examples, groups, modes, reference_queries, batch_size, use_cache_prefix
 ) -> dict[str, Any]:
     words = label_words_for(task, template)
-    label_ids = [encode_text(tokenizer, word) for word in words]
-    longest_label = max(len(ids) for ids in label_ids) - 1
     content_free = template.content_free_queries()
     predicted = {mode: torch.zeros(len(examples), dtype=torch.long) for mode in modes}
     used, prefix_tokens = [], 0
     for demonstrations, indices in groups:
         queries = [template.format_query(examples[i]) for i in indices]
-        longest = max(len(encode_text(tokenizer, q)) for q in queries + content_free + reference_queries)
-        kept, prefix_ids = fit_demonstrations(model, tokenizer, template, demonstrations, words,
-                                              longest + longest_label)
+        longest = longest_continuation(tokenizer, [*queries, *content_free, *reference_queries], words)
+        kept, prefix_ids = fit_demonstrations(model, tokenizer, template, demonstrations, words, longest)
         prefix = template.build_prefix(kept, words)
         outcome = predict_labels(model, tokenizer, template, prefix, queries, words, batch_size, use_cache_prefix,
                                  reference_queries=reference_queries if "batch_calibrated" in modes else ())

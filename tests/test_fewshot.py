@@ -15,12 +15,13 @@ from deltatune.demonstrations import (
     calibration_sample,
     choose_demonstrations,
     example_key,
+    fit_demonstrations,
     plan_demonstrations,
     rank_demonstration_draws,
     select_demonstrations,
 )
 from deltatune.errors import FewShotError
-from deltatune.fewshot import TEMPLATES, PromptTemplate, evaluate_fewshot, fit_demonstrations
+from deltatune.fewshot import TEMPLATES, PromptTemplate, evaluate_fewshot
 from deltatune.models import tiny_model, tiny_tokenizer
 from deltatune.prefix_cache import complete, generate_greedy, prefix_token_ids, score_labels
 from deltatune.tasks.task import Task
@@ -165,6 +166,17 @@ def test_an_overlong_prompt_drops_demonstrations_with_a_warning(tokenizer):
         fit_demonstrations(model, tokenizer, template, demonstrations, words, 200)
 
 
+def test_ranking_draws_fits_each_prefix_into_the_context(tokenizer):
+    model = _decoder("gpt2")  # learned positions: 128, a longer prompt would index past them
+    long_text = "the acting was terrible , a weak plot and a lazy dog " * 2
+    pool = [{"text": f"{long_text} {i}", "text_pair": None, "label": i % 2} for i in range(40)]
+    template, words = PromptTemplate("Review: {text}\nSentiment:"), [" negative", " positive"]
+    with pytest.warns(UserWarning, match=r"dropped \d of 4 demonstrations"):
+        ranking = rank_demonstration_draws(model, tokenizer, template, words, pool, 4, candidates=2,
+                                           validation_size=4, calibration_inputs=4)
+    assert len(ranking["accuracy"]) == len(ranking["batch_calibrated_accuracy"]) == 2
+
+
 def test_calibration_removes_a_constant_bias():
     log_scores = torch.tensor([[0.0, -0.5], [0.0, -1.5]]).log_softmax(-1)  # always prefers label 0
     content_free = torch.tensor([[0.0, -1.0]])  # the prompt alone already prefers label 0 that much
@@ -269,7 +281,7 @@ def test_evaluate_fewshot_generation_end_to_end(tokenizer):
     assert result["examples"] == 1 and result["demonstrations"] == 2 and "bleu" in result
 
 
-def test_choose_demonstrations_keeps_the_draw_that_scores_best_on_held_out_train_examples(monkeypatch):
+def test_choose_demonstrations_keeps_the_draw_that_scores_best_on_held_out_train_examples(monkeypatch, tokenizer):
     pool = _pool(60)
     template, words = PromptTemplate("Review: {text}\nSentiment:"), [" negative", " positive"]
     evaluated = {example_key({"text": "review number 7", "text_pair": None})}  # also in the pool
@@ -290,7 +302,7 @@ def test_choose_demonstrations_keeps_the_draw_that_scores_best_on_held_out_train
         return torch.stack(rows)
 
     monkeypatch.setattr("deltatune.calibration.score_labels", fake_score_labels)
-    chosen, record = choose_demonstrations(None, None, template, words, pool, 4, seed=5, candidates=4,
+    chosen, record = choose_demonstrations(_decoder("llama"), tokenizer, template, words, pool, 4, seed=5, candidates=4,
                                            validation_size=20, exclude=evaluated)
     assert chosen == draws[2] and record["chosen_draw"] == 2
     assert record["validation_accuracies"] == [0.0, 0.0, 1.0, 0.0] and record["validation_examples"] == 20
