@@ -6,7 +6,7 @@ calibrations divide the label probabilities by a reference distribution (`calibr
 
 - **contextual** (Zhao et al. 2021, "Calibrate Before Use", §5): the mean over content-free inputs
   ("N/A", "[MASK]", "");
-- **batch** (Zhou et al. 2024, "Batch Calibration", §4): the mean over real unlabeled inputs,
+- **batch** (Zhou et al. 2024, "Batch Calibration", ICLR, arXiv:2309.17249): the mean over real unlabeled inputs,
   ``p_bc(y) = mean_j p(y|x_j)``. The paper takes the test batch; deltatune takes training inputs with
   their labels unread (`demonstrations.calibration_sample`), so the test set is never looked at.
 """
