@@ -174,9 +174,16 @@ def _plots(out: Path, rows: list[dict], latency: list[dict], metrics: list[str],
     if done and sweep is None:
         figure, axis = plt.subplots(figsize=(6.5, 4.2))
         for row in [r for r in done if not r["trainable_parameters"]]:  # prompting: nothing trained, a floor
-            axis.axhline(100 * row[f"{metrics[0]}_mean"], linestyle="--", color="gray", alpha=0.7)
-            axis.annotate(f"{row['label']} (0 trained)", (0.01, 100 * row[f"{metrics[0]}_mean"]),
-                          xycoords=("axes fraction", "data"), xytext=(0, 3), textcoords="offset points", fontsize=9)
+            # raw label-word scoring dashed, labelled on the left; batch-calibrated dotted, on the right
+            floors = (("", "--", 0.01, ""), ("batch_calibrated_", ":", 0.99, ", batch-calibrated"))
+            for prefix, style, x, suffix in floors:
+                value = row.get(f"{prefix}{metrics[0]}_mean")
+                if value is None:
+                    continue
+                axis.axhline(100 * value, linestyle=style, color="gray", alpha=0.7)
+                axis.annotate(f"{row['label']}{suffix} (0 trained)", (x, 100 * value),
+                              xycoords=("axes fraction", "data"), xytext=(0, 3), textcoords="offset points",
+                              fontsize=9, ha="left" if x < 0.5 else "right")
         for row in [r for r in done if r["trainable_parameters"]]:
             axis.errorbar(row["trainable_parameters"], 100 * row[f"{metrics[0]}_mean"],
                           yerr=100 * row[f"{metrics[0]}_std"], fmt="o", capsize=4, label=row["label"])
