@@ -142,9 +142,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _compare_config(args: argparse.Namespace):
     from deltatune.compare import CompareConfig
 
-    data_dir = args.data_dir
-    if data_dir is None and not os.environ.get("DELTATUNE_DATA") and Path("../shared/data").is_dir():
-        data_dir = str(Path("../shared/data").resolve())  # the offline data folder beside the repo
+    data_dir = args.data_dir or os.environ.get("DELTATUNE_DATA")
+    if data_dir is None and Path("../shared/data").is_dir():
+        data_dir = "../shared/data"  # the offline data folder beside the repo
+    if data_dir is not None:  # one spelling per folder in the cells' configs, so finished cells are reused
+        data_dir = str(Path(data_dir).expanduser().resolve())
     return CompareConfig(
         model=args.model, task=args.task, task_options=task_options(args) if args.task else {},
         methods=args.methods.split(","), seeds=args.seeds, budget=args.budget, out=args.out,

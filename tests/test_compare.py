@@ -128,3 +128,19 @@ def test_prompting_cells_refuse_unknown_options():
         config = TrainConfig(model="smollm2", task="sst2", method=method, out="unused", method_options=options)
         with pytest.raises(ValueError, match="unknown .* option"):
             prompting_summary(config)
+
+
+def test_compare_records_one_data_folder_however_it_was_given(tmp_path, monkeypatch):
+    """--data-dir, $DELTATUNE_DATA and a relative path to the same folder give the same cell config, so a
+    rerun reuses finished cells whichever way the folder was named."""
+    from deltatune.cli import _compare_config, build_parser
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DELTATUNE_DATA", raising=False)
+    by_flag = _compare_config(build_parser().parse_args(["compare", "--data-dir", "data"]))
+    monkeypatch.setenv("DELTATUNE_DATA", str(folder))
+    by_variable = _compare_config(build_parser().parse_args(["compare"]))
+    assert by_flag.data_dir == by_variable.data_dir == str(folder.resolve())
+
