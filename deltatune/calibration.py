@@ -47,7 +47,7 @@ def metric_name(mode: str, metric: str) -> str:
 
 def mode_of(name: str) -> str:
     """The prediction mode a metric name belongs to (``raw``, ``calibrated``, ``batch_calibrated``)."""
-    return next((mode for mode in sorted(CALIBRATIONS, key=len, reverse=True) if name.startswith(mode + "_")), "raw")
+    return next((mode for mode in CALIBRATIONS if name.startswith(mode + "_")), "raw")
 
 
 def predict_labels(

@@ -218,8 +218,10 @@ def cmd_prompt(args: argparse.Namespace) -> int:
         words = fewshot.label_words_for(task, template) if task.kind == "classification" else []
         pool = task.load("train", args.data_dir)
         if args.select_from > 1:
+            # ranked by raw accuracy: no batch calibration inputs to score
             demonstrations, selection = choose_demonstrations(
-                model, tokenizer, template, words, pool, args.shots, args.seed, args.select_from)
+                model, tokenizer, template, words, pool, args.shots, seed=args.seed, candidates=args.select_from,
+                calibration_inputs=0)
             print(f"chose draw {selection['chosen_draw']} of {selection['candidates']} (accuracy on "
                   f"{selection['validation_examples']} held-out train examples: "
                   f"{selection['validation_accuracies']})", file=sys.stderr)

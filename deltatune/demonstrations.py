@@ -170,19 +170,13 @@ def choose_demonstrations(
     label_words: Sequence[str],
     pool: Sequence[Example],
     shots: int,
-    seed: int = 0,
-    candidates: int = 8,
-    validation_size: int = 256,
-    exclude: set[tuple] | frozenset = frozenset(),
-    batch_size: int = 16,
     by: str = "accuracy",
+    **ranking_options: Any,
 ) -> tuple[list[Example], dict[str, Any]]:
-    """The best of `candidates` seeded draws (`rank_demonstration_draws`) by `by` (``accuracy``: raw
-    label-word scores, ``calibrated_accuracy``), chosen on training data only: the demonstrations and a
-    record of the choice."""
-    ranking = rank_demonstration_draws(
-        model, tokenizer, template, label_words, pool, shots, seed, candidates, validation_size, exclude, batch_size
-    )
+    """The best draw of `rank_demonstration_draws` (`ranking_options`: seed, candidates, validation_size, ...)
+    by `by` (``accuracy``: raw label-word scores, ``calibrated_accuracy``, ``batch_calibrated_accuracy``),
+    chosen on training data only: the demonstrations and a record of the choice."""
+    ranking = rank_demonstration_draws(model, tokenizer, template, label_words, pool, shots, **ranking_options)
     best = best_draw(ranking, by)
     return ranking["draws"][best], selection_record(ranking, chosen_draw=best)
 

@@ -207,7 +207,7 @@ def evaluate_fewshot(
     modes = ["raw", *CALIBRATIONS] if calibrate else ["raw"]
     choosing = select_from > 1 and shots > 0
     started = time.perf_counter()
-    selection, reference = None, []
+    selection, reference, plain_draw = None, [], None
     if choosing:
         if not classification:
             raise FewShotError(
@@ -221,8 +221,8 @@ def evaluate_fewshot(
         )
         reference = ranking["calibration_set"]
     elif batch_calibration:  # none of the evaluated examples, none of the demonstrations
-        shown = {example_key(d) for d in select_demonstrations(pool, shots, seed)}
-        reference = calibration_sample(pool, calibration_inputs, seed, evaluated | shown)
+        plain_draw = select_demonstrations(pool, shots, seed)  # what plan_demonstrations would share
+        reference = calibration_sample(pool, calibration_inputs, seed, evaluated | {example_key(d) for d in plain_draw})
     if not reference and "batch_calibrated" in modes:  # off, or evaluating on the train split itself
         modes.remove("batch_calibrated")
     if choosing:
@@ -240,7 +240,7 @@ def evaluate_fewshot(
                                             reference_queries, batch_size, use_cache_prefix)
 
         if selection is None:
-            results = run(None)
+            results = run(plain_draw)
         else:  # one pass per distinct chosen draw; each mode keeps the numbers of its own draw
             results = {}
             for draw in dict.fromkeys(chosen.values()):
@@ -276,8 +276,9 @@ def _evaluate_classification(
         longest = longest_continuation(tokenizer, [*queries, *content_free, *reference_queries], words)
         kept, prefix_ids = fit_demonstrations(model, tokenizer, template, demonstrations, words, longest)
         prefix = template.build_prefix(kept, words)
+        # reference_queries is empty exactly when batch calibration is off
         outcome = predict_labels(model, tokenizer, template, prefix, queries, words, batch_size, use_cache_prefix,
-                                 reference_queries=reference_queries if "batch_calibrated" in modes else ())
+                                 reference_queries=reference_queries)
         for mode in modes:
             predicted[mode][indices] = outcome[mode]
         used.append(len(kept))
