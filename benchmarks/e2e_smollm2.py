@@ -5,7 +5,7 @@ zero-shot and 2-shot prompting, and LoRA.
                                      [--lr 1e-3] [--batch-size 8] [--test-limit N] [--out runs/bench-e2e]
 
 - floor: the frozen model with the prompt LoRA is trained on (``{MR}\\nSentence:``), greedy decoding;
-- zero-shot / few-shot: `deltatune.fewshot` (``MR: {MR}\\nSentence:``, 2 demonstrations drawn from the
+- zero-shot / few-shot: `deltatune.prompting.fewshot` (``MR: {MR}\\nSentence:``, 2 demonstrations drawn from the
   train split with seed 0, prefix key/value cache), greedy decoding, stop at newline;
 - lora: `deltatune train` (r=8, alpha=16 on q_proj/v_proj, loss on the target tokens only) on the local
   "train" split (the official dev set minus a held-out 10% of MRs; the official train set is not
@@ -27,8 +27,8 @@ import torch
 
 from deltatune.delta import DeltaModel, load_delta
 from deltatune.evaluate import evaluate
-from deltatune.fewshot import evaluate_fewshot
 from deltatune.models import load_model, load_tokenizer
+from deltatune.prompting.fewshot import evaluate_fewshot
 from deltatune.tasks import get_task
 from deltatune.train import TrainConfig, train
 

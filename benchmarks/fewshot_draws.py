@@ -5,7 +5,7 @@ whether training data predicts it.
                                        [--out runs/fewshot-draws]
     python benchmarks/fewshot_draws.py --summarize runs/fewshot-draws/0-5 runs/fewshot-draws/6-11
 
-SmolLM2-135M, label-word scoring (`deltatune.fewshot`), SST-2. For each seeded draw of `--shots` balanced
+SmolLM2-135M, label-word scoring (`deltatune.prompting.fewshot`), SST-2. For each seeded draw of `--shots` balanced
 demonstrations (seeds 0..draws-1, `select_demonstrations`), dev accuracy (872 GLUE sentences) four ways:
 raw; contextual calibration (Zhao et al. 2021, content-free inputs); batch calibration (Zhou et al. 2024)
 with the mean label probabilities taken over `--unlabeled` training inputs (a seeded random sample, labels
@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from deltatune.calibration import calibrate
-from deltatune.demonstrations import example_key, select_demonstrations
-from deltatune.fewshot import label_words_for, template_for
-from deltatune.prefix_cache import score_labels
+from deltatune.prompting.calibration import calibrate
+from deltatune.prompting.demonstrations import example_key, select_demonstrations
+from deltatune.prompting.fewshot import label_words_for, template_for
+from deltatune.prompting.prefix_cache import score_labels
 
 MODES = ("raw", "contextual", "batch_train", "batch_dev")
 

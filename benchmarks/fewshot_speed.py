@@ -21,9 +21,9 @@ import time
 
 import torch
 
-from deltatune.demonstrations import select_demonstrations
-from deltatune.fewshot import evaluate_fewshot, label_words_for, template_for
 from deltatune.models import load_model, load_tokenizer
+from deltatune.prompting.demonstrations import select_demonstrations
+from deltatune.prompting.fewshot import evaluate_fewshot, label_words_for, template_for
 from deltatune.tasks import get_task
 
 TARGETS = {"zero-shot accuracy": 0.78, "4-shot accuracy": 0.83, "4-shot speed-up": 3.0}

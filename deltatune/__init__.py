@@ -6,17 +6,17 @@
     model = deltatune.load_delta(fresh_base, "deltas/sst2")             # onto another copy of the base
 """
 
-__version__ = "0.1.0"
-
-from deltatune.delta import DeltaModel, ParameterReport, attach, load_delta  # noqa: E402
-from deltatune.errors import DeltaError, DeltaTuneError, MergeError, TargetError, TaskError  # noqa: E402
-from deltatune.methods.adapter import Adapter  # noqa: E402
-from deltatune.methods.bitfit import BitFit  # noqa: E402
-from deltatune.methods.full import FullFineTune  # noqa: E402
-from deltatune.methods.lora import LoRA  # noqa: E402
-from deltatune.methods.prompt import PromptTuning  # noqa: E402
+from deltatune._version import __version__
+from deltatune.delta import DeltaModel, ParameterReport, attach, load_delta
+from deltatune.errors import DeltaError, DeltaTuneError, MergeError, TargetError, TaskError
+from deltatune.methods.adapter import Adapter
+from deltatune.methods.bitfit import BitFit
+from deltatune.methods.full import FullFineTune
+from deltatune.methods.lora import LoRA
+from deltatune.methods.prompt import PromptTuning
 
 __all__ = [
+    "__version__",
     "Adapter",
     "BitFit",
     "DeltaError",

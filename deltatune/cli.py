@@ -78,12 +78,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _load_for_inference(args: argparse.Namespace):
     """Base model (with the head the delta's task needs) + the delta, and the task."""
-    from deltatune.delta import DeltaModel
-    from deltatune.io import read_delta
+    from deltatune.delta import DeltaModel, read_saved_delta
     from deltatune.models import load_model, load_tokenizer
     from deltatune.tasks import get_task
 
-    _, meta = read_delta(args.delta, trust_pickle=args.trust_pickle)
+    _, meta = read_saved_delta(args.delta, trust_pickle=args.trust_pickle)
     task = get_task(args.task or meta["task"], **task_options(args))
     kind = {"classification": "classification", "regression": "regression", "generation": "causal-lm"}[task.kind]
     base = load_model(args.model, kind, num_labels=task.num_labels if task.kind == "classification" else None)
@@ -202,9 +201,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_prompt(args: argparse.Namespace) -> int:
     """Zero-/few-shot prompting of a causal LM: the document's starting point."""
-    from deltatune import fewshot
-    from deltatune.demonstrations import choose_demonstrations, select_demonstrations
     from deltatune.models import load_model, load_tokenizer
+    from deltatune.prompting import fewshot
+    from deltatune.prompting.demonstrations import choose_demonstrations, select_demonstrations
 
     model, tokenizer = load_model(args.model, "causal-lm"), load_tokenizer(args.model)
     prefix = ""
@@ -239,8 +238,8 @@ def cmd_prompt(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_prompting(args: argparse.Namespace) -> int:
-    from deltatune.fewshot import evaluate_fewshot
     from deltatune.models import load_model, load_tokenizer
+    from deltatune.prompting.fewshot import evaluate_fewshot
 
     shots = 0 if args.method == "zero-shot" else args.shots
     model = load_model(args.model, "causal-lm")

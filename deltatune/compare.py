@@ -23,7 +23,7 @@ import torch
 from deltatune.train import TrainConfig
 
 DEFAULT_METHODS = ["full", "lora", "adapter", "bitfit", "prompt"]
-# Baselines that train nothing: the frozen causal LM prompted with 0 or k solved examples (`fewshot.py`).
+# Baselines that train nothing: the frozen causal LM prompted with 0 or k solved examples (`prompting/fewshot.py`).
 PROMPTING_METHODS = ("zero-shot", "few-shot")
 
 
@@ -90,9 +90,9 @@ def prompting_summary(config: TrainConfig) -> dict[str, Any]:
     label-word predictions' metrics (generation: greedy outputs); the calibrated ones (contextual, batch) are
     kept beside them.
     """
-    from deltatune.calibration import CALIBRATIONS
-    from deltatune.fewshot import evaluate_fewshot
     from deltatune.models import load_model, load_tokenizer
+    from deltatune.prompting.calibration import CALIBRATIONS
+    from deltatune.prompting.fewshot import evaluate_fewshot
     from deltatune.tasks import get_task
     from deltatune.train import peak_memory_mb, set_seed
 

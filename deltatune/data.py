@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from deltatune.targets import ROBERTA_LIKE
 from deltatune.tasks import Task
 
 IGNORE_INDEX = -100
@@ -35,7 +36,7 @@ def max_model_length(model, tokenizer, requested: int) -> int:
     """`requested`, capped at what the model's position embeddings allow (minus a prompt's length)."""
     config = getattr(model, "config", None)
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if getattr(config, "model_type", None) in {"roberta", "xlm-roberta", "camembert"} and limit:
+    if getattr(config, "model_type", None) in ROBERTA_LIKE and limit:
         limit -= 2  # RoBERTa numbers positions from padding_idx + 1
     reserved = sum(getattr(c, "reserved_positions", 0) for c in getattr(model, "components", dict)().values())
     if limit and requested > limit - reserved:

@@ -19,19 +19,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune import __version__
+from deltatune._version import __version__
 from deltatune.errors import DeltaError, MergeError, TaskError
 from deltatune.io import (
     FORMAT,
     FORMAT_VERSION,
+    META_FILE,
     read_delta,
+    recover,
     shape_fingerprint,
     weights_fingerprint,
     write_delta,
 )
 from deltatune.methods.common import BASE_TASK, DeltaComponent, TaskState, check_task_name, strip_wrappers
 from deltatune.methods.head import TaskHeads
-from deltatune.peft_format import PEFT_FORMAT, check_peft_fits
+from deltatune.peft_format import CONFIG_FILE as PEFT_CONFIG_FILE
+from deltatune.peft_format import PEFT_FORMAT, check_peft_fits, read_peft
 from deltatune.registry import config_from_dict, method_entry, method_of
 from deltatune.targets import head_names, model_type
 
@@ -317,7 +320,7 @@ class DeltaModel(nn.Module):
         Anything wrong with the files (corrupt, malformed, made for another model) is a `DeltaError`;
         a bad or taken `task` name given here is a `TaskError`. On any error the model is left exactly
         as it was. `trust_pickle`: see `read_delta`."""
-        tensors, meta = read_delta(path, trust_pickle=trust_pickle)
+        tensors, meta = read_saved_delta(path, trust_pickle=trust_pickle)
         self.check_base(meta, path)
         if task is None:
             try:
@@ -499,6 +502,17 @@ def load_delta(model: nn.Module, path: str | Path, task: str | None = None, trus
     delta_model = model if isinstance(model, DeltaModel) else DeltaModel(model)
     delta_model.add_delta(path, task=task, trust_pickle=trust_pickle)
     return delta_model
+
+
+def read_saved_delta(path: str | Path, trust_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, metadata) of a deltatune delta folder (`io.read_delta`) or of a Hugging Face peft adapter
+    folder (`peft_format.read_peft`: adapter_config.json and no delta.json)."""
+    path = Path(path)
+    if not path.exists():
+        recover(path)  # a save killed between its two renames left the previous folder as a backup
+    if not (path / META_FILE).is_file() and (path / PEFT_CONFIG_FILE).is_file():
+        return read_peft(path)
+    return read_delta(path, trust_pickle=trust_pickle)
 
 
 def _label_names(model: nn.Module) -> list[str] | None:

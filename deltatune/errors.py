@@ -27,5 +27,9 @@ class MergeError(DeltaTuneError):
     """The active method cannot be merged into the base weights."""
 
 
+class TrainingError(DeltaTuneError):
+    """Training cannot go on (non-finite loss, exploding loss, nothing to train...)."""
+
+
 class FewShotError(DeltaTuneError):
     """A prompt cannot be built or does not fit the model, or the task cannot be prompted."""

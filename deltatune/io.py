@@ -167,6 +167,7 @@ def write_delta(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta:
 
 def read_delta(path: str | os.PathLike, trust_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a delta folder: (tensors, metadata). Refuses anything malformed with a `DeltaError`.
+    (A peft adapter folder is read by `delta.read_saved_delta`, which picks this or `peft_format.read_peft`.)
 
     Pickle files are refused unless `trust_pickle`: then a folder holding `delta.json` and, instead of
     `delta.safetensors`, one pickle file (.bin/.pt/.pth/.pkl) of a flat {key: tensor} dict, as
@@ -178,10 +179,6 @@ def read_delta(path: str | os.PathLike, trust_pickle: bool = False) -> tuple[dic
     if not path.is_dir():
         raise DeltaError(f"no delta at {path}: expected a folder with {WEIGHTS_FILE} and {META_FILE}")
     weights, meta_file = path / WEIGHTS_FILE, path / META_FILE
-    if not meta_file.is_file() and (path / "adapter_config.json").is_file():
-        from deltatune.peft_format import read_peft  # a Hugging Face peft adapter folder
-
-        return read_peft(path)
     pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if trust_pickle and not weights.is_file() and len(pickles) == 1:
         weights = pickles[0]

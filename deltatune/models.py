@@ -34,6 +34,7 @@ from transformers import (
 )
 
 from deltatune.errors import DeltaTuneError
+from deltatune.targets import ENCODER_ONLY_TYPES
 
 ModelKind = Literal["classification", "regression", "causal-lm", "seq2seq"]
 KINDS: tuple[str, ...] = ("classification", "regression", "causal-lm", "seq2seq")
@@ -197,12 +198,6 @@ def load_model(
     if model.config.pad_token_id is None and _eos_id(model.config) is not None:
         model.config.pad_token_id = _eos_id(model.config)
     return model.eval()
-
-
-# Encoder-only families: transformers gives them an LM head class, but they were not trained to predict the
-# next token, so "causal-lm" on them (zero-/few-shot prompting, generation) would give noise.
-ENCODER_ONLY_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "camembert",
-                                "deberta", "deberta-v2", "mpnet", "modernbert"})
 
 
 def _require_decoder(name: str, path: str) -> None:

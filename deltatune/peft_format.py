@@ -50,14 +50,13 @@ from deltatune.io import atomic_folder, read_delta
 from deltatune.methods.common import TASK_NAME
 from deltatune.methods.lora import LoRA
 from deltatune.methods.prompt import PromptTuning, prompt_layout
-from deltatune.targets import DEFAULT_HEAD_NAMES, DEFAULT_LORA_TARGETS, parse_target
+from deltatune.targets import CONV1D_MODEL_TYPES, DEFAULT_HEAD_NAMES, DEFAULT_LORA_TARGETS, parse_target
 
 PEFT_FORMAT = "peft"  # meta["format"] of a delta read from a peft folder
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 LORA_PREFIX = "base_model.model."  # peft's key prefix for LoRA weights and their heads
 PROMPT_HEAD_PREFIX = "base_model."  # ... and for the heads of prompt-learning adapters
-CONV1D_MODEL_TYPES = {"gpt2"}  # weights stored (d_in, d_out): peft's `fan_in_fan_out=True`
 
 # peft LoraConfig fields that change the computed function: deltatune reads an adapter only where each is
 # unset (None, False, empty) or equal to the value given here

@@ -334,7 +334,7 @@ class LoadRequest(BaseModel):
 
 def create_app(engine: Engine) -> FastAPI:
     """The FastAPI application around an engine (started by the caller)."""
-    from deltatune import __version__
+    from deltatune._version import __version__
 
     app = FastAPI(title="deltatune serve", version=__version__,
                   description="Many task deltas on one base model; requests are batched across tasks.")

@@ -1,8 +1,10 @@
-"""Finding the modules a method acts on: per-architecture defaults in one table.
+"""Every per-architecture table, and finding the modules a method acts on.
 
-Every method asks the same questions of a model — which linear layers are W_q and W_v, which modules
-form the repeated transformer blocks, which module is the task head — and this file answers them, so
-that the answer for a new architecture is added in one place.
+Every method asks the same questions of a model — which linear layers are W_q and W_v, where the adapters
+go, how positions are numbered, which modules form the repeated transformer blocks, which module is the
+task head — and this file answers them, so that the answer for a new architecture is added in one place
+(the tables keyed by `config.model_type`: DEFAULT_LORA_TARGETS, ADAPTER_SITES, ROBERTA_LIKE,
+CONV1D_MODEL_TYPES, ENCODER_ONLY_TYPES).
 """
 
 from __future__ import annotations
@@ -47,6 +49,34 @@ DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
 
 # Names of task heads trained along with every method (the `...ForSequenceClassification` heads).
 DEFAULT_HEAD_NAMES = ("classifier", "score", "classification_head", "qa_outputs")
+
+# model_type -> (after attention, after FFN), for adapters (Houlsby et al. 2019 §2.1): regexes for the
+# module whose output is the sub-layer's output just before its residual add. BERT-like models and GPT-2
+# apply dropout there, and Houlsby's code puts the adapter after that dropout; Llama has no dropout, so its
+# adapters follow o_proj and down_proj. Cross-attention (T5's decoder layer.1) gets no adapter: two adapters
+# per layer, as the paper's encoder-only count (the `adapters` library's default too).
+_BERT = (r"(^|\.)attention\.output\.dropout$", r"(^|\.)layer\.\d+\.output\.dropout$")
+_LLAMA = (r"(^|\.)self_attn\.o_proj$", r"(^|\.)mlp\.down_proj$")
+_T5 = (r"(^|\.)block\.\d+\.layer\.0\.dropout$",  # T5LayerSelfAttention.dropout (before its residual add)
+       r"(^|\.)(encoder\.block\.\d+\.layer\.1|decoder\.block\.\d+\.layer\.2)\.dropout$")  # T5LayerFF.dropout
+ADAPTER_SITES: dict[str, tuple[str, str]] = {
+    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "camembert"], _BERT),
+    "gpt2": (r"(^|\.)attn\.resid_dropout$", r"(^|\.)mlp\.dropout$"),  # GPT-2 drops out after c_proj
+    **dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"], _LLAMA),
+    **dict.fromkeys(["t5", "mt5"], _T5),
+}
+
+# Position ids numbered from padding_idx + 1 (RoBERTa's embeddings): such a model numbers fewer tokens than
+# its max_position_embeddings.
+ROBERTA_LIKE = frozenset({"roberta", "xlm-roberta", "camembert"})
+
+# Weights stored (d_in, d_out) in transformers' Conv1D: peft's `fan_in_fan_out=True`.
+CONV1D_MODEL_TYPES = frozenset({"gpt2"})
+
+# Encoder-only families: transformers gives them an LM head class, but they were not trained to predict the
+# next token, so "causal-lm" on them (zero-/few-shot prompting, generation) would give noise.
+ENCODER_ONLY_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "camembert",
+                                "deberta", "deberta-v2", "mpnet", "modernbert"})
 
 # Transformer blocks live in a ModuleList: BERT `encoder.layer.N`, GPT-2 `h.N`, Llama `layers.N`,
 # T5 `block.N`.

@@ -20,7 +20,7 @@ import math
 import random
 import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +31,9 @@ from safetensors.torch import load_file, save_file
 
 from deltatune.data import IGNORE_INDEX, Encoded, collate, encode, epoch_batches, max_model_length
 from deltatune.delta import DeltaModel, attach
-from deltatune.errors import DeltaTuneError
-from deltatune.evaluate import generate_texts, predict_scores, task_loss
+from deltatune.distributed import evaluate_sharded, full_parameters, launched, max_over_ranks, shard_model
+from deltatune.errors import TrainingError
+from deltatune.evaluate import task_loss
 from deltatune.io import atomic_folder, recover
 from deltatune.registry import method_entry
 
@@ -44,10 +45,6 @@ DEFAULT_LEARNING_RATES = {
     "bitfit": 1e-3,  # BitFit paper: 1e-4 .. 1e-3 (higher than full fine-tuning)
     "prompt": 3e-2,  # prompt tuning needs large rates (Lester et al. 2021 used 0.3 with Adafactor)
 }
-
-
-class TrainingError(DeltaTuneError):
-    """Training cannot go on (non-finite loss, exploding loss, nothing to train...)."""
 
 
 @dataclass
@@ -154,7 +151,7 @@ def _train(config: TrainConfig) -> dict[str, Any]:
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not gpu)
     is_main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
-    sharded = config.fsdp and _launched()  # (one process started alone: nothing to shard)
+    sharded = config.fsdp and launched()  # (one process started alone: nothing to shard)
     out = Path(config.out)
     set_seed(config.seed)
 
@@ -320,7 +317,7 @@ def _train(config: TrainConfig) -> dict[str, Any]:
         state["train_seconds"] = time.perf_counter() - started
         # ranks decide together (a checkpoint gathers from all of them; one stopping alone would leave the
         # others waiting): a signal any rank got, the longest training time
-        signum, seconds = _max_over_ranks([stop["signal"] or 0, state["train_seconds"]], device)
+        signum, seconds = max_over_ranks([stop["signal"] or 0, state["train_seconds"]], device)
         due = bool(config.checkpoint_every) and state["step"] % config.checkpoint_every == 0
         if due or signum:
             save_checkpoint(out / "checkpoint", model, optimizer, scheduler, state, is_main)
@@ -386,77 +383,6 @@ def _loss_units(task, items: list[Encoded]) -> int:
     return sum(label != IGNORE_INDEX for item in items for label in item.label[1:])
 
 
-def _launched() -> bool:
-    """Started by torchrun / accelerate launch (a process group exists, maybe of one process)."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _max_over_ranks(values: list[float], device) -> list[float]:
-    """Each value's maximum over all ranks (the values themselves in one process)."""
-    if not _launched():
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-    return tensor.tolist()
-
-
-def shard_model(model: DeltaModel, device) -> None:
-    """FSDP2 (`fully_shard`): each transformer block is one unit, the rest (embeddings, task head, prompts)
-    the root unit. Per-parameter sharding lets frozen base weights and trainable delta tensors share a unit.
-    Every rank built the same model from the same seed, so the shards fit together."""
-    from torch.distributed.fsdp import fully_shard
-
-    if any(component.method == "full" for component in model.components().values()):
-        raise TrainingError("--fsdp does not work with --method full, which keeps references to the model's "
-                            "parameters that sharding replaces; use --method full without --fsdp (DDP)")
-    model.to(device)
-    blocks = set(getattr(model.base_model, "_no_split_modules", None) or ())  # e.g. {"BertLayer", ...}
-    for layers in [module for module in model.modules() if isinstance(module, torch.nn.ModuleList)]:
-        for block in layers:
-            if type(block).__name__ in blocks:
-                fully_shard(block, reshard_after_forward=True)
-    fully_shard(model, reshard_after_forward=False)  # the root's parameters are needed again for backward
-
-
-@contextmanager
-def full_parameters(model: DeltaModel):
-    """Under FSDP: every rank holds the complete parameters inside the block (to save the delta whole, and
-    to evaluate with forward passes that need no other rank), sharded again after it. Else: nothing."""
-    from torch.distributed.fsdp import FSDPModule
-
-    units = [module for module in model.modules() if isinstance(module, FSDPModule)]
-    for unit in units:
-        unit.unshard()
-        unit.set_reshard_after_forward(False, recurse=False)
-    try:
-        yield
-    finally:
-        for unit in units:
-            unit.set_reshard_after_forward(unit is not model, recurse=False)  # as shard_model set it
-            unit.reshard()
-
-
-def evaluate_sharded(model, tokenizer, task, examples: list[dict], max_length: int, rank: int = 0,
-                     world: int = 1) -> dict[str, float]:
-    """`evaluate` with the examples split over the ranks: each one predicts every `world`-th example, the
-    predictions are gathered, and every rank computes the same metrics from all of them."""
-    from accelerate.utils import gather_object
-
-    mine = examples[rank::world]
-    if task.kind == "generation":
-        predictions = generate_texts(model, tokenizer, [e["source"] for e in mine], batch_size=16)
-    elif mine:
-        scores = predict_scores(model, encode(task, mine, tokenizer, max_length), tokenizer.pad_token_id)
-        predictions = scores.squeeze(-1).tolist() if task.kind == "regression" else scores.argmax(-1).tolist()
-    else:  # fewer examples than ranks
-        predictions = []
-    ordered: list = [None] * len(examples)
-    for source_rank, part in enumerate(gather_object([predictions])):
-        ordered[source_rank::world] = part
-    references = [e["references"] if task.kind == "generation" else e["label"] for e in examples]
-    return task.compute_metrics(ordered, references)
-
-
 # ---- checkpoints -------------------------------------------------------------------------------
 def save_checkpoint(path: Path, model: DeltaModel, optimizer, scheduler, state: dict, is_main: bool = True) -> None:
     """Delta + optimizer + scheduler + every rank's RNG + data position, written atomically by rank 0.
@@ -467,7 +393,7 @@ def save_checkpoint(path: Path, model: DeltaModel, optimizer, scheduler, state: 
     # keyed by parameter names, complete (not this rank's shard): resumable with another number of processes
     optimizer_state = get_optimizer_state_dict(
         model, getattr(optimizer, "optimizer", optimizer),  # accelerate's wrapper -> the torch optimizer
-        options=StateDictOptions(full_state_dict=True, cpu_offload=_launched()),  # cpu_offload: on rank 0 only
+        options=StateDictOptions(full_state_dict=True, cpu_offload=launched()),  # cpu_offload: on rank 0 only
     )
     rng_states = gather_object([torch.get_rng_state()])  # dropout masks differ per rank
     with full_parameters(model):  # a copy: FSDP frees the gathered parameters when the block ends

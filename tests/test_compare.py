@@ -68,8 +68,8 @@ def test_compare_prompting_baselines_are_rows_with_zero_trainable(tmp_path, sent
     an encoder asked for prompting fails its own cells with a reason while the other methods still run."""
     from conftest import make_model
 
-    from deltatune.fewshot import evaluate_fewshot
     from deltatune.models import load_model, load_tokenizer
+    from deltatune.prompting.fewshot import evaluate_fewshot
     from deltatune.tasks import get_task
 
     decoder_dir = tmp_path / "tiny-llama"

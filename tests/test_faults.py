@@ -38,11 +38,11 @@ import deltatune
 import deltatune.io as io
 import deltatune.train as train_module
 from deltatune.cli import main as cli_main
-from deltatune.errors import DeltaError
+from deltatune.errors import DeltaError, TrainingError
 from deltatune.io import FORMAT, META_FILE, WEIGHTS_FILE, read_delta, write_delta
 from deltatune.methods.common import TASK_NAME
 from deltatune.models import tiny_tokenizer
-from deltatune.train import TrainConfig, TrainingError, train
+from deltatune.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAD_KEYS = {"classifier.weight", "classifier.bias"}  # the tiny BERT's head

@@ -9,8 +9,10 @@ import warnings
 import pytest
 import torch
 
-from deltatune.calibration import CONTENT_FREE_INPUTS, calibrate
-from deltatune.demonstrations import (
+from deltatune.errors import FewShotError
+from deltatune.models import tiny_model, tiny_tokenizer
+from deltatune.prompting.calibration import CONTENT_FREE_INPUTS, calibrate
+from deltatune.prompting.demonstrations import (
     best_draw,
     calibration_sample,
     choose_demonstrations,
@@ -20,10 +22,8 @@ from deltatune.demonstrations import (
     rank_demonstration_draws,
     select_demonstrations,
 )
-from deltatune.errors import FewShotError
-from deltatune.fewshot import TEMPLATES, PromptTemplate, evaluate_fewshot
-from deltatune.models import tiny_model, tiny_tokenizer
-from deltatune.prefix_cache import complete, generate_greedy, prefix_token_ids, score_labels
+from deltatune.prompting.fewshot import TEMPLATES, PromptTemplate, evaluate_fewshot
+from deltatune.prompting.prefix_cache import complete, generate_greedy, prefix_token_ids, score_labels
 from deltatune.tasks.task import Task
 
 PREFIX = (
@@ -301,7 +301,7 @@ def test_choose_demonstrations_keeps_the_draw_that_scores_best_on_held_out_train
             rows.append(right if good in prefix else 1 - right)
         return torch.stack(rows)
 
-    monkeypatch.setattr("deltatune.calibration.score_labels", fake_score_labels)
+    monkeypatch.setattr("deltatune.prompting.calibration.score_labels", fake_score_labels)
     chosen, record = choose_demonstrations(_decoder("llama"), tokenizer, template, words, pool, 4, seed=5, candidates=4,
                                            validation_size=20, exclude=evaluated)
     assert chosen == draws[2] and record["chosen_draw"] == 2

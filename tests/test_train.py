@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 import deltatune.train as train_module
 from deltatune.cli import main as cli_main
-from deltatune.train import TrainConfig, TrainingError, train
+from deltatune.errors import TrainingError
+from deltatune.train import TrainConfig, train
 
 
 def config(model_dir, data_file, out, **overrides) -> TrainConfig:

@@ -29,25 +29,10 @@ from torch import nn
 
 from deltatune.errors import MergeError, TargetError
 from deltatune.methods.common import DeltaComponent, TaskState
-from deltatune.targets import model_type, unwrap
+from deltatune.targets import ADAPTER_SITES, model_type, unwrap
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh, "silu": F.silu, "swish": F.silu}
 
-# model_type -> (after attention, after FFN): regexes for the module whose output is the sub-layer's
-# output just before its residual add. BERT-like models and GPT-2 apply dropout there, and Houlsby's code
-# puts the adapter after that dropout; Llama has no dropout, so its adapters follow o_proj and down_proj.
-# Cross-attention (T5's decoder layer.1) gets no adapter: two adapters per layer, as the paper's
-# encoder-only count (the `adapters` library's default too).
-_BERT = (r"(^|\.)attention\.output\.dropout$", r"(^|\.)layer\.\d+\.output\.dropout$")
-_LLAMA = (r"(^|\.)self_attn\.o_proj$", r"(^|\.)mlp\.down_proj$")
-_T5 = (r"(^|\.)block\.\d+\.layer\.0\.dropout$",  # T5LayerSelfAttention.dropout (before its residual add)
-       r"(^|\.)(encoder\.block\.\d+\.layer\.1|decoder\.block\.\d+\.layer\.2)\.dropout$")  # T5LayerFF.dropout
-ADAPTER_SITES: dict[str, tuple[str, str]] = {
-    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "camembert"], _BERT),
-    "gpt2": (r"(^|\.)attn\.resid_dropout$", r"(^|\.)mlp\.dropout$"),  # GPT-2 drops out after c_proj
-    **dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"], _LLAMA),
-    **dict.fromkeys(["t5", "mt5"], _T5),
-}
 PLACEMENTS = {"houlsby": (0, 1), "pfeiffer": (1,)}  # which of the two sites get an adapter
 
 

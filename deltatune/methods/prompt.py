@@ -32,11 +32,10 @@ from torch import nn
 
 from deltatune.errors import DeltaTuneError, MergeError
 from deltatune.methods.common import DeltaComponent, TaskState
-from deltatune.targets import model_type
+from deltatune.targets import ROBERTA_LIKE, model_type
 
 INITS = ("random", "text", "vocab")
 IGNORE_INDEX = -100  # labels the loss skips
-ROBERTA_LIKE = {"roberta", "xlm-roberta", "camembert"}  # positions are numbered from padding_idx + 1
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from deltatune.prefix_cache import score_labels
+from deltatune.prompting.prefix_cache import score_labels
 
 # Zhao et al. (2021) average the calibration over these three content-free inputs.
 CONTENT_FREE_INPUTS: tuple[str, ...] = ("N/A", "[MASK]", "")

@@ -18,9 +18,9 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from deltatune.calibration import CALIBRATIONS, accuracy, metric_name, predict_labels
 from deltatune.errors import FewShotError
-from deltatune.prefix_cache import context_length, encode_text, prefix_token_ids
+from deltatune.prompting.calibration import CALIBRATIONS, accuracy, metric_name, predict_labels
+from deltatune.prompting.prefix_cache import context_length, encode_text, prefix_token_ids
 
 Example = dict[str, Any]
 

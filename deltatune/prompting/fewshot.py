@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from deltatune.calibration import (
+from deltatune.errors import FewShotError
+from deltatune.prompting.calibration import (
     CALIBRATIONS,
     CONTENT_FREE_INPUTS,
     accuracy,
@@ -39,7 +40,7 @@ from deltatune.calibration import (
     mode_of,
     predict_labels,
 )
-from deltatune.demonstrations import (
+from deltatune.prompting.demonstrations import (
     best_draw,
     calibration_sample,
     choose_demonstrations,
@@ -51,8 +52,7 @@ from deltatune.demonstrations import (
     select_demonstrations,
     selection_record,
 )
-from deltatune.errors import FewShotError
-from deltatune.prefix_cache import (
+from deltatune.prompting.prefix_cache import (
     complete,
     encode_text,
     generate_greedy,
