@@ -4,11 +4,14 @@ Every (method, seed) cell trains in its own subprocess with the same model, task
 so one failing method is reported with its error while the others run, and peak memory is the
 cell's own. Finished cells are kept in `OUT/cells/*.json`: rerunning with the same `--out` reuses
 them (no lost work). Then inference latency is timed for the base model and each method's delta
-(LoRA unmerged and merged), and `report.py` writes the tables and plots.
+(LoRA unmerged and merged) and kept in `OUT/latency.json` with the settings it was measured under; a
+rerun reuses it only when those settings (model, task, the very deltas, batch sizes, sequence length,
+rounds, dtype, threads, device, versions) all match. `report.py` writes the tables and plots.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -203,15 +206,67 @@ def run_cells(config: CompareConfig, cells: list[tuple[str, TrainConfig]]) -> di
 
 
 # ---- inference latency ------------------------------------------------------------------------
-def measure_latency(config: CompareConfig, results: dict[str, dict], seq_len: int = 128) -> list[dict]:
+LATENCY_BATCHES = (1, 16)
+LATENCY_SEQ_LEN = 128
+LATENCY_WARMUP_ROUNDS = 2
+
+
+def _latency_cells(results: dict[str, dict]) -> dict[str, dict]:
+    """The cell whose delta is timed, per method: seed 0, finished, a trained method."""
+    return {r["config"]["method"]: r for r in results.values()
+            if "summary" in r and r["config"]["seed"] == 0 and r["config"]["method"] not in PROMPTING_METHODS}
+
+
+def _file_digest(folder: Path) -> str:
+    """sha256 over a delta folder's files (names and bytes): a retrained delta is another delta."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.glob("*") if p.is_file()):
+        digest.update(path.name.encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def latency_settings(config: CompareConfig, results: dict[str, dict]) -> dict[str, Any]:
+    """Everything a latency table depends on. A saved table is reused only when all of it matches."""
+    from deltatune.report import environment
+
+    cells = _latency_cells(results)
+    first = next(iter(cells.values()), None)
+    env = environment()
+    return {
+        "model": config.model, "task": first and first["config"]["task"],
+        "task_options": first and first["config"]["task_options"],
+        "deltas": {method: {"path": cell["summary"]["delta"], "sha256": _file_digest(Path(cell["summary"]["delta"]))}
+                   for method, cell in sorted(cells.items())},
+        "batch_sizes": list(LATENCY_BATCHES), "sequence_length": LATENCY_SEQ_LEN, "rounds": config.latency_repeats,
+        "warmup_rounds": LATENCY_WARMUP_ROUNDS, "dtype": str(torch.get_default_dtype()),
+        **{key: env[key] for key in ("threads", "device", "torch", "transformers", "deltatune")},
+    }
+
+
+def reusable_latency(latency_file: Path, settings: dict[str, Any]) -> list[dict] | None:
+    """The saved latency rows if they were measured under exactly `settings`, else None."""
+    if not latency_file.is_file():
+        return None
+    try:
+        saved = json.loads(latency_file.read_text())
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(saved, dict) or saved.get("settings") != json.loads(json.dumps(settings)):
+        return None  # another run's table (or one saved without its settings): measure again
+    return saved["rows"]
+
+
+def measure_latency(config: CompareConfig, results: dict[str, dict], seq_len: int = LATENCY_SEQ_LEN) -> list[dict]:
     """Median latency at batch 1 and 16 (sequence `seq_len`) for the base model and each trained delta:
     LoRA unmerged and merged, BitFit unmerged and merged, adapters, prompt tuning (interleaved rounds)."""
     from deltatune.delta import DeltaModel
     from deltatune.models import load_model
     from deltatune.tasks import get_task
 
-    first = {r["config"]["method"]: r for r in results.values()
-             if "summary" in r and r["config"]["seed"] == 0 and r["config"]["method"] not in PROMPTING_METHODS}
+    first = _latency_cells(results)
     if not first:
         return []
     cell_config = next(iter(first.values()))["config"]
@@ -222,7 +277,7 @@ def measure_latency(config: CompareConfig, results: dict[str, dict], seq_len: in
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
     low = 1000 if vocab > 2000 else 4  # ordinary tokens, not special ones
-    inputs = {b: torch.randint(low, vocab - 1, (b, seq_len), generator=generator) for b in (1, 16)}
+    inputs = {b: torch.randint(low, vocab - 1, (b, seq_len), generator=generator) for b in LATENCY_BATCHES}
     variants: list[tuple[str, str | None, bool]] = [("base model", None, False)]
     for method in ("lora", "bitfit", "adapter", "prompt"):
         if method in first:
@@ -233,7 +288,7 @@ def measure_latency(config: CompareConfig, results: dict[str, dict], seq_len: in
     # interleaved: every round times each variant once, so machine drift hits all variants alike
     times: dict[tuple[str, int], list[float]] = {(label, b): [] for label, _, _ in variants for b in inputs}
     with torch.no_grad():
-        for round_index in range(config.latency_repeats + 2):  # the first two rounds are warm-up
+        for round_index in range(config.latency_repeats + LATENCY_WARMUP_ROUNDS):  # the first rounds warm up
             for label, task_name, merged in variants:
                 model.use(task_name)
                 if merged:
@@ -242,7 +297,7 @@ def measure_latency(config: CompareConfig, results: dict[str, dict], seq_len: in
                     mask = torch.ones_like(ids)
                     start = time.perf_counter()
                     model(input_ids=ids, attention_mask=mask)
-                    if round_index >= 2:
+                    if round_index >= LATENCY_WARMUP_ROUNDS:
                         times[(label, batch)].append((time.perf_counter() - start) * 1000)
                 if merged:
                     model.unmerge()
@@ -255,7 +310,7 @@ def measure_latency(config: CompareConfig, results: dict[str, dict], seq_len: in
         rows.append(row)
     base = rows[0]
     for row in rows:
-        for batch in (1, 16):
+        for batch in LATENCY_BATCHES:
             row[f"batch{batch}_vs_base"] = round(row[f"batch{batch}_ms"] / base[f"batch{batch}_ms"], 3)
     return rows
 
@@ -266,12 +321,19 @@ def compare(config: CompareConfig, command: str = "") -> dict[str, Any]:
 
     cells = plan_cells(config)
     results = run_cells(config, cells)
-    latency_file = Path(config.out) / "latency.json"
-    latency = json.loads(latency_file.read_text()) if latency_file.is_file() else None
-    if config.latency and latency is None:
-        latency = measure_latency(config, results)
-        latency_file.write_text(json.dumps(latency, indent=2) + "\n")
-    return write_report(config, results, latency or [], command=command, kind="compare")
+    latency = None  # --no-latency: no latency section at all, whatever an earlier run left in OUT
+    if config.latency:
+        latency_file = Path(config.out) / "latency.json"
+        settings = latency_settings(config, results)
+        rows = reusable_latency(latency_file, settings)
+        if rows is None:
+            rows = measure_latency(config, results)
+            latency_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = latency_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+            os.replace(tmp, latency_file)
+        latency = {"settings": settings, "rows": rows}
+    return write_report(config, results, latency, command=command, kind="compare")
 
 
 def sweep(config: CompareConfig, method: str, parameter: str, values: list, command: str = "") -> dict[str, Any]:
@@ -287,4 +349,4 @@ def sweep(config: CompareConfig, method: str, parameter: str, values: list, comm
             if result["config"]["method_options"] == options:
                 result["label"] = label
                 result["sweep_value"] = options[parameter]
-    return write_report(config, results, [], command=command, kind="sweep", sweep=(method, parameter))
+    return write_report(config, results, None, command=command, kind="sweep", sweep=(method, parameter))

@@ -32,10 +32,11 @@ def environment() -> dict[str, str]:
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample std; one value has no spread, so its std is None (shown without ±), not 0."""
     values = [v for v in values if v is not None]
     if not values:
         return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
 def _dir_size(path: Path) -> int:
@@ -43,7 +44,8 @@ def _dir_size(path: Path) -> int:
 
 
 def aggregate(results: dict[str, dict]) -> list[dict[str, Any]]:
-    """One row per method (or sweep value): mean and std over seeds, or the error of a failed cell."""
+    """One row per method (or sweep value): mean and std over the seeds that finished, how many of the
+    planned seeds that is (`seeds` of `seeds_planned`), and each failed seed with its error."""
     groups: dict[str, list[dict]] = {}
     for result in results.values():  # in the order the cells were planned
         label = result.get("label") or result["config"]["method"]
@@ -51,9 +53,11 @@ def aggregate(results: dict[str, dict]) -> list[dict[str, Any]]:
     rows = []
     for label, cells in groups.items():
         done = [c["summary"] for c in cells if "summary" in c]
-        errors = [c["error"] for c in cells if "error" in c]
+        failed = [{"seed": c["config"]["seed"], "error": c["error"]} for c in cells if "error" in c]
         row: dict[str, Any] = {"label": label, "method": cells[0]["config"]["method"], "seeds": len(done),
-                               "sweep_value": cells[0].get("sweep_value"), "error": errors[0] if errors else None}
+                               "seeds_planned": len(cells), "failed": failed,
+                               "sweep_value": cells[0].get("sweep_value"),
+                               "error": failed[0]["error"] if failed else None}
         if done:
             first = done[0]
             row["trainable_parameters"] = first["trainable_parameters"]
@@ -74,14 +78,37 @@ def aggregate(results: dict[str, dict]) -> list[dict[str, Any]]:
 
 
 def _fmt_metric(row: dict, metric: str) -> str:
+    """"91.00 ± 1.20" over several seeds; "91.00" alone for one seed (one value has no spread)."""
     mean, std = row.get(f"{metric}_mean"), row.get(f"{metric}_std")
     if mean is None:
         return "-"
-    return f"{100 * mean:.2f} ± {100 * std:.2f}" if abs(mean) <= 1.0 else f"{mean:.3f} ± {std:.3f}"
+    scale, digits = (100, 2) if abs(mean) <= 1.0 else (1, 3)
+    text = f"{scale * mean:.{digits}f}"
+    return text if std is None else f"{text} ± {scale * std:.{digits}f}"
 
 
-def write_report(config, results: dict[str, dict], latency: list[dict], command: str, kind: str,
+def _seeds_line(rows: list[dict]) -> str:
+    """What the quality columns average over, as it ran: "3 seeds", or each method's finished/planned."""
+    counts = {(row["seeds"], row["seeds_planned"]) for row in rows}
+    if len(counts) == 1 and all(done == planned for done, planned in counts):
+        done = counts.pop()[0]
+        return "1 seed" if done == 1 else f"{done} seeds, each finished"
+    return "seeds finished per method: " + ", ".join(f"{r['label']} {r['seeds']}/{r['seeds_planned']}" for r in rows)
+
+
+def _failures(rows: list[dict]) -> list[str]:
+    """One line per failed (method, seed) cell with its error: the table's means leave them out."""
+    failed = [f"- {row['label']}, seed {f['seed']}: {f['error']}" for row in rows for f in row["failed"]]
+    return ["", "Failed seeds (not in the means above):", *failed] if failed else []
+
+
+def write_report(config, results: dict[str, dict], latency: dict[str, Any] | None, command: str, kind: str,
                  sweep: tuple[str, str] | None = None) -> dict[str, Any]:
+    """report.md, results.json, results.csv and the plots for `results` (the cells planned by this run).
+
+    `latency` is {"settings": what it was measured under, "rows": one per variant}, or None: then neither
+    report.md nor results.json has a latency section.
+    """
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = aggregate(results)
@@ -89,10 +116,13 @@ def write_report(config, results: dict[str, dict], latency: list[dict], command:
     metrics = next((r["metrics"] for r in rows if r.get("metrics")), [])
     base_params = _base_parameters(results)
     payload = {"kind": kind, "command": command, "environment": env, "config": asdict(config), "rows": rows,
-               "latency": latency, "base_parameters": base_params, "cells": results}
+               "base_parameters": base_params, "cells": results}
+    if latency is not None:
+        payload["latency"], payload["latency_settings"] = latency["rows"], latency["settings"]
+    latency_rows = latency["rows"] if latency else []
     (out / "results.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     _write_csv(out / "results.csv", rows, metrics)
-    plots = _plots(out, rows, latency, metrics, sweep)
+    plots = _plots(out, rows, latency_rows, metrics, sweep)
 
     task = next((r["config"]["task"] for r in results.values()), "?")
     lines = [f"# deltatune {kind}: {config.model} on {task}", "", f"Command: `{command}`", "",
@@ -100,20 +130,24 @@ def write_report(config, results: dict[str, dict], latency: list[dict], command:
              (f"Budget per cell: {config.budget}, batch {config.batch_size}, max length {config.max_length}, "
               f"training precision {_precisions(results) or config.precision}, "
               if any(r.get("trainable_parameters") for r in rows) else "Prompting baselines only: nothing trains, ")
-             + f"{config.seeds} seed(s); quality = the task's metrics on its dev split at the end of training "
-             f"(mean ± std over seeds, in % where the metric is a fraction).", ""]
-    header = ["method", "trainable params", "% of base", "delta size", *metrics, "train s", "ex/s", "peak MB"]
+             + f"{_seeds_line(rows)}; quality = the task's metrics on its dev split at the end of training "
+             f"(mean ± std over the seeds that finished, the value alone for one seed; in % where the metric is "
+             f"a fraction).", ""]
+    header = ["method", "seeds", "trainable params", "% of base", "delta size", *metrics, "train s", "ex/s", "peak MB"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
+        seeds = f"{row['seeds']}/{row['seeds_planned']}"
         if row.get("trainable_parameters") is None:
-            lines.append(f"| {row['label']} | failed: {row['error']} |" + " |" * (len(header) - 2))
+            lines.append(f"| {row['label']} | {seeds} | failed: {row['error']} |" + " |" * (len(header) - 3))
             continue
         percent = 100 * row["trainable_parameters"] / base_params if base_params else float("nan")
         lines.append("| " + " | ".join([
-            row["label"], f"{row['trainable_parameters']:,}", f"{percent:.3f}%", f"{row['delta_bytes'] / 1e6:.2f} MB",
+            row["label"], seeds, f"{row['trainable_parameters']:,}", f"{percent:.3f}%",
+            f"{row['delta_bytes'] / 1e6:.2f} MB",
             *[_fmt_metric(row, m) for m in metrics], f"{row['train_seconds']:.0f}",
             "-" if row["examples_per_s"] is None else f"{row['examples_per_s']:.1f}", f"{row['peak_memory_mb']:.0f}",
         ]) + " |")
+    lines += _failures(rows)
     calibrated = [r for r in rows if r.get(f"calibrated_{metrics[0]}_mean") is not None] if metrics else []
     if calibrated:
         text = ("Zero-/few-shot rows score label words by the frozen model's next-token log-probabilities (raw, "
@@ -125,10 +159,13 @@ def write_report(config, results: dict[str, dict], latency: list[dict], command:
                      "(Zhou et al. 2024): " + "; ".join(
                          f"{r['label']} {_fmt_metric(r, 'batch_calibrated_' + metrics[0])}" for r in batch))
         lines += ["", text + "."]
-    if latency:
-        lines += ["", "## Inference latency (median ms, sequence 128)", "",
+    if latency_rows:
+        settings = latency["settings"]
+        lines += ["", f"## Inference latency (median ms of {settings['rounds']} rounds, sequence "
+                      f"{settings['sequence_length']}, {settings['dtype'].removeprefix('torch.')}, "
+                      f"{settings['threads']} threads)", "",
                   "| variant | batch 1 | vs base | batch 16 | vs base |", "|---|---|---|---|---|"]
-        for row in latency:
+        for row in latency_rows:
             lines.append(f"| {row['variant']} | {row['batch1_ms']:.1f} | {row['batch1_vs_base']:.2f}× | "
                          f"{row['batch16_ms']:.1f} | {row['batch16_vs_base']:.2f}× |")
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
@@ -154,13 +191,27 @@ def _base_parameters(results: dict[str, dict]) -> int | None:
 
 
 def _write_csv(path: Path, rows: list[dict], metrics: list[str]) -> None:
-    columns = ["label", "method", "sweep_value", "seeds", "trainable_parameters", "delta_bytes",
+    columns = ["label", "method", "sweep_value", "seeds", "seeds_planned", "trainable_parameters", "delta_bytes",
                *[f"{m}_{s}" for m in metrics for s in ("mean", "std")], "train_seconds", "examples_per_s",
-               "peak_memory_mb", "steps", "error"]
+               "peak_memory_mb", "steps", "failed_seeds", "error"]
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        for row in rows:  # the failed seeds as "1: error; 2: error", in the row they are missing from
+            writer.writerow({**row, "failed_seeds": "; ".join(f"{f['seed']}: {f['error']}" for f in row["failed"])})
+
+
+def _spread(row: dict, metric: str) -> float:
+    """The error bar: the std over seeds in %, none (0) for one seed."""
+    std = row.get(f"{metric}_std")
+    return 0.0 if std is None else 100 * std
+
+
+def _plot_label(row: dict) -> str:
+    """The point's label, with the seeds that finished when not all of them did."""
+    if row["seeds"] == row["seeds_planned"]:
+        return row["label"]
+    return f"{row['label']} ({row['seeds']}/{row['seeds_planned']} seeds)"
 
 
 def _plots(out: Path, rows: list[dict], latency: list[dict], metrics: list[str], sweep) -> list[Path]:
@@ -181,13 +232,13 @@ def _plots(out: Path, rows: list[dict], latency: list[dict], metrics: list[str],
                 if value is None:
                     continue
                 axis.axhline(100 * value, linestyle=style, color="gray", alpha=0.7)
-                axis.annotate(f"{row['label']}{suffix} (0 trained)", (x, 100 * value),
+                axis.annotate(f"{_plot_label(row)}{suffix} (0 trained)", (x, 100 * value),
                               xycoords=("axes fraction", "data"), xytext=(0, 3), textcoords="offset points",
                               fontsize=9, ha="left" if x < 0.5 else "right")
         for row in [r for r in done if r["trainable_parameters"]]:
             axis.errorbar(row["trainable_parameters"], 100 * row[f"{metrics[0]}_mean"],
-                          yerr=100 * row[f"{metrics[0]}_std"], fmt="o", capsize=4, label=row["label"])
-            axis.annotate(row["label"], (row["trainable_parameters"], 100 * row[f"{metrics[0]}_mean"]),
+                          yerr=_spread(row, metrics[0]), fmt="o", capsize=4, label=row["label"])
+            axis.annotate(_plot_label(row), (row["trainable_parameters"], 100 * row[f"{metrics[0]}_mean"]),
                           textcoords="offset points", xytext=(6, 4), fontsize=9)
         axis.set_xscale("log")
         axis.margins(x=0.15)  # room for the right-most point's label
@@ -204,7 +255,12 @@ def _plots(out: Path, rows: list[dict], latency: list[dict], metrics: list[str],
         ordered = sorted(done, key=lambda r: float(r["sweep_value"]))
         figure, axis = plt.subplots(figsize=(6.5, 4.2))
         axis.errorbar([float(r["sweep_value"]) for r in ordered], [100 * r[f"{metrics[0]}_mean"] for r in ordered],
-                      yerr=[100 * r[f"{metrics[0]}_std"] for r in ordered], fmt="o-", capsize=4)
+                      yerr=[_spread(r, metrics[0]) for r in ordered], fmt="o-", capsize=4)
+        for row in ordered:  # a value whose seeds did not all finish says so beside its point
+            if row["seeds"] != row["seeds_planned"]:
+                axis.annotate(f"{row['seeds']}/{row['seeds_planned']} seeds",
+                              (float(row["sweep_value"]), 100 * row[f"{metrics[0]}_mean"]),
+                              textcoords="offset points", xytext=(6, -10), fontsize=8)
         axis.set_xscale("log")
         axis.set_xlabel(f"{method} {parameter} (log scale)")
         axis.set_ylabel(f"{metrics[0]} (%)")

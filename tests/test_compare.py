@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -41,6 +42,16 @@ def test_compare_writes_consistent_report(tiny_model_dir, sentiment_csv, tmp_pat
     assert variants == ["base model", "lora (unmerged)", "lora (merged)", "bitfit (unmerged)", "bitfit (merged)"]
     assert "Environment:" in report and "torch" in report and "Command: `deltatune compare" in report
 
+    # the same --out, BitFit alone (its finished cell reused): no latency section, nothing of LoRA's
+    bitfit_only = compare_args(tiny_model_dir, sentiment_csv, out, methods="bitfit", seeds=1)
+    assert cli_main(bitfit_only + ["--no-latency"]) == 0
+    report = (out / "report.md").read_text()
+    assert "Inference latency" not in report and "lora" not in report
+    assert "latency" not in json.loads((out / "results.json").read_text())
+    assert cli_main(bitfit_only) == 0  # latency on: measured again for the deltas of this run only
+    variants = [row["variant"] for row in json.loads((out / "results.json").read_text())["latency"]]
+    assert variants == ["base model", "bitfit (unmerged)", "bitfit (merged)"]
+
 
 @pytest.mark.slow
 def test_compare_reuses_finished_cells_and_reports_failures(tiny_model_dir, sentiment_csv, tmp_path):
@@ -55,7 +66,7 @@ def test_compare_reuses_finished_cells_and_reports_failures(tiny_model_dir, sent
     assert (out / "cells" / "lora-seed0.json").read_text() == first  # reused, not retrained
     assert (out / "runs" / "lora-seed0" / "summary.json").stat().st_mtime_ns == first_mtime
     report = (out / "report.md").read_text()
-    assert "| nosuchmethod | failed:" in report and "unknown method 'nosuchmethod'" in report
+    assert "| nosuchmethod | 0/1 | failed:" in report and "unknown method 'nosuchmethod'" in report
 
     other_budget = [a if a != "steps=3" else "steps=2" for a in args]
     assert cli_main(other_budget) == 0  # different settings: the cell is trained again, not reused
@@ -107,7 +118,7 @@ def test_compare_prompting_baselines_are_rows_with_zero_trainable(tmp_path, sent
     assert cli_main(compare_args(tiny_model_dir_for(tmp_path), sentiment_csv, encoder_out, methods="zero-shot,lora",
                                  seeds=1) + ["--no-latency"]) == 0
     report = (encoder_out / "report.md").read_text()
-    assert "| zero-shot | failed:" in report and "is an encoder" in report
+    assert "| zero-shot | 0/1 | failed:" in report and "is an encoder" in report
     assert "Budget per cell" in report  # lora trained
     assert json.loads((encoder_out / "results.json").read_text())["rows"][1]["error"] is None  # lora still ran
 
@@ -144,3 +155,142 @@ def test_compare_records_one_data_folder_however_it_was_given(tmp_path, monkeypa
     by_variable = _compare_config(build_parser().parse_args(["compare"]))
     assert by_flag.data_dir == by_variable.data_dir == str(folder.resolve())
 
+
+
+# ---- reports from hand-built cells (no training): only what ran ----------------------------------------------
+def hand_cell(tmp_path, method, seed, accuracy=None, error=None, **extra):
+    """A cell as `run_cells` records it: the summary of a finished seed (with a small delta folder), or its error."""
+    from dataclasses import asdict
+
+    out = tmp_path / "runs" / f"{extra.get('label', method)}-seed{seed}"
+    config = asdict(TrainConfig(model="tiny", task="csv", method=method, out=str(out), seed=seed))
+    if error is not None:
+        return {"config": config, "error": error, **extra}
+    delta = out / "delta"
+    delta.mkdir(parents=True)
+    (delta / "delta.json").write_text(json.dumps({"base": {"num_parameters": 10_000}}))
+    (delta / "delta.safetensors").write_bytes(bytes([seed]) * 100)
+    summary = {"final": {"accuracy": accuracy}, "trainable_parameters": 100, "delta": str(delta),
+               "train_seconds": 1.0, "examples_per_s": 10.0, "peak_memory_mb": 50.0, "steps": 3, "precision": "fp32"}
+    return {"config": config, "summary": summary, **extra}
+
+
+def table_line(report, label):
+    return next(line for line in report.splitlines() if line.startswith(f"| {label} |"))
+
+
+def test_report_means_only_the_seeds_that_finished_and_lists_the_failed_ones(tmp_path):
+    """2 of LoRA's 3 seeds failed: its row is 1/3 with the one value (no "± 0.00"), the header claims no
+    "3 seeds", and each failed seed is listed with its error under the table, in results.json and the csv."""
+    from deltatune.compare import CompareConfig
+    from deltatune.report import write_report
+
+    cells = [hand_cell(tmp_path, "lora", 0, 0.91), hand_cell(tmp_path, "lora", 1, error="RuntimeError: out of memory"),
+             hand_cell(tmp_path, "lora", 2, error="ValueError: loss is nan"),
+             hand_cell(tmp_path, "bitfit", 0, 0.80), hand_cell(tmp_path, "bitfit", 1, 0.84),
+             hand_cell(tmp_path, "bitfit", 2, error="KeyError: 'bias'"),
+             hand_cell(tmp_path, "adapter", 0, 0.70), hand_cell(tmp_path, "adapter", 1, 0.72),
+             hand_cell(tmp_path, "adapter", 2, 0.74)]
+    config = CompareConfig(seeds=3, out=str(tmp_path / "out"))
+    write_report(config, {f"cell{i}": c for i, c in enumerate(cells)}, None, "deltatune compare", "compare")
+    report = (tmp_path / "out" / "report.md").read_text()
+
+    assert "± 0.00" not in report and "3 seed" not in report
+    assert "seeds finished per method: lora 1/3, bitfit 2/3, adapter 3/3" in report
+    lora = table_line(report, "lora")
+    assert "| 1/3 |" in lora and "| 91.00 |" in lora and "±" not in lora
+    # two seeds: std = |0.80 - 0.84| / sqrt(2) = 2.83 points; three: 0.70, 0.72, 0.74 -> 72.00 ± 2.00
+    assert "| 2/3 |" in table_line(report, "bitfit") and "| 82.00 ± 2.83 |" in table_line(report, "bitfit")
+    assert "| 3/3 |" in table_line(report, "adapter") and "| 72.00 ± 2.00 |" in table_line(report, "adapter")
+    under = report[report.index(table_line(report, "adapter")):]
+    for line in ["- lora, seed 1: RuntimeError: out of memory", "- lora, seed 2: ValueError: loss is nan",
+                 "- bitfit, seed 2: KeyError: 'bias'"]:
+        assert line in under
+
+    rows = {row["label"]: row for row in json.loads((tmp_path / "out" / "results.json").read_text())["rows"]}
+    assert (rows["lora"]["seeds"], rows["lora"]["seeds_planned"], rows["lora"]["accuracy_std"]) == (1, 3, None)
+    assert [f["seed"] for f in rows["lora"]["failed"]] == [1, 2] and rows["adapter"]["failed"] == []
+    with open(tmp_path / "out" / "results.csv") as handle:
+        csv_rows = {row["label"]: row for row in csv.DictReader(handle)}
+    assert (csv_rows["lora"]["seeds"], csv_rows["lora"]["seeds_planned"], csv_rows["lora"]["accuracy_std"]) == (
+        "1", "3", "")
+    assert csv_rows["lora"]["failed_seeds"] == "1: RuntimeError: out of memory; 2: ValueError: loss is nan"
+    assert csv_rows["bitfit"]["seeds"] == "2" and csv_rows["adapter"]["failed_seeds"] == ""
+
+
+def test_one_seed_is_a_value_without_a_spread(tmp_path):
+    from deltatune.compare import CompareConfig
+    from deltatune.report import write_report
+
+    config = CompareConfig(seeds=1, out=str(tmp_path / "out"))
+    write_report(config, {"c": hand_cell(tmp_path, "lora", 0, 0.9624)}, None, "deltatune compare", "compare")
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| 96.24 |" in table_line(report, "lora") and "±" not in table_line(report, "lora")
+    assert "1 seed;" in report and "seed(s)" not in report
+
+
+def test_sweep_rows_say_how_many_seeds_finished(tmp_path):
+    from deltatune.compare import CompareConfig
+    from deltatune.report import write_report
+
+    cells = [hand_cell(tmp_path, "lora", 0, 0.80, label="lora-r=4", sweep_value=4),
+             hand_cell(tmp_path, "lora", 1, 0.90, label="lora-r=4", sweep_value=4),
+             hand_cell(tmp_path, "lora", 0, 0.85, label="lora-r=8", sweep_value=8),
+             hand_cell(tmp_path, "lora", 1, error="RuntimeError: boom", label="lora-r=8", sweep_value=8)]
+    config = CompareConfig(seeds=2, out=str(tmp_path / "out"))
+    write_report(config, {f"c{i}": c for i, c in enumerate(cells)}, None, "deltatune sweep", "sweep",
+                 sweep=("lora", "r"))
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| 2/2 |" in table_line(report, "lora-r=4") and "| 85.00 ± 7.07 |" in table_line(report, "lora-r=4")
+    assert "| 1/2 |" in table_line(report, "lora-r=8") and "| 85.00 |" in table_line(report, "lora-r=8")
+    assert "- lora-r=8, seed 1: RuntimeError: boom" in report and "2 seeds" not in report
+
+
+def test_latency_is_reused_only_under_the_settings_it_was_measured_with(tmp_path, monkeypatch):
+    """latency.json is reused when every setting matches; other deltas, rounds, threads or a retrained delta
+    measure again; --no-latency leaves no latency section in report.md or results.json."""
+    import torch
+
+    from deltatune import compare as compare_module
+    from deltatune.compare import CompareConfig, compare
+
+    measured = []
+
+    def fake_measure(config, results, seq_len=128):  # the timing itself is tested end to end (slow)
+        methods = sorted(compare_module._latency_cells(results))
+        measured.append(methods)
+        return [{"variant": v, "batch1_ms": 1.0, "batch1_vs_base": 1.0, "batch16_ms": 2.0, "batch16_vs_base": 1.0}
+                for v in ["base model", *[f"{m} (unmerged)" for m in methods]]]
+
+    current = {}
+    monkeypatch.setattr(compare_module, "measure_latency", fake_measure)
+    monkeypatch.setattr(compare_module, "plan_cells", lambda config: [])
+    monkeypatch.setattr(compare_module, "run_cells", lambda config, cells: current["results"])
+    out = tmp_path / "out"
+    lora = {"lora-seed0": hand_cell(tmp_path / "a", "lora", 0, 0.9)}
+    bitfit = {"bitfit-seed0": hand_cell(tmp_path / "b", "bitfit", 0, 0.8)}
+
+    def run(results, **settings):
+        current["results"] = results
+        compare(CompareConfig(out=str(out), methods=[c["config"]["method"] for c in results.values()], **settings))
+        return (out / "report.md").read_text(), json.loads((out / "results.json").read_text())
+
+    report, results = run(lora)
+    assert measured == [["lora"]] and "lora (unmerged)" in report and results["latency_settings"]["rounds"] == 20
+    run(lora)
+    assert measured == [["lora"]]  # same settings: reused
+    report, results = run(bitfit, latency=False)
+    assert "Inference latency" not in report and "lora" not in report
+    assert "latency" not in results and "latency_settings" not in results
+    report, _ = run(bitfit)
+    assert measured[-1] == ["bitfit"] and "lora" not in report
+    run(bitfit, latency_repeats=5)
+    assert len(measured) == 3  # other number of rounds
+    run(bitfit, latency_repeats=5)
+    assert len(measured) == 3
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
+    run(bitfit, latency_repeats=5)
+    assert len(measured) == 4  # other thread count
+    (Path(bitfit["bitfit-seed0"]["summary"]["delta"]) / "delta.safetensors").write_bytes(b"retrained" * 10)
+    run(bitfit, latency_repeats=5)
+    assert len(measured) == 5  # same path, another delta
