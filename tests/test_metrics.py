@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from pathlib import Path
 
 import pytest
 
@@ -14,7 +13,6 @@ from deltatune.tasks.e2e import group_by_source, read_pairs
 from deltatune.tasks.e2e_metrics import bleu, compute_e2e_metrics, nist, nist_length_penalty
 from deltatune.tasks.metrics import compute_metrics
 
-SHARED_DATA = Path(__file__).parents[1].parent / "shared" / "data"
 needs_java = pytest.mark.skipif(
     shutil.which("java") is None, reason="METEOR, ROUGE-L and CIDEr run the coco-caption Java tools"
 )
@@ -110,14 +108,12 @@ def test_all_e2e_metrics_of_references():
 
 @needs_java
 @pytest.mark.slow
-def test_e2e_scores_match_the_official_script():
+def test_e2e_scores_match_the_official_script(data_dir):
     """The check in shared/reference/e2e-metrics.md: first reference of each test MR with >= 2 references
     as the output, the others as references; numbers from the official measure_scores.py."""
     pytest.importorskip("pycocoevalcap", reason="METEOR, ROUGE-L and CIDEr come from pycocoevalcap==1.2")
-    if not (SHARED_DATA / "e2e" / "testset_w_refs.csv").is_file():
-        pytest.skip(f"E2E test set not found under {SHARED_DATA}")
     groups = [
-        refs for _, refs in group_by_source(read_pairs(SHARED_DATA, "testset_w_refs.csv")) if len(refs) >= 2
+        refs for _, refs in group_by_source(read_pairs(data_dir, "testset_w_refs.csv")) if len(refs) >= 2
     ]
     assert (len(groups), sum(len(refs) - 1 for refs in groups)) == (616, 4_063)
     start = time.perf_counter()

@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from deltatune.tasks import TASK_NAMES, DataError, get_task, sources
 
-SHARED_DATA = Path(__file__).parents[1].parent / "shared" / "data"
-
-
-@pytest.fixture
-def data_dir() -> Path:
-    if not (SHARED_DATA / "glue").is_dir():
-        pytest.skip(f"benchmark files not found at {SHARED_DATA} (the offline copy beside the repo)")
-    return SHARED_DATA
-
 
 @pytest.fixture(autouse=True)
 def no_data_env(monkeypatch):
-    """Tests choose their data folder explicitly; a developer's $DELTATUNE_DATA must not leak in."""
+    """Tests choose their data folder explicitly (conftest's `data_dir`, found before this runs); a developer's
+    $DELTATUNE_DATA must not leak into the code under test."""
     monkeypatch.delenv(sources.DATA_DIR_ENV, raising=False)
 
 
