@@ -46,8 +46,7 @@ def real_data(request: pytest.FixtureRequest) -> Path:
     """The real data folder for the requesting test, else skip it by name (fail it under the strict switch)."""
     if REAL_DATA is not None:
         return REAL_DATA
-    message = (f"{request.node.nodeid} needs the real data: {REAL_DATA_LOOKED}; set {DATA_ENV} to a folder with "
-               f"glue/ and e2e/ as published")
+    message = f"{request.node.nodeid} needs the real data: {REAL_DATA_LOOKED} (set {DATA_ENV})"
     if REQUIRE_DATA:
         pytest.fail(f"{REQUIRE_DATA_ENV}=1 and {message}", pytrace=False)
     pytest.skip(message)

@@ -45,7 +45,7 @@ def test_glue_splits_have_the_published_sizes(data_dir, name, split, count, labe
         assert {e["label"] for e in examples} == labels == set(range(task.num_labels))
 
 
-def test_task_descriptions(data_dir):
+def test_task_descriptions():
     assert get_task("rte").label_names == ["entailment", "not_entailment"]
     assert get_task("mrpc").metric_names == ["accuracy", "f1"]
     assert get_task("cola").metric_names == ["matthews_corrcoef"]
