@@ -78,7 +78,8 @@ def score(args: argparse.Namespace) -> None:
     print(f"SmolLM2-135M, SST-2, {args.shots}-shot, draws {first}-{last} of {args.draws}; held-out: {len(held)} "
           f"labelled train examples; unlabeled: {len(unlabeled)} train inputs; dev: {len(dev)}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
-    saved = {"shots": args.shots, "held_labels": [h["label"] for h in held], "dev_labels": [d["label"] for d in dev],
+    saved = {"shots": args.shots, "draws_total": args.draws, "held_out": args.held_out,
+             "held_labels": [h["label"] for h in held], "dev_labels": [d["label"] for d in dev],
              "content_free": len(content_free), "unlabeled": len(unlabeled), "draws": {}}
     for seed in range(first, last + 1):
         started = time.perf_counter()
@@ -110,10 +111,22 @@ def draw_row(saved: dict, seed) -> dict:
     return row
 
 
+SETTINGS = ("shots", "draws_total", "held_out", "unlabeled", "content_free")  # what makes two ranges comparable
+
+
 def summarize(paths: list[str], subset: int) -> None:
-    rows = []
+    """One table over the draws saved in `paths`, which must all have been scored under the same settings
+    (the held-out and unlabeled samples depend on them): a range with other settings is refused, not mixed in."""
+    rows, first = [], None
     for path in paths:
         saved = json.loads((Path(path) / "scores.json").read_text())
+        settings = {key: saved.get(key) for key in SETTINGS} | {"dev": len(saved["dev_labels"]),
+                                                                 "held": len(saved["held_labels"])}
+        if first is None:
+            first = (path, settings)
+        elif settings != first[1]:
+            raise SystemExit(f"{path} was scored with {settings}, {first[0]} with {first[1]}: summarize ranges "
+                             f"scored with the same --draws, --shots, --held-out and --unlabeled only")
         rows += [draw_row(saved, seed) for seed in saved["draws"]]
     rows.sort(key=lambda r: r["seed"])
     print("| draw | labels in order | held-out raw | held-out contextual | dev raw | dev contextual "
@@ -124,10 +137,10 @@ def summarize(paths: list[str], subset: int) -> None:
     print()
     for mode in MODES:
         dev_acc = [r[mode] for r in rows]
-        line = (f"{mode:>11}: dev over {len(rows)} draws {statistics.mean(dev_acc):.2%} "
-                f"± {statistics.stdev(dev_acc):.2%} (min {min(dev_acc):.2%}, max {max(dev_acc):.2%}), "
-                f">= 83% in {sum(a >= 0.83 for a in dev_acc)}")
-        if mode in ("raw", "contextual"):
+        spread = f" ± {statistics.stdev(dev_acc):.2%}" if len(rows) > 1 else ""  # one draw: no spread
+        line = (f"{mode:>11}: dev over {len(rows)} draw(s) {statistics.mean(dev_acc):.2%}{spread} "
+                f"(min {min(dev_acc):.2%}, max {max(dev_acc):.2%}), >= 83% in {sum(a >= 0.83 for a in dev_acc)}")
+        if mode in ("raw", "contextual") and len(rows) > 1:
             held_acc = [r[f"held_{mode}"] for r in rows]
             line += f"; Pearson r(held-out, dev) = {statistics.correlation(held_acc, dev_acc):.3f}"
             if len(rows) >= subset:

@@ -1,6 +1,6 @@
 """Adapters and prompt tuning on real data: MiniLM on 2,000 SST-2 sentences, one epoch each.
 
-    python benchmarks/new_methods_sst2.py [--train 2000] [--data /work/shared/data/glue/sst2]
+    python benchmarks/new_methods_sst2.py [--train 2000] [--data $DELTATUNE_DATA/glue/sst2]
 
 Prints the training loss every 10 steps and the accuracy on the 872 dev sentences before and after
 (the classification head is new, so "before" is chance). Batch 32, max length 64, AdamW.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import random
 import time
 from pathlib import Path
@@ -20,7 +21,9 @@ import torch.nn.functional as F
 import deltatune
 from deltatune.models import load_model, load_tokenizer
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue" / "sst2"
+# like the tests: $DELTATUNE_DATA, else ../shared/data beside the checkout
+DATA_ROOT = os.environ.get("DELTATUNE_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(DATA_ROOT) / "glue" / "sst2"
 RUNS = [  # (label, method config, learning rate)
     ("adapter (bottleneck 64, houlsby)", deltatune.Adapter(bottleneck=64), 1e-3),
     ("prompt tuning (length 20, random)", deltatune.PromptTuning(length=20), 3e-2),

@@ -7,7 +7,9 @@
                                       [--out runs/bench-sst2]
 
 Targets (issue "Real tasks, real data, real training"): full fine-tuning >= 88% dev accuracy; LoRA
-within 1.5 points of it. Reference here: Trainer + peft LoRA r=8, lr 5e-4, batch 32, one epoch:
+within 1.5 points of it. Both are decided on the FINAL checkpoint: the best of the periodic evaluations is
+chosen on the very dev set it is scored on, so it is optimistic; it is printed beside, never decides.
+Reference here: Trainer + peft LoRA r=8, lr 5e-4, batch 32, one epoch:
 86.35% best, 86.1% final, 936 s. Every run is `deltatune train` in-process with its defaults
 (per-method learning rate, linear schedule with 6% warmup, length bucketing, dynamic padding).
 "Time to target" is read from the run's metrics.jsonl: the first evaluation at or above `--target`, with the
@@ -74,13 +76,25 @@ def main() -> None:
     for method, params, final, best, best_step, steps, train_s, wall in rows:
         print(f"{method:<8}{params:>12,}{100 * final:>10.2f}%{100 * best:>9.2f}%{best_step:>9}{steps:>7}"
               f"{train_s:>9.0f}{wall:>8.0f}")
-    by_method = {r[0]: r for r in rows}
-    if "full" in by_method:
-        print(f"\nfull fine-tuning >= 88%: {'met' if by_method['full'][3] >= 0.88 else 'MISSED'} "
-              f"(best {100 * by_method['full'][3]:.2f}%)")
-        if "lora" in by_method:
-            gap = 100 * (by_method["full"][3] - by_method["lora"][3])
-            print(f"LoRA within 1.5 points of full: {'met' if gap <= 1.5 else 'MISSED'} (gap {gap:.2f} points)")
+    final = {method: acc for method, _, acc, *_ in rows}
+    best = {method: acc for method, _, _, acc, *_ in rows}
+    print("\n" + "\n".join(target_lines(final, best)))
+
+
+def target_lines(final: dict[str, float], best: dict[str, float]) -> list[str]:
+    """The targets met or missed on the final checkpoints' dev accuracy; the best evaluation beside, for reading.
+
+    The best is picked on the dev set it is scored on (optimistic), so it never decides a target.
+    """
+    lines = []
+    if "full" in final:
+        lines.append(f"full fine-tuning >= 88% (final checkpoint): {'met' if final['full'] >= 0.88 else 'MISSED'} "
+                     f"(final {100 * final['full']:.2f}%; best {100 * best['full']:.2f}%, chosen on dev)")
+        if "lora" in final:
+            gap, best_gap = 100 * (final["full"] - final["lora"]), 100 * (best["full"] - best["lora"])
+            lines.append(f"LoRA within 1.5 points of full (final checkpoints): {'met' if gap <= 1.5 else 'MISSED'} "
+                         f"(gap {gap:.2f} points; between the best evaluations {best_gap:.2f}, chosen on dev)")
+    return lines
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ Both evaluate every `--eval-every` steps, so neither is favoured by a finer grid
 seed go side by side, one thread each, so both see the same machine load (this machine is shared); with
 `--one-at-a-time` each runs alone on `--threads` threads. Prints, per run: the first evaluation at or above
 the target (step, wall seconds since training began, evaluations included), best and final accuracy, and
-the ratio deltatune / Trainer of the time to target.
+the ratio deltatune / Trainer of the time to target. Each run's settings are saved beside it
+(`OUT/<runner>-seed<N>.settings.json`); with `--summarize`, a run made with other settings than the command's
+is marked in the table with them and left out of the ratios.
 """
 
 from __future__ import annotations
@@ -79,7 +81,11 @@ def main() -> None:
     results: dict[str, list[dict]] = {runner: [] for runner in runners}
     for seed in map(int, args.seeds.split(",")):
         cmds = commands(seed, out, args.eval_every, args.extra)
+        settings = {runner: {"command": cmds[runner][1:], "mode": mode} for runner in runners}
         started = time.perf_counter()
+        if not args.summarize:
+            for runner in runners:
+                (out / f"{runner}-seed{seed}.settings.json").write_text(json.dumps(settings[runner]) + "\n")
         if args.summarize:
             pass
         elif args.one_at_a_time:
@@ -92,6 +98,9 @@ def main() -> None:
         for runner in runners:
             folder = out / f"{runner.split('+')[0]}-seed{seed}"
             run = read_run(folder, args.target)
+            saved = out / f"{runner}-seed{seed}.settings.json"
+            run["settings"] = json.loads(saved.read_text()) if saved.is_file() else None
+            run["same_settings"] = run["settings"] == settings[runner]
             results[runner].append(run)
             print(json.dumps({"seed": seed, "runner": runner, **run}))
         print(f"seed {seed}: {time.perf_counter() - started:.0f} s wall; load average {os.getloadavg()[0]:.2f}\n")
@@ -101,21 +110,29 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for runner in runners:
         for seed, run in zip(args.seeds.split(","), results[runner]):
+            seed = seed if run["same_settings"] else f"{seed} ‡"
             print(f"| {runner} | {seed} | {run['reached_step'] or 'never'} | {run['reached_seconds'] or '-'} | "
                   f"{run['reached_train_seconds'] or '-'} | {run['best']:.2%} | {run['final']:.2%} | "
                   f"{run['epoch_seconds']:.0f} | {run['eval_seconds']:.0f} |")
+    other = [(runner, seed, run["settings"]) for runner in runners
+             for seed, run in zip(args.seeds.split(","), results[runner]) if not run["same_settings"]]
+    for runner, seed, settings in other:
+        print(f"‡ {runner} seed {seed} ran with other settings than this command, left out of the ratios: "
+              + (json.dumps(settings) if settings else "settings not recorded"))
     if set(runners) == {"trainer+peft", "deltatune"}:
-        pairs = [(d, t) for d, t in zip(results["deltatune"], results["trainer+peft"])
-                 if d["reached_seconds"] and t["reached_seconds"]]
-        epochs = [d["epoch_seconds"] / t["epoch_seconds"]
-                  for d, t in zip(results["deltatune"], results["trainer+peft"])]
+        both = [(d, t) for d, t in zip(results["deltatune"], results["trainer+peft"])
+                if d["same_settings"] and t["same_settings"]]
+        pairs = [(d, t) for d, t in both if d["reached_seconds"] and t["reached_seconds"]]
+        epochs = [d["epoch_seconds"] / t["epoch_seconds"] for d, t in both]
         if pairs:
             with_evals = statistics.median(d["reached_seconds"] / t["reached_seconds"] for d, t in pairs)
             without = statistics.median(d["reached_seconds"] / t["reached_train_seconds"] for d, t in pairs)
             print(f"\ntime to {args.target:.0%}, deltatune / Trainer+peft: median "
                   f"{with_evals:.2f} over {len(pairs)} seed(s) where both reached it")
             print(f"the same, Trainer's evaluations not counted (deltatune's are): median {without:.2f}")
-        print(f"one epoch, deltatune / Trainer+peft: median {statistics.median(epochs):.2f}")
+        if epochs:
+            print(f"one epoch, deltatune / Trainer+peft: median {statistics.median(epochs):.2f} over {len(epochs)} "
+                  f"seed(s)")
 
 
 if __name__ == "__main__":
