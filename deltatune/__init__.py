@@ -14,6 +14,7 @@ from deltatune.methods.bitfit import BitFit
 from deltatune.methods.full import FullFineTune
 from deltatune.methods.lora import LoRA
 from deltatune.methods.prompt import PromptTuning
+from deltatune.methods.top_layers import TopLayers
 
 __all__ = [
     "__version__",
@@ -29,6 +30,7 @@ __all__ = [
     "PromptTuning",
     "TargetError",
     "TaskError",
+    "TopLayers",
     "attach",
     "load_delta",
 ]

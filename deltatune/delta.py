@@ -140,12 +140,15 @@ class DeltaModel(nn.Module):
             raise TaskError(f"task {task!r} already exists; use remove_task({task!r}) or another name")
         method = method_of(config)
         self._structure_changed()
+        previous = self.active_task
+        self.use(None)  # inject into the plain base: methods that copy base weights (top_layers) copy those
         try:
             method_entry(method).inject(self.base_model, config, task, self.task_state, self.head_modules)
             for name in self.head_modules:
                 self._task_heads(name).add_task(task)
         except BaseException:
             self._drop_task_parameters(task)
+            self.use(previous)
             raise
         self.task_info[task] = {"method": method, "config": config, "label_names": label_names}
         self.use(task)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
-from deltatune.methods import adapter, bitfit, full, lora, prompt
+from deltatune.methods import adapter, bitfit, full, lora, prompt, top_layers
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ METHODS: dict[str, MethodEntry] = {
     "full": MethodEntry(full.FullFineTune, full.inject, mergeable=True),
     "adapter": MethodEntry(adapter.Adapter, adapter.inject, mergeable=False),
     "prompt": MethodEntry(prompt.PromptTuning, prompt.inject, mergeable=False),
+    "top_layers": MethodEntry(top_layers.TopLayers, top_layers.inject, mergeable=True),
 }
 
 

@@ -82,6 +82,18 @@ ENCODER_ONLY_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "distilbert", 
 # T5 `block.N`.
 _BLOCK_PATTERN = re.compile(r"(^|\.)(layer|layers|h|block|blocks)\.\d+(\.|$)")
 
+# The modules between the last block and the task head that top-k fine-tuning trains with the top blocks:
+# the final norm of pre-LN models (GPT-2 `ln_f`, Llama `norm`, T5's decoder `final_layer_norm`) and BERT's
+# pooler. Module-name suffixes, matched outside the blocks.
+FINAL_MODULES: dict[str, list[str]] = {
+    **dict.fromkeys(["bert", "electra"], ["pooler"]),
+    **dict.fromkeys(["roberta", "xlm-roberta", "camembert", "distilbert"], []),  # post-LN: no final norm
+    "gpt2": ["ln_f"],
+    **dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"], ["model.norm"]),
+    **dict.fromkeys(["t5", "mt5"], ["decoder.final_layer_norm"]),
+}
+_BLOCK_LIST = re.compile(r"(^|\.)(layer|layers|h|block|blocks)$")
+
 _SLICE_PATTERN = re.compile(r"^(?P<name>.+)\[(?P<index>\d+)/(?P<parts>\d+)\]$")
 
 
@@ -93,6 +105,41 @@ def model_type(model: nn.Module) -> str | None:
 def in_transformer_block(name: str) -> bool:
     """True for a module or parameter name inside one of the repeated transformer blocks."""
     return bool(_BLOCK_PATTERN.search(name))
+
+
+def block_index(name: str) -> int | None:
+    """The block number in a module or parameter name (`transformer.h.3.attn` -> 3), None outside blocks."""
+    match = _BLOCK_PATTERN.search(name)
+    return int(name[match.end(2) + 1 :].split(".")[0]) if match else None
+
+
+def block_lists(model: nn.Module) -> dict[str, nn.ModuleList]:
+    """{name: ModuleList} of the stacks of transformer blocks, bottom of the model first (T5: encoder, then
+    decoder); lists inside a block (T5's `block.N.layer`) are parts of a block, not stacks."""
+    return {
+        name: module for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and _BLOCK_LIST.search(name) and not in_transformer_block(name)
+        and "base_layer" not in name.split(".")
+    }
+
+
+def top_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The stack whose output feeds the head: the only one, or the decoder's of an encoder-decoder."""
+    stacks = block_lists(model)
+    if not stacks:
+        raise TargetError(f"no stack of transformer blocks found in this {model_type(model)} model (looked for a "
+                          f"ModuleList named layer/layers/h/block/blocks)")
+    return list(stacks.items())[-1]
+
+
+def final_modules(model: nn.Module) -> list[str]:
+    """Full names of FINAL_MODULES[model_type] present in the model (outside the blocks)."""
+    kind = model_type(model)
+    if kind not in FINAL_MODULES:
+        raise TargetError(f"no final-module table for model type {kind!r}; known: {sorted(FINAL_MODULES)}")
+    names = [name for name, _ in model.named_modules() if not in_transformer_block(name)
+             and "base_layer" not in name.split(".")]
+    return [name for name in names if any(name == s or name.endswith("." + s) for s in FINAL_MODULES[kind])]
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -44,6 +44,7 @@ DEFAULT_LEARNING_RATES = {
     "adapter": 1e-3,  # Houlsby et al. 2019 sweep 3e-5 .. 3e-3; 1e-3 is the usual pick
     "bitfit": 1e-3,  # BitFit paper: 1e-4 .. 1e-3 (higher than full fine-tuning)
     "prompt": 3e-2,  # prompt tuning needs large rates (Lester et al. 2021 used 0.3 with Adafactor)
+    "top_layers": 2e-5,  # the same pretrained weights as full fine-tuning train, so its rate (not tuned)
 }
 
 

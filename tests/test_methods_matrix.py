@@ -27,11 +27,14 @@ def method_configs(arch: str) -> dict[str, object]:
     for name in ("Adapter", "PromptTuning"):  # methods that exist once their issue has landed
         if hasattr(deltatune, name):
             configs[name.lower()] = getattr(deltatune, name)()
+    configs["adapter_lin"] = deltatune.Adapter(placement="lin", bottleneck=4, activation="relu")  # Lin et al.
+    configs["adapter_drop"] = deltatune.Adapter(skip_layers=1)  # AdapterDrop: none in the lowest block
+    configs["top_layers"] = deltatune.TopLayers(k=1)  # the tiny models have 2 blocks
     return configs
 
 
 MATRIX = [(arch, method) for arch in ARCHS for method in method_configs(arch)]
-MERGEABLE = {"lora", "bitfit", "full"}
+MERGEABLE = {"lora", "bitfit", "full", "top_layers"}
 # inserted virtual tokens change the output from the first step (prompt tuning has no identity init);
 # what it must leave exact is the base model
 CHANGES_OUTPUT_AT_INIT = {"prompttuning"}

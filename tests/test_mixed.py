@@ -31,6 +31,14 @@ def two_tasks(arch: str, method: str) -> dict[str, object]:
     if method == "adapter":
         return {"adapter_a": deltatune.Adapter(bottleneck=4),
                 "adapter_b": deltatune.Adapter(bottleneck=8, activation="relu", placement="pfeiffer")}
+    if method == "adapter_lin":  # Lin et al.'s adapters (own LayerNorm per task), one of them AdapterDrop
+        return {"lin_a": deltatune.Adapter(bottleneck=4, placement="lin"),
+                "lin_b": deltatune.Adapter(bottleneck=6, placement="lin", activation="relu", skip_layers=1)}
+    if method == "adapter_drop":
+        return {"drop_a": deltatune.Adapter(bottleneck=4, skip_layers=1),
+                "drop_b": deltatune.Adapter(bottleneck=8, placement="pfeiffer", skip_layers=1, train_norms=False)}
+    if method == "top_layers":  # the tiny models have 2 blocks: top 1 and both
+        return {"top_a": deltatune.TopLayers(k=1), "top_b": deltatune.TopLayers(k=2)}
     return {"prompt_a": deltatune.PromptTuning(length=3), "prompt_b": deltatune.PromptTuning(length=6)}
 
 
@@ -88,7 +96,7 @@ def assert_mixed_matches_alone(model, tasks: list[str]) -> torch.Tensor:
     return mixed
 
 
-@pytest.mark.parametrize("method", ["lora", "bitfit", "adapter", "prompt"])
+@pytest.mark.parametrize("method", ["lora", "bitfit", "adapter", "prompt", "adapter_lin", "adapter_drop", "top_layers"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_mixed_batch_equals_each_example_alone(arch, method):
     configs = two_tasks(arch, method)
@@ -102,18 +110,20 @@ def test_mixed_batch_equals_each_example_alone(arch, method):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_method_in_one_batch_with_heads_of_different_widths(arch, tmp_path):
     configs = {**two_tasks(arch, "lora"), "bitfit": deltatune.BitFit(add_missing=arch in BIASLESS),
-               "adapter": deltatune.Adapter(bottleneck=4), "prompt": deltatune.PromptTuning(length=4)}
+               "adapter": deltatune.Adapter(bottleneck=4), "prompt": deltatune.PromptTuning(length=4),
+               "lin": deltatune.Adapter(bottleneck=3, placement="lin", skip_layers=1),
+               "top": deltatune.TopLayers(k=1)}
     model = build(arch, configs)
     # a task whose head has 3 labels, saved from a 3-label copy of the base and loaded beside the others
     three = deltatune.attach(make_model(arch, num_labels=3), deltatune.LoRA(r=2), task="three")
     randomise(three, "three", seed=9)
     three.save_delta(tmp_path / "three")
     model.add_delta(tmp_path / "three")
-    tasks = ["three", "lora_a", "bitfit", "base", "adapter", "prompt", "lora_b", "three", "prompt"]
+    tasks = ["three", "lora_a", "bitfit", "top", "base", "adapter", "prompt", "lin", "lora_b", "three", "prompt", "top"]
     mixed = assert_mixed_matches_alone(model, tasks)
     assert mixed.shape[-1] == 3
     two_label = [i for i, task in enumerate(tasks) if task != "three"]
-    assert torch.isneginf(mixed[two_label, 2]).all() and torch.isfinite(mixed[[0, 7]]).all()
+    assert torch.isneginf(mixed[two_label, 2]).all() and torch.isfinite(mixed[[0, 9]]).all()
     assert (mixed.softmax(-1)[two_label, 2] == 0).all()
 
 

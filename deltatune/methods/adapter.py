@@ -15,6 +15,19 @@ shared by all tasks, so each task keeps its own shifts Δg, Δb and the norm com
 (`NormDelta`, zero at init). `placement="pfeiffer"` keeps only the adapter after the feed-forward
 sub-layer (Pfeiffer et al. 2021, "AdapterFusion"). Adapters add sequential computation, so they cannot
 be merged into the base weights.
+
+`placement="lin"` is Lin et al. 2020's adapter ("Exploring Versatile Generative Language Model via
+Parameter-Efficient Transfer Learning", §2; the LoRA paper's "Adapter^L", Hu et al. 2021 §5.1): one per
+block, on the block's output (after the feed-forward sub-layer and its residual add), with its own
+LayerNorm inside (gain and bias per task, starting at 1 and 0):
+
+    adapter(h) = h + W_up f(W_down LN(h) + b_down) + b_up         2 m d + m + d + 2 d parameters
+
+Lin et al. freeze the whole base model (ReLU as f): `Adapter(placement="lin", train_norms=False,
+activation="relu")`. `skip_layers=n` is AdapterDrop (Rücklé et al. 2021, "AdapterDrop: On the
+Efficiency of Adapters in Transformers", §3): no adapters, and no trained norms, in the lowest n blocks
+of each stack (nor in the embeddings), so those blocks compute exactly the base model's function for
+every task: a mixed batch, or one input for several tasks, runs them once (`deltatune.shared_lower`).
 """
 
 from __future__ import annotations
@@ -27,13 +40,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.errors import MergeError, TargetError
+from deltatune.errors import DeltaTuneError, MergeError, TargetError
 from deltatune.methods.common import DeltaComponent, TaskState
-from deltatune.targets import ADAPTER_SITES, model_type, unwrap
+from deltatune.targets import ADAPTER_SITES, block_index, block_lists, in_transformer_block, model_type, unwrap
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh, "silu": F.silu, "swish": F.silu}
 
-PLACEMENTS = {"houlsby": (0, 1), "pfeiffer": (1,)}  # which of the two sites get an adapter
+PLACEMENTS = {"houlsby": (0, 1), "pfeiffer": (1,), "lin": ()}  # which of the two sites get an adapter
+# ("lin": none of them; the block's own output instead)
 
 
 @dataclass
@@ -42,19 +56,25 @@ class Adapter:
 
     bottleneck: int = field(default=64, metadata={"help": "width m of the bottleneck (paper section 2.1)"})
     activation: str = field(default="gelu", metadata={"help": f"nonlinearity f: {sorted(ACTIVATIONS)}"})
-    placement: str = field(
-        default="houlsby", metadata={"help": "houlsby: after attention and FFN; pfeiffer: after the FFN only"}
-    )
+    placement: str = field(default="houlsby", metadata={
+        "help": "houlsby: after attention and FFN; pfeiffer: after the FFN only; lin: on each block's output, "
+                "with its own LayerNorm (Lin et al. 2020)"})
     train_norms: bool = field(default=True, metadata={"help": "also train each layer norm's g, b (section 2.1)"})
+    skip_layers: int = field(default=0, metadata={
+        "help": "AdapterDrop (Rücklé et al. 2021): no adapters or trained norms in the lowest n blocks"})
     method: ClassVar[str] = "adapter"
 
     def __post_init__(self) -> None:
-        if self.bottleneck < 1:
-            raise ValueError(f"adapter bottleneck must be >= 1, got {self.bottleneck}")
+        if isinstance(self.bottleneck, bool) or not isinstance(self.bottleneck, int) or self.bottleneck < 1:
+            raise DeltaTuneError(f"adapter bottleneck must be a whole number >= 1, got {self.bottleneck!r}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown adapter activation {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
+            raise DeltaTuneError(f"unknown adapter activation {self.activation!r}; choose one of "
+                                 f"{sorted(ACTIVATIONS)}")
         if self.placement not in PLACEMENTS:
-            raise ValueError(f"unknown adapter placement {self.placement!r}; choose one of {sorted(PLACEMENTS)}")
+            raise DeltaTuneError(f"unknown adapter placement {self.placement!r}; choose one of {sorted(PLACEMENTS)}")
+        if isinstance(self.skip_layers, bool) or not isinstance(self.skip_layers, int) or self.skip_layers < 0:
+            raise DeltaTuneError(f"adapter skip_layers must be a whole number >= 0 (the lowest blocks left "
+                                 f"without adapters), got {self.skip_layers!r}")
 
 
 class BottleneckAdapter(DeltaComponent):
@@ -62,12 +82,15 @@ class BottleneckAdapter(DeltaComponent):
 
     method = "adapter"
 
-    def __init__(self, layer: nn.Module, width: int, reference: torch.Tensor, state: TaskState):
+    def __init__(self, layer: nn.Module, width: int, reference: torch.Tensor, state: TaskState,
+                 norm_eps: float | None = None):
         super().__init__(state)
         self.width = width
+        self.norm_eps = norm_eps  # a number: Lin et al.'s adapter, LN(h) before W_down (one per block)
         self.__dict__["reference"] = reference  # a base weight: new adapters take its dtype and device
         self.adapter_down = nn.ModuleDict()  # task -> Linear(d, m)
         self.adapter_up = nn.ModuleDict()  # task -> Linear(m, d)
+        self.adapter_norm = nn.ModuleDict()  # task -> LayerNorm(d) (lin placement only)
         self.activation: dict[str, str] = {}
         self.__dict__["layer"] = layer  # the hooked module (not a submodule: it belongs to the base model)
         self.__dict__["_hook"] = layer.register_forward_hook(self._add_adapter)
@@ -85,24 +108,35 @@ class BottleneckAdapter(DeltaComponent):
         nn.init.zeros_(up.weight)  # W_up = 0, b_up = 0: adapter(h) = h at step 0
         nn.init.zeros_(up.bias)
         self.adapter_down[task], self.adapter_up[task] = down, up
+        if self.norm_eps is not None:  # gain 1, bias 0 (nn.LayerNorm's init)
+            self.adapter_norm[task] = nn.LayerNorm(self.width, eps=self.norm_eps, **options)
         self.activation[task] = config.activation
 
     def remove_task(self, task: str) -> None:
         del self.adapter_down[task], self.adapter_up[task], self.activation[task]
+        if task in self.adapter_norm:
+            del self.adapter_norm[task]
 
     def task_parameters(self, task: str) -> dict[str, nn.Parameter]:
         down, up = self.adapter_down[task], self.adapter_up[task]
-        return {"adapter_down.weight": down.weight, "adapter_down.bias": down.bias,
+        norm = {f"adapter_norm.{n}": p for n, p in self.adapter_norm[task].named_parameters()} \
+            if task in self.adapter_norm else {}
+        return {**norm, "adapter_down.weight": down.weight, "adapter_down.bias": down.bias,
                 "adapter_up.weight": up.weight, "adapter_up.bias": up.bias}
 
-    def _add_adapter(self, layer: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+    def _add_adapter(self, layer: nn.Module, args, output):
+        if isinstance(output, tuple):  # a block returning (hidden states, position bias, ...) (T5)
+            return (self._add_adapter(layer, args, output[0]), *output[1:])
         if self.task_state.per_example is not None:
             return self._add_adapter_mixed(output)
         task = self.active_task
         if task not in self.adapter_down:
             return output
         down, up = self.adapter_down[task], self.adapter_up[task]
-        bottleneck = ACTIVATIONS[self.activation[task]](down(output.to(down.weight.dtype)))  # (..., m)
+        h = output.to(down.weight.dtype)
+        if task in self.adapter_norm:
+            h = self.adapter_norm[task](h)
+        bottleneck = ACTIVATIONS[self.activation[task]](down(h))  # (..., m)
         return output + up(bottleneck).to(output.dtype)  # (..., m) -> (..., d), plus the skip connection
 
     def _add_adapter_mixed(self, output: torch.Tensor) -> torch.Tensor:
@@ -112,10 +146,13 @@ class BottleneckAdapter(DeltaComponent):
         m_max, plus a zero row for examples whose task has no adapter here. Zero padding is exact: every
         activation has f(0) = 0, and the padded columns of W_up are zero."""
         params = [tensor for task in self.tasks for tensor in self.task_parameters(task).values()]
-        down_w, down_b, up_w, up_b, uses = self.stacked("adapter", params, self._stack_for_mixed)
+        down_w, down_b, up_w, up_b, uses, norm_w, norm_b = self.stacked("adapter", params, self._stack_for_mixed)
         batch = output.shape[0]
         rows = self.example_rows(batch, output.device)
         h = output.reshape(batch, -1, self.width).to(down_w.dtype)  # (B, L, d)
+        if norm_w is not None:  # each example's own LN gain and bias: LN(h) = ĥ ⊙ g + b
+            normalised = F.layer_norm(h, (self.width,), eps=self.norm_eps)
+            h = normalised * norm_w[rows].unsqueeze(1) + norm_b[rows].unsqueeze(1)
         # (B, L, d) @ (B, d, m_max) + (B, 1, m_max) -> (B, L, m_max)
         pre = torch.baddbmm(down_b[rows].unsqueeze(1), h, down_w[rows])
         if len(uses) == 1:
@@ -130,8 +167,8 @@ class BottleneckAdapter(DeltaComponent):
         return output + update.view(output.shape).to(output.dtype)
 
     def _stack_for_mixed(self):
-        """W_down^T (T+1, d, m_max), b_down (T+1, m_max), W_up^T (T+1, m_max, d), b_up (T+1, d), and
-        {activation: (T+1,) bool, which rows use it}."""
+        """W_down^T (T+1, d, m_max), b_down (T+1, m_max), W_up^T (T+1, m_max, d), b_up (T+1, d),
+        {activation: (T+1,) bool, which rows use it}, and the LN gains and biases (T+1, d) or None."""
         tasks = self.tasks
         m_max = max(self.adapter_down[task].out_features for task in tasks)
         reference = self.adapter_down[tasks[0]].weight
@@ -146,7 +183,12 @@ class BottleneckAdapter(DeltaComponent):
             down_w[t, :, :m], down_b[t, :m] = down.weight.T, down.bias
             up_w[t, :m], up_b[t] = up.weight.T, up.bias
             uses.setdefault(self.activation[task], torch.zeros(len(tasks) + 1, dtype=torch.bool))[t] = True
-        return down_w, down_b, up_w, up_b, uses
+        if self.norm_eps is None:
+            return down_w, down_b, up_w, up_b, uses, None, None
+        norm_w, norm_b = up_b.new_zeros(len(tasks) + 1, self.width), up_b.new_zeros(len(tasks) + 1, self.width)
+        for t, task in enumerate(tasks):
+            norm_w[t], norm_b[t] = self.adapter_norm[task].weight, self.adapter_norm[task].bias
+        return down_w, down_b, up_w, up_b, uses, norm_w, norm_b
 
     def merge(self, task: str) -> None:
         raise MergeError("adapters add layers to the forward pass; they cannot be merged into the base weights")
@@ -159,7 +201,7 @@ class BottleneckAdapter(DeltaComponent):
         return None
 
     def extra_repr(self) -> str:
-        return f"width={self.width}, tasks={self.tasks}"
+        return f"width={self.width}, norm={self.norm_eps is not None}, tasks={self.tasks}"
 
 
 class NormDelta(DeltaComponent):
@@ -261,15 +303,46 @@ def is_norm(module: nn.Module) -> bool:
 
 
 def adapter_sites(model: nn.Module, config: Adapter, exclude: list[str]) -> list[str]:
-    """Full names of the modules whose output gets an adapter, per the architecture's ADAPTER_SITES."""
+    """Full names of the modules whose output gets an adapter: per the architecture's ADAPTER_SITES, or
+    every block (lin); none in the lowest `skip_layers` blocks of each stack."""
     kind = model_type(model)
-    if kind not in ADAPTER_SITES:
-        raise TargetError(f"no adapter placement known for model type {kind!r}; known: {sorted(ADAPTER_SITES)}")
-    patterns = [re.compile(ADAPTER_SITES[kind][i]) for i in PLACEMENTS[config.placement]]
-    sites = [name for name in _own_modules(model, exclude) if any(p.search(name) for p in patterns)]
+    stacks = block_lists(model)
+    depth = min((len(stack) for stack in stacks.values()), default=0)
+    if config.skip_layers and config.skip_layers >= depth:
+        raise DeltaTuneError(f"adapter skip_layers={config.skip_layers} leaves no adapter: the model's blocks "
+                             f"number {depth}; choose skip_layers between 0 and {depth - 1}")
+    if config.placement == "lin":
+        sites = [f"{name}.{i}" for name, stack in stacks.items() for i in range(len(stack))]
+    else:
+        if kind not in ADAPTER_SITES:
+            raise TargetError(f"no adapter placement known for model type {kind!r}; known: {sorted(ADAPTER_SITES)}")
+        patterns = [re.compile(ADAPTER_SITES[kind][i]) for i in PLACEMENTS[config.placement]]
+        sites = [name for name in _own_modules(model, exclude) if any(p.search(name) for p in patterns)]
+    sites = [name for name in sites if (block_index(name) or 0) >= config.skip_layers]
     if not sites:
-        raise TargetError(f"adapter sites {[p.pattern for p in patterns]} match no module of this {kind} model")
+        raise TargetError(f"no module of this {kind} model takes a {config.placement} adapter")
     return sites
+
+
+def trained_norms(model: nn.Module, config: Adapter, exclude: list[str]) -> list[str]:
+    """Names of the layer norms whose g, b train: all of them, or with skip_layers = n only those from the
+    first adapted block on (a norm below it would make the lower blocks differ per task)."""
+    modules = _own_modules(model, exclude)
+    first_kept = next((i for i, name in enumerate(modules)
+                       if in_transformer_block(name) and block_index(name) >= config.skip_layers), 0)
+    return [name for i, (name, module) in enumerate(modules.items())
+            if (isinstance(module, NormDelta) or (is_norm(module) and not isinstance(module, DeltaComponent)))
+            and (not config.skip_layers or (block_index(name) >= config.skip_layers if in_transformer_block(name)
+                                            else i >= first_kept))]
+
+
+def _norm_eps(model: nn.Module) -> float:
+    """The base model's own LayerNorm epsilon, for Lin et al.'s adapter LayerNorm."""
+    config = model.config
+    for name in ("layer_norm_epsilon", "layer_norm_eps", "rms_norm_eps"):
+        if isinstance(getattr(config, name, None), float):
+            return getattr(config, name)
+    return 1e-5
 
 
 def _own_modules(model: nn.Module, exclude: list[str]) -> dict[str, nn.Module]:
@@ -289,23 +362,25 @@ def inject(model: nn.Module, config: Adapter, task: str, state: TaskState, exclu
     both fresh parameters for `task`."""
     width = model.config.hidden_size
     for name in adapter_sites(model, config, exclude):
-        parent_name, _, _ = name.rpartition(".")
-        parent = model.get_submodule(parent_name)  # the sub-layer: the adapter is stored beside its output
+        # the adapter is stored beside the output it changes: in the sub-layer, or (lin) in the block itself
+        parent_name = name if config.placement == "lin" else name.rpartition(".")[0]
+        parent = model.get_submodule(parent_name)
         component = getattr(parent, "adapter", None)
         if component is None:
             # hook the plain layer, so that a LoRA wrapper put around it later keeps the adapter in place
             layer = unwrap(model.get_submodule(name))
-            component = BottleneckAdapter(layer, width, next(parent.parameters()), state)
+            eps = _norm_eps(model) if config.placement == "lin" else None
+            component = BottleneckAdapter(layer, width, next(parent.parameters()), state, norm_eps=eps)
             parent.adapter = component
         elif not isinstance(component, BottleneckAdapter):
             raise TargetError(f"{parent_name} already has an attribute 'adapter' ({type(component).__name__})")
         component.add_task(task, config)
     if not config.train_norms:
         return
-    for name, module in _own_modules(model, exclude).items():
-        if isinstance(module, NormDelta) or (is_norm(module) and not isinstance(module, DeltaComponent)):
-            if not isinstance(module, NormDelta):
-                parent_name, _, child = name.rpartition(".")
-                module = NormDelta(module, state)
-                setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-            module.add_task(task, config)
+    for name in trained_norms(model, config, exclude):
+        module = model.get_submodule(name)
+        if not isinstance(module, NormDelta):
+            parent_name, _, child = name.rpartition(".")
+            module = NormDelta(module, state)
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+        module.add_task(task, config)
