@@ -36,6 +36,7 @@ from deltatune.methods.head import TaskHeads
 from deltatune.peft_format import CONFIG_FILE as PEFT_CONFIG_FILE
 from deltatune.peft_format import PEFT_FORMAT, check_peft_fits, read_peft
 from deltatune.registry import config_from_dict, method_entry, method_of
+from deltatune.shared_lower import share_lower_blocks
 from deltatune.targets import head_names, model_type
 
 
@@ -453,7 +454,10 @@ class DeltaModel(nn.Module):
                 state.per_example = per_example  # read by every component's mixed path
             for component in components:
                 kwargs = component.prepare_inputs(kwargs)
-            return self.base_model(*args, **kwargs)
+            if len(distinct) == 1:
+                return self.base_model(*args, **kwargs)
+            with share_lower_blocks(self, per_example, kwargs):  # one input for several tasks: lower blocks once
+                return self.base_model(*args, **kwargs)
         finally:
             state.per_example = None
             state.active = active

@@ -43,6 +43,7 @@ class LectureRow:
     settings: dict
     lecture: str
     note: str = ""
+    arch: str | None = None  # the architecture the published figure is for (None: every table)
 
 
 LECTURE_ROWS = [
@@ -55,6 +56,21 @@ LECTURE_ROWS = [
                "q,k,v, attention-output, 2 FFN and 2 LayerNorm biases per layer; the lecture's 0.32M "
                "is higher than its own formulas give (the BitFit paper: 0.08%)"),
     LectureRow("Full fine-tuning", "full", {}, "350M (100%)", ""),
+    # the LoRA paper's comparison tables (Hu et al. 2021, Tables 2 and 3), rows from other papers
+    LectureRow("FT^Top2 (k=2)", "top_layers", {"k": 2}, "25.19M",
+               "2 blocks x 12,596,224 (ln_1, c_attn, attn.c_proj, ln_2, c_fc, mlp.c_proj) + ln_f 2,048; "
+               "the LM head is tied to the embeddings and not counted (Li & Liang 2021)", arch="gpt2-medium"),
+    LectureRow("Adapter^L (m=6)", "adapter", {"placement": "lin", "bottleneck": 6, "train_norms": False},
+               "0.37M", "24 x (2 x 1024 x 6 + 6 + 1024 + 2 x 1024 adapter LayerNorm) (Lin et al. 2020)",
+               arch="gpt2-medium"),
+    LectureRow("Adapter^L (m=224)", "adapter", {"placement": "lin", "bottleneck": 224, "train_norms": False},
+               "11.09M", "24 x (2 x 1024 x 224 + 224 + 1024 + 2 x 1024); without the LayerNorm it would be 11.04M",
+               arch="gpt2-medium"),
+    LectureRow("Adpt^D (m=16, skip 6)", "adapter", {"bottleneck": 16, "skip_layers": 6}, "0.3M",
+               "AdapterDrop: Houlsby adapters in the top 6 of 12 blocks, 12 x (2 x 768 x 16 + 16 + 768)",
+               arch="roberta-base"),
+    LectureRow("Adpt^D (m=48, skip 6)", "adapter", {"bottleneck": 48, "skip_layers": 6}, "0.9M",
+               "12 x (2 x 768 x 48 + 48 + 768) = 0.89M", arch="roberta-base"),
 ]
 
 
@@ -115,7 +131,7 @@ def parameter_table(arch: str) -> tuple[list[ParamsRow], object]:
     config = build_config(arch)
     rows = []
     for row in LECTURE_ROWS:
-        if row.method not in METHODS:
+        if row.method not in METHODS or row.arch not in (None, arch):
             continue
         method_config = METHODS[row.method].config(**row.settings)
         model = attach(build_on_meta(config), method_config, task="count")
