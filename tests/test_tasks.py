@@ -128,7 +128,7 @@ def test_no_data_names_both_options(monkeypatch):
     with pytest.raises(DataError) as error:
         get_task("sst2").load("train")
     assert "--data-dir" in str(error.value) and "DELTATUNE_DATA" in str(error.value)
-    assert "pip install datasets" in str(error.value)
+    assert "pip install deltatune[hub]" in str(error.value)
 
 
 def test_missing_file_says_where_it_looked(tmp_path):
@@ -235,3 +235,95 @@ def test_empty_missing_and_out_of_range_files(tmp_path):
     names.write_text("text,label\na,pos\nb,neutral\n")
     with pytest.raises(DataError, match=r"line 3: label 'neutral' out of range"):
         get_task("csv", path=names, label_names=["neg", "pos"])
+
+
+# ---- MNLI, QNLI, QQP: small files written in GLUE's published format ----
+
+MNLI_TRAIN_COLUMNS = ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
+                      "sentence1_parse", "sentence2_parse", "sentence1", "sentence2", "label1", "gold_label"]
+MNLI_DEV_COLUMNS = [*MNLI_TRAIN_COLUMNS[:10], "label1", "label2", "label3", "label4", "label5", "gold_label"]
+
+
+def mnli_row(index: int, premise: str, hypothesis: str, labels: list[str], gold: str) -> list[str]:
+    parse = lambda text: "( " + " ".join(text.split()) + " )"  # noqa: E731 - the binary parse columns
+    tree = lambda text: "(ROOT (S " + text + "))"  # noqa: E731
+    return [str(index), str(3000 + index), f"{3000 + index}e", "fiction", parse(premise), parse(hypothesis),
+            tree(premise), tree(hypothesis), premise, hypothesis, *labels, gold]
+
+
+def write_tsv(path: Path, columns: list[str], rows: list[list[str]], raw: str = "") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\t".join(columns) + "\n" + "".join("\t".join(row) + "\n" for row in rows) + raw)
+
+
+def test_mnli_reads_gold_labels_from_the_published_columns(tmp_path):
+    folder = tmp_path / "glue" / "mnli"
+    write_tsv(folder / "train.tsv", MNLI_TRAIN_COLUMNS, [
+        mnli_row(0, 'He said "no" twice.', "He refused.", ["entailment"], "entailment"),
+        mnli_row(1, "The cat slept.", "The cat ran a marathon.", ["contradiction"], "contradiction"),
+    ])
+    write_tsv(folder / "dev_matched.tsv", MNLI_DEV_COLUMNS, [
+        mnli_row(0, "It rained.", "The ground is wet.", ["neutral", "entailment", "neutral", "neutral", "neutral"],
+                 "neutral"),
+        mnli_row(1, "No agreement here.", "Anything.", ["neutral", "entailment", "contradiction", "", ""], "-"),
+    ])
+    write_tsv(folder / "dev_mismatched.tsv", MNLI_DEV_COLUMNS, [
+        mnli_row(7, "A letter.", "A note.", ["entailment"] * 5, "entailment"),
+    ])
+    task = get_task("mnli")
+    assert task.label_names == ["entailment", "neutral", "contradiction"] and task.num_labels == 3
+    train = task.load("train", data_dir=tmp_path)
+    assert train == [{"text": 'He said "no" twice.', "text_pair": "He refused.", "label": 0},
+                     {"text": "The cat slept.", "text_pair": "The cat ran a marathon.", "label": 2}]
+    assert task.load("dev", data_dir=tmp_path) == [  # matched; the no-majority pair ("-") is left out
+        {"text": "It rained.", "text_pair": "The ground is wet.", "label": 1}]
+    assert task.load("dev_mismatched", data_dir=tmp_path) == [
+        {"text": "A letter.", "text_pair": "A note.", "label": 0}]
+
+
+def test_mnli_unknown_label_names_the_line(tmp_path):
+    write_tsv(tmp_path / "glue" / "mnli" / "train.tsv", MNLI_TRAIN_COLUMNS,
+              [mnli_row(0, "a", "b", ["entailment"], "entailment"), mnli_row(1, "a", "b", ["maybe"], "maybe")])
+    with pytest.raises(DataError, match=r"train\.tsv, line 3: label 'maybe' is not one of"):
+        get_task("mnli").load("train", data_dir=tmp_path)
+
+
+def test_qnli_reads_question_sentence_pairs(tmp_path):
+    write_tsv(tmp_path / "glue" / "qnli" / "dev.tsv", ["index", "question", "sentence", "label"], [
+        ["0", "What came into force after the new constitution was herald?",
+         "As of that day, the new constitution heralding the Second Republic came into force.", "entailment"],
+        ["1", 'Who said "fine"?', "Nobody knows when.", "not_entailment"],
+    ])
+    examples = get_task("qnli").load("dev", data_dir=tmp_path)
+    assert [e["label"] for e in examples] == [0, 1] and examples[1]["text"] == 'Who said "fine"?'
+    assert examples[0]["text_pair"].startswith("As of that day")
+
+
+def test_qqp_skips_rows_broken_by_a_line_break_as_glue_does(tmp_path):
+    columns = ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"]
+    write_tsv(tmp_path / "glue" / "qqp" / "train.tsv", columns, [
+        ["133273", "213221", "213222", "How is the life of a math student?", 'What is "math" like?', "0"],
+        ["402555", "536040", "536041", "How do I control my horny emotions?", "How do you control it?", "1"],
+    ], raw="201841\t303951\t174364\tHow can I get\n started?\t1\n")  # a question with a raw line break
+    examples = get_task("qqp").load("train", data_dir=tmp_path)
+    assert [e["label"] for e in examples] == [0, 1]
+    assert examples[0]["text_pair"] == 'What is "math" like?'
+    assert get_task("qqp").metric_names == ["accuracy", "f1"]
+
+
+def test_new_glue_tasks_map_to_the_hubs_splits_and_columns(monkeypatch):
+    asked = []
+
+    def fake_hub(task_name, dataset, config, split):
+        asked.append((config, split))
+        columns = {"mnli": ("premise", "hypothesis"), "qnli": ("question", "sentence"),
+                   "qqp": ("question1", "question2")}[config]
+        return [{columns[0]: "a", columns[1]: "b", "label": 1}]
+
+    monkeypatch.setattr("deltatune.tasks.glue.hub_split", fake_hub)
+    assert get_task("mnli").load("dev_mismatched") == [{"text": "a", "text_pair": "b", "label": 1}]
+    get_task("mnli").load("dev")
+    get_task("qnli").load("dev")
+    get_task("qqp").load("train")
+    assert asked == [("mnli", "validation_mismatched"), ("mnli", "validation_matched"), ("qnli", "validation"),
+                     ("qqp", "train")]

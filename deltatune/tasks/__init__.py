@@ -5,7 +5,7 @@
     train = task.load("train", data_dir="../shared/data")
     scores = task.compute_metrics(predictions, [example["label"] for example in dev])
 
-Built-in: GLUE (sst2, rte, mrpc, stsb, cola), E2E NLG (e2e) and BBC News (bbc-news); your own data
+Built-in: GLUE (sst2, rte, mrpc, stsb, cola, mnli, qnli, qqp), E2E NLG (e2e) and BBC News (bbc-news); your own data
 through "csv" / "jsonl". Metrics live in `deltatune.tasks.metrics` (E2E's in `e2e_metrics`).
 """
 

@@ -1,4 +1,4 @@
-"""GLUE tasks: SST-2, RTE, MRPC, STS-B and CoLA, from the published files or the dataset hub.
+"""GLUE tasks: SST-2, RTE, MRPC, STS-B, CoLA, MNLI, QNLI and QQP, from the published files or the hub.
 
 Local layout (``--data-dir`` / ``$DELTATUNE_DATA``)::
 
@@ -7,8 +7,16 @@ Local layout (``--data-dir`` / ``$DELTATUNE_DATA``)::
     glue/mrpc/msr_paraphrase_{train,test}.txt Quality, #1 ID, #2 ID, #1 String, #2 String
     glue/stsb/sts-{train,dev,test}.csv        genre, file, year, id, score, sentence1, sentence2 (no header)
     glue/cola/train.tsv, dev_{in,out_of}_domain.tsv   x, y
+    glue/mnli/train.tsv, dev_matched.tsv, dev_mismatched.tsv
+                                              index, promptID, pairID, genre, 4 parse columns, sentence1,
+                                              sentence2, label1 (dev: label1..label5), gold_label
+    glue/qnli/{train,dev}.tsv                 index, question, sentence, label
+    glue/qqp/{train,dev}.tsv                  id, qid1, qid2, question1, question2, is_duplicate
 
 All are tab-separated text with raw quote characters, so they are read with ``csv.QUOTE_NONE``.
+MNLI and QNLI labels are words ("entailment", ...), read in the hub's label-id order. In QQP's train
+file a question holding a line break splits its row in two short rows; GLUE's own reader skips rows
+with too few fields (Wang et al. 2019's `QqpProcessor`), and so does this one.
 """
 
 from __future__ import annotations
@@ -29,6 +37,11 @@ from deltatune.tasks.task import DataError, Example, Loader, Task
 MRPC_DEV_SIZE = 408  # GLUE's MRPC dev set: 408 pairs taken out of the Microsoft train file
 STSB_COLUMNS = ("genre", "file", "year", "id", "score", "sentence1", "sentence2")
 HUB_SPLIT_NAMES = {"train": "train", "dev": "validation", "test": "test"}
+# MNLI's two dev sets: "matched" (the genres of its train set) and "mismatched" (other genres)
+MNLI_DEV_FILES = {"dev": "dev_matched.tsv", "dev_mismatched": "dev_mismatched.tsv"}
+MNLI_HUB_SPLITS = {"train": "train", "dev": "validation_matched", "dev_mismatched": "validation_mismatched"}
+MNLI_LABELS = ["entailment", "neutral", "contradiction"]  # the hub's label ids 0, 1, 2
+QNLI_LABELS = ["entailment", "not_entailment"]
 # task -> (text column, text-pair column) in the hub's GLUE dataset
 HUB_TEXT_COLUMNS = {
     "sst2": ("sentence", None),
@@ -36,6 +49,9 @@ HUB_TEXT_COLUMNS = {
     "rte": ("sentence1", "sentence2"),
     "mrpc": ("sentence1", "sentence2"),
     "stsb": ("sentence1", "sentence2"),
+    "mnli": ("premise", "hypothesis"),
+    "qnli": ("question", "sentence"),
+    "qqp": ("question1", "question2"),
 }
 
 
@@ -113,9 +129,47 @@ def read_stsb(root: Path, split: str) -> list[Example]:
     return examples
 
 
+def worded_examples(table: Table, text: str, text_pair: str, label: str, label_names: list[str],
+                    skip: tuple[str, ...] = ()) -> list[Example]:
+    """Classification examples whose label column holds the class name; rows labelled with one of `skip`
+    are left out."""
+    text_index, pair_index, label_index = table.column(text), table.column(text_pair), table.column(label)
+    examples = []
+    for line, fields in table.rows:
+        word = fields[label_index]
+        if word in skip:
+            continue
+        if word not in label_names:
+            raise table.error(line, f"label {word!r} is not one of {label_names}")
+        examples.append({"text": fields[text_index], "text_pair": fields[pair_index],
+                         "label": label_names.index(word)})
+    return examples
+
+
+def read_mnli(root: Path, split: str) -> list[Example]:
+    """MNLI premise/hypothesis pairs; "dev" is the matched dev set, "dev_mismatched" the other. The label
+    is `gold_label` (the last column; the annotators' majority), "-" (no majority; only in MultiNLI's
+    own files, GLUE removed those pairs) is skipped."""
+    name = "train.tsv" if split == "train" else MNLI_DEV_FILES[split]
+    table = read_table(local_file(root, f"glue/mnli/{name}", "mnli"))
+    return worded_examples(table, "sentence1", "sentence2", "gold_label", MNLI_LABELS, skip=("-",))
+
+
+def read_qnli(root: Path, split: str) -> list[Example]:
+    table = read_table(local_file(root, f"glue/qnli/{split}.tsv", "qnli"))
+    return worded_examples(table, "question", "sentence", "label", QNLI_LABELS)
+
+
+def read_qqp(root: Path, split: str) -> list[Example]:
+    table = read_table(local_file(root, f"glue/qqp/{split}.tsv", "qqp"), skip_short_rows=True)
+    return labelled_examples(table, "question1", "question2", "is_duplicate", 2)
+
+
 def read_from_hub(task_name: str, split: str) -> list[Example]:
-    """A GLUE split from the dataset hub (``nyu-mll/glue``); "dev" is GLUE's validation split."""
-    rows = hub_split(task_name, "nyu-mll/glue", task_name, HUB_SPLIT_NAMES[split])
+    """A GLUE split from the dataset hub (``nyu-mll/glue``); "dev" is GLUE's validation split (MNLI's
+    validation_matched)."""
+    names = MNLI_HUB_SPLITS if task_name == "mnli" else HUB_SPLIT_NAMES
+    rows = hub_split(task_name, "nyu-mll/glue", task_name, names[split])
     text_column, pair_column = HUB_TEXT_COLUMNS[task_name]
     examples = []
     for row in rows:
@@ -187,5 +241,32 @@ def glue_tasks() -> list[Task]:
             loader=glue_loader("cola", read_cola),
             label_names=["unacceptable", "acceptable"],
             description="CoLA grammatical acceptability (GLUE); dev = in-domain + out-of-domain",
+        ),
+        Task(
+            name="mnli",
+            kind="classification",
+            metric_names=["accuracy"],
+            splits=("train", "dev", "dev_mismatched"),
+            loader=glue_loader("mnli", read_mnli),
+            label_names=MNLI_LABELS,
+            description="MNLI entailment, 3 classes (GLUE); dev = matched, dev_mismatched = mismatched",
+        ),
+        Task(
+            name="qnli",
+            kind="classification",
+            metric_names=["accuracy"],
+            splits=binary,
+            loader=glue_loader("qnli", read_qnli),
+            label_names=QNLI_LABELS,
+            description="QNLI question-answer entailment, from SQuAD (GLUE)",
+        ),
+        Task(
+            name="qqp",
+            kind="classification",
+            metric_names=["accuracy", "f1"],
+            splits=binary,
+            loader=glue_loader("qqp", read_qqp),
+            label_names=["not_duplicate", "duplicate"],
+            description="QQP Quora question-pair paraphrase (GLUE)",
         ),
     ]

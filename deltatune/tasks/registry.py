@@ -22,6 +22,9 @@ BUILT_IN_TASKS: dict[str, Callable[[], Task]] = {
     "mrpc": _glue("mrpc"),
     "stsb": _glue("stsb"),
     "cola": _glue("cola"),
+    "mnli": _glue("mnli"),
+    "qnli": _glue("qnli"),
+    "qqp": _glue("qqp"),
     "e2e": e2e_task,
     "bbc-news": bbc_task,
 }

@@ -59,7 +59,8 @@ def hub_split(task_name: str, dataset: str, config: str | None, split: str) -> A
         raise DataError(
             f"no data for task {task_name!r}: either point --data-dir (or ${DATA_DIR_ENV}) at a folder "
             f"holding the benchmark files (e.g. glue/sst2/train.tsv, e2e/devset.csv), or "
-            f"`pip install datasets` and have access to the Hugging Face dataset hub."
+            f"`pip install deltatune[hub]` (the `datasets` package) and have access to the Hugging Face "
+            f"dataset hub."
         )
     import datasets  # only here: the offline path never needs it
 
@@ -92,12 +93,14 @@ def read_table(
     quoting: int = csv.QUOTE_NONE,
     column_names: Sequence[str] | None = None,
     allow_extra_fields: bool = False,
+    skip_short_rows: bool = False,
 ) -> Table:
     """Read a delimited file; the first line is the header unless `column_names` are given.
 
     GLUE files are read with ``csv.QUOTE_NONE``: their text holds raw quote characters. A UTF-8 byte
     order mark (MRPC) is dropped. Blank lines are skipped; a row with the wrong number of fields is a
-    `DataError` naming the line (`allow_extra_fields` tolerates trailing extras, as STS-B has).
+    `DataError` naming the line (`allow_extra_fields` tolerates trailing extras, as STS-B has;
+    `skip_short_rows` drops rows with too few fields, as GLUE's reader of QQP does).
     """
     with open(path, encoding="utf-8-sig", newline="") as handle:
         reader = csv.reader(handle, delimiter=delimiter, quoting=quoting, strict=True)
@@ -116,6 +119,8 @@ def read_table(
         columns = [name.strip() for name in records.pop(0)[1]]
     else:
         columns = list(column_names)
+    if skip_short_rows:
+        records = [(line, fields) for line, fields in records if len(fields) >= len(columns)]
     table = Table(path, columns, records)
     if not records:
         raise DataError(f"{path} has no data rows")
