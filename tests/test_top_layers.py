@@ -219,3 +219,44 @@ def test_params_tables_reproduce_the_lora_papers_rows(capsys):
     for count, published in zip(drop, (0.3, 0.9), strict=True):
         assert f"{count:,}" in roberta and round(count / 1e6, 1) == published
     assert "Adpt^D" not in gpt2 and "FT^Top2" not in roberta
+
+
+@pytest.mark.slow
+def test_train_compare_and_serve_accept_the_new_methods(tiny_model_dir, sentiment_csv, tmp_path, capsys):
+    """`deltatune train` runs top_layers and the adapter variants, `compare` top_layers (each cell is a
+    subprocess: one cell); `serve` answers them in one mixed batch, each input as the library gives it alone."""
+    import json
+
+    from deltatune.models import load_model, load_tokenizer
+    from deltatune.serve import ServeConfig, build_engine
+
+    data = ["--task", "csv", "--data-file", str(sentiment_csv), "--text-columns", "review",
+            "--label-column", "sentiment"]
+    runs = {"top": ("top_layers", ["-o", "k=1"]), "lin": ("adapter", ["-o", "placement=lin", "-o", "skip_layers=1"])}
+    for name, (method, options) in runs.items():
+        assert cli_main(["train", "--model", str(tiny_model_dir), *data, "--method", method, *options,
+                         "--out", str(tmp_path / name), "--max-steps", "3", "--batch-size", "8", "--no-progress"]) == 0
+        assert json.loads((tmp_path / name / "delta" / "delta.json").read_text())["method"] == method
+    assert cli_main(["compare", "--model", str(tiny_model_dir), *data, "--methods", "top_layers",
+                     "-o", "top_layers:k=1", "--seeds", "1", "--budget", "steps=2",
+                     "--batch-size", "8", "--no-latency", "--out", str(tmp_path / "cmp")]) == 0
+    rows = json.loads((tmp_path / "cmp" / "results.json").read_text())["rows"]
+    assert [(row["label"], row["error"]) for row in rows] == [("top_layers", None)]
+    capsys.readouterr()
+
+    deltas = {name: tmp_path / name / "delta" for name in runs}
+    engine = build_engine(str(tiny_model_dir), {n: str(p) for n, p in deltas.items()}, ServeConfig()).start()
+    texts = ["the movie was great .", "a bleak and weak plot"]
+    try:
+        futures = [engine.submit(task, texts) for task in ("top", "lin", "base")]
+        answers = [future.result(timeout=60) for future in futures]
+        labels = json.loads((deltas["top"] / "delta.json").read_text())["label_names"]
+    finally:
+        engine.close()
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    for task, answer in zip(("top", "lin"), answers, strict=False):
+        alone = deltatune.load_delta(load_model(str(tiny_model_dir)), deltas[task])
+        with torch.no_grad():
+            expected = [alone(**tokenizer(text, return_tensors="pt")).logits[0].softmax(-1) for text in texts]
+        got = torch.tensor([[p["probabilities"][k] for k in labels] for p in answer])
+        torch.testing.assert_close(got, torch.stack(expected), atol=1e-5, rtol=0)
