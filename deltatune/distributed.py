@@ -40,9 +40,11 @@ def shard_model(model: DeltaModel, device) -> None:
     Every rank built the same model from the same seed, so the shards fit together."""
     from torch.distributed.fsdp import fully_shard
 
-    if any(component.method == "full" for component in model.components().values()):
-        raise TrainingError("--fsdp does not work with --method full, which keeps references to the model's "
-                            "parameters that sharding replaces; use --method full without --fsdp (DDP)")
+    holding = sorted({c.method for c in model.components().values() if c.method in ("full", "top_layers")})
+    if holding:
+        method = holding[0]
+        raise TrainingError(f"--fsdp does not work with --method {method}, which keeps references to the model's "
+                            f"parameters that sharding replaces; use --method {method} without --fsdp (DDP)")
     model.to(device)
     blocks = set(getattr(model.base_model, "_no_split_modules", None) or ())  # e.g. {"BertLayer", ...}
     for layers in [module for module in model.modules() if isinstance(module, torch.nn.ModuleList)]:

@@ -260,3 +260,13 @@ def test_train_compare_and_serve_accept_the_new_methods(tiny_model_dir, sentimen
             expected = [alone(**tokenizer(text, return_tensors="pt")).logits[0].softmax(-1) for text in texts]
         got = torch.tensor([[p["probabilities"][k] for k in labels] for p in answer])
         torch.testing.assert_close(got, torch.stack(expected), atol=1e-5, rtol=0)
+
+
+def test_fsdp_is_refused_for_top_layers():
+    """Its component keeps the base parameters that sharding would replace (as full fine-tuning's does)."""
+    from deltatune.distributed import shard_model
+    from deltatune.errors import TrainingError
+
+    model = deltatune.attach(make_model("bert"), deltatune.TopLayers(k=1), task="t")
+    with pytest.raises(TrainingError, match="--fsdp does not work with --method top_layers"):
+        shard_model(model, "cpu")
