@@ -267,13 +267,34 @@ def tiny_model(arch: str, kind: ModelKind = "classification", num_labels: int = 
     Vocabulary `TINY_VOCAB` and special token ids match `tiny_tokenizer`; contexts are
     `TINY_MAX_POSITIONS` long.
     """
+    from transformers import T5ForConditionalGeneration
+
+    config = _tiny_config(arch)
+    if kind in ("classification", "regression"):
+        config.num_labels = 1 if kind == "regression" else num_labels
+        if kind == "regression":
+            config.problem_type = "regression"
+        model = AutoModelForSequenceClassification.from_config(config)
+    elif kind == "causal-lm" and arch in ("gpt2", "llama"):
+        model = AutoModelForCausalLM.from_config(config)
+    elif kind == "seq2seq" and arch == "t5":
+        model = T5ForConditionalGeneration(config)
+    else:
+        raise ModelError(
+            f"tiny_model: kind '{kind}' is not available for arch '{arch}' "
+            "(causal-lm: gpt2, llama; seq2seq: t5; classification/regression: all)"
+        )
+    return model.eval()
+
+
+def _tiny_config(arch: str):
+    """The 2-layer, hidden-32 configuration of `arch` (see `tiny_model`)."""
     from transformers import (
         BertConfig,
         GPT2Config,
         LlamaConfig,
         RobertaConfig,
         T5Config,
-        T5ForConditionalGeneration,
     )
 
     ids = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)
@@ -324,19 +345,4 @@ def tiny_model(arch: str, kind: ModelKind = "classification", num_labels: int = 
         )
     else:
         raise ModelError(f"Unknown tiny architecture '{arch}'; choose one of {', '.join(TINY_ARCHS)}")
-
-    if kind in ("classification", "regression"):
-        config.num_labels = 1 if kind == "regression" else num_labels
-        if kind == "regression":
-            config.problem_type = "regression"
-        model = AutoModelForSequenceClassification.from_config(config)
-    elif kind == "causal-lm" and arch in ("gpt2", "llama"):
-        model = AutoModelForCausalLM.from_config(config)
-    elif kind == "seq2seq" and arch == "t5":
-        model = T5ForConditionalGeneration(config)
-    else:
-        raise ModelError(
-            f"tiny_model: kind '{kind}' is not available for arch '{arch}' "
-            "(causal-lm: gpt2, llama; seq2seq: t5; classification/regression: all)"
-        )
-    return model.eval()
+    return config

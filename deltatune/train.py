@@ -1,6 +1,10 @@
-"""The training loop: one function, read top to bottom (nanoGPT-style), on `accelerate`.
+"""The training loop, read top to bottom (nanoGPT-style), on `accelerate`.
 
-    run = train(TrainConfig(model="minilm", task="sst2", method="lora", out="runs/sst2-lora"))
+    summary = train(TrainConfig(model="minilm", task="sst2", method="lora", out="runs/sst2-lora"))
+
+`setup` builds a `Run` once (accelerator, model, data, optimizer, schedule, fresh or resumed state); `_train`
+is the loop: `forward_backward` / `optimizer_step` / `evaluate_and_keep_best` / checkpoint / `write_summary`.
+Multi-process helpers are in `distributed.py`.
 
 Same code on the CPU, one GPU (bf16 autocast) or several processes (`accelerate launch` /
 `torchrun`, on GPUs or on CPUs with gloo): each rank takes its slice of every global batch, the
@@ -36,6 +40,7 @@ from deltatune.errors import TrainingError
 from deltatune.evaluate import task_loss
 from deltatune.io import atomic_folder, recover
 from deltatune.registry import method_entry
+from deltatune.tasks import Task, get_task
 
 # Per-method default learning rates (AdamW), as commonly used for each method; override with --lr.
 DEFAULT_LEARNING_RATES = {
@@ -132,219 +137,344 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
 
 def _train(config: TrainConfig) -> dict[str, Any]:
-    from accelerate import Accelerator
+    run = setup(config)
+    # on every rank (torchrun and accelerate pass the signal on to each): all of them stop after the same step
+    if _main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, run.request_stop)
+    progress = _Progress(run.total_steps, enabled=run.is_main and config.progress, start=run.state.step)
+    run.model.train()
+    run.started = time.perf_counter() - run.state.train_seconds
+    while run.state.step < run.total_steps:
+        loss = forward_backward(run)
+        if not math.isfinite(loss):
+            skip_nonfinite_step(run, loss)  # or raise TrainingError
+            continue
+        optimizer_step(run, loss)
+        log_step(run, loss, progress)
+        if evaluation_due(run):
+            evaluate_and_keep_best(run)
+        run.state.train_seconds = time.perf_counter() - run.started
+        # ranks decide together (a checkpoint gathers from all of them; one stopping alone would leave the
+        # others waiting): a signal any rank got, the longest training time
+        signum, seconds = max_over_ranks([run.stop_signal or 0, run.state.train_seconds], run.device)
+        if signum or (config.checkpoint_every and run.state.step % config.checkpoint_every == 0):
+            save_checkpoint(run.out / "checkpoint", run.model, run.optimizer, run.scheduler, asdict(run.state),
+                            run.is_main)
+        if config.max_seconds and seconds >= config.max_seconds:
+            run.log({"step": run.state.step, "stopped": f"time budget of {config.max_seconds} s reached"})
+            break
+        if signum:
+            progress.close()
+            raise KeyboardInterrupt(f"stopped by {signal.Signals(int(signum)).name} at step {run.state.step}; "
+                                    f"checkpoint saved in {run.out / 'checkpoint'} (resume with --resume)")
+    progress.close()
+    if not run.last_metrics or run.evaluated_at != run.state.step:  # score the final weights too
+        evaluate_and_keep_best(run)
+    return write_summary(run)
 
+
+# ---- setup: everything the loop reads, built once ------------------------------------------------
+@dataclass
+class RunState:
+    """The loop's progress: saved in every checkpoint (`state.json`), so a resumed run goes on from it."""
+
+    step: int = 0  # optimizer steps taken
+    best: float | None = None  # best score of the task's main metric so far ...
+    best_step: int | None = None  # ... and the step whose delta is in OUT/delta
+    examples: int = 0  # training examples seen (whole global batches)
+    train_seconds: float = 0.0  # since training started, evaluations included
+    eval_seconds: float = 0.0  # the evaluations' share of it
+
+
+@dataclass
+class Run:
+    """One training run, built by `setup`: what the loop reads (model, data, optimizer, schedule) and what
+    it updates (`state`, checkpointed; the rest lasts as long as the process)."""
+
+    config: TrainConfig
+    accelerator: Any  # accelerate.Accelerator: device, DDP, bf16 autocast, collectives
+    precision: str  # "fp32" or "bf16", `config.precision` resolved
+    task: Task
+    tokenizer: Any
+    model: DeltaModel
+    prepared_model: torch.nn.Module  # `model` as accelerate wrapped it (DDP); `model` itself under FSDP
+    max_length: int
+    train_items: list[Encoded]
+    lengths: list[int] | None  # per training item, for length bucketing (None: off)
+    eval_examples: list[dict]
+    steps_per_epoch: int
+    total_steps: int
+    lr: float
+    trainable: list[torch.nn.Parameter]
+    optimizer: Any
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    out: Path
+    state: RunState = field(default_factory=RunState)
+    started: float = 0.0  # time.perf_counter() when training started, the resumed run's time included
+    evaluated_at: int | None = None  # the step last evaluated
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    loss_window: list[float] = field(default_factory=list)  # every step's loss, for logging and explosions
+    epoch_batches: dict[int, list[list[int]]] = field(default_factory=dict)  # the current epoch's global batches
+    stop_signal: int | None = None  # SIGINT/SIGTERM received: checkpoint after this step, then stop
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def main_metric(self) -> str:
+        return self.task.metric_names[0]
+
+    def log(self, record: dict) -> None:
+        if self.is_main:
+            with open(self.out / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def request_stop(self, signum, frame) -> None:  # the SIGINT/SIGTERM handler
+        self.stop_signal = signum
+
+
+def setup(config: TrainConfig) -> Run:
+    """Accelerator, model, data, optimizer, schedule and state (fresh or resumed), in the order that fixes
+    the random draws: the seed, then the model's new parameters, then the data."""
     from deltatune.models import load_tokenizer
-    from deltatune.tasks import get_task
 
-    # cpu=True where there is no GPU: accelerate then sees torchrun's processes (gloo); otherwise it
-    # silently trains one full copy per process
-    gpu = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
-    precision = resolve_precision(config.precision)
-    mixed_precision = "bf16" if precision == "bf16" else "no"
-    from accelerate.state import AcceleratorState
-
-    if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != mixed_precision:
-        # accelerate keeps the first run's precision for the whole process and refuses another one; a second
-        # run in the same process (a notebook, a benchmark) may ask for a different one. The process group
-        # (PartialState) is kept.
-        AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not gpu)
-    is_main = accelerator.is_main_process
-    world, rank = accelerator.num_processes, accelerator.process_index
-    sharded = config.fsdp and launched()  # (one process started alone: nothing to shard)
-    out = Path(config.out)
+    accelerator, precision = _accelerator(config.precision)
     set_seed(config.seed)
-
-    # ---- data: tokenised once ------------------------------------------------------------------
     task = get_task(config.task, **config.task_options)
     tokenizer = load_tokenizer(config.model)
     model = build_model(config, task, tokenizer)
     if config.grad_checkpointing:
-        # non-reentrant: needs no input that requires grad (frozen embeddings, prompts) and, unlike the
-        # reentrant one, marks each parameter ready once under DDP and re-gathers FSDP shards
-        options = {"use_reentrant": False}
-        if hasattr(model.base_model, "activation_checkpointing_enable"):  # transformers >= 5.24
-            model.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
-        else:
-            model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+        _enable_grad_checkpointing(model)
     max_length = max_model_length(model, tokenizer, config.max_length)
     train_examples = task.load("train", config.data_dir, limit=config.train_limit)
     eval_examples = task.load(config.eval_split, config.data_dir, limit=config.eval_limit)
     train_items = encode(task, train_examples, tokenizer, max_length)
     lengths = [len(item.input_ids) for item in train_items] if config.length_bucketing else None
-
     steps_per_epoch = math.ceil(len(train_items) / config.batch_size) // config.grad_accum
     total_steps = config.max_steps or max(1, int(steps_per_epoch * config.epochs))
     if steps_per_epoch == 0:
         raise TrainingError(f"{len(train_items)} training examples make fewer batches of {config.batch_size} than "
                             f"one optimizer step needs ({config.grad_accum}, --grad-accum)")
-
-    # ---- optimizer and schedule ----------------------------------------------------------------
+    sharded = config.fsdp and launched()  # (one process started alone: nothing to shard)
     if sharded:
         shard_model(model, accelerator.device)  # before the optimizer: the parameters become shards
     lr = config.lr or DEFAULT_LEARNING_RATES.get(config.method, 1e-3)
+    trainable, optimizer, scheduler = _optimizer(model, lr, config.weight_decay, config.warmup_ratio, total_steps)
+    if sharded:  # accelerate would wrap the sharded model in DDP
+        prepared_model, optimizer = model, accelerator.prepare(optimizer)
+    else:
+        prepared_model, optimizer = accelerator.prepare(model, optimizer)
+    run = Run(config, accelerator, precision, task, tokenizer, model, prepared_model, max_length, train_items,
+              lengths, eval_examples, steps_per_epoch, total_steps, lr, trainable, optimizer, scheduler,
+              out=Path(config.out))
+    run.state = _start_or_resume(run)
+    return run
+
+
+def _accelerator(precision_option: str):
+    """(accelerate.Accelerator, "fp32" | "bf16")."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # cpu=True where there is no GPU: accelerate then sees torchrun's processes (gloo); otherwise it
+    # silently trains one full copy per process
+    gpu = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    precision = resolve_precision(precision_option)
+    mixed_precision = "bf16" if precision == "bf16" else "no"
+    if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != mixed_precision:
+        # accelerate keeps the first run's precision for the whole process and refuses another one; a second
+        # run in the same process (a notebook, a benchmark) may ask for a different one. The process group
+        # (PartialState) is kept.
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision, cpu=not gpu), precision
+
+
+def _enable_grad_checkpointing(model: DeltaModel) -> None:
+    # non-reentrant: needs no input that requires grad (frozen embeddings, prompts) and, unlike the
+    # reentrant one, marks each parameter ready once under DDP and re-gathers FSDP shards
+    options = {"use_reentrant": False}
+    if hasattr(model.base_model, "activation_checkpointing_enable"):  # transformers >= 5.24
+        model.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+
+
+def _optimizer(model: DeltaModel, lr: float, weight_decay: float, warmup_ratio: float, total_steps: int):
+    """(trainable parameters, AdamW, linear warmup then linear decay to 0)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise TrainingError("the model has no trainable parameters")
     decay = [p for p in trainable if p.ndim >= 2]
     no_decay = [p for p in trainable if p.ndim < 2]  # biases and norms: no weight decay
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
     )
-    warmup = int(config.warmup_ratio * total_steps)
+    warmup = int(warmup_ratio * total_steps)
 
-    def schedule(step: int) -> float:  # linear warmup, then linear decay to 0
+    def schedule(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    if sharded:  # accelerate would wrap the sharded model in DDP
-        prepared_model, optimizer = model, accelerator.prepare(optimizer)
-    else:
-        prepared_model, optimizer = accelerator.prepare(model, optimizer)
-    device = accelerator.device
+    return trainable, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
-    # ---- state, possibly resumed ---------------------------------------------------------------
-    state = {"step": 0, "best": None, "best_step": None, "examples": 0, "train_seconds": 0.0}
-    if config.resume and is_main:
-        recover(out / "checkpoint")  # a checkpoint save killed between its two renames left it aside
-    accelerator.wait_for_everyone()  # every rank reads the checkpoint rank 0 recovered
-    if config.resume and (out / "checkpoint").is_dir():
-        state = load_checkpoint(out / "checkpoint", model, optimizer, scheduler, rank)
-    elif is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").write_text("")
-        (out / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-    main_metric = task.metric_names[0]
 
-    def log(record: dict) -> None:
-        if is_main:
-            with open(out / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+def _start_or_resume(run: Run) -> RunState:
+    """The state in OUT/checkpoint with `resume` (the model, optimizer, scheduler and RNG restored too);
+    else a fresh state and a fresh run folder."""
+    checkpoint = run.out / "checkpoint"
+    if run.config.resume and run.is_main:
+        recover(checkpoint)  # a checkpoint save killed between its two renames left it aside
+    run.accelerator.wait_for_everyone()  # every rank reads the checkpoint rank 0 recovered
+    if run.config.resume and checkpoint.is_dir():
+        return RunState(**load_checkpoint(checkpoint, run.model, run.optimizer, run.scheduler, run.rank))
+    if run.is_main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "metrics.jsonl").write_text("")
+        (run.out / "config.json").write_text(json.dumps(asdict(run.config), indent=2) + "\n")
+    return RunState()
 
-    evaluated_at = {"step": None}
 
-    def run_eval(step: int) -> dict[str, float]:
-        evaluated_at["step"] = step
-        eval_started = time.perf_counter()
-        with full_parameters(model):  # FSDP: the whole model on every rank while it evaluates and saves
-            metrics = evaluate_sharded(model, tokenizer, task, eval_examples, max_length, rank, world)
-            state["eval_seconds"] = state.get("eval_seconds", 0.0) + time.perf_counter() - eval_started
-            # seconds: since training started, evaluations included; eval_seconds: the evaluations' share
-            log({"step": step, "eval": metrics, "seconds": round(time.perf_counter() - started, 2),
-                 "eval_seconds": round(state["eval_seconds"], 2)})
-            model.train()
-            score = metrics[main_metric]  # the same on every rank: so are `best` and the decision to save
-            if state["best"] is None or score > state["best"]:
-                state["best"], state["best_step"] = score, step
-                if is_main:
-                    model.save_delta(out / "delta")
-        return metrics
+# ---- one step --------------------------------------------------------------------------------------
+def forward_backward(run: Run) -> float:
+    """Gradients of one global batch, accumulated over `grad_accum` micro-batches, this rank computing its
+    slice of each. Returns the global batch's loss (the same on every rank)."""
+    config, accelerator = run.config, run.accelerator
+    run.optimizer.zero_grad(set_to_none=True)
+    step_loss = torch.zeros((), dtype=torch.float64, device=run.device)
+    for micro in range(config.grad_accum):
+        global_indices = _global_batch(run, run.state.step * config.grad_accum + micro)
+        indices = global_indices[run.rank :: run.world]  # this rank's slice of the global batch
+        # The slice's mean loss, weighted by the slice's share of the batch (times `world`, as the ranks'
+        # gradients are averaged): the update is the one-process update even when slices differ in size
+        # (7 examples on 2 ranks: 4 + 3). A rank left without examples computes a loss weighted 0, as
+        # it must join the gradient all-reduce anyway.
+        weight = run.world * _loss_units(run.task, [run.train_items[i] for i in indices]) \
+            / max(1, _loss_units(run.task, [run.train_items[i] for i in global_indices]))
+        batch = collate([run.train_items[i] for i in indices or global_indices[:1]], run.tokenizer.pad_token_id)
+        labels = batch.pop("labels").to(run.device)
+        last_micro = micro == config.grad_accum - 1  # DDP all-reduces the accumulated gradients once
+        with nullcontext() if last_micro else accelerator.no_sync(run.prepared_model):
+            with accelerator.autocast():
+                outputs = run.prepared_model(**{k: v.to(run.device) for k, v in batch.items()})
+                loss = task_loss(run.task, outputs, labels) * weight / config.grad_accum
+            accelerator.backward(loss)
+        step_loss += loss.detach()
+        run.state.examples += len(global_indices)
+    return accelerator.reduce(step_loss, reduction="mean").item()  # the global batch's loss, on every rank
 
-    stop = {"signal": None}
 
-    def request_stop(signum, frame):  # SIGINT/SIGTERM: checkpoint, then exit
-        stop["signal"] = signum
+def _global_batch(run: Run, number: int) -> list[int]:
+    """The training items of the `number`-th global (micro-)batch: each epoch a new seeded order."""
+    epoch, index = divmod(number, run.steps_per_epoch * run.config.grad_accum)
+    if epoch not in run.epoch_batches:
+        run.epoch_batches = {epoch: epoch_batches(len(run.train_items), run.config.batch_size, run.config.seed,
+                                                  epoch, run.lengths)}
+    return run.epoch_batches[epoch][index]
 
-    # on every rank (torchrun and accelerate pass the signal on to each): all of them stop after the same step
-    if _main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, request_stop)
 
-    # ---- the loop ------------------------------------------------------------------------------
-    progress = _Progress(total_steps, enabled=is_main and config.progress, start=state["step"])
-    model.train()
-    epoch_cache: dict[int, list[list[int]]] = {}
-    last_metrics: dict[str, float] = {}
-    loss_window: list[float] = []
-    started = time.perf_counter() - state["train_seconds"]
-    while state["step"] < total_steps:
-        step = state["step"]
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = torch.zeros((), dtype=torch.float64, device=device)
-        for micro in range(config.grad_accum):
-            global_batch = step * config.grad_accum + micro
-            epoch, index = divmod(global_batch, steps_per_epoch * config.grad_accum)
-            if epoch not in epoch_cache:
-                epoch_cache = {epoch: epoch_batches(len(train_items), config.batch_size, config.seed, epoch, lengths)}
-            global_indices = epoch_cache[epoch][index]
-            indices = global_indices[rank::world]  # this rank's slice of the global batch
-            # The slice's mean loss, weighted by the slice's share of the batch (times `world`, as the ranks'
-            # gradients are averaged): the update is the one-process update even when slices differ in size
-            # (7 examples on 2 ranks: 4 + 3). A rank left without examples computes a loss weighted 0, as
-            # it must join the gradient all-reduce anyway.
-            weight = world * _loss_units(task, [train_items[i] for i in indices]) \
-                / max(1, _loss_units(task, [train_items[i] for i in global_indices]))
-            batch = collate([train_items[i] for i in indices or global_indices[:1]], tokenizer.pad_token_id)
-            labels = batch.pop("labels").to(device)
-            last_micro = micro == config.grad_accum - 1  # DDP all-reduces the accumulated gradients once
-            with nullcontext() if last_micro else accelerator.no_sync(prepared_model):
-                with accelerator.autocast():
-                    outputs = prepared_model(**{k: v.to(device) for k, v in batch.items()})
-                    loss = task_loss(task, outputs, labels) * weight / config.grad_accum
-                accelerator.backward(loss)
-            step_loss += loss.detach()
-            state["examples"] += len(global_indices)
-        step_loss = accelerator.reduce(step_loss, reduction="mean").item()  # the global batch's loss, on every rank
-        if not math.isfinite(step_loss):
-            if config.on_nonfinite == "skip":
-                log({"step": step, "skipped": "non-finite loss"})
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                state["step"] += 1
-                continue
-            raise TrainingError(
-                f"loss is {step_loss} at step {step}; the last good checkpoint (if any) is in {out / 'checkpoint'}. "
-                f"Lower the learning rate (now {lr}) or pass --on-nonfinite skip"
-            )
-        if config.max_grad_norm:
-            accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        state["step"] += 1
-        loss_window.append(step_loss)
-        _check_explosion(loss_window, step, lr)
-        elapsed = time.perf_counter() - started
-        progress.update(state["step"], step_loss, scheduler.get_last_lr()[0], state["examples"] / max(elapsed, 1e-9))
-        if state["step"] % config.log_every == 0 or state["step"] == total_steps:
-            recent = loss_window[-config.log_every :]
-            log({"step": state["step"], "loss": sum(recent) / len(recent), "lr": scheduler.get_last_lr()[0],
-                 "examples_per_s": state["examples"] / elapsed, "seconds": elapsed})
-        end_of_epoch = state["step"] % steps_per_epoch == 0
-        if (config.eval_every and state["step"] % config.eval_every == 0) or (not config.eval_every and end_of_epoch):
-            last_metrics = run_eval(state["step"])
-        state["train_seconds"] = time.perf_counter() - started
-        # ranks decide together (a checkpoint gathers from all of them; one stopping alone would leave the
-        # others waiting): a signal any rank got, the longest training time
-        signum, seconds = max_over_ranks([stop["signal"] or 0, state["train_seconds"]], device)
-        due = bool(config.checkpoint_every) and state["step"] % config.checkpoint_every == 0
-        if due or signum:
-            save_checkpoint(out / "checkpoint", model, optimizer, scheduler, state, is_main)
-        if config.max_seconds and seconds >= config.max_seconds:
-            log({"step": state["step"], "stopped": f"time budget of {config.max_seconds} s reached"})
-            break
-        if signum:
-            progress.close()
-            raise KeyboardInterrupt(f"stopped by {signal.Signals(int(signum)).name} at step {state['step']}; "
-                                    f"checkpoint saved in {out / 'checkpoint'} (resume with --resume)")
-    progress.close()
+def _loss_units(task, items: list[Encoded]) -> int:
+    """What the task's loss is a mean over: examples, or for generation the target tokens (labels
+    after the first position, as `task_loss` shifts them, that are not IGNORE_INDEX)."""
+    if task.kind != "generation":
+        return len(items)
+    return sum(label != IGNORE_INDEX for item in items for label in item.label[1:])
 
-    if not last_metrics or evaluated_at["step"] != state["step"]:  # score the final weights too
-        last_metrics = run_eval(state["step"])
+
+def skip_nonfinite_step(run: Run, loss: float) -> None:
+    """A NaN/inf loss: stop (the default), or with `on_nonfinite="skip"` drop the batch's gradients and
+    count the step (the schedule moves on, as it would have)."""
+    step = run.state.step
+    if run.config.on_nonfinite != "skip":
+        raise TrainingError(
+            f"loss is {loss} at step {step}; the last good checkpoint (if any) is in {run.out / 'checkpoint'}. "
+            f"Lower the learning rate (now {run.lr}) or pass --on-nonfinite skip"
+        )
+    run.log({"step": step, "skipped": "non-finite loss"})
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    run.state.step += 1
+
+
+def optimizer_step(run: Run, loss: float) -> None:
+    """Clip, update, advance the schedule; stop on a loss that explodes."""
+    if run.config.max_grad_norm:
+        run.accelerator.clip_grad_norm_(run.trainable, run.config.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.state.step += 1
+    run.loss_window.append(loss)
+    _check_explosion(run.loss_window, run.state.step - 1, run.lr)
+
+
+def log_step(run: Run, loss: float, progress: _Progress) -> None:
+    """The progress bar every step; metrics.jsonl every `log_every` steps and at the last one."""
+    state, every = run.state, run.config.log_every
+    elapsed = time.perf_counter() - run.started
+    progress.update(state.step, loss, run.scheduler.get_last_lr()[0], state.examples / max(elapsed, 1e-9))
+    if state.step % every == 0 or state.step == run.total_steps:
+        recent = run.loss_window[-every:]
+        run.log({"step": state.step, "loss": sum(recent) / len(recent), "lr": run.scheduler.get_last_lr()[0],
+                 "examples_per_s": state.examples / elapsed, "seconds": elapsed})
+
+
+# ---- evaluation, summary -------------------------------------------------------------------------------
+def evaluation_due(run: Run) -> bool:
+    """Every `eval_every` steps, else at the end of each epoch."""
+    every = run.config.eval_every or run.steps_per_epoch
+    return run.state.step % every == 0
+
+
+def evaluate_and_keep_best(run: Run) -> None:
+    """Score the current weights on the eval split (split over the ranks); save the delta when it is the best."""
+    step = run.evaluated_at = run.state.step
+    eval_started = time.perf_counter()
+    with full_parameters(run.model):  # FSDP: the whole model on every rank while it evaluates and saves
+        metrics = evaluate_sharded(run.model, run.tokenizer, run.task, run.eval_examples, run.max_length,
+                                   run.rank, run.world)
+        run.state.eval_seconds += time.perf_counter() - eval_started
+        # seconds: since training started, evaluations included; eval_seconds: the evaluations' share
+        run.log({"step": step, "eval": metrics, "seconds": round(time.perf_counter() - run.started, 2),
+                 "eval_seconds": round(run.state.eval_seconds, 2)})
+        run.model.train()
+        score = metrics[run.main_metric]  # the same on every rank: so are `best` and the decision to save
+        if run.state.best is None or score > run.state.best:
+            run.state.best, run.state.best_step = score, step
+            if run.is_main:
+                run.model.save_delta(run.out / "delta")
+    run.last_metrics = metrics
+
+
+def write_summary(run: Run) -> dict[str, Any]:
+    """OUT/summary.json (rank 0), returned on every rank once the run folder is complete."""
+    state = run.state
     summary = {
-        "task": task.name, "method": config.method, "model": config.model, "steps": state["step"],
-        "examples_seen": state["examples"], "train_seconds": round(state["train_seconds"], 2),
-        "examples_per_s": round(state["examples"] / max(state["train_seconds"], 1e-9), 2),
-        "final": last_metrics, "best": {main_metric: state["best"], "step": state["best_step"]},
-        "trainable_parameters": model.report(print_table=False).trainable, "learning_rate": lr,
-        "delta": str(out / "delta"), "peak_memory_mb": round(peak_memory_mb(), 1),
-        "device": str(device), "threads": torch.get_num_threads(), "processes": world, "precision": precision,
+        "task": run.task.name, "method": run.config.method, "model": run.config.model, "steps": state.step,
+        "examples_seen": state.examples, "train_seconds": round(state.train_seconds, 2),
+        "examples_per_s": round(state.examples / max(state.train_seconds, 1e-9), 2),
+        "final": run.last_metrics, "best": {run.main_metric: state.best, "step": state.best_step},
+        "trainable_parameters": run.model.report(print_table=False).trainable, "learning_rate": run.lr,
+        "delta": str(run.out / "delta"), "peak_memory_mb": round(peak_memory_mb(), 1),
+        "device": str(run.device), "threads": torch.get_num_threads(), "processes": run.world,
+        "precision": run.precision,
     }
-    if is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    accelerator.wait_for_everyone()  # on any rank, train() returns once the run folder is complete
+    if run.is_main:
+        (run.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    run.accelerator.wait_for_everyone()  # on any rank, train() returns once the run folder is complete
     return summary
 
 
@@ -373,15 +503,6 @@ def _main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
-
-
-# ---- several processes -------------------------------------------------------------------------
-def _loss_units(task, items: list[Encoded]) -> int:
-    """What the task's loss is a mean over: examples, or for generation the target tokens (labels
-    after the first position, as `task_loss` shifts them, that are not IGNORE_INDEX)."""
-    if task.kind != "generation":
-        return len(items)
-    return sum(label != IGNORE_INDEX for item in items for label in item.label[1:])
 
 
 # ---- checkpoints -------------------------------------------------------------------------------

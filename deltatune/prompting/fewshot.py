@@ -205,47 +205,23 @@ def evaluate_fewshot(
     template = template_for(task, has_pair=examples[0].get("text_pair") is not None)
     evaluated = {example_key(example) for example in examples}
     modes = ["raw", *CALIBRATIONS] if calibrate else ["raw"]
-    choosing = select_from > 1 and shots > 0
     started = time.perf_counter()
-    selection, reference, plain_draw = None, [], None
-    if choosing:
-        if not classification:
-            raise FewShotError(
-                f"choosing demonstrations (select_from={select_from}) scores label words, and task {task.name!r} "
-                f"is {task.kind}; use select_from=1 (one seeded draw)"
-            )
-        ranking = rank_demonstration_draws(
-            model, tokenizer, template, label_words_for(task, template), pool, shots, seed, select_from,
-            validation_size, exclude=evaluated, batch_size=batch_size,
-            calibration_inputs=calibration_inputs if batch_calibration else 0,
-        )
-        reference = ranking["calibration_set"]
-    elif batch_calibration:  # none of the evaluated examples, none of the demonstrations
-        plain_draw = select_demonstrations(pool, shots, seed)  # what plan_demonstrations would share
-        reference = calibration_sample(pool, calibration_inputs, seed, evaluated | {example_key(d) for d in plain_draw})
+    ranking, plain_draw, reference = _draws_and_reference(
+        model, tokenizer, task, template, pool, evaluated, shots, seed, select_from, validation_size, batch_size,
+        calibration_inputs if batch_calibration else 0,
+    )
     if not reference and "batch_calibrated" in modes:  # off, or evaluating on the train split itself
         modes.remove("batch_calibrated")
-    if choosing:
+    selection, chosen = None, None
+    if ranking:
         # each reported number uses the draw that was best for it on the held-out examples
         chosen = {mode: best_draw(ranking, metric_name(mode, "accuracy")) for mode in modes}
         selection = selection_record(
             ranking, **{"chosen_draw" + ("" if mode == "raw" else f"_{mode}"): draw for mode, draw in chosen.items()}
         )
     if classification:
-        reference_queries = [template.format_query(example) for example in reference]
-
-        def run(shared: list[Example] | None) -> dict[str, Any]:
-            groups = plan_demonstrations(examples, pool, shots, seed, shared=shared)
-            return _evaluate_classification(model, tokenizer, task, template, examples, groups, modes,
-                                            reference_queries, batch_size, use_cache_prefix)
-
-        if selection is None:
-            results = run(plain_draw)
-        else:  # one pass per distinct chosen draw; each mode keeps the numbers of its own draw
-            results = {}
-            for draw in dict.fromkeys(chosen.values()):
-                outcome = run(ranking["draws"][draw])
-                results.update({name: value for name, value in outcome.items() if chosen[mode_of(name)] == draw})
+        results = _classify_with_draws(model, tokenizer, task, template, examples, pool, shots, seed, modes,
+                                       reference, plain_draw, ranking, chosen, batch_size, use_cache_prefix)
         results["calibration_examples"] = len(reference)
     else:
         groups = plan_demonstrations(examples, pool, shots, seed)
@@ -262,6 +238,49 @@ def evaluate_fewshot(
         **({"selection": selection} if selection else {}),
         "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def _draws_and_reference(model, tokenizer, task, template, pool, evaluated, shots, seed, select_from, validation_size,
+                         batch_size, calibration_inputs) -> tuple[dict | None, list[Example] | None, list[Example]]:
+    """(the ranking of `select_from` draws or None, the one plain draw or None, the unlabeled training inputs
+    of batch calibration). The calibration inputs are none of the evaluated examples, none of the
+    demonstrations (`calibration_inputs` 0: no batch calibration)."""
+    if select_from > 1 and shots > 0:
+        if task.kind != "classification":
+            raise FewShotError(
+                f"choosing demonstrations (select_from={select_from}) scores label words, and task {task.name!r} "
+                f"is {task.kind}; use select_from=1 (one seeded draw)"
+            )
+        ranking = rank_demonstration_draws(
+            model, tokenizer, template, label_words_for(task, template), pool, shots, seed, select_from,
+            validation_size, exclude=evaluated, batch_size=batch_size, calibration_inputs=calibration_inputs,
+        )
+        return ranking, None, ranking["calibration_set"]
+    if calibration_inputs:
+        plain_draw = select_demonstrations(pool, shots, seed)  # what plan_demonstrations would share
+        evaluated_or_shown = evaluated | {example_key(d) for d in plain_draw}
+        return None, plain_draw, calibration_sample(pool, calibration_inputs, seed, evaluated_or_shown)
+    return None, None, []
+
+
+def _classify_with_draws(model, tokenizer, task, template, examples, pool, shots, seed, modes, reference,
+                        plain_draw, ranking, chosen, batch_size, use_cache_prefix) -> dict[str, Any]:
+    """Classification metrics for every mode: with the plain draw, or (`chosen`: mode -> draw) each mode's
+    numbers from the draw best for it, one pass per distinct draw."""
+    reference_queries = [template.format_query(example) for example in reference]
+
+    def run(shared: list[Example] | None) -> dict[str, Any]:
+        groups = plan_demonstrations(examples, pool, shots, seed, shared=shared)
+        return _evaluate_classification(model, tokenizer, task, template, examples, groups, modes,
+                                        reference_queries, batch_size, use_cache_prefix)
+
+    if chosen is None:
+        return run(plain_draw)
+    results = {}
+    for draw in dict.fromkeys(chosen.values()):
+        outcome = run(ranking["draws"][draw])
+        results.update({name: value for name, value in outcome.items() if chosen[mode_of(name)] == draw})
+    return results
 
 
 def _evaluate_classification(
