@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 
+from deltatune.registry import METHODS
 from deltatune.train import TrainConfig
 
-DEFAULT_METHODS = ["full", "lora", "adapter", "bitfit", "prompt"]
+DEFAULT_METHODS = list(METHODS)  # every registered method, in the registry's order
 # Baselines that train nothing: the frozen causal LM prompted with 0 or k solved examples (`prompting/fewshot.py`).
 PROMPTING_METHODS = ("zero-shot", "few-shot")
 
@@ -260,8 +261,9 @@ def reusable_latency(latency_file: Path, settings: dict[str, Any]) -> list[dict]
 
 
 def measure_latency(config: CompareConfig, results: dict[str, dict], seq_len: int = LATENCY_SEQ_LEN) -> list[dict]:
-    """Median latency at batch 1 and 16 (sequence `seq_len`) for the base model and each trained delta:
-    LoRA unmerged and merged, BitFit unmerged and merged, adapters, prompt tuning (interleaved rounds)."""
+    """Median latency at batch 1 and 16 (sequence `seq_len`) for the base model and each trained delta
+    (interleaved rounds): mergeable methods unmerged and merged, the others as they run. A method whose delta
+    is the base weights (full fine-tuning) runs at the base model's speed and is not timed apart."""
     from deltatune.delta import DeltaModel
     from deltatune.models import load_model
     from deltatune.tasks import get_task
@@ -279,11 +281,11 @@ def measure_latency(config: CompareConfig, results: dict[str, dict], seq_len: in
     low = 1000 if vocab > 2000 else 4  # ordinary tokens, not special ones
     inputs = {b: torch.randint(low, vocab - 1, (b, seq_len), generator=generator) for b in LATENCY_BATCHES}
     variants: list[tuple[str, str | None, bool]] = [("base model", None, False)]
-    for method in ("lora", "bitfit", "adapter", "prompt"):
-        if method in first:
+    for method, entry in METHODS.items():
+        if method in first and not entry.updates_base:
             model.add_delta(Path(first[method]["summary"]["delta"]), task=method)
-            variants.append((f"{method} (unmerged)" if method in {"lora", "bitfit"} else method, method, False))
-            if method in {"lora", "bitfit"}:
+            variants.append((f"{method} (unmerged)" if entry.mergeable else method, method, False))
+            if entry.mergeable:
                 variants.append((f"{method} (merged)", method, True))
     # interleaved: every round times each variant once, so machine drift hits all variants alike
     times: dict[tuple[str, int], list[float]] = {(label, b): [] for label, _, _ in variants for b in inputs}

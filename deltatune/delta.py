@@ -9,10 +9,8 @@ weights (no added latency) and `merge_and_unload()` returns a plain transformers
 from __future__ import annotations
 
 import re
-import types
-import typing
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,7 @@ import torch
 from torch import nn
 
 from deltatune._version import __version__
-from deltatune.errors import DeltaError, MergeError, TaskError
+from deltatune.errors import ConfigError, DeltaError, MergeError, TaskError
 from deltatune.io import (
     FORMAT,
     FORMAT_VERSION,
@@ -35,7 +33,7 @@ from deltatune.methods.common import BASE_TASK, DeltaComponent, TaskState, check
 from deltatune.methods.head import TaskHeads
 from deltatune.peft_format import CONFIG_FILE as PEFT_CONFIG_FILE
 from deltatune.peft_format import PEFT_FORMAT, check_peft_fits, read_peft
-from deltatune.registry import config_from_dict, method_entry, method_of
+from deltatune.registry import build_config, method_entry, method_of
 from deltatune.shared_lower import share_lower_blocks
 from deltatune.targets import head_names, model_type
 
@@ -335,10 +333,9 @@ class DeltaModel(nn.Module):
         if task in self.task_info:
             raise TaskError(f"task {task!r} already exists; use remove_task({task!r}) or another name")
         try:
-            _check_config_types(method_entry(meta["method"]).config, meta["config"])
-            config = config_from_dict(meta["method"], meta["config"])
-        except (TypeError, ValueError) as error:
-            raise DeltaError(f"{path}: bad delta.json: {error}") from error
+            config = build_config(meta["method"], meta["config"], source=f"{path}: delta.json")
+        except ConfigError as error:
+            raise DeltaError(str(error)) from None
         previous, merged = self.active_task, self.merged_task
         try:
             self.add_task(config, task, label_names=meta["label_names"])
@@ -526,29 +523,3 @@ def _label_names(model: nn.Module) -> list[str] | None:
     id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
     names = [id2label[i] for i in sorted(id2label)]
     return None if all(n == f"LABEL_{i}" for i, n in enumerate(names)) else names
-
-
-def _check_config_types(config_class: type, values: dict[str, Any]) -> None:
-    """Settings read from JSON must have the types the config declares: `r: "8"` or `targets: 5` would
-    fail later, and `use_rslora: "no"` would load silently with the opposite meaning. (Unknown
-    settings are left to `config_from_dict`.)"""
-    hints = typing.get_type_hints(config_class)
-    for name in {f.name for f in fields(config_class)} & set(values):
-        if not _has_type(values[name], hints[name]):
-            kind = hints[name].__name__ if isinstance(hints[name], type) else str(hints[name])
-            raise TypeError(f"{config_class.__name__} field {name!r} must be {kind}, not {values[name]!r:.80}")
-
-
-def _has_type(value: Any, hint: Any) -> bool:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return any(_has_type(value, option) for option in typing.get_args(hint))
-    if typing.get_origin(hint) is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_has_type(v, item) for v in value)
-    if hint is float:  # JSON writes 16.0 as 16; a bool is not a number here
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(hint, type):
-        return isinstance(value, hint)
-    return True  # an annotation this check does not know: the config's own checks apply

@@ -18,6 +18,7 @@ from deltatune.data import encode
 from deltatune.delta import DeltaModel
 from deltatune.errors import TrainingError
 from deltatune.evaluate import generate_texts, predict_scores
+from deltatune.registry import method_entry
 
 
 def launched() -> bool:
@@ -40,7 +41,7 @@ def shard_model(model: DeltaModel, device) -> None:
     Every rank built the same model from the same seed, so the shards fit together."""
     from torch.distributed.fsdp import fully_shard
 
-    holding = sorted({c.method for c in model.components().values() if c.method in ("full", "top_layers")})
+    holding = sorted({info["method"] for info in model.task_info.values() if method_entry(info["method"]).updates_base})
     if holding:
         method = holding[0]
         raise TrainingError(f"--fsdp does not work with --method {method}, which keeps references to the model's "

@@ -5,6 +5,11 @@ class DeltaTuneError(ValueError):
     """Base class of deltatune's errors."""
 
 
+class ConfigError(DeltaTuneError):
+    """A setting is unknown or has the wrong type: a method's (`-o`, delta.json, a peft config, Python) or a
+    command-line option's."""
+
+
 class TargetError(DeltaTuneError):
     """A target module (or head) named by the user does not exist in the model."""
 

@@ -1,8 +1,9 @@
 """Trainable-parameter table of every method for one architecture, built without weights.
 
-Reproduces the document's "Comparison of methods" table ("a transformer with 350M parameters and 24
-layers": RoBERTa-large) by actually attaching each method to the model built on the meta device, so
-the counts come from the same code that trains, not from formulas.
+Reproduces a published comparison table ("a transformer with 350M parameters and 24 layers": RoBERTa-large;
+README says where it comes from) by actually attaching each method to the model built on the meta device,
+so the counts come from the same code that trains, not from formulas. Every registered method gets a row:
+those the table lists with its settings and figure, any other with its default settings.
 """
 
 from __future__ import annotations
@@ -35,42 +36,42 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
 
 
 @dataclass(frozen=True)
-class LectureRow:
-    """One row of the document's table: method, settings, the figure it prints, and our reading."""
+class PublishedRow:
+    """One row of the published table: method, settings, the figure it prints, and our reading."""
 
     label: str
     method: str
     settings: dict
-    lecture: str
+    published: str
     note: str = ""
     arch: str | None = None  # the architecture the published figure is for (None: every table)
 
 
-LECTURE_ROWS = [
-    LectureRow("Prompt tuning (length 20)", "prompt", {"length": 20}, "15k (0.006%)",
-               "lecture's 15k is 20 x 768 (a 768-wide model); 20 x 1024 = 20,480 is its 0.006%"),
-    LectureRow("Adapters (dim 64)", "adapter", {"bottleneck": 64}, "6M (2%)",
-               "24 layers x 2 adapters x (2 x 1024 x 64 + 64 + 1024); '+ norms': the 49 LayerNorms' g, b"),
-    LectureRow("LoRA (dim 8)", "lora", {"r": 8}, "0.8M (0.22%)", "2 x 24 layers x 2 (q,v) x 1024 x 8"),
-    LectureRow("BitFit", "bitfit", {}, "0.32M (0.09%)",
-               "q,k,v, attention-output, 2 FFN and 2 LayerNorm biases per layer; the lecture's 0.32M "
-               "is higher than its own formulas give (the BitFit paper: 0.08%)"),
-    LectureRow("Full fine-tuning", "full", {}, "350M (100%)", ""),
+PUBLISHED_ROWS = [
+    PublishedRow("Prompt tuning (length 20)", "prompt", {"length": 20}, "15k (0.006%)",
+                 "the published 15k is 20 x 768 (a 768-wide model); 20 x 1024 = 20,480 is its 0.006%"),
+    PublishedRow("Adapters (dim 64)", "adapter", {"bottleneck": 64}, "6M (2%)",
+                 "24 layers x 2 adapters x (2 x 1024 x 64 + 64 + 1024); '+ norms': the 49 LayerNorms' g, b"),
+    PublishedRow("LoRA (dim 8)", "lora", {"r": 8}, "0.8M (0.22%)", "2 x 24 layers x 2 (q,v) x 1024 x 8"),
+    PublishedRow("BitFit", "bitfit", {}, "0.32M (0.09%)",
+                 "q,k,v, attention-output, 2 FFN and 2 LayerNorm biases per layer; the published 0.32M "
+                 "is higher than its own formulas give (Zaken et al. 2021, Table 1: 0.08%)"),
+    PublishedRow("Full fine-tuning", "full", {}, "350M (100%)", ""),
     # the LoRA paper's comparison tables (Hu et al. 2021, Tables 2 and 3), rows from other papers
-    LectureRow("FT^Top2 (k=2)", "top_layers", {"k": 2}, "25.19M",
-               "2 blocks x 12,596,224 (ln_1, c_attn, attn.c_proj, ln_2, c_fc, mlp.c_proj) + ln_f 2,048; "
-               "the LM head is tied to the embeddings and not counted (Li & Liang 2021)", arch="gpt2-medium"),
-    LectureRow("Adapter^L (m=6)", "adapter", {"placement": "lin", "bottleneck": 6, "train_norms": False},
-               "0.37M", "24 x (2 x 1024 x 6 + 6 + 1024 + 2 x 1024 adapter LayerNorm) (Lin et al. 2020)",
-               arch="gpt2-medium"),
-    LectureRow("Adapter^L (m=224)", "adapter", {"placement": "lin", "bottleneck": 224, "train_norms": False},
-               "11.09M", "24 x (2 x 1024 x 224 + 224 + 1024 + 2 x 1024); without the LayerNorm it would be 11.04M",
-               arch="gpt2-medium"),
-    LectureRow("Adpt^D (m=16, skip 6)", "adapter", {"bottleneck": 16, "skip_layers": 6}, "0.3M",
-               "AdapterDrop: Houlsby adapters in the top 6 of 12 blocks, 12 x (2 x 768 x 16 + 16 + 768)",
-               arch="roberta-base"),
-    LectureRow("Adpt^D (m=48, skip 6)", "adapter", {"bottleneck": 48, "skip_layers": 6}, "0.9M",
-               "12 x (2 x 768 x 48 + 48 + 768) = 0.89M", arch="roberta-base"),
+    PublishedRow("FT^Top2 (k=2)", "top_layers", {"k": 2}, "25.19M",
+                 "2 blocks x 12,596,224 (ln_1, c_attn, attn.c_proj, ln_2, c_fc, mlp.c_proj) + ln_f 2,048; "
+                 "the LM head is tied to the embeddings and not counted (Li & Liang 2021)", arch="gpt2-medium"),
+    PublishedRow("Adapter^L (m=6)", "adapter", {"placement": "lin", "bottleneck": 6, "train_norms": False},
+                 "0.37M", "24 x (2 x 1024 x 6 + 6 + 1024 + 2 x 1024 adapter LayerNorm) (Lin et al. 2020)",
+                 arch="gpt2-medium"),
+    PublishedRow("Adapter^L (m=224)", "adapter", {"placement": "lin", "bottleneck": 224, "train_norms": False},
+                 "11.09M", "24 x (2 x 1024 x 224 + 224 + 1024 + 2 x 1024); without the LayerNorm it would be 11.04M",
+                 arch="gpt2-medium"),
+    PublishedRow("Adpt^D (m=16, skip 6)", "adapter", {"bottleneck": 16, "skip_layers": 6}, "0.3M",
+                 "AdapterDrop: Houlsby adapters in the top 6 of 12 blocks, 12 x (2 x 768 x 16 + 16 + 768)",
+                 arch="roberta-base"),
+    PublishedRow("Adpt^D (m=48, skip 6)", "adapter", {"bottleneck": 48, "skip_layers": 6}, "0.9M",
+                 "12 x (2 x 768 x 48 + 48 + 768) = 0.89M", arch="roberta-base"),
 ]
 
 
@@ -113,7 +114,7 @@ class ParamsRow:
     extra_parameters: int  # trained besides the method's own (adapter LayerNorms)
     head_parameters: int
     total_parameters: int
-    lecture: str
+    published: str
     note: str
     error: str | None = None
 
@@ -125,20 +126,22 @@ class ParamsRow:
 
 
 def parameter_table(arch: str) -> tuple[list[ParamsRow], object]:
-    """Attach each of the document's methods to `arch` (on the meta device) and count parameters."""
+    """Attach every registered method to `arch` (on the meta device) and count parameters: the published
+    table's rows first, with their settings, then any method it does not list, with default settings."""
     from deltatune.delta import attach
 
     config = build_config(arch)
+    listed = {row.method for row in PUBLISHED_ROWS}
     rows = []
-    for row in LECTURE_ROWS:
-        if row.method not in METHODS or row.arch not in (None, arch):
+    for row in PUBLISHED_ROWS + [PublishedRow(name, name, {}, "-") for name in METHODS if name not in listed]:
+        if row.arch not in (None, arch):
             continue
         method_config = METHODS[row.method].config(**row.settings)
         model = attach(build_on_meta(config), method_config, task="count")
         report = model.report(print_table=False)
         rows.append(
             ParamsRow(row.label, row.method, report.method_parameters, report.norm_parameters,
-                      report.head_parameters, report.total_parameters, row.lecture, row.note)
+                      report.head_parameters, report.total_parameters, row.published, row.note)
         )
     return rows, config
 
@@ -152,16 +155,16 @@ def format_table(rows: list[ParamsRow], arch: str, config) -> str:
         f"{total:,} parameters with a 2-class head)",
         "",
         f"{'method':<28}{'method params':>15}{'% of model':>12}{'+ norms':>10}{'+ head':>11}   "
-        f"{'lecture':<15}note",
+        f"{'published':<15}note",
     ]
     for row in rows:
         percent = f"{row.percent:.4f}%" if row.percent is not None else "-"
         extra = f"{row.extra_parameters:,}" if row.extra_parameters else "-"
         lines.append(
             f"{row.label:<28}{row.method_parameters:>15,}{percent:>12}{extra:>10}{row.head_parameters:>11,}   "
-            f"{row.lecture:<15}{row.note}"
+            f"{row.published:<15}{row.note}"
         )
     lines.append("")
     lines.append("'+ head': the task head trained with every method (here a 2-class classification head);")
-    lines.append("'% of model' counts the method's own parameters, as the lecture does.")
+    lines.append("'% of model' counts the method's own parameters, as the published table does.")
     return "\n".join(lines)

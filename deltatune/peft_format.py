@@ -45,11 +45,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from deltatune.errors import DeltaError
+from deltatune.errors import ConfigError, DeltaError
 from deltatune.io import atomic_folder, read_delta
 from deltatune.methods.common import TASK_NAME
-from deltatune.methods.lora import LoRA
-from deltatune.methods.prompt import PromptTuning, prompt_layout
+from deltatune.methods.prompt import prompt_layout
+from deltatune.registry import METHODS, build_config, method_of
 from deltatune.targets import CONV1D_MODEL_TYPES, DEFAULT_HEAD_NAMES, DEFAULT_LORA_TARGETS, parse_target
 
 PEFT_FORMAT = "peft"  # meta["format"] of a delta read from a peft folder
@@ -86,12 +86,10 @@ def export_peft(source, out_dir: str | os.PathLike, task: str | None = None) -> 
         with tempfile.TemporaryDirectory() as tmp:
             tensors, meta = read_delta(source.save_delta(Path(tmp) / "delta", task=task))
     method = meta.get("method")
-    if method == "lora":
-        peft_tensors, config = _lora_to_peft(tensors, meta)
-    elif method == "prompt":
-        peft_tensors, config = _prompt_to_peft(tensors, meta)
-    else:
-        raise DeltaError(f"{method} deltas have no peft equivalent that deltatune exports; LoRA and prompt tuning do")
+    if method not in METHODS or not METHODS[method].peft_export:
+        exported = [name for name, entry in METHODS.items() if entry.peft_export]
+        raise DeltaError(f"{method} deltas have no peft equivalent that deltatune exports; {exported} do")
+    peft_tensors, config = _TO_PEFT[method](tensors, meta)
     with atomic_folder(out_dir) as tmp:
         save_file({k: v.contiguous() for k, v in peft_tensors.items()}, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -99,7 +97,7 @@ def export_peft(source, out_dir: str | os.PathLike, task: str | None = None) -> 
 
 
 def _lora_to_peft(tensors: dict[str, torch.Tensor], meta: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    config = LoRA(**meta["config"])
+    config = _config("lora", meta["config"], "delta.json")
     base = meta.get("base") or {}
     head_keys = list(meta.get("head_keys") or [])
     heads = _head_modules(head_keys)
@@ -145,7 +143,7 @@ def _lora_to_peft(tensors: dict[str, torch.Tensor], meta: dict) -> tuple[dict[st
     return out, peft_config
 
 
-def _rank_divisor(config: LoRA, rank: int) -> float:
+def _rank_divisor(config, rank: int) -> float:
     return math.sqrt(rank) if config.use_rslora else rank
 
 
@@ -229,6 +227,10 @@ def _prompt_to_peft(tensors: dict[str, torch.Tensor], meta: dict) -> tuple[dict[
     return out, config
 
 
+# how each method with `peft_export` is written in peft's format
+_TO_PEFT = {"lora": _lora_to_peft, "prompt": _prompt_to_peft}
+
+
 def _layout_of(model_type: str | None, class_name: str) -> str:
     """Where deltatune puts a prompt for this model (prompt.prompt_layout, from the description alone)."""
     config = SimpleNamespace(model_type=model_type, is_encoder_decoder=class_name.endswith("ForConditionalGeneration"))
@@ -266,7 +268,7 @@ def read_peft(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
     meta = {
         "format": PEFT_FORMAT,
         "task": path.name if TASK_NAME.match(path.name) and path.name != "base" else "default",
-        "method": config.method,
+        "method": method_of(config),
         "config": asdict(config),
         "label_names": None,
         "head_keys": head_keys,
@@ -300,14 +302,22 @@ def _lora_from_peft(tensors: dict[str, torch.Tensor], peft_config: dict, path: P
     ranks = {delta[f"{m}.lora_A"].shape[0] for m in modules}
     if ranks != {peft_config.get("r")}:
         raise DeltaError(f"{path}: LoRA ranks {sorted(ranks)} differ from the config's r={peft_config.get('r')}")
-    config = LoRA(
-        r=int(peft_config["r"]),
-        alpha=peft_config.get("lora_alpha", 8),
-        dropout=float(peft_config.get("lora_dropout") or 0.0),
-        targets=modules,  # the exact modules the adapter holds
-        use_rslora=bool(peft_config.get("use_rslora", False)),
-    )
+    config = _config("lora", {  # peft LoraConfig names -> deltatune's (None: peft's default)
+        "r": peft_config["r"],
+        "alpha": peft_config.get("lora_alpha", 8),
+        "dropout": peft_config.get("lora_dropout") or 0.0,
+        "targets": modules,  # the exact modules the adapter holds
+        "use_rslora": peft_config.get("use_rslora") or False,
+    }, path / CONFIG_FILE)
     return delta, config, head_keys
+
+
+def _config(method: str, values: dict[str, Any], source) -> Any:
+    """`registry.build_config`, its errors as DeltaErrors (the file is what is wrong)."""
+    try:
+        return build_config(method, values, source=str(source))
+    except ConfigError as error:
+        raise DeltaError(str(error)) from None
 
 
 def _in_modules(name: str, peft_config: dict) -> bool:
@@ -332,7 +342,8 @@ def _prompt_from_peft(tensors: dict[str, torch.Tensor], peft_config: dict, path:
             raise DeltaError(f"{path}: unexpected key {key!r} in a peft prompt-tuning adapter")
     if "prompt_embeddings" not in delta:
         raise DeltaError(f"{path}: the peft adapter holds no prompt_embeddings")
-    return delta, PromptTuning(length=delta["prompt_embeddings"].shape[0]), head_keys
+    config = _config("prompt", {"length": delta["prompt_embeddings"].shape[0]}, path / CONFIG_FILE)
+    return delta, config, head_keys
 
 
 def check_peft_fits(model, meta: dict, path) -> None:

@@ -1,49 +1,72 @@
-"""The one place methods are listed: name -> (config class, injector).
+"""The one list of methods, what each supports, and the one way to build a method's config.
+
+Everything the rest of the code asks about a method is a field of its `MethodEntry`: `train` takes its
+default learning rate, `compare` its list of methods and latency variants, `serve` whether it can share a
+mixed batch, `export` whether peft can hold it, the tests their matrix. Adding a method = its own file in
+`methods/` + one line in `METHODS`.
 
 An injector has the signature `inject(model, config, task, state, exclude)`: it adds the method's
 components for `task` to `model` (skipping the `exclude`d head modules) with fresh parameters.
+
+`build_config(method, values, source)` turns settings from anywhere (the command line's `-o key=value`
+strings, `delta.json`, a peft `adapter_config.json`, Python) into the method's config dataclass, checking
+every name and type against the dataclass fields.
 """
 
 from __future__ import annotations
 
+import json
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
+from deltatune.errors import ConfigError
 from deltatune.methods import adapter, bitfit, full, lora, prompt, top_layers
 
 
 @dataclass(frozen=True)
 class MethodEntry:
-    config: type
+    name: str
+    config: type  # the settings dataclass; its fields' `help` metadata documents each `-o` option
     inject: Callable[..., None]
-    mergeable: bool
+    mergeable: bool  # merge() can fold it into the base weights (and latency is timed merged too)
+    mixable: bool  # examples of its tasks can share a mixed-task batch (`tasks=`, `serve`)
+    default_lr: float  # AdamW learning rate when none is given (--lr)
+    peft_export: bool  # `deltatune export --format peft` can write it
+    updates_base: bool = False  # its delta is the base weights themselves (full fine-tuning): no FSDP,
+    # no per-delta latency (it runs at the base model's speed), no serving beside other tasks
+    identity_at_init: bool = True  # a fresh delta leaves the output unchanged (prompt tuning's tokens do not)
 
 
-METHODS: dict[str, MethodEntry] = {
-    "lora": MethodEntry(lora.LoRA, lora.inject, mergeable=True),
-    "bitfit": MethodEntry(bitfit.BitFit, bitfit.inject, mergeable=True),
-    "full": MethodEntry(full.FullFineTune, full.inject, mergeable=True),
-    "adapter": MethodEntry(adapter.Adapter, adapter.inject, mergeable=False),
-    "prompt": MethodEntry(prompt.PromptTuning, prompt.inject, mergeable=False),
-    "top_layers": MethodEntry(top_layers.TopLayers, top_layers.inject, mergeable=True),
-}
+METHODS: dict[str, MethodEntry] = {entry.name: entry for entry in [
+    # learning rates as commonly used for each method, AdamW:
+    # full: BERT/RoBERTa fine-tuning (Devlin et al. 2019; Liu et al. 2019)
+    MethodEntry("full", full.FullFineTune, full.inject, mergeable=True, mixable=False, default_lr=2e-5,
+                peft_export=False, updates_base=True),
+    # lora: Hu et al. 2021, RoBERTa-base GLUE (appendix D): 4e-4 .. 5e-4
+    MethodEntry("lora", lora.LoRA, lora.inject, mergeable=True, mixable=True, default_lr=5e-4, peft_export=True),
+    # adapter: Houlsby et al. 2019 §3.1 swept 3e-5 .. 3e-3; 1e-3 is the usual pick
+    MethodEntry("adapter", adapter.Adapter, adapter.inject, mergeable=False, mixable=True, default_lr=1e-3,
+                peft_export=False),
+    # bitfit: Zaken et al. 2021 (BitFit) used 1e-4 .. 1e-3, higher than full fine-tuning
+    MethodEntry("bitfit", bitfit.BitFit, bitfit.inject, mergeable=True, mixable=True, default_lr=1e-3,
+                peft_export=False),
+    # prompt: prompt tuning needs large rates (Lester et al. 2021 §3 used 0.3 with Adafactor)
+    MethodEntry("prompt", prompt.PromptTuning, prompt.inject, mergeable=False, mixable=True, default_lr=3e-2,
+                peft_export=True, identity_at_init=False),
+    # top_layers: the same pretrained weights as full fine-tuning train, so its rate (not tuned); its per-task
+    # copies of the top blocks replace base weights (FSDP cannot shard them, latency is the base model's)
+    MethodEntry("top_layers", top_layers.TopLayers, top_layers.inject, mergeable=True, mixable=True,
+                default_lr=2e-5, peft_export=False, updates_base=True),
+]}
 
 
 def method_entry(name: str) -> MethodEntry:
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; known methods: {sorted(METHODS)}")
+        raise ConfigError(f"unknown method {name!r}; the methods are {sorted(METHODS)}")
     return METHODS[name]
-
-
-def config_from_dict(method: str, values: dict[str, Any]):
-    """Rebuild a config dataclass from delta.json, refusing fields it does not have."""
-    config_class = method_entry(method).config
-    known = {f.name for f in fields(config_class)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"{method} config has no field(s) {sorted(unknown)}; known: {sorted(known)}")
-    return config_class(**values)
 
 
 def method_of(config) -> str:
@@ -51,3 +74,104 @@ def method_of(config) -> str:
         if isinstance(config, entry.config):
             return name
     raise TypeError(f"{type(config).__name__} is not a deltatune method config; use one of {sorted(METHODS)}")
+
+
+# ---- one config builder -------------------------------------------------------------------------------
+def build_config(method: str, values: dict[str, Any], source: str = "settings"):
+    """`method`'s config from `values`, every name and type checked against the config's fields.
+
+    Strings (the command line's `-o key=value`) are parsed by the field's type: booleans accept
+    true/false/yes/no/1/0, ints and floats their numbers, lists comma-separated items (or JSON), `X | None`
+    also none/null. Other values (JSON, Python) must already have the field's type (an int is a float).
+    A wrong name or type is a `ConfigError` naming `source`, the field, the value and the type expected."""
+    config_class = method_entry(method).config
+    hints = typing.get_type_hints(config_class)
+    known = [f.name for f in fields(config_class)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{source}: {method} has no setting(s) {unknown}; its settings are {known}")
+    parsed = {}
+    for name, value in values.items():
+        try:
+            parsed[name] = _parse(value, hints[name])
+        except (ValueError, TypeError):
+            raise ConfigError(f"{source}: {method} setting {name!r} must be {_type_name(hints[name])}, "
+                              f"not {value!r:.80}") from None
+    try:
+        return config_class(**parsed)
+    except (TypeError, ValueError) as error:  # the config's own checks (a rank < 1, an unknown init...)
+        raise ConfigError(f"{source}: {error}") from None
+
+
+def options_from_strings(method: str, pairs: dict[str, str], source: str = "-o") -> dict[str, Any]:
+    """Command-line settings {"r": "8", "use_rslora": "no"} -> typed {"r": 8, "use_rslora": False}, checked
+    by `build_config` (only the names given: the rest keep their defaults)."""
+    config = build_config(method, pairs, source)
+    return {name: getattr(config, name) for name in pairs}
+
+
+def _parse(value: Any, hint: Any) -> Any:
+    """`value` as the type `hint`; ValueError/TypeError if it is not one."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        if isinstance(value, str) and type(None) in options and value.lower() in ("none", "null"):
+            return None
+        # a string that does not look like a list stays a string where the field takes one (`targets`:
+        # "query" is a regex, "query,value" the list of suffixes)
+        listish = not isinstance(value, str) or value.startswith("[") or "," in value
+        tried = [o for o in options if o is not type(None) and o is not str
+                 and (listish or str not in options or typing.get_origin(o) is not list)]
+        for option in tried + ([str] if str in options else []):
+            try:
+                return _parse(value, option)
+            except (ValueError, TypeError):
+                continue
+        raise ValueError(value)
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = json.loads(value) if value.startswith("[") else value.split(",")
+        if not isinstance(value, list):
+            raise TypeError(value)
+        return [_parse(v, item) for v in value]
+    if hint is bool:
+        if isinstance(value, str) and value.lower() in _BOOLEANS:
+            return _BOOLEANS[value.lower()]
+        if isinstance(value, bool):
+            return value
+        raise TypeError(value)
+    if hint in (int, float):
+        if isinstance(value, str):  # 16 stays an int in a float field, as JSON writes and reads it back
+            try:
+                return int(value)
+            except ValueError:
+                if hint is int:
+                    raise
+                return float(value)
+        if isinstance(value, bool) or not isinstance(value, int | float) or (hint is int and isinstance(value, float)):
+            raise TypeError(value)
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise TypeError(value)
+        return value
+    if isinstance(hint, type) and not isinstance(value, hint):
+        raise TypeError(value)
+    return value  # an annotation this check does not know: the config's own checks apply
+
+
+_BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(option) for option in typing.get_args(hint))
+    if hint is type(None):
+        return "none"
+    if hint is bool:
+        return "a boolean (true/false/yes/no/1/0)"
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0])} (comma-separated)"
+    return {int: "an integer", float: "a number", str: "a string"}.get(hint, getattr(hint, "__name__", str(hint)))

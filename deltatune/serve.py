@@ -44,6 +44,7 @@ from deltatune.data import Encoded, collate, max_model_length
 from deltatune.delta import DeltaModel
 from deltatune.errors import DeltaError, DeltaTuneError, TaskError
 from deltatune.methods.common import BASE_TASK
+from deltatune.registry import METHODS
 
 
 @dataclass
@@ -173,10 +174,12 @@ class Engine:
     # ---- on the worker thread -------------------------------------------------------------------------
     def _load(self, name: str, path: str | Path) -> dict[str, Any]:
         task = self.model.add_delta(path, task=name, trust_pickle=self.config.trust_pickle)
-        if self.model.task_info[task]["method"] == "full":
+        method = self.model.task_info[task]["method"]
+        if not METHODS[method].mixable:
             self.model.remove_task(task)
-            raise DeltaError(f"{path} is a full fine-tuning delta (a whole model's weights): it cannot share a "
-                             f"batch with other tasks; serve a parameter-efficient delta (LoRA, BitFit, adapter...)")
+            mixable = [name for name, entry in METHODS.items() if entry.mixable]
+            raise DeltaError(f"{path} is a {method} delta, which cannot share a batch with other tasks (a full "
+                             f"fine-tuning delta is a whole model's weights); serve a delta of {mixable}")
         self.model.task_info[task]["path"] = str(path)
         self._refresh_tasks()
         return self._tasks[task] | {"name": task}

@@ -39,18 +39,8 @@ from deltatune.distributed import evaluate_sharded, full_parameters, launched, m
 from deltatune.errors import TrainingError
 from deltatune.evaluate import task_loss
 from deltatune.io import atomic_folder, recover
-from deltatune.registry import method_entry
+from deltatune.registry import build_config, method_entry
 from deltatune.tasks import Task, get_task
-
-# Per-method default learning rates (AdamW), as commonly used for each method; override with --lr.
-DEFAULT_LEARNING_RATES = {
-    "full": 2e-5,  # BERT/RoBERTa fine-tuning (Devlin et al. 2019; Liu et al. 2019)
-    "lora": 5e-4,  # LoRA paper, RoBERTa-base GLUE: 4e-4 .. 5e-4
-    "adapter": 1e-3,  # Houlsby et al. 2019 sweep 3e-5 .. 3e-3; 1e-3 is the usual pick
-    "bitfit": 1e-3,  # BitFit paper: 1e-4 .. 1e-3 (higher than full fine-tuning)
-    "prompt": 3e-2,  # prompt tuning needs large rates (Lester et al. 2021 used 0.3 with Adafactor)
-    "top_layers": 2e-5,  # the same pretrained weights as full fine-tuning train, so its rate (not tuned)
-}
 
 
 @dataclass
@@ -67,7 +57,7 @@ class TrainConfig:
     max_seconds: float | None = None  # wall-clock budget: stop after this much training time
     batch_size: int = 32
     grad_accum: int = 1
-    lr: float | None = None  # None: DEFAULT_LEARNING_RATES[method]
+    lr: float | None = None  # None: the method's registry.METHODS[method].default_lr
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
@@ -115,9 +105,9 @@ def build_model(config: TrainConfig, task, tokenizer=None) -> DeltaModel:
 
     kind = {"classification": "classification", "regression": "regression", "generation": "causal-lm"}[task.kind]
     base = load_model(config.model, kind, num_labels=task.num_labels if task.kind == "classification" else None)
-    method_config = method_entry(config.method).config(**config.method_options)
-    if config.method == "prompt" and getattr(method_config, "init", None) == "text" and tokenizer is not None:
-        method_config.init_token_ids = tokenizer(method_config.init_text, add_special_tokens=False)["input_ids"]
+    method_config = build_config(config.method, config.method_options, source="method_options")
+    if tokenizer is not None and hasattr(method_config, "tokenize"):  # settings given as text (a prompt's init)
+        method_config.tokenize(tokenizer)
     return attach(base, method_config, task=task_slug(task.name), label_names=task.label_names)
 
 
@@ -272,7 +262,7 @@ def setup(config: TrainConfig) -> Run:
     sharded = config.fsdp and launched()  # (one process started alone: nothing to shard)
     if sharded:
         shard_model(model, accelerator.device)  # before the optimizer: the parameters become shards
-    lr = config.lr or DEFAULT_LEARNING_RATES.get(config.method, 1e-3)
+    lr = config.lr or method_entry(config.method).default_lr
     trainable, optimizer, scheduler = _optimizer(model, lr, config.weight_decay, config.warmup_ratio, total_steps)
     if sharded:  # accelerate would wrap the sharded model in DDP
         prepared_model, optimizer = model, accelerator.prepare(optimizer)

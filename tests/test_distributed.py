@@ -24,6 +24,7 @@ from conftest import WORDS_NEGATIVE, WORDS_POSITIVE, make_model
 from safetensors.torch import load_file
 
 from deltatune.models import tiny_tokenizer
+from deltatune.registry import METHODS
 from deltatune.train import TrainConfig, train
 
 STEPS, BATCH = 6, 7
@@ -130,7 +131,7 @@ def test_two_processes_train_the_one_process_delta(runs, name):
         assert losses[0] == pytest.approx(losses[1], abs=1e-6)  # the global batch's loss, logged once by rank 0
 
 
-@pytest.mark.parametrize("method", ["lora", "bitfit", "adapter", "prompt", "full"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_gradient_checkpointing_gives_the_same_step(method, tiny_model_dir, sentiment_csv, tmp_path):
     """One step with non-reentrant checkpointing (dropout on: it recomputes under the saved RNG state)."""
     deltas = []

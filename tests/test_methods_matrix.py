@@ -1,4 +1,7 @@
-"""One parametrized matrix: every method on every tiny architecture.
+"""One parametrized matrix: every method of the registry on every tiny architecture.
+
+A method added to `registry.METHODS` is covered here with no edit: configs are its defaults, and what a
+test expects follows the entry's flags (`mergeable`, `identity_at_init`).
 
 Each test could fail: outputs are compared with the base model's, parameters before and after a step,
 logits before and after merge and after a save/load round trip onto a fresh copy of the base.
@@ -7,6 +10,7 @@ logits before and after merge and after a save/load round trip onto a fresh copy
 from __future__ import annotations
 
 import copy
+from dataclasses import fields
 
 import pytest
 import torch
@@ -14,30 +18,30 @@ from conftest import ARCHS, make_inputs, make_model
 
 import deltatune
 from deltatune.methods.common import DeltaComponent
+from deltatune.registry import METHODS
 
-BIASLESS = {"llama", "t5"}  # no bias terms: BitFit must add them
+BIASLESS = {"llama", "t5"}  # no bias terms: a method with an `add_missing` setting (BitFit) must add them
 
 
 def method_configs(arch: str) -> dict[str, object]:
-    configs = {
-        "lora": deltatune.LoRA(r=4, alpha=8),
-        "bitfit": deltatune.BitFit(add_missing=arch in BIASLESS),
-        "full": deltatune.FullFineTune(),
-    }
-    for name in ("Adapter", "PromptTuning"):  # methods that exist once their issue has landed
-        if hasattr(deltatune, name):
-            configs[name.lower()] = getattr(deltatune, name)()
+    """Every registered method's default config (adding missing biases on the biasless architectures)."""
+    configs = {}
+    for name, entry in METHODS.items():
+        settings = {f.name for f in fields(entry.config)}
+        configs[name] = entry.config(**({"add_missing": True} if arch in BIASLESS and "add_missing" in settings
+                                        else {}))
+    # variants of a method worth their own rows
     configs["adapter_lin"] = deltatune.Adapter(placement="lin", bottleneck=4, activation="relu")  # Lin et al.
     configs["adapter_drop"] = deltatune.Adapter(skip_layers=1)  # AdapterDrop: none in the lowest block
-    configs["top_layers"] = deltatune.TopLayers(k=1)  # the tiny models have 2 blocks
+    configs["top_layers_1"] = deltatune.TopLayers(k=1)  # the tiny models have 2 blocks
     return configs
 
 
 MATRIX = [(arch, method) for arch in ARCHS for method in method_configs(arch)]
-MERGEABLE = {"lora", "bitfit", "full", "top_layers"}
+MERGEABLE = {name for name, entry in METHODS.items() if entry.mergeable} | {"top_layers_1"}
 # inserted virtual tokens change the output from the first step (prompt tuning has no identity init);
-# what it must leave exact is the base model
-CHANGES_OUTPUT_AT_INIT = {"prompttuning"}
+# what such a method must leave exact is the base model
+CHANGES_OUTPUT_AT_INIT = {name for name, entry in METHODS.items() if not entry.identity_at_init}
 
 
 def logits(model, inputs) -> torch.Tensor:

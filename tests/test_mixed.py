@@ -13,6 +13,7 @@ import torch
 import deltatune
 from deltatune.errors import DeltaTuneError, TaskError
 from deltatune.models import tiny_model
+from deltatune.registry import METHODS
 
 ARCHS = ["bert", "gpt2", "llama", "t5"]
 BIASLESS = {"llama", "t5"}
@@ -39,7 +40,10 @@ def two_tasks(arch: str, method: str) -> dict[str, object]:
                 "drop_b": deltatune.Adapter(bottleneck=8, placement="pfeiffer", skip_layers=1, train_norms=False)}
     if method == "top_layers":  # the tiny models have 2 blocks: top 1 and both
         return {"top_a": deltatune.TopLayers(k=1), "top_b": deltatune.TopLayers(k=2)}
-    return {"prompt_a": deltatune.PromptTuning(length=3), "prompt_b": deltatune.PromptTuning(length=6)}
+    if method == "prompt":
+        return {"prompt_a": deltatune.PromptTuning(length=3), "prompt_b": deltatune.PromptTuning(length=6)}
+    config = METHODS[method].config  # a method added later: two tasks with its default settings
+    return {f"{method}_a": config(), f"{method}_b": config()}
 
 
 def randomise(model: deltatune.DeltaModel, task: str, seed: int) -> None:
@@ -96,7 +100,8 @@ def assert_mixed_matches_alone(model, tasks: list[str]) -> torch.Tensor:
     return mixed
 
 
-@pytest.mark.parametrize("method", ["lora", "bitfit", "adapter", "prompt", "adapter_lin", "adapter_drop", "top_layers"])
+@pytest.mark.parametrize("method", [name for name, entry in METHODS.items() if entry.mixable]
+                         + ["adapter_lin", "adapter_drop"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_mixed_batch_equals_each_example_alone(arch, method):
     configs = two_tasks(arch, method)

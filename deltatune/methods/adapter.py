@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +61,6 @@ class Adapter:
     train_norms: bool = field(default=True, metadata={"help": "also train each layer norm's g, b (section 2.1)"})
     skip_layers: int = field(default=0, metadata={
         "help": "AdapterDrop (Rücklé et al. 2021): no adapters or trained norms in the lowest n blocks"})
-    method: ClassVar[str] = "adapter"
 
     def __post_init__(self) -> None:
         if isinstance(self.bottleneck, bool) or not isinstance(self.bottleneck, int) or self.bottleneck < 1:
@@ -79,8 +77,6 @@ class Adapter:
 
 class BottleneckAdapter(DeltaComponent):
     """One adapter site: a forward hook on the sub-layer's output module adds W_up f(W_down h) per task."""
-
-    method = "adapter"
 
     def __init__(self, layer: nn.Module, width: int, reference: torch.Tensor, state: TaskState,
                  norm_eps: float | None = None):
@@ -209,7 +205,6 @@ class NormDelta(DeltaComponent):
     task's own gain and bias: its own forward runs with weight g + Δg and bias b + Δb (Δ zero at init, so
     the output is bit-identical to the base norm's)."""
 
-    method = "adapter"
     role = "norm"  # counted apart from the adapters' own weights in reports and `deltatune params`
 
     def __init__(self, base_layer: nn.Module, state: TaskState):

@@ -18,7 +18,6 @@ biases to their linear layers instead (not to RMSNorms, whose forward has no bia
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 from torch import nn
@@ -37,7 +36,6 @@ class BitFit:
     add_missing: bool = field(
         default=False, metadata={"help": "add zero biases to linear layers that have none (Llama, T5)"}
     )
-    method: ClassVar[str] = "bitfit"
 
 
 def bias_width(module: nn.Module) -> int | None:
@@ -81,8 +79,6 @@ def bitfit_targets(model: nn.Module, config: BitFit, exclude: list[str]) -> dict
 
 class BiasDelta(DeltaComponent):
     """Per-task bias shifts Δb added to one layer's output by a forward hook."""
-
-    method = "bitfit"
 
     def __init__(self, layer: nn.Module, width: int, state: TaskState):
         super().__init__(state)

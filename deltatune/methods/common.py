@@ -89,7 +89,6 @@ class DeltaComponent(nn.Module):
     row (`example_rows`); `check_mixed` refuses tasks that cannot share a pass (full fine-tuning).
     """
 
-    method: ClassVar[str] = ""
     root_level: ClassVar[bool] = False  # True: keys are not prefixed with the component's module name
     # how its parameters are counted in reports: the method's own ("method"), base-model normalisation
     # layers a method also trains ("norm", e.g. adapters' LayerNorms), or the task head ("head")

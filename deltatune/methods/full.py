@@ -10,7 +10,6 @@ document makes about full fine-tuning).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import nn
@@ -23,13 +22,11 @@ from deltatune.methods.common import DeltaComponent, TaskState, strip_wrappers
 class FullFineTune:
     """Full fine-tuning: no settings; all base weights (and the head) train."""
 
-    method: ClassVar[str] = "full"
 
 
 class FullWeights(DeltaComponent):
     """Keeps per-task copies of all base weights and swaps the active task's copy into the model."""
 
-    method = "full"
     root_level = True  # its keys are the model's own parameter names
 
     def __init__(self, model: nn.Module, exclude: list[str], state: TaskState):

@@ -14,7 +14,6 @@ from deltatune.methods.common import DeltaComponent, TaskState
 class TaskHeads(DeltaComponent):
     """Wraps a head module; the active task's own copy computes the output."""
 
-    method = "head"
     role = "head"
 
     def __init__(self, base_layer: nn.Module, state: TaskState):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +36,6 @@ class LoRA:
         default=None, metadata={"help": "module-name suffixes (`c_attn[0/3]` = a fused slice) or a regex"}
     )
     use_rslora: bool = field(default=False, metadata={"help": "scale by alpha/sqrt(r) (Kalajdzievski 2023)"})
-    method: ClassVar[str] = "lora"
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -57,8 +55,6 @@ class LoRALinear(DeltaComponent):
     width w; row block s of B pairs with row block s of A. With one slice covering the whole output
     these are exactly the paper's A (r x d_in) and B (d_out x r).
     """
-
-    method = "lora"
 
     def __init__(self, base_layer: nn.Module, slices: list[tuple[int, int]] | None, state: TaskState):
         super().__init__(state)

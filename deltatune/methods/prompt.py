@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 from torch import nn
@@ -51,7 +50,6 @@ class PromptTuning:
     truncate: bool = field(
         default=True, metadata={"help": "cut inputs longer than the positions left by the prompt (else error)"}
     )
-    method: ClassVar[str] = "prompt"
 
     def __post_init__(self) -> None:
         if self.length < 1:
@@ -60,6 +58,11 @@ class PromptTuning:
             raise ValueError(f"unknown prompt init {self.init!r}; choose one of {INITS}")
         if self.init == "text" and self.init_text is None and not self.init_token_ids:
             raise ValueError("init='text' needs a text: PromptTuning.from_text(text, tokenizer) or init_token_ids")
+
+    def tokenize(self, tokenizer) -> None:
+        """init='text' given as text alone (`-o init=text -o init_text=...`): its token ids, from `tokenizer`."""
+        if self.init == "text" and self.init_text is not None:
+            self.init_token_ids = tokenizer(self.init_text, add_special_tokens=False)["input_ids"]
 
     @classmethod
     def from_text(cls, text: str, tokenizer, **options) -> PromptTuning:
@@ -89,7 +92,6 @@ def position_limit(config) -> int | None:
 class PromptEmbedding(DeltaComponent):
     """Per-task prompts; `prepare_inputs` rewrites a forward call's keyword arguments to carry them."""
 
-    method = "prompt"
     root_level = True  # delta key: "prompt_embeddings"
 
     def __init__(self, model: nn.Module, state: TaskState):
