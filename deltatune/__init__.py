@@ -8,18 +8,20 @@
 
 from deltatune._version import __version__
 from deltatune.delta import DeltaModel, ParameterReport, attach, load_delta
-from deltatune.errors import DeltaError, DeltaTuneError, MergeError, TargetError, TaskError
+from deltatune.errors import ConfigError, DeltaError, DeltaTuneError, MergeError, TargetError, TaskError
 from deltatune.methods.adapter import Adapter
 from deltatune.methods.bitfit import BitFit
 from deltatune.methods.full import FullFineTune
 from deltatune.methods.lora import LoRA
 from deltatune.methods.prompt import PromptTuning
 from deltatune.methods.top_layers import TopLayers
+from deltatune.registry import build_config
 
 __all__ = [
     "__version__",
     "Adapter",
     "BitFit",
+    "ConfigError",
     "DeltaError",
     "DeltaModel",
     "DeltaTuneError",
@@ -32,5 +34,6 @@ __all__ = [
     "TaskError",
     "TopLayers",
     "attach",
+    "build_config",
     "load_delta",
 ]

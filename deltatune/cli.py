@@ -6,9 +6,66 @@ import argparse
 import json
 import os
 import sys
+import types
+import typing
+from dataclasses import MISSING, fields
 from pathlib import Path
 
-from deltatune.errors import DeltaTuneError
+from deltatune.compare import PROMPTING_METHODS, CompareConfig
+from deltatune.errors import ConfigError, DeltaTuneError
+from deltatune.registry import METHODS, options_from_strings
+from deltatune.serve import ServeConfig
+from deltatune.train import TrainConfig
+
+
+# ---- options generated from config dataclasses (HfArgumentParser-style: one declaration per option) ----
+def add_options(parser: argparse.ArgumentParser, config_class: type, skip: tuple[str, ...] = (),
+                defaults: dict | None = None) -> None:
+    """One `--field-name` option per field of `config_class`, typed from its annotation, its help (and
+    choices) from the field's metadata. Booleans: `--x` when the default is False, `--x/--no-x` when True.
+    A field without a default is a required option; `cli: False` in the metadata leaves a field out;
+    `cli_default` (or `defaults`) gives the command a default of its own."""
+    hints = typing.get_type_hints(config_class)
+    for f in fields(config_class):
+        if f.name in skip or not f.metadata.get("cli", True):
+            continue
+        kind = _without_none(hints[f.name])
+        options: dict = {"dest": f.name, "help": f.metadata.get("help")}
+        if f.default is MISSING and f.default_factory is MISSING:
+            options["required"] = True
+        else:
+            default = f.default if f.default is not MISSING else f.default_factory()
+            options["default"] = (defaults or {}).get(f.name, f.metadata.get("cli_default", default))
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction if options.get("default") else "store_true"
+        elif typing.get_origin(kind) is list:
+            options.update(type=_comma_list(typing.get_args(kind)[0]), metavar="A,B,...")
+        else:
+            options["type"] = kind
+        if "choices" in f.metadata:
+            options["choices"] = f.metadata["choices"]
+        parser.add_argument("--" + f.name.replace("_", "-"), **options)
+
+
+def config_from_args(config_class: type, args: argparse.Namespace, **values):
+    """`config_class` from the options `add_options` declared, and `values` for the other fields."""
+    given = {f.name: getattr(args, f.name) for f in fields(config_class)
+             if f.metadata.get("cli", True) and hasattr(args, f.name)}
+    return config_class(**{**given, **values})
+
+
+def _without_none(hint):
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = [o for o in typing.get_args(hint) if o is not type(None)]
+        if len(options) == 1:
+            return options[0]
+    return hint
+
+
+def _comma_list(item_type: type):
+    def parse(text: str) -> list:
+        return [item_type(part) for part in text.split(",")]
+    return parse
 
 
 def cmd_params(args: argparse.Namespace) -> int:
@@ -19,18 +76,31 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_options(pairs: list[str] | None) -> dict:
-    """`-o r=8 -o targets=query,value` -> {"r": 8, "targets": ["query", "value"]} (JSON where it parses)."""
+def key_values(pairs: list[str] | None) -> dict[str, str]:
+    """`-o r=8 -o use-rslora=no` -> {"r": "8", "use_rslora": "no"}: strings, typed by `method_settings`."""
     options = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise DeltaTuneError(f"method option {pair!r} must look like KEY=VALUE (e.g. -o r=8)")
-        try:
-            options[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.replace("-", "_")] = value.split(",") if "," in value else value
+            raise ConfigError(f"method option {pair!r} must look like KEY=VALUE (e.g. -o r=8)")
+        options[key.replace("-", "_")] = value
     return options
+
+
+def method_settings(method: str, pairs: list[str] | None, source: str = "-o") -> dict:
+    """The -o options of `method`, typed and checked against its config now: a typo fails before any model
+    loads. The prompting baselines (zero-shot, few-shot) have no config: their numbers are read as JSON."""
+    options = key_values(pairs)
+    if method in PROMPTING_METHODS:
+        return {key: _json_or_text(value) for key, value in options.items()}
+    return options_from_strings(method, options, source=source)
+
+
+def _json_or_text(value: str):
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
 
 
 def task_options(args: argparse.Namespace) -> dict:
@@ -41,35 +111,13 @@ def task_options(args: argparse.Namespace) -> dict:
     return {"path": args.data_file, "text_columns": args.text_columns.split(","), "label_column": args.label_column}
 
 
-def method_options(args: argparse.Namespace) -> dict:
-    """The -o options, checked against the method's settings now: a typo fails before any model loads."""
-    from deltatune.registry import METHODS, config_from_dict
-
-    if args.method not in METHODS:
-        raise DeltaTuneError(f"unknown method {args.method!r}; the methods are {sorted(METHODS)}")
-    options = parse_options(args.option)
-    try:
-        config_from_dict(args.method, options)
-    except (TypeError, ValueError) as error:
-        raise DeltaTuneError(f"bad -o option for {args.method}: {error}") from None
-    return options
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from deltatune.train import TrainConfig, train
+    from deltatune.train import train
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise DeltaTuneError(f"--out {args.out} is a file; the run folder must be a folder (new or existing)")
-    config = TrainConfig(
-        model=args.model, task=args.task, method=args.method, out=args.out,
-        method_options=method_options(args), task_options=task_options(args), data_dir=args.data_dir,
-        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, max_length=args.max_length,
-        seed=args.seed, eval_every=args.eval_every, train_limit=args.train_limit, eval_limit=args.eval_limit,
-        checkpoint_every=args.checkpoint_every, resume=args.resume, precision=args.precision,
-        progress=not args.no_progress, on_nonfinite=args.on_nonfinite, grad_checkpointing=args.grad_checkpointing,
-        fsdp=args.fsdp,
-    )
+    config = config_from_args(TrainConfig, args, method_options=method_settings(args.method, args.option),
+                              task_options=task_options(args))
     summary = train(config)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun/accelerate launch: one summary, not one per rank
         print(json.dumps(summary, indent=2))
@@ -111,49 +159,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from deltatune.data import Encoded
-    from deltatune.evaluate import generate_texts, predict_scores
+    from deltatune.evaluate import generate_texts, predict_labels
 
     model, tokenizer, task = _load_for_inference(args)
     if task.kind == "generation":
         for text, output in zip(args.texts, generate_texts(model, tokenizer, args.texts)):
             print(json.dumps({"input": text, "output": output}))
         return 0
-    pairs = [t.split(args.pair_separator, 1) if args.pair_separator in t else [t] for t in args.texts]
-    encoded = tokenizer([p[0] for p in pairs], [p[1] for p in pairs] if all(len(p) == 2 for p in pairs) else None,
-                        truncation=True, max_length=args.max_length)
-    items = [Encoded(ids, encoded["token_type_ids"][i] if "token_type_ids" in encoded else None, None)
-             for i, ids in enumerate(encoded["input_ids"])]
-    scores = predict_scores(model, items, tokenizer.pad_token_id)
+    inputs = [tuple(t.split(args.pair_separator, 1)) if args.pair_separator in t else t for t in args.texts]
     labels = model.task_info[model.active_task]["label_names"] or task.label_names
-    for text, row in zip(args.texts, scores):
-        if task.kind == "regression":
-            print(json.dumps({"input": text, "score": round(row.item(), 4)}))
-            continue
-        probabilities = row.softmax(-1).tolist()
-        best = int(row.argmax())
-        print(json.dumps({"input": text, "label": labels[best] if labels else best,
-                          "probabilities": {(labels[i] if labels else str(i)): round(p, 4)
-                                            for i, p in enumerate(probabilities)}}))
+    for text, prediction in zip(args.texts, predict_labels(model, tokenizer, inputs, labels=labels,
+                                                           max_length=args.max_length, digits=4)):
+        print(json.dumps({**prediction, "input": text}))  # as typed, separator and all
     return 0
 
 
 def _compare_config(args: argparse.Namespace):
-    from deltatune.compare import CompareConfig
-
     data_dir = args.data_dir or os.environ.get("DELTATUNE_DATA")
     if data_dir is None and Path("../shared/data").is_dir():
         data_dir = "../shared/data"  # the offline data folder beside the repo
     if data_dir is not None:  # one spelling per folder in the cells' configs, so finished cells are reused
         data_dir = str(Path(data_dir).expanduser().resolve())
-    return CompareConfig(
-        model=args.model, task=args.task, task_options=task_options(args) if args.task else {},
-        methods=args.methods.split(","), seeds=args.seeds, budget=args.budget, out=args.out,
-        batch_size=args.batch_size, max_length=args.max_length, data_dir=data_dir,
-        train_limit=args.train_limit, eval_limit=args.eval_limit, latency=not args.no_latency, precision=args.precision,
-        lr={k: float(v) for k, v in parse_options(args.lr).items()},
-        method_options={m: parse_options([o.split(":", 1)[1] for o in args.option or [] if o.startswith(m + ":")])
-                        for m in args.methods.split(",")},
+    try:
+        lr = {method: float(value) for method, value in key_values(args.lr).items()}
+    except ValueError as error:
+        raise ConfigError(f"--lr takes METHOD=NUMBER (e.g. --lr lora=5e-4): {error}") from None
+    return config_from_args(
+        CompareConfig, args, data_dir=data_dir, task_options=task_options(args) if args.task else {}, lr=lr,
+        method_options={m: method_settings(m, [o.split(":", 1)[1] for o in args.option or [] if o.startswith(m + ":")],
+                                           source="-o")
+                        for m in args.methods if m in METHODS or m in PROMPTING_METHODS},  # others: a failed cell
     )
 
 
@@ -171,24 +206,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     name, _, values = args.param.partition("=")
     if not values:
         raise DeltaTuneError(f"--param {args.param!r} must look like NAME=V1,V2,... (e.g. length=1,5,10,20,50)")
-    parsed = [json.loads(v) if v.strip().lstrip("-").replace(".", "", 1).isdigit() else v for v in values.split(",")]
-    args.methods = args.method
-    sweep(_compare_config(args), args.method, name.replace("-", "_"), parsed,
-          command=args.command_line)
+    name = name.replace("-", "_")
+    if args.method in METHODS:  # each value typed as the method's setting (`-o NAME=VALUE` would be)
+        parsed = [method_settings(args.method, [f"{name}={v}"], source="--param")[name] for v in values.split(",")]
+    else:
+        parsed = [json.loads(v) if v.strip().lstrip("-").replace(".", "", 1).isdigit() else v
+                  for v in values.split(",")]
+    args.methods = [args.method]
+    sweep(_compare_config(args), args.method, name, parsed, command=args.command_line)
     print((Path(args.out) / "report.md").read_text())
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from deltatune.serve import ServeConfig, serve
+    from deltatune.serve import serve
 
     deltas: dict[str | None, str] = {}
     for spec in args.delta or []:
         name, sep, path = spec.partition("=")
         deltas[name if sep else None] = path if sep else spec  # DIR alone: the task name saved in the delta
-    config = ServeConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
-                         max_inputs=args.max_inputs, max_length=args.max_length, trust_pickle=args.trust_pickle)
-    serve(args.model, deltas, host=args.host, port=args.port, config=config)
+    serve(args.model, deltas, host=args.host, port=args.port, config=config_from_args(ServeConfig, args))
     return 0
 
 
@@ -253,11 +290,16 @@ def cmd_eval_prompting(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", help="folder laid out like shared/data (default: $DELTATUNE_DATA, then the hub)")
+def _add_task_file_arguments(parser: argparse.ArgumentParser) -> None:
+    """The csv/jsonl task's file and columns (`task_options`)."""
     parser.add_argument("--data-file", help="csv/jsonl tasks: the file")
     parser.add_argument("--text-columns", default="text", help="csv/jsonl: text column(s), comma-separated")
     parser.add_argument("--label-column", default="label", help="csv/jsonl: label column")
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", help="folder laid out like shared/data (default: $DELTATUNE_DATA, then the hub)")
+    _add_task_file_arguments(parser)
     parser.add_argument("--max-length", type=int, default=128, help="tokens per input (longer ones are cut)")
 
 
@@ -279,60 +321,25 @@ def build_parser() -> argparse.ArgumentParser:
     params.set_defaults(handler=cmd_params)
 
     train = commands.add_parser("train", help="train one method on one task; saves the best delta in OUT/delta")
-    train.add_argument("--model", required=True, help="minilm | smollm2 | a local folder | a hub name")
-    train.add_argument("--task", required=True, help="sst2 rte mrpc stsb cola e2e bbc-news csv jsonl")
-    train.add_argument("--method", required=True, help="lora | bitfit | adapter | prompt | full")
+    add_options(train, TrainConfig)
     train.add_argument("-o", "--option", action="append", metavar="KEY=VALUE",
-                       help="method option, repeatable: -o r=8 -o alpha=16 -o targets=query,value")
-    train.add_argument("--out", required=True, help="run folder (delta, checkpoints, metrics.jsonl, summary.json)")
-    train.add_argument("--epochs", type=float, default=1.0)
-    train.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
-    train.add_argument("--batch-size", type=int, default=32)
-    train.add_argument("--grad-accum", type=int, default=1)
-    train.add_argument("--lr", type=float, help="learning rate (default: per method, see README)")
-    train.add_argument("--weight-decay", type=float, default=0.01)
-    train.add_argument("--warmup-ratio", type=float, default=0.06)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--eval-every", type=int, help="evaluate every N steps (default: each epoch)")
-    train.add_argument("--train-limit", type=int, help="use only the first N training examples")
-    train.add_argument("--eval-limit", type=int, help="evaluate on the first N examples only")
-    train.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (for --resume)")
-    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    train.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                       help="auto (default): bf16 autocast where the CPU/GPU has native bf16 math, else fp32")
-    train.add_argument("--on-nonfinite", choices=["stop", "skip"], default="stop")
-    train.add_argument("--grad-checkpointing", action="store_true")
-    train.add_argument("--fsdp", action="store_true",
-                       help="under torchrun / accelerate launch: shard the model over the processes (FSDP2)")
-    train.add_argument("--no-progress", action="store_true")
-    _add_data_arguments(train)
+                       help="method option, repeatable: -o r=8 -o alpha=16 -o targets=query,value -o use_rslora=yes")
+    _add_task_file_arguments(train)
     train.set_defaults(handler=cmd_train)
 
     for name, handler, help_text in [("compare", cmd_compare, "train every method on one task and compare them"),
                                      ("sweep", cmd_sweep, "one method, one parameter over several values")]:
         sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("--model", default="minilm")
-        sub.add_argument("--task", help="default: sst2 if the data folder has it, else bbc-news")
         if name == "compare":
-            sub.add_argument("--methods", default="full,lora,adapter,bitfit,prompt",
-                             help="comma-separated; also zero-shot, few-shot (a causal LM: --model smollm2; "
-                                  "-o few-shot:shots=4)")
+            add_options(sub, CompareConfig)
         else:
+            add_options(sub, CompareConfig, skip=("methods",), defaults={"seeds": 3, "out": "runs/sweep"})
             sub.add_argument("--method", required=True)
             sub.add_argument("--param", required=True, help="NAME=V1,V2,... e.g. length=1,5,10,20,50")
-        sub.add_argument("--seeds", type=int, default=1 if name == "compare" else 3)
-        sub.add_argument("--budget", default="steps=300", help="per cell: steps=N | epochs=E | seconds=S")
-        sub.add_argument("--out", default=f"runs/{name}")
-        sub.add_argument("--batch-size", type=int, default=32)
-        sub.add_argument("--train-limit", type=int)
-        sub.add_argument("--eval-limit", type=int)
         sub.add_argument("--lr", action="append", metavar="METHOD=LR", help="per-method learning rate")
         sub.add_argument("-o", "--option", action="append", metavar="METHOD:KEY=VALUE",
                          help="method option, e.g. -o lora:r=16 -o prompt:length=10")
-        sub.add_argument("--no-latency", action="store_true", help="skip the inference latency measurements")
-        sub.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                         help="training precision of every cell (auto: bf16 autocast where the hardware has it)")
-        _add_data_arguments(sub)
+        _add_task_file_arguments(sub)
         sub.set_defaults(handler=handler)
     prompt = commands.add_parser("prompt", help="zero-/few-shot completion with a causal LM")
     prompt.add_argument("--model", default="smollm2")
@@ -347,8 +354,6 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--show-prompt", action="store_true", help="print the full prompt, then the completion")
     prompt.add_argument("--data-dir")
     prompt.set_defaults(handler=cmd_prompt)
-    commands.choices["compare"].set_defaults(max_length=64)
-    commands.choices["sweep"].set_defaults(max_length=64)
 
     for name, handler, help_text in [("eval", cmd_eval, "evaluate a saved delta on its task"),
                                      ("predict", cmd_predict, "run a saved delta on given texts")]:
@@ -389,12 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a delta to serve as task NAME, repeatable (DIR alone: its saved task name)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="0: any free port (printed at start)")
-    serve.add_argument("--max-batch-size", type=int, default=32, help="inputs in one forward pass at most")
-    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others")
-    serve.add_argument("--queue-size", type=int, default=256, help="waiting requests at most; more get 503")
-    serve.add_argument("--max-inputs", type=int, default=64, help="inputs in one request at most")
-    serve.add_argument("--max-length", type=int, default=128, help="tokens per input (longer ones are cut)")
-    serve.add_argument("--trust-pickle", action="store_true", help="also load deltas stored as pickles")
+    add_options(serve, ServeConfig)
     serve.set_defaults(handler=cmd_serve)
     return parser
 

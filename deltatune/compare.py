@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from deltatune.registry import METHODS
-from deltatune.train import TrainConfig
+from deltatune.train import PRECISIONS, TrainConfig
 
 DEFAULT_METHODS = list(METHODS)  # every registered method, in the registry's order
 # Baselines that train nothing: the frozen causal LM prompted with 0 or k solved examples (`prompting/fewshot.py`).
@@ -33,23 +33,31 @@ PROMPTING_METHODS = ("zero-shot", "few-shot")
 
 @dataclass
 class CompareConfig:
-    model: str = "minilm"
-    task: str | None = None  # None: sst2 when the data folder has it, else bbc-news
-    task_options: dict[str, Any] = field(default_factory=dict)  # csv/jsonl: path, columns
-    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    seeds: int = 1
-    budget: str = "steps=300"  # steps=N | epochs=E | seconds=S (per cell)
-    out: str = "runs/compare"
-    batch_size: int = 32
-    max_length: int = 64
-    data_dir: str | None = None
-    train_limit: int | None = None
-    eval_limit: int | None = None
-    lr: dict[str, float] = field(default_factory=dict)  # per-method overrides
-    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    latency: bool = True
-    latency_repeats: int = 20
-    precision: str = "fp32"
+    """One comparison (or sweep). Each field's `help` is also its `deltatune compare --option`."""
+
+    model: str = field(default="minilm", metadata={"help": "minilm | smollm2 | a local folder | a hub name"})
+    task: str | None = field(
+        default=None, metadata={"help": "default: sst2 if the data folder has it, else bbc-news"})
+    task_options: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})  # csv/jsonl: path, columns
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS), metadata={
+        "help": "comma-separated; also zero-shot, few-shot (a causal LM: --model smollm2; -o few-shot:shots=4)"})
+    seeds: int = field(default=1, metadata={"help": "seeds per method (mean and std over them)"})
+    budget: str = field(default="steps=300", metadata={"help": "per cell: steps=N | epochs=E | seconds=S"})
+    out: str = field(default="runs/compare", metadata={"help": "folder of the cells, report.md and plots"})
+    batch_size: int = field(default=32, metadata={"help": "examples per batch"})
+    max_length: int = field(default=64, metadata={"help": "tokens per input (longer ones are cut)"})
+    data_dir: str | None = field(
+        default=None, metadata={"help": "folder laid out like shared/data (default: $DELTATUNE_DATA, then "
+                                        "../shared/data beside the repo, then the hub)"})
+    train_limit: int | None = field(default=None, metadata={"help": "use only the first N training examples"})
+    eval_limit: int | None = field(default=None, metadata={"help": "evaluate on the first N examples only"})
+    lr: dict[str, float] = field(default_factory=dict, metadata={"cli": False})  # per-method overrides: --lr M=LR
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"cli": False})  # -o M:K=V
+    latency: bool = field(default=True, metadata={"help": "time inference of the base model and each delta"})
+    latency_repeats: int = field(default=20, metadata={"help": "timed rounds per latency variant"})
+    precision: str = field(default="fp32", metadata={
+        "help": "training precision of every cell (auto, the command's default: bf16 autocast where the "
+                "hardware has it)", "choices": PRECISIONS, "cli_default": "auto"})
 
 
 def parse_budget(budget: str) -> dict[str, float]:

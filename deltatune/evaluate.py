@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from deltatune.data import Encoded, collate, encode, generation_prompt
+from deltatune.data import Encoded, collate, encode, generation_prompt, max_model_length
+from deltatune.errors import DeltaTuneError
 from deltatune.tasks import Task
 
 
@@ -38,6 +39,44 @@ def predict_scores(model, items: list[Encoded], pad_id: int, batch_size: int = 6
         for row, index in enumerate(chunk):
             outputs[index] = logits[row]
     return torch.stack(outputs)
+
+
+def encode_inputs(tokenizer, inputs: list, max_length: int) -> list[Encoded]:
+    """Texts (or [first, second] sentence pairs; all of one kind) tokenised for a classification head."""
+    pairs = [tuple(i) if not isinstance(i, str) else (i,) for i in inputs]
+    if all(len(p) == 2 for p in pairs):
+        encoded = tokenizer([p[0] for p in pairs], [p[1] for p in pairs], truncation=True, max_length=max_length)
+    elif all(len(p) == 1 for p in pairs):
+        encoded = tokenizer([p[0] for p in pairs], truncation=True, max_length=max_length)
+    else:
+        raise DeltaTuneError("inputs must be all texts or all [text, text] pairs, not a mix")
+    types = encoded.get("token_type_ids")
+    return [Encoded(ids, types[i] if types else None, None) for i, ids in enumerate(encoded["input_ids"])]
+
+
+def label_prediction(text, row: torch.Tensor, labels: list[str] | None, digits: int | None = None) -> dict:
+    """One input's prediction from its logits: a label and each label's probability, or a score (a one-output
+    head). `row` may be padded with -inf past its head's width (a mixed batch of heads of several widths)."""
+    width = len(labels) if labels else int(torch.isfinite(row).sum())
+    row = row[:width]
+    shown = text if isinstance(text, str) else list(text)
+    if width == 1:
+        score = row.item()
+        return {"input": shown, "score": round(score, digits) if digits is not None else score}
+    names = labels or [str(i) for i in range(width)]
+    probabilities = [round(p, digits) if digits is not None else p for p in row.softmax(-1).tolist()]
+    return {"input": shown, "label": names[int(row.argmax())], "probabilities": dict(zip(names, probabilities))}
+
+
+def predict_labels(model, tokenizer, inputs: list, labels: list[str] | None = None, max_length: int = 128,
+                   digits: int | None = None) -> list[dict]:
+    """Predictions of the active task for texts or sentence pairs, as `deltatune predict` prints them and
+    `deltatune serve` answers them. `labels`: the label names (default: the task's saved ones)."""
+    if labels is None and getattr(model, "active_task", None) is not None:
+        labels = model.task_info[model.active_task]["label_names"]
+    items = encode_inputs(tokenizer, inputs, max_model_length(model, tokenizer, max_length))
+    scores = predict_scores(model, items, tokenizer.pad_token_id)
+    return [label_prediction(text, row, labels, digits) for text, row in zip(inputs, scores)]
 
 
 @torch.no_grad()

@@ -77,13 +77,14 @@ def method_of(config) -> str:
 
 
 # ---- one config builder -------------------------------------------------------------------------------
-def build_config(method: str, values: dict[str, Any], source: str = "settings"):
+def build_config(method: str, values: dict[str, Any], source: str = "settings", strings: bool = False):
     """`method`'s config from `values`, every name and type checked against the config's fields.
 
-    Strings (the command line's `-o key=value`) are parsed by the field's type: booleans accept
+    Values (from JSON, Python) must have the field's type (an int is a float too). With `strings=True` (the
+    command line's `-o key=value`) a string is parsed by the field's type instead: booleans accept
     true/false/yes/no/1/0, ints and floats their numbers, lists comma-separated items (or JSON), `X | None`
-    also none/null. Other values (JSON, Python) must already have the field's type (an int is a float).
-    A wrong name or type is a `ConfigError` naming `source`, the field, the value and the type expected."""
+    also none/null. A wrong name or type is a `ConfigError` naming `source`, the field, the value and the
+    type expected."""
     config_class = method_entry(method).config
     hints = typing.get_type_hints(config_class)
     known = [f.name for f in fields(config_class)]
@@ -93,7 +94,7 @@ def build_config(method: str, values: dict[str, Any], source: str = "settings"):
     parsed = {}
     for name, value in values.items():
         try:
-            parsed[name] = _parse(value, hints[name])
+            parsed[name] = _parse(value, hints[name], strings)
         except (ValueError, TypeError):
             raise ConfigError(f"{source}: {method} setting {name!r} must be {_type_name(hints[name])}, "
                               f"not {value!r:.80}") from None
@@ -106,17 +107,17 @@ def build_config(method: str, values: dict[str, Any], source: str = "settings"):
 def options_from_strings(method: str, pairs: dict[str, str], source: str = "-o") -> dict[str, Any]:
     """Command-line settings {"r": "8", "use_rslora": "no"} -> typed {"r": 8, "use_rslora": False}, checked
     by `build_config` (only the names given: the rest keep their defaults)."""
-    config = build_config(method, pairs, source)
+    config = build_config(method, pairs, source, strings=True)
     return {name: getattr(config, name) for name in pairs}
 
 
-def _parse(value: Any, hint: Any) -> Any:
-    """`value` as the type `hint`; ValueError/TypeError if it is not one."""
+def _parse(value: Any, hint: Any, strings: bool) -> Any:
+    """`value` as the type `hint` (parsed from a string if `strings`); ValueError/TypeError if it is not one."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
-        if isinstance(value, str) and type(None) in options and value.lower() in ("none", "null"):
+        if strings and isinstance(value, str) and type(None) in options and value.lower() in ("none", "null"):
             return None
         # a string that does not look like a list stays a string where the field takes one (`targets`:
         # "query" is a regex, "query,value" the list of suffixes)
@@ -125,25 +126,25 @@ def _parse(value: Any, hint: Any) -> Any:
                  and (listish or str not in options or typing.get_origin(o) is not list)]
         for option in tried + ([str] if str in options else []):
             try:
-                return _parse(value, option)
+                return _parse(value, option, strings)
             except (ValueError, TypeError):
                 continue
         raise ValueError(value)
     if typing.get_origin(hint) is list:
         (item,) = typing.get_args(hint)
-        if isinstance(value, str):
+        if strings and isinstance(value, str):
             value = json.loads(value) if value.startswith("[") else value.split(",")
         if not isinstance(value, list):
             raise TypeError(value)
-        return [_parse(v, item) for v in value]
+        return [_parse(v, item, strings) for v in value]
     if hint is bool:
-        if isinstance(value, str) and value.lower() in _BOOLEANS:
+        if strings and isinstance(value, str) and value.lower() in _BOOLEANS:
             return _BOOLEANS[value.lower()]
         if isinstance(value, bool):
             return value
         raise TypeError(value)
     if hint in (int, float):
-        if isinstance(value, str):  # 16 stays an int in a float field, as JSON writes and reads it back
+        if strings and isinstance(value, str):  # 16 stays an int in a float field, as JSON reads it back
             try:
                 return int(value)
             except ValueError:
@@ -173,5 +174,7 @@ def _type_name(hint: Any) -> str:
     if hint is bool:
         return "a boolean (true/false/yes/no/1/0)"
     if typing.get_origin(hint) is list:
-        return f"a list of {_type_name(typing.get_args(hint)[0])} (comma-separated)"
+        item = typing.get_args(hint)[0]
+        plural = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}.get(item, _type_name(item))
+        return f"a list of {plural} (comma-separated)"
     return {int: "an integer", float: "a number", str: "a string"}.get(hint, getattr(hint, "__name__", str(hint)))

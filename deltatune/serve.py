@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from deltatune.data import Encoded, collate, max_model_length
 from deltatune.delta import DeltaModel
 from deltatune.errors import DeltaError, DeltaTuneError, TaskError
+from deltatune.evaluate import encode_inputs, label_prediction
 from deltatune.methods.common import BASE_TASK
 from deltatune.registry import METHODS
 
@@ -243,7 +244,7 @@ class Engine:
         for job in jobs:
             try:
                 self.check_task(job.task)  # it may have been removed while the job waited
-                examples += [(job, item) for item in self._encode(job.inputs, max_length)]
+                examples += [(job, item) for item in encode_inputs(self.tokenizer, job.inputs, max_length)]
             except Exception as error:  # noqa: BLE001 - this job fails, the others run
                 self.stats["failed"] += 1
                 job.future.set_exception(error)
@@ -261,18 +262,6 @@ class Engine:
             job.future.set_result([self._prediction(job.task, text, row) for text, row in
                                    zip(job.inputs, rows[start : start + len(job.inputs)])])
             start += len(job.inputs)
-
-    def _encode(self, inputs: list[str | tuple[str, str]], max_length: int) -> list[Encoded]:
-        pairs = [tuple(i) if not isinstance(i, str) else (i,) for i in inputs]
-        if all(len(p) == 2 for p in pairs):
-            encoded = self.tokenizer([p[0] for p in pairs], [p[1] for p in pairs], truncation=True,
-                                     max_length=max_length)
-        elif all(len(p) == 1 for p in pairs):
-            encoded = self.tokenizer([p[0] for p in pairs], truncation=True, max_length=max_length)
-        else:
-            raise DeltaTuneError("one request's inputs must be all texts or all [text, text] pairs")
-        types = encoded.get("token_type_ids")
-        return [Encoded(ids, types[i] if types else None, None) for i, ids in enumerate(encoded["input_ids"])]
 
     def _forward(self, examples: list[tuple[_Job, Encoded]]) -> list[torch.Tensor]:
         """Logits of every example, in order: mixed-task passes of at most max_batch_size inputs."""
@@ -294,16 +283,7 @@ class Engine:
 
     def _prediction(self, task: str, text, row: torch.Tensor) -> dict[str, Any]:
         """As `deltatune predict` prints it: a label and each label's probability (or a score)."""
-        labels = self._tasks[task]["labels"] if task in self._tasks else None
-        width = len(labels) if labels else int(torch.isfinite(row).sum())  # heads narrower than others: -inf pad
-        row = row[:width]
-        shown = text if isinstance(text, str) else list(text)
-        if width == 1:
-            return {"input": shown, "score": row.item()}
-        names = labels or [str(i) for i in range(width)]
-        probabilities = row.softmax(-1).tolist()
-        return {"input": shown, "label": names[int(row.argmax())],
-                "probabilities": dict(zip(names, probabilities))}
+        return label_prediction(text, row, self._tasks[task]["labels"] if task in self._tasks else None)
 
 
 # ---- HTTP ----------------------------------------------------------------------------------------------

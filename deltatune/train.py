@@ -42,40 +42,60 @@ from deltatune.io import atomic_folder, recover
 from deltatune.registry import build_config, method_entry
 from deltatune.tasks import Task, get_task
 
+PRECISIONS = ["auto", "fp32", "bf16"]
+
 
 @dataclass
 class TrainConfig:
-    model: str
-    task: str
-    method: str
-    out: str
-    method_options: dict[str, Any] = field(default_factory=dict)
-    task_options: dict[str, Any] = field(default_factory=dict)  # csv/jsonl: path, columns
-    data_dir: str | None = None
-    epochs: float = 1.0
-    max_steps: int | None = None  # overrides epochs
-    max_seconds: float | None = None  # wall-clock budget: stop after this much training time
-    batch_size: int = 32
-    grad_accum: int = 1
-    lr: float | None = None  # None: the method's registry.METHODS[method].default_lr
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.06
-    max_grad_norm: float = 1.0
-    max_length: int = 128
-    seed: int = 0
-    eval_every: int | None = None  # steps; None: at the end of each epoch
-    eval_split: str = "dev"
-    train_limit: int | None = None
-    eval_limit: int | None = None
-    checkpoint_every: int | None = None  # steps
-    resume: bool = False
-    precision: str = "fp32"  # "bf16" (autocast) or "auto" (`resolve_precision`: bf16 where the hardware has it)
-    length_bucketing: bool = True
-    log_every: int = 10
-    progress: bool = True
-    on_nonfinite: str = "stop"  # or "skip" the batch
-    grad_checkpointing: bool = False
-    fsdp: bool = False  # several processes: shard the model over them (FSDP2) instead of replicating it
+    """One training run. Each field's `help` is also its `deltatune train --option` (cli.add_options);
+    `cli: False` marks the fields the command line fills from other options (-o, --data-file...)."""
+
+    model: str = field(metadata={"help": "minilm | smollm2 | a local folder | a hub name"})
+    task: str = field(metadata={"help": "sst2 rte mrpc stsb cola e2e bbc-news csv jsonl"})
+    method: str = field(metadata={"help": "lora | bitfit | adapter | prompt | full (registry.METHODS)"})
+    out: str = field(metadata={"help": "run folder (delta, checkpoints, metrics.jsonl, summary.json)"})
+    method_options: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})  # -o KEY=VALUE
+    task_options: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})  # csv/jsonl: path, columns
+    data_dir: str | None = field(
+        default=None, metadata={"help": "folder laid out like shared/data (default: $DELTATUNE_DATA, then the hub)"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the training data"})
+    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps (overrides --epochs)"})
+    max_seconds: float | None = field(
+        default=None, metadata={"help": "wall-clock budget: stop after this much training time"})
+    batch_size: int = field(
+        default=32, metadata={"help": "examples per batch (a global batch, split over the processes)"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float | None = field(
+        default=None, metadata={"help": "learning rate (default: the method's, registry.METHODS[...].default_lr)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases and norms)"})
+    warmup_ratio: float = field(default=0.06, metadata={"help": "share of the steps with a linear warmup"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    max_length: int = field(default=128, metadata={"help": "tokens per input (longer ones are cut)"})
+    seed: int = field(default=0, metadata={"help": "seed of the initialisation, dropout and data order"})
+    eval_every: int | None = field(default=None, metadata={"help": "evaluate every N steps (default: each epoch)"})
+    eval_split: str = field(default="dev", metadata={"help": "the split evaluated during training"})
+    train_limit: int | None = field(default=None, metadata={"help": "use only the first N training examples"})
+    eval_limit: int | None = field(default=None, metadata={"help": "evaluate on the first N examples only"})
+    checkpoint_every: int | None = field(
+        default=None, metadata={"help": "checkpoint every N steps (for --resume)"})
+    resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint"})
+    # the library default is fp32 (the same numbers on every machine); the command line takes the fastest
+    # precision the hardware has
+    precision: str = field(default="fp32", metadata={
+        "help": "auto (the command's default): bf16 autocast where the CPU/GPU has native bf16 math, else fp32 "
+                "(`resolve_precision`)",
+        "choices": PRECISIONS, "cli_default": "auto"})
+    length_bucketing: bool = field(
+        default=True, metadata={"help": "batch inputs of similar length together (less padding)"})
+    log_every: int = field(default=10, metadata={"help": "log the loss every N steps"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    on_nonfinite: str = field(
+        default="stop", metadata={"help": "a NaN/Inf loss: stop, or skip the batch", "choices": ["stop", "skip"]})
+    grad_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute activations in the backward pass (less memory)"})
+    fsdp: bool = field(default=False, metadata={
+        "help": "under torchrun / accelerate launch: shard the model over the processes (FSDP2) instead of "
+                "replicating it"})
 
 
 def resolve_precision(precision: str) -> str:
@@ -84,7 +104,7 @@ def resolve_precision(precision: str) -> str:
     products run in bf16: 1.3-1.9x faster steps on such CPUs, with the same SST-2 dev accuracy
     (docs/results/vs_peft.md). Without native support bf16 is emulated and slower, hence fp32 there."""
     if precision != "auto":
-        if precision not in ("fp32", "bf16"):
+        if precision not in PRECISIONS:
             raise TrainingError(f"precision {precision!r}: choose fp32, bf16 or auto")
         return precision
     if torch.cuda.is_available():

@@ -54,10 +54,12 @@ class Adapter:
     """Adapter settings (Houlsby et al. 2019)."""
 
     bottleneck: int = field(default=64, metadata={"help": "width m of the bottleneck (paper section 2.1)"})
-    activation: str = field(default="gelu", metadata={"help": f"nonlinearity f: {sorted(ACTIVATIONS)}"})
+    activation: str = field(
+        default="gelu", metadata={"help": f"nonlinearity f: {sorted(ACTIVATIONS)}", "choices": sorted(ACTIVATIONS)}
+    )
     placement: str = field(default="houlsby", metadata={
         "help": "houlsby: after attention and FFN; pfeiffer: after the FFN only; lin: on each block's output, "
-                "with its own LayerNorm (Lin et al. 2020)"})
+                "with its own LayerNorm (Lin et al. 2020)", "choices": list(PLACEMENTS)})
     train_norms: bool = field(default=True, metadata={"help": "also train each layer norm's g, b (section 2.1)"})
     skip_layers: int = field(default=0, metadata={
         "help": "AdapterDrop (Rücklé et al. 2021): no adapters or trained norms in the lowest n blocks"})

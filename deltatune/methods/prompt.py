@@ -42,7 +42,9 @@ class PromptTuning:
     """Prompt-tuning settings (Lester et al. 2021)."""
 
     length: int = field(default=20, metadata={"help": "number P of virtual tokens (paper section 3.2)"})
-    init: str = field(default="random", metadata={"help": "random | text | vocab (paper section 3.2)"})
+    init: str = field(
+        default="random", metadata={"help": "random | text | vocab (paper section 3.2)", "choices": list(INITS)}
+    )
     init_text: str | None = field(default=None, metadata={"help": "the text of init='text' (for the record)"})
     init_token_ids: list[int] | None = field(
         default=None, metadata={"help": "token ids of init_text; set by from_text(text, tokenizer)"}
