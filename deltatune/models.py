@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -34,7 +37,7 @@ from transformers import (
 )
 
 from deltatune.errors import DeltaTuneError
-from deltatune.targets import ENCODER_ONLY_TYPES
+from deltatune.targets import ENCODER_ONLY_TYPES, head_names
 
 ModelKind = Literal["classification", "regression", "causal-lm", "seq2seq"]
 KINDS: tuple[str, ...] = ("classification", "regression", "causal-lm", "seq2seq")
@@ -177,27 +180,55 @@ def load_model(
     if kind not in KINDS:
         raise ModelError(f"Unknown model kind '{kind}'; choose one of {', '.join(KINDS)}")
     path = resolve_model_path(name)
+    if kind == "regression" and num_labels not in (None, 1):
+        raise ModelError(f"A regression model has one output, not num_labels={num_labels}")
+    auto_class, options = {
+        "classification": (AutoModelForSequenceClassification, {"num_labels": num_labels or 2}),
+        "regression": (AutoModelForSequenceClassification, {"num_labels": 1, "problem_type": "regression"}),
+        "causal-lm": (AutoModelForCausalLM, {}),
+        "seq2seq": (AutoModelForSeq2SeqLM, {}),
+    }[kind]
     try:
-        if kind == "classification":
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels or 2, dtype=dtype
-            )
-        elif kind == "regression":
-            if num_labels not in (None, 1):
-                raise ModelError(f"A regression model has one output, not num_labels={num_labels}")
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, problem_type="regression", dtype=dtype
-            )
-        elif kind == "causal-lm":
+        if kind == "causal-lm":
             _require_decoder(name, path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        else:
-            model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype)
+        with _quiet_load_report():
+            model, info = auto_class.from_pretrained(path, dtype=dtype, output_loading_info=True, **options)
     except OSError as error:
         raise _offline_error(name, "model", error) from error
+    _warn_missing(name, model, info["missing_keys"])
     if model.config.pad_token_id is None and _eos_id(model.config) is not None:
         model.config.pad_token_id = _eos_id(model.config)
     return model.eval()
+
+
+@contextmanager
+def _quiet_load_report():
+    """transformers logs a LOAD REPORT for every weight missing from a checkpoint, the new task head too
+    ("classifier.weight | MISSING ... Consider training on your downstream task"), although training or the
+    delta supplies that head a moment later; `_warn_missing` says what is really missing instead."""
+    logger = logging.getLogger("transformers.modeling_utils")  # a filter, not a level: transformers 5 checks
+    report_filter = _DropLoadReport()  # that logger's level and logs other warnings when it is raised
+    logger.addFilter(report_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(report_filter)
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+def _warn_missing(name: str, model: PreTrainedModel, missing_keys) -> None:
+    """Warn about weights the checkpoint lacks, except the task head's (new by design: training trains it,
+    a delta brings it)."""
+    heads = head_names(model)
+    missing = sorted(k for k in missing_keys if not any(k == h or k.startswith(h + ".") for h in heads))
+    if missing:
+        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        warnings.warn(f"{name}: {len(missing)} weight(s) outside the task head are not in the checkpoint and start "
+                      f"from random values: {shown}. The checkpoint may not be the model you meant.", stacklevel=3)
 
 
 def _require_decoder(name: str, path: str) -> None:

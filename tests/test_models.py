@@ -162,3 +162,31 @@ def test_smollm2_is_converted_once_atomically_and_reused(monkeypatch, tmp_path):
         assert "quantization_config" not in model.config.to_dict()
     finally:
         shutil.rmtree(tmp_path, ignore_errors=True)  # 538 MB
+
+
+def test_load_report_is_silent_for_the_new_head_and_names_what_is_really_missing(tmp_path, caplog, recwarn):
+    """transformers reports the new task head as MISSING on every load, although training or the delta
+    supplies it: `load_model` drops that report, and warns only about weights outside the head."""
+    import logging
+
+    from safetensors.torch import load_file, save_file
+
+    from deltatune.models import tiny_tokenizer
+
+    tiny_model("bert").save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("classifier.")}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    with caplog.at_level(logging.WARNING):
+        load_model(str(tmp_path), "classification")
+    assert "LOAD REPORT" not in caplog.text and "MISSING" not in caplog.text
+    assert not [w for w in recwarn if "not in the checkpoint" in str(w.message)]
+
+    lost = "bert.encoder.layer.0.output.dense.weight"
+    save_file({k: v for k, v in weights.items() if k != lost}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match=r"1 weight\(s\) outside the task head are not in the checkpoint") as caught:
+        load_model(str(tmp_path), "classification")
+    message = str(caught[0].message)
+    assert lost in message and "classifier" not in message
