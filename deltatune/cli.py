@@ -237,7 +237,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_prompt(args: argparse.Namespace) -> int:
-    """Zero-/few-shot prompting of a causal LM: the document's starting point."""
+    """Zero-/few-shot prompting of a causal LM (Brown et al. 2020): the baseline that trains nothing."""
     from deltatune.models import load_model, load_tokenizer
     from deltatune.prompting import fewshot
     from deltatune.prompting.demonstrations import choose_demonstrations, select_demonstrations

@@ -1,4 +1,4 @@
-"""`deltatune compare` and `deltatune sweep`: the document's comparison of methods, measured.
+"""`deltatune compare` and `deltatune sweep`: the methods side by side on one task, measured.
 
 Every (method, seed) cell trains in its own subprocess with the same model, task, data and budget,
 so one failing method is reported with its error while the others run, and peak memory is the

@@ -5,8 +5,8 @@ maps the sub-layer's output h (width d) through a bottleneck of width m << d (se
 
     adapter(h) = h + W_up f(W_down h + b_down) + b_up      W_down: m x d,  W_up: d x m,  f: GELU by default
 
-It sits on the sub-layer's output *before* the residual add and the layer norm, so in the lecture's
-notation h_2 = Dropout(W_m1 h_1 + b_m1) becomes adapter(h_2) and h_5 becomes adapter(h_5). Each adapter
+It sits on the sub-layer's output *before* the residual add and the layer norm (figure 2): the attention
+output projection's result h becomes adapter(h), and so does the feed-forward output. Each adapter
 has 2 m d + m + d parameters. W_up starts at zero, so adapter(h) = h exactly and training starts from the
 base model (the paper's "near-identity initialization", section 2.1); W_down starts small and random.
 

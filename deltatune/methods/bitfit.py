@@ -63,7 +63,7 @@ def bitfit_targets(model: nn.Module, config: BitFit, exclude: list[str]) -> dict
             width = bias_width(module)
             if width is not None and not any(name.startswith(c + ".") for c in candidates):
                 candidates[name] = width
-    if any(in_transformer_block(name) for name in candidates):  # the document's formulas: layer biases
+    if any(in_transformer_block(name) for name in candidates):  # the transformer layers' biases (Zaken et al. 2021 §3)
         candidates = {n: w for n, w in candidates.items() if in_transformer_block(n)}
     if config.subset is not None:
         candidates = {n: w for n, w in candidates.items() if any(n.endswith(s) for s in config.subset)}

@@ -1,5 +1,5 @@
 """Full fine-tuning: every weight trains. The reference the parameter-efficient methods are measured
-against (the "FT" rows of the document's tables).
+against (the "FT" rows of Hu et al. 2021, tables 2 and 3).
 
 A full-fine-tuning "delta" is the whole model, so deltatune stores it as such. Several full tasks can
 still share one DeltaModel: the weights of the inactive ones wait in memory and are copied in when a

@@ -1,5 +1,6 @@
-"""Task heads: each task trains its own copy of the model's head (e.g. `classifier`), as every method
-of the document does ("for the classification task we need to train the head additionally")."""
+"""Task heads: each task trains its own copy of the model's head (e.g. `classifier`) with its method, as
+the parameter-efficient methods' papers do for classification (Houlsby et al. 2019 §3: a new top layer per
+task beside the adapters)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ Initialisation (section 3.2): "random" (normal, with the embedding matrix's stan
 cut to P). A config holds token ids, not a tokenizer: `PromptTuning.from_text(text, tokenizer)` or
 `init_token_ids=[...]`; the ids are saved with the delta.
 
-The document's drawback is real: the prompt occupies P of the model's positions, so an input longer
+The cost is real: the prompt occupies P of the model's positions, so an input longer
 than max_position_embeddings - P is cut to fit, with a warning (`truncate=False`: an error instead).
 A prompt is not a weight change: it cannot be merged.
 """

@@ -1,6 +1,6 @@
 """Zero- and few-shot prompting baselines: what a frozen LM does with no parameters changed at all.
 
-The founding lecture starts here: a large LM solves a new task when the prompt shows k solved examples
+Brown et al. 2020 (GPT-3, §2): a large LM solves a new task when the prompt shows k solved examples
 (k-shot) or none (zero-shot)::
 
     Translate from Russian to English:

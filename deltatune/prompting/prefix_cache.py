@@ -290,7 +290,8 @@ def complete(
 ) -> str:
     """Greedy completion of `prompt`, up to (not including) `stop`.
 
-    The lecture's ``"...сыр => cheese\nдом =>"`` gives ``" home"`` with SmolLM2.
+    A translation prompt in the style of Brown et al. 2020, figure 2.1 (there English => French),
+    ``"...сыр => cheese\nдом =>"``, gives ``" home"`` with SmolLM2.
     """
     ids = prefix_token_ids(tokenizer, prompt)
     return generate_greedy(model, tokenizer, [], [ids], max_new_tokens, stop, batch_size=1)[0]
