@@ -236,3 +236,19 @@ def test_lora_under_bf16_autocast_stays_close_to_fp32():
         fast = logits(model, inputs)
     assert fast.dtype == torch.bfloat16
     torch.testing.assert_close(fast.float(), expected, atol=0.05, rtol=0.05)
+
+
+def test_the_registry_says_which_methods_export_to_peft(tmp_path):
+    """`MethodEntry.peft_export` and the translations in peft_format are one list: an exporting method has a
+    translation, and a method without one is refused by name."""
+    from conftest import make_model
+
+    from deltatune import peft_format
+    from deltatune.registry import METHODS
+
+    assert {name for name, entry in METHODS.items() if entry.peft_export} == set(peft_format._TO_PEFT)
+    for name, entry in METHODS.items():
+        if not entry.peft_export:
+            delta = deltatune.attach(make_model("bert"), entry.config(), task="t").save_delta(tmp_path / name)
+            with pytest.raises(deltatune.DeltaError, match=f"{name} deltas have no peft equivalent"):
+                peft_format.export_peft(delta, tmp_path / f"{name}-peft")
