@@ -310,6 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
+    _add_training_commands(commands)
+    _add_inference_commands(commands)
+    return parser
+
+
+def _add_training_commands(commands) -> None:
+    """params, train, compare, sweep."""
     params = commands.add_parser(
         "params", help="trainable parameters of every method for an architecture (built without weights)"
     )
@@ -341,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="method option, e.g. -o lora:r=16 -o prompt:length=10")
         _add_task_file_arguments(sub)
         sub.set_defaults(handler=handler)
+
+
+def _add_inference_commands(commands) -> None:
+    """prompt, eval, predict, export, serve."""
     prompt = commands.add_parser("prompt", help="zero-/few-shot completion with a causal LM")
     prompt.add_argument("--model", default="smollm2")
     prompt.add_argument("text", help="the prompt (after any demonstrations)")
@@ -396,7 +407,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="0: any free port (printed at start)")
     add_options(serve, ServeConfig)
     serve.set_defaults(handler=cmd_serve)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
