@@ -85,7 +85,9 @@ def build_config(method: str, values: dict[str, Any], source: str = "settings", 
     true/false/yes/no/1/0, ints and floats their numbers, lists comma-separated items (or JSON), `X | None`
     also none/null. A wrong name or type is a `ConfigError` naming `source`, the field, the value and the
     type expected."""
-    config_class = method_entry(method).config
+    if method not in METHODS:
+        raise ConfigError(f"{source}: unknown method {method!r}; the methods are {sorted(METHODS)}")
+    config_class = METHODS[method].config
     hints = typing.get_type_hints(config_class)
     known = [f.name for f in fields(config_class)]
     unknown = sorted(set(values) - set(known))
