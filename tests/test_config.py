@@ -35,14 +35,25 @@ def non_default(method: str, field) -> tuple[str, object]:
         return choice, choice
     if kind is bool:
         return ("no", False) if default else ("yes", True)
-    if kind is int:
-        return str(default + 3), default + 3
+    if kind is int:  # one up, else one down (a tiny model has 2 blocks: top_layers k=2 cannot grow)
+        value = default + 1 if builds(method, {field.name: default + 1}) and fits(method, field.name, default + 1) \
+            else default - 1
+        return str(value), value
     if kind is float:
         return str(default + 0.25), default + 0.25
     if typing.get_origin(kind) is list:
         item = typing.get_args(kind)[0]
         return ("5,7", [5, 7]) if item is int else ("query,value", ["query", "value"])
     return "a film I liked", "a film I liked"
+
+
+def fits(method: str, name: str, value) -> bool:
+    """The setting attaches to the tiny BERT model."""
+    try:
+        deltatune.attach(make_model("bert"), build_config(method, {name: value}), task="t")
+        return True
+    except deltatune.DeltaTuneError:
+        return False
 
 
 def builds(method: str, values: dict) -> bool:
