@@ -199,7 +199,7 @@ def test_cli_option_errors_name_the_setting(capsys):
                                     ("adapter", "placement=middle", "unknown adapter placement 'middle'")]:
         assert cli_main(["train", "--model", "minilm", "--task", "sst2", "--method", method, "-o", option,
                          "--out", "unused"]) == 2
-        assert f"bad -o option for {method}: " in (err := capsys.readouterr().err) and message in err
+        assert "-o: " in (err := capsys.readouterr().err) and message in err
 
 
 def test_params_tables_reproduce_the_lora_papers_rows(capsys):
