@@ -8,11 +8,20 @@
 
 from deltatune._version import __version__
 from deltatune.delta import DeltaModel, ParameterReport, attach, load_delta
-from deltatune.errors import ConfigError, DeltaError, DeltaTuneError, MergeError, TargetError, TaskError
+from deltatune.errors import (
+    ConfigError,
+    DeltaError,
+    DeltaTuneError,
+    MergeError,
+    PrefixError,
+    TargetError,
+    TaskError,
+)
 from deltatune.methods.adapter import Adapter
 from deltatune.methods.bitfit import BitFit
 from deltatune.methods.full import FullFineTune
 from deltatune.methods.lora import LoRA
+from deltatune.methods.prefix import PrefixTuning
 from deltatune.methods.prompt import PromptTuning
 from deltatune.methods.top_layers import TopLayers
 from deltatune.registry import build_config
@@ -29,6 +38,8 @@ __all__ = [
     "LoRA",
     "MergeError",
     "ParameterReport",
+    "PrefixError",
+    "PrefixTuning",
     "PromptTuning",
     "TargetError",
     "TaskError",

@@ -124,9 +124,9 @@ class DeltaModel(nn.Module):
         """Components that rewrite the forward kwargs (prompt tuning), found once per model structure:
         walking every module on each forward costs ~0.5 ms (MiniLM), all of a merged model's overhead."""
         if "_input_cache" not in self.__dict__:
-            self.__dict__["_input_cache"] = [
-                c for c in self.components().values() if type(c).prepare_inputs is not DeltaComponent.prepare_inputs
-            ]
+            rewriting = [c for c in self.components().values()
+                         if type(c).prepare_inputs is not DeltaComponent.prepare_inputs]
+            self.__dict__["_input_cache"] = sorted(rewriting, key=lambda c: c.input_order)
         return self.__dict__["_input_cache"]
 
     def _structure_changed(self) -> None:
@@ -177,7 +177,7 @@ class DeltaModel(nn.Module):
             component.on_switch()
         self.base_model.requires_grad_(False)
         if task is not None:
-            for tensor in self.task_parameters(task).values():
+            for tensor in self.trained_parameters(task).values():
                 if isinstance(tensor, nn.Parameter):
                     tensor.requires_grad_(True)
         return self
@@ -228,6 +228,19 @@ class DeltaModel(nn.Module):
             prefix = "" if component.root_level else strip_wrappers(name) + "."
             for local, tensor in component.task_parameters(task).items():
                 found[prefix + local] = tensor
+        return found
+
+    def trained_parameters(self, task: str | None = None) -> dict[str, torch.Tensor]:
+        """{key: parameter} the optimizer updates for one task: `task_parameters`, except where a method
+        trains through a reparameterization and saves only its output (prefix tuning's MLP)."""
+        task = task or self.active_task
+        if task not in self.task_info:
+            raise TaskError(f"unknown task {task!r}; tasks loaded: {self.tasks}")
+        found: dict[str, torch.Tensor] = {}
+        for name, component in self.components().items():
+            if task in component.tasks:
+                prefix = "" if component.root_level else strip_wrappers(name) + "."
+                found.update({prefix + local: p for local, p in component.trained_parameters(task).items()})
         return found
 
     def head_keys(self, task: str | None = None) -> list[str]:
@@ -422,6 +435,9 @@ class DeltaModel(nn.Module):
         with torch.no_grad():
             for key, target in expected.items():
                 target.copy_(converted[key])
+        for component in self.components().values():
+            if task in component.tasks:
+                component.on_load(task)
 
     # ---- forward ------------------------------------------------------------------------------------
     def forward(self, *args, tasks: list[str | None] | None = None, **kwargs):
@@ -449,7 +465,7 @@ class DeltaModel(nn.Module):
                 state.active = per_example[0]
             else:
                 state.per_example = per_example  # read by every component's mixed path
-            for component in components:
+            for component in self._input_components():
                 kwargs = component.prepare_inputs(kwargs)
             if len(distinct) == 1:
                 return self.base_model(*args, **kwargs)

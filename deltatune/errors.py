@@ -36,5 +36,10 @@ class TrainingError(DeltaTuneError):
     """Training cannot go on (non-finite loss, exploding loss, nothing to train...)."""
 
 
+class PrefixError(DeltaTuneError):
+    """Prefix tuning cannot run as asked: a bad setting, an input that does not fit beside the prefix, or an
+    architecture it does not support."""
+
+
 class FewShotError(DeltaTuneError):
     """A prompt cannot be built or does not fit the model, or the task cannot be prompted."""

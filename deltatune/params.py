@@ -72,6 +72,11 @@ PUBLISHED_ROWS = [
                  arch="roberta-base"),
     PublishedRow("Adpt^D (m=48, skip 6)", "adapter", {"bottleneck": 48, "skip_layers": 6}, "0.9M",
                  "12 x (2 x 768 x 48 + 48 + 768) = 0.89M", arch="roberta-base"),
+    PublishedRow("Prefix tuning (length 10)", "prefix", {"length": 10}, "0.35M (GPT2-M)",
+                 "Li & Liang's K/V form: 10 x 2 (K, V) x {kv_width} x {layers} layers; the LoRA paper's PreLayer "
+                 "count (Hu et al. 2021 section 5.1) is 10 x {width} x {layers} = {prelayer:,}: it counts one "
+                 "activation per layer where attention needs that token's key and value; its 0.35M for GPT-2 M "
+                 "is about the 0.1% Li & Liang report, which no whole length gives exactly in either count"),
 ]
 
 
@@ -139,11 +144,27 @@ def parameter_table(arch: str) -> tuple[list[ParamsRow], object]:
         method_config = METHODS[row.method].config(**row.settings)
         model = attach(build_on_meta(config), method_config, task="count")
         report = model.report(print_table=False)
+        trained = sum(p.numel() for p in model.trained_parameters().values())
+        note = row.note.format(**_sizes(config, settings=row.settings))
+        if trained != report.trainable:  # trained through a reparameterization and folded (prefix tuning's MLP)
+            note += f"; trained through {trained - report.head_parameters:,} parameters (an MLP), folded away"
         rows.append(
             ParamsRow(row.label, row.method, report.method_parameters, report.norm_parameters,
-                      report.head_parameters, report.total_parameters, row.published, row.note)
+                      report.head_parameters, report.total_parameters, row.published, note)
         )
     return rows, config
+
+
+def _sizes(config, settings: dict) -> dict[str, int]:
+    """Numbers a row's note may quote: layers, width (d_model), kv_width (keys per layer and token: smaller
+    under grouped-query attention) and prelayer (length x d_model x layers, Hu et al. 2021 section 5.1)."""
+    layers = getattr(config, "num_hidden_layers", 0)
+    width = getattr(config, "hidden_size", 0)
+    heads = getattr(config, "num_attention_heads", 1)
+    kv_width = (getattr(config, "num_key_value_heads", None) or heads) * (getattr(config, "head_dim", None)
+                                                                          or width // heads)
+    return {"layers": layers, "width": width, "kv_width": kv_width,
+            "prelayer": settings.get("length", 0) * width * layers}
 
 
 def format_table(rows: list[ParamsRow], arch: str, config) -> str:

@@ -10,6 +10,8 @@ A peft adapter folder holds `adapter_config.json` (a `LoraConfig` or `PromptTuni
     <head>.<param>  (LoRA)         base_model.model.<head>.<param>                (modules_to_save)
     prompt_embeddings              prompt_embeddings                              (P, d)
     <head>.<param>  (prompt)       base_model.<head>.<param>                      (modules_to_save)
+    prefix_key_values              prompt_embeddings (PREFIX_TUNING)              (P, layers * 2 * d_kv)
+    <head>.<param>  (prefix)       base_model.<head>.<param>                      (modules_to_save)
 
 Both scale the update the same way: alpha / r, or alpha / sqrt(r) with `use_rslora`.
 
@@ -20,6 +22,12 @@ slice), peft's LoRA adapts the whole fused output. The slices export exactly as 
 
 so B' A' = [B_q A_q; 0; B_v A_v], with alpha' chosen so that alpha'/r' (or alpha'/sqrt(r')) equals
 deltatune's scaling: peft then computes the same function (training on in peft may fill the zero blocks).
+
+Prefix tuning: both libraries hand the prefixes to the model as its key/value cache (positions count on
+from P), so one (layers, 2, kv_heads, P, head_dim) tensor is peft's `prompt_embeddings` reshaped: for each
+virtual token, [layer 0 K, layer 0 V, layer 1 K, ...] with kv_heads x head_dim numbers each (peft's
+`token_dim` under grouped-query attention). peft saves the MLP's output even with `prefix_projection`, as
+deltatune does. T5 is refused both ways: peft's T5 prefix reaches only the decoder's self-attention.
 
 Prompt tuning exports only where both libraries put the prompt in the same place: in front of the
 input (decoders). For BERT-style encoders deltatune puts the prompt after [CLS] (the head reads [CLS]),
@@ -50,7 +58,13 @@ from deltatune.io import atomic_folder, read_delta
 from deltatune.methods.common import TASK_NAME
 from deltatune.methods.prompt import prompt_layout
 from deltatune.registry import METHODS, build_config, method_of
-from deltatune.targets import CONV1D_MODEL_TYPES, DEFAULT_HEAD_NAMES, DEFAULT_LORA_TARGETS, parse_target
+from deltatune.targets import (
+    CONV1D_MODEL_TYPES,
+    DEFAULT_HEAD_NAMES,
+    DEFAULT_LORA_TARGETS,
+    PREFIX_ARCHITECTURES,
+    parse_target,
+)
 
 PEFT_FORMAT = "peft"  # meta["format"] of a delta read from a peft folder
 CONFIG_FILE = "adapter_config.json"
@@ -227,8 +241,45 @@ def _prompt_to_peft(tensors: dict[str, torch.Tensor], meta: dict) -> tuple[dict[
     return out, config
 
 
+def _prefix_to_peft(tensors: dict[str, torch.Tensor], meta: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    model_type = (meta.get("base") or {}).get("model_type")
+    _check_prefix_architecture(model_type)
+    if _common_config(meta)["task_type"] != "CAUSAL_LM":
+        # peft 0.21's sequence-classification prefix path looks for a `past_key_values` forward argument, which
+        # transformers 5 renamed `cache`: peft refuses to run such an adapter, so none is written
+        raise DeltaError(f"prefix tuning on {(meta.get('base') or {}).get('class')}: peft runs prefix tuning only "
+                         f"on causal LMs (its classification path needs a past_key_values argument that "
+                         f"transformers 5 models no longer have); export a causal-LM delta")
+    prefix = tensors["prefix_key_values"]  # (layers, 2, kv_heads, P, head_dim)
+    layers, _, heads, length, head_dim = prefix.shape
+    flat = prefix.permute(3, 0, 1, 2, 4).reshape(length, -1)  # (P, layers * 2 * kv_heads * head_dim)
+    head_keys = list(meta.get("head_keys") or [])
+    out = {"prompt_embeddings": flat, **{PROMPT_HEAD_PREFIX + k: tensors[k] for k in head_keys}}
+    config = {
+        **_common_config(meta),
+        "peft_type": "PREFIX_TUNING",
+        "num_virtual_tokens": length,
+        "token_dim": heads * head_dim,
+        "num_layers": layers,
+        "num_attention_heads": heads,
+        "num_transformer_submodules": 1,
+        "encoder_hidden_size": meta["config"].get("hidden"),
+        "prefix_projection": False,  # the file holds the prefixes themselves (the MLP's output)
+        "modules_to_save": _head_modules(head_keys) or None,
+    }
+    return out, config
+
+
+def _check_prefix_architecture(model_type: str | None) -> None:
+    if PREFIX_ARCHITECTURES.get(model_type) != "cache":
+        raise DeltaError(f"prefix tuning on {model_type}: peft's prefixes reach only the decoder's self-attention "
+                         f"of an encoder-decoder, deltatune's also the encoder's; not converted"
+                         if PREFIX_ARCHITECTURES.get(model_type) else
+                         f"prefix tuning does not support model type {model_type!r}")
+
+
 # how each method with `peft_export` is written in peft's format
-_TO_PEFT = {"lora": _lora_to_peft, "prompt": _prompt_to_peft}
+_TO_PEFT = {"lora": _lora_to_peft, "prompt": _prompt_to_peft, "prefix": _prefix_to_peft}
 
 
 def _layout_of(model_type: str | None, class_name: str) -> str:
@@ -263,8 +314,11 @@ def read_peft(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
         delta, config, head_keys = _lora_from_peft(tensors, peft_config, path)
     elif kind == "PROMPT_TUNING":
         delta, config, head_keys = _prompt_from_peft(tensors, peft_config, path)
+    elif kind == "PREFIX_TUNING":
+        delta, config, head_keys = _prefix_from_peft(tensors, peft_config, path)
     else:
-        raise DeltaError(f"{path}: peft type {kind!r} has no deltatune equivalent (LORA and PROMPT_TUNING do)")
+        raise DeltaError(f"{path}: peft type {kind!r} has no deltatune equivalent (LORA, PROMPT_TUNING and "
+                         f"PREFIX_TUNING do)")
     meta = {
         "format": PEFT_FORMAT,
         "task": path.name if TASK_NAME.match(path.name) and path.name != "base" else "default",
@@ -346,9 +400,34 @@ def _prompt_from_peft(tensors: dict[str, torch.Tensor], peft_config: dict, path:
     return delta, config, head_keys
 
 
+def _prefix_from_peft(tensors: dict[str, torch.Tensor], peft_config: dict, path: Path):
+    if (peft_config.get("num_transformer_submodules") or 1) != 1:
+        raise DeltaError(f"{path}: a peft prefix for an encoder-decoder (decoder self-attention only) has no "
+                         f"deltatune equivalent")
+    delta, head_keys = _prompt_from_peft(tensors, peft_config, path)[0::2]
+    flat = delta.pop("prompt_embeddings")  # (P, layers * 2 * token_dim)
+    try:
+        length, layers = int(peft_config["num_virtual_tokens"]), int(peft_config["num_layers"])
+        heads, width = int(peft_config["num_attention_heads"]), int(peft_config["token_dim"])
+        # (P, layers, 2, heads, head_dim) -> (layers, 2, heads, P, head_dim)
+        delta["prefix_key_values"] = flat.view(length, layers, 2, heads, width // heads).permute(1, 2, 3, 0, 4)
+    except (KeyError, TypeError, ValueError, RuntimeError, ZeroDivisionError) as error:
+        raise DeltaError(f"{path}: peft prefix of shape {tuple(flat.shape)} does not match its config "
+                         f"(num_virtual_tokens, num_layers, num_attention_heads, token_dim): {error}") from error
+    hidden = peft_config.get("encoder_hidden_size") or 512
+    config = _config("prefix", {"length": length, "reparameterize": bool(peft_config.get("prefix_projection")),
+                                "hidden": int(hidden)}, path / CONFIG_FILE)
+    return delta, config, head_keys
+
+
 def check_peft_fits(model, meta: dict, path) -> None:
     """Called by DeltaModel.check_base for a peft folder: refuse an adapter deltatune would run differently."""
     if meta.get("method") == "prompt":
         layout = prompt_layout(model.base_model)
         if layout != "prepend":
             raise DeltaError(f"{path}: " + _layout_refusal(model.base_identity.get("model_type"), layout))
+    if meta.get("method") == "prefix":
+        try:
+            _check_prefix_architecture(model.base_identity.get("model_type"))
+        except DeltaError as error:
+            raise DeltaError(f"{path}: {error}") from None

@@ -23,7 +23,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from deltatune.errors import ConfigError
-from deltatune.methods import adapter, bitfit, full, lora, prompt, top_layers
+from deltatune.methods import adapter, bitfit, full, lora, prefix, prompt, top_layers
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,9 @@ METHODS: dict[str, MethodEntry] = {entry.name: entry for entry in [
     # copies of the top blocks replace base weights (FSDP cannot shard them, latency is the base model's)
     MethodEntry("top_layers", top_layers.TopLayers, top_layers.inject, mergeable=True, mixable=True,
                 default_lr=2e-5, peft_export=False, updates_base=True),
+    # prefix: P-tuning v2 (Liu et al. 2022) trains prefixes for classification at 5e-3 .. 1e-2
+    MethodEntry("prefix", prefix.PrefixTuning, prefix.inject, mergeable=False, mixable=True, default_lr=5e-3,
+                peft_export=True, identity_at_init=False),
 ]}
 
 

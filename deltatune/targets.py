@@ -70,6 +70,13 @@ ADAPTER_SITES: dict[str, tuple[str, str]] = {
 # its max_position_embeddings.
 ROBERTA_LIKE = frozenset({"roberta", "xlm-roberta", "camembert"})
 
+# Prefix tuning: model_type -> how the prefixes reach attention. "cache": the model's own key/value cache,
+# which BERT/RoBERTa hand to every self-attention and the decoders (GPT-2, Llama) read before the input;
+# "encoder-decoder" (T5): the decoder's cache, plus hooks on the encoder's self-attention (its stack drops
+# caches). Other model types are refused by name.
+PREFIX_ARCHITECTURES: dict[str, str] = {"bert": "cache", "roberta": "cache", "gpt2": "cache", "llama": "cache",
+                                        "t5": "encoder-decoder"}
+
 # Weights stored (d_in, d_out) in transformers' Conv1D: peft's `fan_in_fan_out=True`.
 CONV1D_MODEL_TYPES = frozenset({"gpt2"})
 

@@ -529,7 +529,8 @@ def save_checkpoint(path: Path, model: DeltaModel, optimizer, scheduler, state: 
     )
     rng_states = gather_object([torch.get_rng_state()])  # dropout masks differ per rank
     with full_parameters(model):  # a copy: FSDP frees the gathered parameters when the block ends
-        delta = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.task_parameters().items()}
+        # what the optimizer updates: the delta, or what it is folded from (prefix tuning's MLP)
+        delta = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.trained_parameters().items()}
     if not is_main:
         return
     with atomic_folder(path) as tmp:
@@ -548,7 +549,7 @@ def load_checkpoint(path: Path, model: DeltaModel, optimizer, scheduler, rank: i
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     tensors = load_file(path / "delta.safetensors")
-    targets = model.task_parameters()
+    targets = model.trained_parameters()  # what the optimizer state belongs to (prefix tuning: its MLP)
     if set(tensors) != set(targets):
         raise TrainingError(f"checkpoint {path} does not match this model/method; start without --resume")
     with torch.no_grad():

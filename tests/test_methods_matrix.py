@@ -74,11 +74,14 @@ def test_one_step_changes_only_the_delta(arch, method):
     delta_model = deltatune.attach(model, method_configs(arch)[method], task="t")
     delta_model.train()
     task_tensors = delta_model.task_parameters("t")
-    task_ids = {id(t) for t in task_tensors.values()}
+    saved_before = {k: t.detach().clone() for k, t in task_tensors.items()}
+    # what trains is exactly the task's delta (method + head), or what a method folds it from (prefix tuning
+    # trains an MLP and saves its output)
+    trained_ids = {id(t) for t in delta_model.trained_parameters("t").values()}
+    folded = trained_ids != {id(t) for t in task_tensors.values()}
     before = {n: p.detach().clone() for n, p in delta_model.named_parameters()}
     trainable = {n for n, p in delta_model.named_parameters() if p.requires_grad}
-    # what trains is exactly the task's delta (method + head)
-    assert {id(p) for n, p in delta_model.named_parameters() if n in trainable} == task_ids
+    assert {id(p) for n, p in delta_model.named_parameters() if n in trainable} == trained_ids
 
     optimizer = torch.optim.AdamW([p for p in delta_model.parameters() if p.requires_grad], lr=1e-2,
                                   weight_decay=0.0)
@@ -93,6 +96,9 @@ def test_one_step_changes_only_the_delta(arch, method):
     head_keys = delta_model.head_keys("t")
     assert head_keys and all(not torch.equal(task_tensors[k], before_value(before, delta_model, task_tensors[k]))
                              for k in head_keys)
+    if folded:  # the delta, folded again from what trained, moved with it
+        after = delta_model.task_parameters("t")
+        assert all(not torch.equal(after[k], saved_before[k]) for k in after)
 
 
 def before_value(before: dict, model: torch.nn.Module, tensor: torch.Tensor) -> torch.Tensor:

@@ -252,3 +252,43 @@ def test_the_registry_says_which_methods_export_to_peft(tmp_path):
             delta = deltatune.attach(make_model("bert"), entry.config(), task="t").save_delta(tmp_path / name)
             with pytest.raises(deltatune.DeltaError, match=f"{name} deltas have no peft equivalent"):
                 peft_format.export_peft(delta, tmp_path / f"{name}-peft")
+
+
+# ---- prefix tuning ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_prefix_export_and_import_match_peft(arch, tmp_path):
+    """deltatune -> peft -> deltatune: the same causal-LM logits (Llama: prefixes per key/value head)."""
+    model = deltatune.attach(make_model(arch, kind="causal-lm"), deltatune.PrefixTuning(length=5, hidden=16), task="t")
+    randomise(model.trained_parameters("t").values())
+    inputs = make_inputs(arch)
+    export_peft(model, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["num_virtual_tokens"]) == ("PREFIX_TUNING", 5)
+    assert config["prefix_projection"] is False  # the file holds the folded prefixes
+    peft_model = PeftModel.from_pretrained(make_model(arch, kind="causal-lm"), tmp_path / "peft")
+    expected = logits(model, inputs)
+    torch.testing.assert_close(logits(peft_model, inputs), expected, atol=ATOL, rtol=0)
+    back = deltatune.load_delta(make_model(arch, kind="causal-lm"), tmp_path / "peft")
+    torch.testing.assert_close(logits(back, inputs), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("projection", [False, True])
+def test_peft_prefix_loads_in_deltatune(arch, projection, tmp_path):
+    """A prefix trained in peft (with or without its MLP, `prefix_projection`) runs the same in deltatune."""
+    from peft import PrefixTuningConfig
+
+    config = PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM", prefix_projection=projection,
+                                encoder_hidden_size=16)
+    peft_model = get_peft_model(make_model(arch, kind="causal-lm"), config)
+    randomise([p for p in peft_model.parameters() if p.requires_grad])
+    peft_model.save_pretrained(tmp_path / "adapter")
+    inputs = make_inputs(arch)
+    ours = deltatune.load_delta(make_model(arch, kind="causal-lm"), tmp_path / "adapter")
+    torch.testing.assert_close(logits(ours, inputs), logits(peft_model, inputs), atol=ATOL, rtol=0)
+
+
+def test_t5_prefix_is_refused_both_ways(tmp_path):
+    """peft's T5 prefix reaches only the decoder's self-attention, deltatune's also the encoder's."""
+    with pytest.raises(DeltaError, match="encoder"):
+        export_peft(trained_delta("t5", deltatune.PrefixTuning(length=3, hidden=8), kind="seq2seq"), tmp_path / "x")

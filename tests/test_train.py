@@ -42,9 +42,10 @@ def test_training_learns_and_writes_its_run_folder(tiny_model_dir, sentiment_csv
     assert [r["seconds"] for r in evals] == sorted(r["seconds"] for r in evals)
 
 
+@pytest.mark.parametrize("method", ["lora", "prefix"])  # prefix: the checkpoint holds the MLP it trains through
 def test_resume_after_a_crash_gives_the_same_delta_bit_for_bit(tiny_model_dir, sentiment_csv, tmp_path,
-                                                              monkeypatch):
-    train(config(tiny_model_dir, sentiment_csv, tmp_path / "straight"))
+                                                              monkeypatch, method):
+    train(config(tiny_model_dir, sentiment_csv, tmp_path / "straight", method=method))
 
     crash_at = {"step": 6}
     original = train_module._check_explosion
@@ -55,7 +56,7 @@ def test_resume_after_a_crash_gives_the_same_delta_bit_for_bit(tiny_model_dir, s
         return original(losses, step, lr)
 
     monkeypatch.setattr(train_module, "_check_explosion", crash)
-    interrupted = config(tiny_model_dir, sentiment_csv, tmp_path / "resumed", checkpoint_every=4)
+    interrupted = config(tiny_model_dir, sentiment_csv, tmp_path / "resumed", checkpoint_every=4, method=method)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(interrupted)
     assert json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())["step"] == 4

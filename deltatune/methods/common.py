@@ -93,6 +93,9 @@ class DeltaComponent(nn.Module):
     # how its parameters are counted in reports: the method's own ("method"), base-model normalisation
     # layers a method also trains ("norm", e.g. adapters' LayerNorms), or the task head ("head")
     role: ClassVar[str] = "method"
+    # order in which components rewrite a forward call's inputs (`prepare_inputs`): components that change
+    # the input sequence (prompt tuning, 0) before those that extend its attention mask (prefix tuning, 1)
+    input_order: ClassVar[int] = 0
 
     def __init__(self, state: TaskState) -> None:
         super().__init__()
@@ -110,6 +113,14 @@ class DeltaComponent(nn.Module):
 
     def task_parameters(self, task: str) -> dict[str, nn.Parameter]:
         raise NotImplementedError
+
+    def trained_parameters(self, task: str) -> dict[str, nn.Parameter]:
+        """What the optimizer updates for `task`: the delta's own parameters, unless a method trains them
+        through a reparameterization whose output is what it saves (prefix tuning's MLP)."""
+        return self.task_parameters(task)
+
+    def on_load(self, task: str) -> None:
+        """Called after a saved delta was read into `task_parameters(task)`."""
 
     def add_task(self, task: str, config) -> None:
         raise NotImplementedError
