@@ -32,7 +32,6 @@ shapes what cross-attention reads).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 from torch import nn
@@ -52,7 +51,6 @@ class PrefixTuning:
         default=True, metadata={"help": "train the prefixes through an MLP (section 4.3); the delta keeps its output"}
     )
     hidden: int = field(default=512, metadata={"help": "width of the reparameterization MLP (section 4.3)"})
-    method: ClassVar[str] = "prefix"
 
     def __post_init__(self) -> None:
         if self.length < 1:
@@ -109,7 +107,6 @@ class PrefixKeyValues(DeltaComponent):
     """Every task's prefixes, handed to the model's attention as a key/value cache that is there before
     the first token."""
 
-    method = "prefix"
     root_level = True  # delta key: "prefix_key_values"
     input_order = 1  # after components that rewrite the input sequence (prompt tuning): we extend its mask
 
