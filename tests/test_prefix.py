@@ -300,6 +300,16 @@ def test_calls_that_would_lose_the_prefix_are_refused():
         model(**inputs)
 
 
+def test_training_with_gradient_checkpointing_is_refused_by_name(tiny_model_dir, sentiment_csv, tmp_path):
+    from deltatune.train import TrainConfig, train
+
+    with pytest.raises(PrefixError, match="train without --grad-checkpointing"):
+        train(TrainConfig(model=str(tiny_model_dir), task="csv", method="prefix", out=str(tmp_path / "run"),
+                          task_options={"path": str(sentiment_csv), "text_columns": ["review"],
+                                        "label_column": "sentiment"},
+                          max_steps=1, batch_size=8, progress=False, grad_checkpointing=True))
+
+
 def test_no_deprecation_noise():
     model = build("gpt2", {"t": deltatune.PrefixTuning(length=2, hidden=8)})
     with warnings.catch_warnings():
