@@ -131,13 +131,9 @@ def test_two_processes_train_the_one_process_delta(runs, name):
         assert losses[0] == pytest.approx(losses[1], abs=1e-6)  # the global batch's loss, logged once by rank 0
 
 
-# found by running every registered method here: top_layers' recomputation saves a different number of tensors
-# (torch CheckpointError) -- a real bug, left to its method's owner
 # prefix tuning refuses checkpointing by name (its prefixes ride in the key/value cache, which transformers'
 # checkpointed layers drop): tests/test_prefix.py checks the refusal
-@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.xfail(
-    strict=True, reason="top_layers + gradient checkpointing: CheckpointError")) if m == "top_layers" else m
-    for m in METHODS if m != "prefix"])
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "prefix"])
 def test_gradient_checkpointing_gives_the_same_step(method, tiny_model_dir, sentiment_csv, tmp_path):
     """One step with non-reentrant checkpointing (dropout on: it recomputes under the saved RNG state)."""
     deltas = []

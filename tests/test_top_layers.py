@@ -270,3 +270,30 @@ def test_fsdp_is_refused_for_top_layers():
     model = deltatune.attach(make_model("bert"), deltatune.TopLayers(k=1), task="t")
     with pytest.raises(TrainingError, match="--fsdp does not work with --method top_layers"):
         shard_model(model, "cpu")
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_gradient_checkpointing_gives_the_same_gradients_alone_and_mixed(arch):
+    """transformers checkpoints a block's class forward; top_layers swaps the task's weights around it, so it
+    checkpoints the swap too, or the recomputation would run the base weights (torch's CheckpointError)."""
+    batch, _ = padded_batch(4)
+    grads = []
+    for checkpointing in (False, True):
+        model = build(arch, {"a": deltatune.TopLayers(k=1), "b": deltatune.TopLayers(k=2)})
+        if checkpointing:
+            model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        for module in model.modules():  # no dropout: the two runs must draw nothing
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        model.use("a")
+        for task in ("a", "b"):
+            for tensor in model.task_parameters(task).values():
+                tensor.requires_grad_(True)
+        model(**batch).logits.sum().backward()
+        model(**batch, tasks=["a", "b", "base", "b"]).logits.sum().backward()
+        grads.append({f"{task}:{key}": tensor.grad.clone() for task in ("a", "b")
+                      for key, tensor in model.task_parameters(task).items()})
+    assert grads[0].keys() == grads[1].keys()
+    for key, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][key], grad, atol=1e-6, rtol=1e-5, msg=key)

@@ -38,6 +38,11 @@ from deltatune.methods.common import DeltaComponent, TaskState, strip_wrappers
 from deltatune.methods.full import component_parameter_ids
 from deltatune.targets import final_modules, top_blocks, unwrap
 
+try:  # transformers >= 4.52 checkpoints a block's class forward (see `_run`)
+    from transformers.modeling_layers import GradientCheckpointingLayer
+except ImportError:  # pragma: no cover
+    GradientCheckpointingLayer = ()
+
 
 @dataclass
 class TopLayers:
@@ -125,6 +130,39 @@ class TopLayerWeights(DeltaComponent):
         self.slots[name] = slots
         return slots
 
+    def _run(self, name: str, task: str | None, args, kwargs, rows: list | None = None):
+        """Module `name`'s own forward with `task`'s weights (and, for a group of a mixed batch, `rows` as the
+        examples the components inside it see).
+
+        Under gradient checkpointing transformers wraps the block class's forward in a checkpoint, and the
+        backward pass recomputes that inner forward after this call has put the base weights back: the
+        recomputation would save other tensors (torch's CheckpointError). So a checkpointing block is
+        checkpointed here instead, around the weight swap, with the block's own checkpoint function."""
+        module = self.routed[name]
+        forward = type(module).forward
+        inner = forward.__wrapped__ if isinstance(module, GradientCheckpointingLayer) else forward
+
+        def run(*args, **kwargs):
+            with self._weights_of(name, task), self._examples(rows):
+                return inner(module, *args, **kwargs)
+
+        if inner is not forward and module.gradient_checkpointing and module.training and torch.is_grad_enabled():
+            return module._gradient_checkpointing_func(functools.partial(run, **kwargs), *args)
+        return run(*args, **kwargs)
+
+    @contextmanager
+    def _examples(self, rows: list | None) -> Iterator[None]:
+        """Within: the components see `rows` as the mixed batch's tasks (None: leave them as they are)."""
+        if rows is None:
+            yield
+            return
+        state = self.task_state
+        outer, state.per_example = state.per_example, rows
+        try:
+            yield
+        finally:
+            state.per_example = outer
+
     @contextmanager
     def _weights_of(self, name: str, task: str | None) -> Iterator[None]:
         """Within: module `name` computes with `task`'s weights (None, or the merged task: the base's)."""
@@ -145,36 +183,29 @@ class TopLayerWeights(DeltaComponent):
         return task if task in self.layout and name in self.layout[task] else None
 
     def _forward(self, name: str, *args, **kwargs):
-        module = self.routed[name]
         per_example = self.task_state.per_example
         if per_example is None:
-            with self._weights_of(name, self._owner(self.active_task, name)):
-                return type(module).forward(module, *args, **kwargs)
+            return self._run(name, self._owner(self.active_task, name), args, kwargs)
         groups: dict[str | None, list[int]] = {}  # whose weights -> the examples that use them
         for i, task in enumerate(per_example):
             groups.setdefault(self._owner(task, name), []).append(i)
         if len(groups) == 1:
-            with self._weights_of(name, next(iter(groups))):
-                return type(module).forward(module, *args, **kwargs)
-        return self._forward_groups(name, module, groups, args, kwargs)
+            return self._run(name, next(iter(groups)), args, kwargs)
+        return self._forward_groups(name, groups, args, kwargs)
 
-    def _forward_groups(self, name: str, module: nn.Module, groups: dict, args, kwargs):
+    def _forward_groups(self, name: str, groups: dict, args, kwargs):
         """A mixed batch in a top module: each group of examples runs with its task's weights, and the
         outputs go back in batch order. Components inside the module see their group as the batch."""
-        state = self.task_state
-        per_example, batch = state.per_example, len(state.per_example)
+        per_example = self.task_state.per_example
+        batch = len(per_example)
         device = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)).device
         indices, outputs = [], []
-        try:
-            for task, rows in groups.items():
-                index = torch.tensor(rows, device=device)
-                state.per_example = [per_example[i] for i in rows]
-                with self._weights_of(name, task):
-                    outputs.append(type(module).forward(module, *[_take(a, index, batch) for a in args],
-                                                        **{k: _take(v, index, batch) for k, v in kwargs.items()}))
-                indices.append(index)
-        finally:
-            state.per_example = per_example
+        for task, rows in groups.items():
+            index = torch.tensor(rows, device=device)
+            outputs.append(self._run(name, task, [_take(a, index, batch) for a in args],
+                                     {k: _take(v, index, batch) for k, v in kwargs.items()},
+                                     rows=[per_example[i] for i in rows]))
+            indices.append(index)
         order = torch.argsort(torch.cat(indices))  # row i of the batch is row order[i] of the concatenation
         return _gather(outputs, [len(index) for index in indices], order)
 
