@@ -297,3 +297,17 @@ def test_gradient_checkpointing_gives_the_same_gradients_alone_and_mixed(arch):
     assert grads[0].keys() == grads[1].keys()
     for key, grad in grads[0].items():
         torch.testing.assert_close(grads[1][key], grad, atol=1e-6, rtol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama", "t5"])
+def test_prefix_tuning_rows_keep_their_prefixes_in_split_top_blocks(arch):
+    """Prefix tuning hands its prefixes over in the key/value cache: a top block split by task gives each
+    group its own rows of that cache (dropping it left the attention mask 3 keys longer than the keys)."""
+    model = build(arch, {"pre": deltatune.PrefixTuning(length=3), "top": deltatune.TopLayers(k=1),
+                         "lora": deltatune.LoRA(r=2)})
+    batch, lengths = padded_batch(5)
+    tasks = ["pre", "top", "base", "lora", "pre"]
+    with torch.no_grad():
+        mixed = model(**batch, tasks=tasks).logits
+    for i, row in enumerate(alone(model, batch, lengths, tasks)):
+        torch.testing.assert_close(mixed[i], row, atol=1e-5, rtol=0, msg=f"row {i} ({tasks[i]})")

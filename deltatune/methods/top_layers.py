@@ -200,10 +200,12 @@ class TopLayerWeights(DeltaComponent):
         batch = len(per_example)
         device = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)).device
         indices, outputs = [], []
+        layer = next((m.layer_idx for m in self.routed[name].modules() if isinstance(getattr(m, "layer_idx", None),
+                                                                                         int)), None)
         for task, rows in groups.items():
             index = torch.tensor(rows, device=device)
-            outputs.append(self._run(name, task, [_take(a, index, batch) for a in args],
-                                     {k: _take(v, index, batch) for k, v in kwargs.items()},
+            outputs.append(self._run(name, task, [_take(a, index, batch, layer) for a in args],
+                                     {k: _take(v, index, batch, layer) for k, v in kwargs.items()},
                                      rows=[per_example[i] for i in rows]))
             indices.append(index)
         order = torch.argsort(torch.cat(indices))  # row i of the batch is row order[i] of the concatenation
@@ -234,15 +236,27 @@ class TopLayerWeights(DeltaComponent):
         return f"tasks={ {task: len(layout) for task, layout in self.layout.items()} }"
 
 
-def _take(value: Any, index: torch.Tensor, batch: int) -> Any:
-    """The examples `index` of a batched argument; tuples element-wise; a KV cache is not split (a mixed
-    pass is a scoring pass: it fills no cache in the top blocks); other arguments as they are."""
+def _take(value: Any, index: torch.Tensor, batch: int, layer: int | None = None) -> Any:
+    """The examples `index` of a batched argument; tuples element-wise; other arguments as they are.
+
+    A key/value cache: what it holds for this block's `layer` before the block runs (prefix tuning's
+    prefixes), for the examples `index`, in a new cache the block may extend; the shared cache is not
+    written by the top blocks (a mixed pass scores, it does not generate)."""
     if isinstance(value, torch.Tensor):
         return value.index_select(0, index) if value.dim() > 0 and value.shape[0] == batch else value
     if isinstance(value, tuple | list):
-        return type(value)(_take(v, index, batch) for v in value)
+        return type(value)(_take(v, index, batch, layer) for v in value)
+    if type(value).__name__ == "EncoderDecoderCache":
+        return type(value)(_take(value.self_attention_cache, index, batch, layer),
+                           _take(value.cross_attention_cache, index, batch, layer))
     if type(value).__name__.endswith("Cache"):
-        return None
+        from transformers import DynamicCache
+
+        rows = DynamicCache()
+        held = value.layers[layer] if layer is not None and layer < len(getattr(value, "layers", [])) else None
+        if held is not None and getattr(held, "keys", None) is not None and held.keys.numel():
+            rows.update(held.keys.index_select(0, index), held.values.index_select(0, index), layer)
+        return rows
     return value
 
 
