@@ -103,12 +103,32 @@ def _json_or_text(value: str):
         return value
 
 
-def task_options(args: argparse.Namespace) -> dict:
+def task_options(args: argparse.Namespace, prompt_format: dict | None = None) -> dict:
+    """csv/jsonl: the file and its columns; generation files (--format, or the `prompt_format` a delta
+    was trained with) also their prompt format."""
     if args.task not in {"csv", "jsonl"}:
         return {}
     if not args.data_file:
-        raise DeltaTuneError(f"task {args.task!r} needs --data-file PATH (and --text-columns, --label-column)")
-    return {"path": args.data_file, "text_columns": args.text_columns.split(","), "label_column": args.label_column}
+        raise DeltaTuneError(f"task {args.task!r} needs --data-file PATH (and --text-columns, --label-column, "
+                             f"or --format for generation)")
+    dev = {"dev_path": args.dev_file} if getattr(args, "dev_file", None) else {}
+    fmt = getattr(args, "format", None) or (prompt_format or {}).get("format")
+    if not fmt:
+        return {"path": args.data_file, "text_columns": args.text_columns.split(","),
+                "label_column": args.label_column, **dev}
+    options = {"path": args.data_file, "format": fmt, "columns": key_values(args.columns), **dev}
+    if prompt_format:  # evaluating a delta: the prompts it was trained with
+        options.update({k: prompt_format[k] for k in ("template", "chat_template", "assistant_turns")})
+    else:
+        options.update(assistant_turns=args.assistant_turns, overlong=args.overlong)
+        if args.template:
+            options["template"] = args.template
+        if args.chat_template:
+            template_file = Path(args.chat_template)
+            if not template_file.is_file():
+                raise DeltaTuneError(f"--chat-template {template_file}: no such file (a Jinja chat template)")
+            options["chat_template"] = template_file.read_text()
+    return options
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -131,7 +151,8 @@ def _load_for_inference(args: argparse.Namespace):
     from deltatune.tasks import get_task
 
     _, meta = read_saved_delta(args.delta, trust_pickle=args.trust_pickle)
-    task = get_task(args.task or meta["task"], **task_options(args))
+    args.task = args.task or meta["task"]
+    task = get_task(args.task, **task_options(args, meta.get("prompt_format")))
     kind = {"classification": "classification", "regression": "regression", "generation": "causal-lm"}[task.kind]
     base = load_model(args.model, kind, num_labels=task.num_labels if task.kind == "classification" else None)
     model = DeltaModel(base)
@@ -151,10 +172,61 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model, tokenizer, task = _load_for_inference(args)
     results = {}
+    predictions = []
     for split in args.split or [s for s in task.splits if s != "train"]:
         examples = task.load(split, args.data_dir, limit=args.limit)
-        results[split] = evaluate(model, tokenizer, task, examples, max_length=args.max_length)
+        if task.prompt_format is None:
+            results[split] = evaluate(model, tokenizer, task, examples, max_length=args.max_length)
+            continue
+        from deltatune.evaluate import generation_predictions
+
+        outputs = generation_predictions(model, tokenizer, task, examples, args.max_length)
+        results[split] = task.compute_metrics(outputs, [e["references"] for e in examples])
+        predictions += [{"split": split, **{k: v for k, v in e.items() if k != "references"}, "prediction": output,
+                         "references": e["references"]} for e, output in zip(examples, outputs, strict=True)]
+    if predictions:
+        out = Path(args.out or Path(args.delta).parent)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "predictions.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+        results["predictions"] = str(out / "predictions.jsonl")
     print(json.dumps({"task": task.name, "delta": str(args.delta), **results}, indent=2))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Stream a delta's completion of one prompt, built the way the delta was trained."""
+    import torch
+    from transformers import TextStreamer
+
+    from deltatune.data import generation_prompt
+    from deltatune.delta import DeltaModel
+    from deltatune.evaluate import stop_token_ids
+    from deltatune.models import load_model, load_tokenizer
+    from deltatune.tasks.generation import PromptFormat, prompt_token_ids
+
+    tokenizer = load_tokenizer(args.model)
+    model = DeltaModel(load_model(args.model, "causal-lm"))
+    if args.delta:
+        model.add_delta(args.delta, trust_pickle=args.trust_pickle)
+    saved = model.task_info[model.active_task].get("prompt_format") if args.delta else None
+    if saved:
+        prompt_format = PromptFormat.from_dict(saved)
+        text = prompt_format.prompt_for_text(args.prompt, tokenizer)
+        ids = (tokenizer(text, add_special_tokens=False)["input_ids"] if prompt_format.format == "messages"
+               else prompt_token_ids(tokenizer, text))
+    elif args.delta:  # a delta of the built-in data-to-text task (E2E)
+        ids = tokenizer(generation_prompt(args.prompt), add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
+    torch.manual_seed(args.seed)
+    sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 \
+        else {"do_sample": False}
+    input_ids = torch.tensor([ids])
+    model.eval()
+    with torch.no_grad():
+        model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=args.max_new_tokens,
+                       streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
+                       pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(model, tokenizer), **sampling)
     return 0
 
 
@@ -301,6 +373,20 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="folder laid out like shared/data (default: $DELTATUNE_DATA, then the hub)")
     _add_task_file_arguments(parser)
     parser.add_argument("--max-length", type=int, default=128, help="tokens per input (longer ones are cut)")
+    parser.add_argument("--dev-file", help="csv/jsonl: a separate dev file (default: a seeded 10%% of --data-file)")
+    generation = parser.add_argument_group("generation files (csv/jsonl with --format)")
+    generation.add_argument("--format", choices=["prompt-completion", "alpaca", "messages"],
+                            help="a generation file: prompt/completion, Alpaca instruction/input/output, or "
+                                 "OpenAI chat messages (rendered with the model's chat template)")
+    generation.add_argument("--columns", action="append", metavar="FIELD=COLUMN",
+                            help="the file's name for a field, e.g. --columns prompt=question --columns completion=answer")
+    generation.add_argument("--chat-template", metavar="FILE", help="messages: a Jinja chat template file "
+                                                                    "(default: the tokenizer's)")
+    generation.add_argument("--template", help="prompt-completion: a format string with {prompt} (default: as written)")
+    generation.add_argument("--assistant-turns", choices=["all", "last"], default="all",
+                            help="messages: the loss on all assistant turns or the last one only")
+    generation.add_argument("--overlong", choices=["cut", "drop"], default="cut",
+                            help="training rows longer than --max-length: cut or dropped (both are counted)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -377,6 +463,7 @@ def _add_inference_commands(commands) -> None:
         _add_data_arguments(sub)
         if name == "eval":
             sub.add_argument("--split", action="append", help="split(s) to score (default: all but train)")
+            sub.add_argument("--out", help="generation files: where predictions.jsonl goes (default: beside --delta)")
             sub.add_argument("--method", choices=["zero-shot", "few-shot"],
                              help="prompting baselines of a causal LM (no delta): label-word scoring / generation")
             sub.add_argument("--shots", type=int, default=4, help="few-shot: demonstrations from the train split")
@@ -391,6 +478,17 @@ def _add_inference_commands(commands) -> None:
             sub.add_argument("texts", nargs="+", help="inputs; sentence pairs as 'first ||| second'")
             sub.add_argument("--pair-separator", default=" ||| ")
         sub.set_defaults(handler=handler)
+
+    generate = commands.add_parser("generate", help="stream a causal LM's completion of a prompt under a delta")
+    generate.add_argument("--model", required=True)
+    generate.add_argument("--delta", help="delta folder; its prompt format (chat template...) is applied")
+    generate.add_argument("prompt", help="the prompt, instruction or user message")
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--trust-pickle", action="store_true")
+    generate.set_defaults(handler=cmd_generate)
 
     export = commands.add_parser("export", help="write a delta in another library's format (peft: LoRA, prompt)")
     export.add_argument("--delta", required=True, help="delta folder (delta.safetensors + delta.json)")

@@ -46,6 +46,10 @@ def max_model_length(model, tokenizer, requested: int) -> int:
 
 def encode(task: Task, examples: list[dict], tokenizer, max_length: int, for_training: bool = True) -> list[Encoded]:
     """Tokenise every example once (the training loop never tokenises again)."""
+    if task.prompt_format is not None:  # the user's generation file: its prompt format and loss mask
+        from deltatune.tasks.generation import encode_examples
+
+        return encode_examples(task.prompt_format, examples, tokenizer, max_length, for_training)
     if task.kind == "generation":
         return [_encode_generation(e, tokenizer, max_length, for_training) for e in examples]
     texts = [e["text"] for e in examples]

@@ -327,6 +327,8 @@ class DeltaModel(nn.Module):
             "num_parameters": sum(t.numel() for t in tensors.values()),
             "base": self.base_identity,
         }
+        if info.get("prompt_format"):  # generation from the user's files: how prompts are built
+            meta["prompt_format"] = info["prompt_format"]
         return write_delta(path, tensors, meta)
 
     def add_delta(self, path: str | Path, task: str | None = None, trust_pickle: bool = False) -> str:
@@ -353,6 +355,8 @@ class DeltaModel(nn.Module):
         try:
             self.add_task(config, task, label_names=meta["label_names"])
             self._fill_task(task, tensors, meta, path)
+            if isinstance(meta.get("prompt_format"), dict):
+                self.task_info[task]["prompt_format"] = meta["prompt_format"]
         except BaseException as error:
             if task in self.task_info:
                 self.remove_task(task)
@@ -440,19 +444,35 @@ class DeltaModel(nn.Module):
                 component.on_load(task)
 
     # ---- forward ------------------------------------------------------------------------------------
-    def forward(self, *args, tasks: list[str | None] | None = None, **kwargs):
+    def forward(self, *args, tasks: list[str | None] | None = None, target_labels: torch.Tensor | None = None,
+                **kwargs):
         """The base model's forward with the active task's delta. With `tasks=` (one task name per example;
         "base" or None: no delta) a mixed-task batch: each example runs with its own task's delta in one
         pass, with the results of running it alone after `use(task)`. Full fine-tuning tasks cannot be
         mixed; a merged task is unmerged first (as `use` does); heads with different numbers of labels
-        give logits padded with -inf (see `TaskHeads`)."""
+        give logits padded with -inf (see `TaskHeads`).
+
+        With `target_labels=` (a causal LM's token labels, -100 where no loss is) it returns the mean
+        next-token loss instead of the outputs, running the LM head on the target positions only
+        (`deltatune.lm_loss`): equal to the loss from the full logits, with a fraction of the work."""
+        if target_labels is not None:
+            kwargs["labels"] = target_labels  # prompt tuning extends them over its virtual tokens
         if tasks is not None:
-            return self._forward_mixed(self._example_tasks(tasks, args, kwargs), args, kwargs)
+            return self._forward_mixed(self._example_tasks(tasks, args, kwargs), args, kwargs,
+                                       target_labels is not None)
         for component in self._input_components():
             kwargs = component.prepare_inputs(kwargs)
+        return self._run_base(args, kwargs, target_labels is not None)
+
+    def _run_base(self, args, kwargs, target_loss: bool):
+        if target_loss:
+            from deltatune.lm_loss import target_only_loss
+
+            labels = kwargs.pop("labels")
+            return target_only_loss(self.base_model, kwargs, labels)
         return self.base_model(*args, **kwargs)
 
-    def _forward_mixed(self, per_example: list[str | None], args, kwargs):
+    def _forward_mixed(self, per_example: list[str | None], args, kwargs, target_loss: bool = False):
         components = self.components().values()
         distinct = set(per_example)
         for component in components:
@@ -468,9 +488,9 @@ class DeltaModel(nn.Module):
             for component in self._input_components():
                 kwargs = component.prepare_inputs(kwargs)
             if len(distinct) == 1:
-                return self.base_model(*args, **kwargs)
+                return self._run_base(args, kwargs, target_loss)
             with share_lower_blocks(self, per_example, kwargs):  # one input for several tasks: lower blocks once
-                return self.base_model(*args, **kwargs)
+                return self._run_base(args, kwargs, target_loss)
         finally:
             state.per_example = None
             state.active = active
@@ -490,13 +510,41 @@ class DeltaModel(nn.Module):
             raise TaskError(f"tasks= names {len(names)} task(s) for a batch of {first.shape[0]} examples")
         return [None if t == BASE_TASK else t for t in names]
 
-    def generate(self, *args, **kwargs):
+    def generate(self, *args, tasks: list[str | None] | None = None, **kwargs):
         """The base model's `generate` under the active task. A component that rewrites the input sequence
-        (prompt tuning: the prompt is not made of token ids) runs the generation itself."""
+        (prompt tuning: the prompt is not made of token ids) runs the generation itself.
+
+        With `tasks=` (one task name per row, "base"/None: no delta; left-padded `input_ids` and their
+        `attention_mask`) each row decodes under its own task's delta in one batched generation, prefill
+        and every cached decoding step: the tokens of generating each row alone after `use(task)`."""
+        if tasks is not None:
+            return self._generate_mixed(self._example_tasks(tasks, args, kwargs), args, kwargs)
         for component in self.components().values():
             if component.active_task in component.tasks and hasattr(component, "generate"):
                 return component.generate(self.base_model, *args, **kwargs)
         return self.base_model.generate(*args, **kwargs)
+
+
+    def _generate_mixed(self, per_example: list[str | None], args, kwargs):
+        components = self.components().values()
+        distinct = set(per_example)
+        for component in components:
+            component.check_mixed(distinct)
+        if self.merged_task is not None and distinct != {self.merged_task}:
+            self.unmerge()
+        state, active = self.task_state, self.task_state.active
+        try:
+            if len(distinct) == 1:  # one task for all: its own single-task path
+                state.active = per_example[0]
+                return self.generate(*args, **kwargs)
+            state.per_example = per_example  # read by every component at the prefill and each decoding step
+            for component in components:
+                if hasattr(component, "generate_mixed") and distinct & set(component.tasks):
+                    return component.generate_mixed(self.base_model, *args, **kwargs)
+            return self.base_model.generate(*args, **kwargs)
+        finally:
+            state.per_example = None
+            state.active = active
 
 
 def attach(

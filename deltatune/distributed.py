@@ -17,7 +17,7 @@ import torch
 from deltatune.data import encode
 from deltatune.delta import DeltaModel
 from deltatune.errors import TrainingError
-from deltatune.evaluate import generate_texts, predict_scores
+from deltatune.evaluate import generation_predictions, predict_scores
 from deltatune.registry import method_entry
 
 
@@ -81,7 +81,7 @@ def evaluate_sharded(model, tokenizer, task, examples: list[dict], max_length: i
 
     mine = examples[rank::world]
     if task.kind == "generation":
-        predictions = generate_texts(model, tokenizer, [e["source"] for e in mine], batch_size=16)
+        predictions = generation_predictions(model, tokenizer, task, mine, max_length, batch_size=16) if mine else []
     elif mine:
         scores = predict_scores(model, encode(task, mine, tokenizer, max_length), tokenizer.pad_token_id)
         predictions = scores.squeeze(-1).tolist() if task.kind == "regression" else scores.argmax(-1).tolist()

@@ -103,14 +103,57 @@ def generate_texts(
     return texts
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS and the model's generation-config EOS ids (a chat model's end of turn)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    return list(dict.fromkeys(i for i in [tokenizer.eos_token_id, *configured] if i is not None))
+
+
+@torch.no_grad()
+def generate_completions(
+    model, tokenizer, prompts: list[list[int]], batch_size: int = 16, max_new_tokens: int = 128,
+    tasks: list[str] | None = None,
+) -> list[str]:
+    """Greedy completion of each prompt (token ids) up to an end-of-sequence token, decoded without special
+    tokens. Batches are left-padded; longest prompts first, so that batches hold similar lengths."""
+    model.eval()
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    device = next(model.parameters()).device
+    texts: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        batch = collate([Encoded(prompts[i], None, None) for i in chunk], tokenizer.pad_token_id, padding_side="left")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        options = {"tasks": [tasks[i] for i in chunk]} if tasks is not None else {}
+        generated = model.generate(**batch, **options, max_new_tokens=max_new_tokens, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(model, tokenizer))
+        new_tokens = generated[:, batch["input_ids"].shape[1] :]
+        for index, text in zip(chunk, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
+            texts[index] = text.strip()
+    return texts
+
+
+def generation_predictions(model, tokenizer, task: Task, examples: list[dict], max_length: int = 128,
+                           batch_size: int = 16) -> list[str]:
+    """The model's output for each evaluation example of a generation task (greedy). The user's generation
+    files: the prompt their delta was trained with, up to EOS, at most 1.5x the longest reference + 16
+    tokens; built-in data-to-text (E2E): `generate_texts`."""
+    if task.prompt_format is None:
+        return generate_texts(model, tokenizer, [e["source"] for e in examples], batch_size=batch_size)
+    prompts = [item.input_ids for item in encode(task, examples, tokenizer, max_length, for_training=False)]
+    longest = max((len(tokenizer(r, add_special_tokens=False)["input_ids"]) for e in examples for r in e["references"]),
+                  default=48)
+    return generate_completions(model, tokenizer, prompts, batch_size, max_new_tokens=int(1.5 * longest) + 16)
+
+
 def evaluate(
     model, tokenizer, task: Task, examples: list[dict], max_length: int = 128, batch_size: int = 64,
     metrics: list[str] | None = None,
 ) -> dict[str, float]:
     """The task's metrics for `examples` (an evaluation split) under the model's active delta."""
     if task.kind == "generation":
-        predictions = generate_texts(model, tokenizer, [e["source"] for e in examples],
-                                     batch_size=max(1, batch_size // 4))
+        predictions = generation_predictions(model, tokenizer, task, examples, max_length, max(1, batch_size // 4))
         return task.compute_metrics(predictions, [e["references"] for e in examples], metrics=metrics)
     items = encode(task, examples, tokenizer, max_length)
     scores = predict_scores(model, items, tokenizer.pad_token_id, batch_size)

@@ -128,7 +128,10 @@ def build_model(config: TrainConfig, task, tokenizer=None) -> DeltaModel:
     method_config = build_config(config.method, config.method_options, source="method_options")
     if tokenizer is not None and hasattr(method_config, "tokenize"):  # settings given as text (a prompt's init)
         method_config.tokenize(tokenizer)
-    return attach(base, method_config, task=task_slug(task.name), label_names=task.label_names)
+    model = attach(base, method_config, task=task_slug(task.name), label_names=task.label_names)
+    if task.prompt_format is not None and tokenizer is not None:  # saved with the delta: generate/serve reuse it
+        model.task_info[task_slug(task.name)]["prompt_format"] = task.prompt_format.resolve(tokenizer).to_dict()
+    return model
 
 
 def task_slug(name: str) -> str:
@@ -380,8 +383,12 @@ def forward_backward(run: Run) -> float:
         last_micro = micro == config.grad_accum - 1  # DDP all-reduces the accumulated gradients once
         with nullcontext() if last_micro else accelerator.no_sync(run.prepared_model):
             with accelerator.autocast():
-                outputs = run.prepared_model(**{k: v.to(run.device) for k, v in batch.items()})
-                loss = task_loss(run.task, outputs, labels) * weight / config.grad_accum
+                inputs = {k: v.to(run.device) for k, v in batch.items()}
+                if run.task.kind == "generation":  # the LM head runs on the target positions only
+                    loss = run.prepared_model(**inputs, target_labels=labels)
+                else:
+                    loss = task_loss(run.task, run.prepared_model(**inputs), labels)
+                loss = loss * weight / config.grad_accum
             accelerator.backward(loss)
         step_loss += loss.detach()
         run.state.examples += len(global_indices)

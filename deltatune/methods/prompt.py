@@ -310,6 +310,37 @@ class PromptEmbedding(DeltaComponent):
         output.sequences = torch.cat([input_ids, output.sequences.to(input_ids.device)], dim=1)
         return output
 
+    def generate_mixed(self, model: nn.Module, inputs: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """`generate` for a mixed-task batch of a decoder: each row gets its own task's prompt (none for
+        tasks without one) in front of its tokens, all padding moved to the left; then one generation, whose
+        other components read the per-row tasks from `task_state.per_example`."""
+        if self.layout != "prepend":
+            raise DeltaTuneError("mixed-task generation with prompt tuning needs a decoder-only model")
+        input_ids = kwargs.pop("input_ids", inputs)
+        mask = kwargs.pop("attention_mask", None)
+        mask = torch.ones_like(input_ids) if mask is None else mask
+        per_example = self.task_state.per_example
+        present = {task for task in per_example if task in self.prompt_embeddings}
+        reserve = kwargs.get("max_new_tokens") or 0
+        keep = min(self._fit(task, input_ids.shape[1], reserve=reserve) for task in present)
+        ids, mask = input_ids[:, -keep:], mask[:, -keep:]
+        embeds = model.get_input_embeddings()(ids)  # (B, n, d)
+        longest = max(self.prompt_embeddings[task].shape[0] for task in present)
+        rows, masks = [], []
+        for row, task in enumerate(per_example):
+            prompt = self.prompt_embeddings[task].to(embeds.dtype) if task in present else embeds.new_zeros(0, embeds.shape[-1])
+            gap = longest - prompt.shape[0]  # (P_max - P_task) masked slots in front
+            rows.append(torch.cat([embeds.new_zeros(gap, embeds.shape[-1]), prompt, embeds[row]]))
+            masks.append(torch.cat([mask.new_zeros(gap), mask.new_ones(prompt.shape[0]), mask[row]]))
+        embeds, mask = torch.stack(rows), torch.stack(masks)  # (B, P_max + n, d)
+        order = torch.argsort(mask, dim=1, stable=True)  # every row's padding to the left, as generation needs
+        embeds, mask = embeds.gather(1, order[..., None].expand_as(embeds)), mask.gather(1, order)
+        output = model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)  # new tokens only
+        if isinstance(output, torch.Tensor):
+            return torch.cat([input_ids, output.to(input_ids.device)], dim=1)
+        output.sequences = torch.cat([input_ids, output.sequences.to(input_ids.device)], dim=1)
+        return output
+
     def merge(self, task: str) -> None:
         raise MergeError("a prompt is not a weight change; prompt tuning cannot be merged into the base weights")
 

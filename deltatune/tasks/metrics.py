@@ -15,7 +15,7 @@ import numpy as np
 from scipy import stats
 from sklearn import metrics as sk
 
-from deltatune.tasks import e2e_metrics
+from deltatune.tasks import e2e_metrics, text_metrics
 
 
 def accuracy(predictions: Sequence[int], references: Sequence[int]) -> float:
@@ -65,7 +65,7 @@ LABEL_METRICS: dict[str, Callable[[Any, Any], float]] = {
     "pearson": pearson,
     "spearman": spearman,
 }
-METRIC_NAMES = (*LABEL_METRICS, *e2e_metrics.E2E_METRICS)
+METRIC_NAMES = (*LABEL_METRICS, *e2e_metrics.E2E_METRICS, *text_metrics.TEXT_METRICS)
 
 
 def compute_metrics(
@@ -80,9 +80,11 @@ def compute_metrics(
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     if not predictions:
         raise ValueError("no predictions to score")
-    text_metrics = [name for name in names if name in e2e_metrics.E2E_METRICS]
-    if text_metrics:
-        if len(text_metrics) != len(names):
-            raise ValueError(f"cannot mix text metrics {text_metrics} with label metrics in one call")
-        return e2e_metrics.compute_e2e_metrics(predictions, references, metrics=names)
+    for family, compute in [(e2e_metrics.E2E_METRICS, e2e_metrics.compute_e2e_metrics),
+                            (text_metrics.TEXT_METRICS, text_metrics.compute_text_metrics)]:
+        chosen = [name for name in names if name in family]
+        if chosen:
+            if len(chosen) != len(names):
+                raise ValueError(f"cannot mix text metrics {chosen} with other metrics in one call")
+            return compute(predictions, references, metrics=names)
     return {name: LABEL_METRICS[name](predictions, references) for name in names}

@@ -8,6 +8,7 @@ from typing import Any
 from deltatune.tasks.bbc import bbc_task
 from deltatune.tasks.e2e import e2e_task
 from deltatune.tasks.files import file_task
+from deltatune.tasks.generation import generation_file_task
 from deltatune.tasks.glue import glue_tasks
 from deltatune.tasks.task import DataError, Task
 
@@ -43,6 +44,9 @@ def get_task(name: str, **options: Any) -> Task:
             raise DataError(
                 f"task {name!r} needs path=... (your {name} file), plus text_columns and label_column"
             )
+        if options.get("format"):  # generation: prompt-completion, alpaca or messages
+            return generation_file_task(name, **options)
+        options.pop("format", None)
         return file_task(name, **options)
     if name not in BUILT_IN_TASKS:
         raise DataError(

@@ -38,6 +38,8 @@ class Task:
         loader: reads one split; called by `load`, which validates the split name and applies `limit`.
         label_names: class names in label-id order (classification only).
         description: one line for listings and reports.
+        prompt_format: generation from the user's files: how examples become prompts and targets
+            (a `deltatune.tasks.generation.PromptFormat`, saved with the delta); None for built-in tasks.
     """
 
     name: str
@@ -47,6 +49,7 @@ class Task:
     loader: Loader
     label_names: list[str] | None = None
     description: str = ""
+    prompt_format: Any = None
 
     @property
     def num_labels(self) -> int:
