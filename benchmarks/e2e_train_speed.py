@@ -14,7 +14,10 @@ Modes:
 - full:    logits at every position, then the loss on the target positions (`task_loss`; what
            `deltatune train` did before the target-only loss);
 - targets: hidden states gathered at the target positions first, LM head + cross-entropy on those only
-           (`deltatune.lm_loss`).
+           (`deltatune.lm_loss`);
+- targets-eager: as targets, with attention as plain matrix products instead of PyTorch's CPU flash-attention
+           kernel (`deltatune.train.use_eager_attention`): what `deltatune train` does on a CPU now.
+The first two use transformers' default attention (sdpa), as `deltatune train` did before.
 """
 
 from __future__ import annotations
@@ -47,12 +50,13 @@ def targets_loss(model, task, batch, labels):
     return model(**batch, target_labels=labels)
 
 
-MODES = {"full": full_loss, "targets": targets_loss}
+# mode -> (loss, attention implementation)
+MODES = {"full": (full_loss, "sdpa"), "targets": (targets_loss, "sdpa"), "targets-eager": (targets_loss, "eager")}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--modes", default="full,targets")
+    parser.add_argument("--modes", default="full,targets,targets-eager")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -72,6 +76,8 @@ def main() -> None:
     batches = order[: args.warmup + args.steps]
     base = deltatune.attach(load_model("smollm2", "causal-lm"), deltatune.LoRA(r=8, alpha=16), task="e2e")
     models = {mode: copy.deepcopy(base) for mode in modes}
+    for mode, model in models.items():
+        model.base_model.set_attn_implementation(MODES[mode][1])
     optimizers = {mode: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
                   for mode, m in models.items()}
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
@@ -89,7 +95,7 @@ def main() -> None:
             model.train()
             started = time.perf_counter()
             with autocast():
-                loss = MODES[mode](model, task, batch, labels)
+                loss = MODES[mode][0](model, task, batch, labels)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -224,7 +224,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     input_ids = torch.tensor([ids])
     model.eval()
     with torch.no_grad():
-        model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=args.max_new_tokens,
+        model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                       max_new_tokens=args.max_new_tokens,
                        streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
                        pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(model, tokenizer), **sampling)
     return 0
@@ -379,7 +380,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
                             help="a generation file: prompt/completion, Alpaca instruction/input/output, or "
                                  "OpenAI chat messages (rendered with the model's chat template)")
     generation.add_argument("--columns", action="append", metavar="FIELD=COLUMN",
-                            help="the file's name for a field, e.g. --columns prompt=question --columns completion=answer")
+                            help="the file's name for a field, repeatable: --columns prompt=question")
     generation.add_argument("--chat-template", metavar="FILE", help="messages: a Jinja chat template file "
                                                                     "(default: the tokenizer's)")
     generation.add_argument("--template", help="prompt-completion: a format string with {prompt} (default: as written)")

@@ -123,6 +123,8 @@ def build_model(config: TrainConfig, task, tokenizer=None) -> DeltaModel:
     """Base model with the task's head, and the method attached for the task."""
     from deltatune.models import load_model
 
+    if task.prompt_format is not None and tokenizer is not None:  # a chat file needs a template: say so first
+        task.prompt_format.resolve(tokenizer)
     kind = {"classification": "classification", "regression": "regression", "generation": "causal-lm"}[task.kind]
     base = load_model(config.model, kind, num_labels=task.num_labels if task.kind == "classification" else None)
     method_config = build_config(config.method, config.method_options, source="method_options")
@@ -132,6 +134,19 @@ def build_model(config: TrainConfig, task, tokenizer=None) -> DeltaModel:
     if task.prompt_format is not None and tokenizer is not None:  # saved with the delta: generate/serve reuse it
         model.task_info[task_slug(task.name)]["prompt_format"] = task.prompt_format.resolve(tokenizer).to_dict()
     return model
+
+
+def use_eager_attention(model: DeltaModel) -> None:
+    """Training on a CPU: attention as plain matrix products instead of PyTorch's CPU flash-attention kernel,
+    whose backward pass is slow for the short sequences of fine-tuning (SmolLM2 on E2E, 46 tokens, bf16: a
+    quarter of the step; docs/results/e2e_train_speed.md). The same computation up to float rounding."""
+    base = model.base_model
+    if getattr(getattr(base, "config", None), "_attn_implementation", None) == "sdpa" and hasattr(
+            base, "set_attn_implementation"):
+        try:
+            base.set_attn_implementation("eager")
+        except (ValueError, ImportError):  # a model without an eager path keeps its attention
+            pass
 
 
 def task_slug(name: str) -> str:
@@ -270,6 +285,8 @@ def setup(config: TrainConfig) -> Run:
     task = get_task(config.task, **config.task_options)
     tokenizer = load_tokenizer(config.model)
     model = build_model(config, task, tokenizer)
+    if not gpu:
+        use_eager_attention(model)
     if config.grad_checkpointing:
         _enable_grad_checkpointing(model)
     max_length = max_model_length(model, tokenizer, config.max_length)

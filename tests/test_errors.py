@@ -96,6 +96,15 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
         [text, "4.5" if i % 2 == 0 else "0.5"] for i, text in enumerate(texts)])
     paths["bad_csv"] = write_csv(root / "bad.csv", [["review", "sentiment"], ["good", "positive"], ["a", "b", "c"]])
     paths["unlabelled_csv"] = write_csv(root / "unlabelled.csv", [["review", "sentiment"], ["no label", ""]])
+    turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    for name, rows in {
+        "chat": [{"messages": turn}] * 4,
+        "bad_role_chat": [{"messages": turn}, {"messages": [turn[0], {"role": "asistant", "content": "x"}]}],
+        "unordered_chat": [{"messages": [turn[0], turn[0], turn[1]]}],
+        "empty_completion": [{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": ""}],
+    }.items():
+        paths[name] = root / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(row) + "\n" for row in rows))
 
     model = deltatune.attach(make_model("bert"), deltatune.LoRA(r=2), task="csv", label_names=["negative", "positive"])
     paths["delta"] = model.save_delta(root / "delta")

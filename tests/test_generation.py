@@ -140,7 +140,8 @@ def test_alpaca_prompt_with_and_without_input(tmp_path):
 
 
 @pytest.mark.parametrize(("row", "problem"), [
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "asistant", "content": "x"}]}, "unknown role 'asistant'"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "asistant", "content": "x"}]},
+     "unknown role 'asistant'"),
     ({"messages": [{"role": "assistant", "content": "x"}]}, "turns out of order: message 1"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
                    {"role": "assistant", "content": "c"}]}, "turns out of order: message 2"),
@@ -274,8 +275,9 @@ def test_cli_trains_evaluates_and_generates_a_chat_delta(tmp_path, tiny_chat_mod
                  "name[R1], food[Thai]"]) == 0
     streamed = capsys.readouterr().out
     # the reference: the same prompt built by hand from the template, greedy
-    from deltatune.delta import load_delta
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deltatune.delta import load_delta
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model)
     model = load_delta(AutoModelForCausalLM.from_pretrained(tiny_chat_model), out / "delta").eval()
@@ -331,3 +333,16 @@ def test_mixed_generate_equals_generating_row_by_row(arch, tasks):
             assert mixed[i, width:].tolist() == alone[0, lengths[i]:].tolist(), (i, task)
     model.use("lora_a")
     assert model.task_state.per_example is None and model.active_task == "lora_a"
+
+
+# ---- metrics ------------------------------------------------------------------------------------------------
+def test_generation_metrics_by_hand():
+    from deltatune.tasks.text_metrics import compute_text_metrics
+
+    # LCS("the cat sat", "the cat on the mat sat") = 3 words: P = 3/3, R = 3/6, F1 = 2/3
+    scores = compute_text_metrics(["The cat sat", "a dog"], [["the cat on the mat sat"], ["x", " a dog "]])
+    assert scores["rougeL"] == pytest.approx(100 * (2 / 3 + 1) / 2)
+    assert scores["exact_match"] == 50.0  # the second matches its second reference (whitespace stripped)
+    perfect = compute_text_metrics(["a b c d e f"], [["a b c d e f"]])
+    assert perfect["sacrebleu"] == pytest.approx(100) and perfect["chrf"] == pytest.approx(100)
+    assert compute_text_metrics(["zzz"], [["a b c d e"]])["chrf"] < 5

@@ -328,7 +328,8 @@ class PromptEmbedding(DeltaComponent):
         longest = max(self.prompt_embeddings[task].shape[0] for task in present)
         rows, masks = [], []
         for row, task in enumerate(per_example):
-            prompt = self.prompt_embeddings[task].to(embeds.dtype) if task in present else embeds.new_zeros(0, embeds.shape[-1])
+            width = embeds.shape[-1]
+            prompt = self.prompt_embeddings[task].to(embeds.dtype) if task in present else embeds.new_zeros(0, width)
             gap = longest - prompt.shape[0]  # (P_max - P_task) masked slots in front
             rows.append(torch.cat([embeds.new_zeros(gap, embeds.shape[-1]), prompt, embeds[row]]))
             masks.append(torch.cat([mask.new_zeros(gap), mask.new_ones(prompt.shape[0]), mask[row]]))
