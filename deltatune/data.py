@@ -49,7 +49,8 @@ def encode(task: Task, examples: list[dict], tokenizer, max_length: int, for_tra
     if task.prompt_format is not None:  # the user's generation file: its prompt format and loss mask
         from deltatune.tasks.generation import encode_examples
 
-        return encode_examples(task.prompt_format, examples, tokenizer, max_length, for_training)
+        return [Encoded(ids, None, labels)
+                for ids, labels in encode_examples(task.prompt_format, examples, tokenizer, max_length, for_training)]
     if task.kind == "generation":
         return [_encode_generation(e, tokenizer, max_length, for_training) for e in examples]
     texts = [e["text"] for e in examples]

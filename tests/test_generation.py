@@ -117,8 +117,8 @@ def test_prompt_completion_masks_the_prompt_and_appends_eos(tmp_path, file_forma
     assert (task.kind, len(task.load("train")), len(task.load("dev"))) == ("generation", 18, 2)
     tokenizer = tiny_tokenizer()
     example = task.load("train")[0]
-    (item,) = encode_examples(task.prompt_format, [example], tokenizer, max_length=64)
-    runs = spans(tokenizer, item.input_ids, item.label)
+    ((ids, labels),) = encode_examples(task.prompt_format, [example], tokenizer, max_length=64)
+    runs = spans(tokenizer, ids, labels)
     assert [(trained, text) for trained, text in runs] == [(False, example["prompt"]),
                                                            (True, example["target"] + "</s>")]
     dev = task.load("dev")[0]
@@ -135,8 +135,8 @@ def test_alpaca_prompt_with_and_without_input(tmp_path):
     assert with_input["prompt"].endswith("### Instruction:\nAdd.\n\n### Input:\n2 and 3\n\n### Response:\n")
     assert "### Input" not in without["prompt"] and without["prompt"].endswith("Say hi.\n\n### Response:\n")
     tokenizer = tiny_tokenizer()
-    (item, _) = encode_examples(task.prompt_format, task.load("train"), tokenizer, 512)
-    assert [t for trained, t in spans(tokenizer, item.input_ids, item.label) if trained] == ["5</s>"]
+    ((ids, labels), _) = encode_examples(task.prompt_format, task.load("train"), tokenizer, 512)
+    assert [t for trained, t in spans(tokenizer, ids, labels) if trained] == ["5</s>"]
 
 
 @pytest.mark.parametrize(("row", "problem"), [
@@ -183,7 +183,7 @@ def test_long_rows_are_counted_and_reported(tmp_path, overlong):
     assert "2 of 3 training rows are longer than --max-length 30" in message
     if overlong == "cut":  # the row whose prompt fills the 30 tokens has nothing left to learn: dropped
         assert "1 cut to 30 (" in message and "line 3" in message and "1 dropped (" in message and "line 2" in message
-        assert len(items) == 2 and len(items[1].input_ids) == 30
+        assert len(items) == 2 and len(items[1][0]) == 30
     else:
         assert "0 cut" in message and "2 dropped" in message and len(items) == 1
 

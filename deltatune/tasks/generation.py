@@ -216,16 +216,15 @@ def prompt_token_ids(tokenizer, prompt: str) -> list[int]:
 def encode_examples(
     prompt_format: PromptFormat, examples: list[Example], tokenizer, max_length: int,
     for_training: bool = True, overlong: str | None = None,
-) -> list:
-    """Token ids (+ labels for training) of every example. Training rows longer than `max_length` are cut
-    to it (`overlong="cut"`) or dropped (``"drop"``); a cut row left without any target token is dropped.
+) -> list[tuple[list[int], list[int] | None]]:
+    """(token ids, labels) of every example (labels None for evaluation prompts). Training rows longer
+    than `max_length` are cut to it (`overlong="cut"`) or dropped (``"drop"``); a cut row left without
+    any target token is dropped.
     Both are counted and reported in one `LengthWarning`, never lost silently. Evaluation prompts keep
     their last `max_length` tokens (the ones next to the answer)."""
-    from deltatune.data import Encoded
-
     prompt_format.resolve(tokenizer)
     if not for_training:
-        return [Encoded(prompt_format.prompt_ids(e, tokenizer)[-max_length:], None, None) for e in examples]
+        return [(prompt_format.prompt_ids(e, tokenizer)[-max_length:], None) for e in examples]
     overlong = overlong or prompt_format.overlong
     items, cut, dropped, longest = [], [], [], 0
     for index, example in enumerate(examples):
@@ -240,7 +239,7 @@ def encode_examples(
                 dropped.append(example.get("where", f"row {index + 1}"))
                 continue
             cut.append(example.get("where", f"row {index + 1}"))
-        items.append(Encoded(ids, None, labels))
+        items.append((ids, labels))
     if cut or dropped:
         warnings.warn(
             f"{len(cut) + len(dropped)} of {len(examples)} training rows are longer than --max-length {max_length} "
