@@ -249,7 +249,7 @@ def chat_rows(count: int) -> list[dict]:
                           {"role": "assistant", "content": f"R{i} serves Thai food."}]} for i in range(count)]
 
 
-@pytest.mark.parametrize("method", ["lora", "prompt"])
+@pytest.mark.parametrize("method", ["lora", "bitfit", "adapter", "prompt", "full"])
 def test_cli_trains_evaluates_and_generates_a_chat_delta(tmp_path, tiny_chat_model, capsys, method):
     from deltatune.cli import main
 
@@ -257,6 +257,7 @@ def test_cli_trains_evaluates_and_generates_a_chat_delta(tmp_path, tiny_chat_mod
     out = tmp_path / "run"
     assert main(["train", "--model", str(tiny_chat_model), "--task", "jsonl", "--data-file", str(data),
                  "--format", "messages", "--method", method, "--out", str(out), "--max-steps", "3",
+                 *(["-o", "add_missing=true"] if method == "bitfit" else []),  # Llama has no biases
                  "--batch-size", "4", "--no-progress", "--precision", "fp32"]) == 0
     meta = json.loads((out / "delta" / "delta.json").read_text())
     assert meta["prompt_format"]["format"] == "messages" and meta["prompt_format"]["chat_template"] == CHATML
