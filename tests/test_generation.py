@@ -192,7 +192,7 @@ def test_long_rows_are_counted_and_reported(tmp_path, overlong):
 def method_config(method: str, arch: str):
     return {"lora": deltatune.LoRA(r=4, alpha=8), "bitfit": deltatune.BitFit(add_missing=arch == "llama"),
             "adapter": deltatune.Adapter(bottleneck=4), "prompt": deltatune.PromptTuning(length=3),
-            "full": deltatune.FullFineTune()}[method]
+            "full": deltatune.FullFineTune(), "top_layers": deltatune.TopLayers(k=1)}[method]
 
 
 def lm_batch(seed: int = 0) -> tuple[dict, torch.Tensor]:
@@ -209,7 +209,7 @@ def lm_batch(seed: int = 0) -> tuple[dict, torch.Tensor]:
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-@pytest.mark.parametrize("method", ["lora", "bitfit", "adapter", "prompt", "full"])
+@pytest.mark.parametrize("method", ["lora", "bitfit", "adapter", "prompt", "full", "top_layers"])
 def test_target_only_loss_equals_the_full_computation(arch, method):
     torch.manual_seed(0)
     model = deltatune.attach(tiny_model(arch, "causal-lm"), method_config(method, arch), task="t")
@@ -249,7 +249,7 @@ def chat_rows(count: int) -> list[dict]:
                           {"role": "assistant", "content": f"R{i} serves Thai food."}]} for i in range(count)]
 
 
-@pytest.mark.parametrize("method", ["lora", "bitfit", "adapter", "prompt", "full"])
+@pytest.mark.parametrize("method", ["lora", "bitfit", "adapter", "prompt", "full", "top_layers"])
 def test_cli_trains_evaluates_and_generates_a_chat_delta(tmp_path, tiny_chat_model, capsys, method):
     from deltatune.cli import main
 
@@ -310,7 +310,8 @@ def mixed_model(arch: str) -> deltatune.DeltaModel:
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("tasks", [
-    ["lora_a", "prompt_b", "base", "adapter", "bitfit", "prompt_a", "lora_b"],  # every method in one batch
+    # every mixable method in one batch (top_layers' mixed blocks do not decode with a KV cache yet)
+    ["lora_a", "prompt_b", "base", "adapter", "bitfit", "prompt_a", "lora_b"],
     ["lora_a", "lora_b", "base", "lora_a"],  # no prompt
 ])
 def test_mixed_generate_equals_generating_row_by_row(arch, tasks):
