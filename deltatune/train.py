@@ -285,7 +285,7 @@ def setup(config: TrainConfig) -> Run:
     task = get_task(config.task, **config.task_options)
     tokenizer = load_tokenizer(config.model)
     model = build_model(config, task, tokenizer)
-    if not gpu:
+    if accelerator.device.type == "cpu":
         use_eager_attention(model)
     if config.grad_checkpointing:
         _enable_grad_checkpointing(model)
