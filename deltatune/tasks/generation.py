@@ -55,6 +55,43 @@ DEFAULT_COLUMNS = {
 }
 
 
+@dataclass
+class GenerationFileOptions:
+    """The command-line options of generation files (``--task csv|jsonl --format ...``), declared once."""
+
+    format: str | None = field(default=None, metadata={
+        "choices": list(FORMATS), "help": "a generation file: prompt/completion, Alpaca instruction/input/output, "
+                                          "or OpenAI chat messages (rendered with the model's chat template)"})
+    columns: list[str] | None = field(default=None, metadata={
+        "help": "the file's names for the fields, FIELD=COLUMN,...: prompt=question,completion=answer"})
+    chat_template: str | None = field(default=None, metadata={
+        "help": "messages: a Jinja chat template FILE (default: the tokenizer's)"})
+    template: str | None = field(default=None, metadata={
+        "help": "prompt-completion: a format string with {prompt} (default: the prompt as written)"})
+    assistant_turns: str = field(default="all", metadata={
+        "choices": ["all", "last"], "help": "messages: the loss on all assistant turns or the last one only"})
+    overlong: str = field(default="cut", metadata={
+        "choices": ["cut", "drop"], "help": "training rows longer than --max-length: cut or dropped (counted)"})
+
+    def task_options(self) -> dict[str, Any]:
+        """`generation_file_task` keyword arguments (besides the files), the template read from its file."""
+        options: dict[str, Any] = {"format": self.format, "assistant_turns": self.assistant_turns,
+                                   "overlong": self.overlong, "columns": {}}
+        for pair in self.columns or []:
+            name, sep, column = pair.partition("=")
+            if not sep:
+                raise DataError(f"--columns {pair!r} must look like FIELD=COLUMN (e.g. prompt=question)")
+            options["columns"][name.strip()] = column.strip()
+        if self.template:
+            options["template"] = self.template
+        if self.chat_template:
+            template_file = Path(self.chat_template).expanduser()
+            if not template_file.is_file():
+                raise ChatTemplateError(f"--chat-template {self.chat_template}: no such file (a Jinja chat template)")
+            options["chat_template"] = template_file.read_text()
+        return options
+
+
 class ChatTemplateError(DataError):
     """A chat file needs a chat template that the tokenizer does not have, or the template is unusable."""
 
