@@ -15,6 +15,7 @@ from deltatune.compare import PROMPTING_METHODS, CompareConfig
 from deltatune.errors import ConfigError, DeltaTuneError
 from deltatune.registry import METHODS, options_from_strings
 from deltatune.serve import ServeConfig
+from deltatune.tasks.generation import GenerationFileOptions
 from deltatune.train import TrainConfig
 
 
@@ -105,30 +106,19 @@ def _json_or_text(value: str):
 
 def task_options(args: argparse.Namespace, prompt_format: dict | None = None) -> dict:
     """csv/jsonl: the file and its columns; generation files (--format, or the `prompt_format` a delta
-    was trained with) also their prompt format."""
+    was trained with) their format options (`GenerationFileOptions`)."""
     if args.task not in {"csv", "jsonl"}:
         return {}
     if not args.data_file:
         raise DeltaTuneError(f"task {args.task!r} needs --data-file PATH (and --text-columns, --label-column, "
                              f"or --format for generation)")
-    dev = {"dev_path": args.dev_file} if getattr(args, "dev_file", None) else {}
-    fmt = getattr(args, "format", None) or (prompt_format or {}).get("format")
-    if not fmt:
-        return {"path": args.data_file, "text_columns": args.text_columns.split(","),
-                "label_column": args.label_column, **dev}
-    options = {"path": args.data_file, "format": fmt, "columns": key_values(args.columns), **dev}
-    if prompt_format:  # evaluating a delta: the prompts it was trained with
-        options.update({k: prompt_format[k] for k in ("template", "chat_template", "assistant_turns")})
-    else:
-        options.update(assistant_turns=args.assistant_turns, overlong=args.overlong)
-        if args.template:
-            options["template"] = args.template
-        if args.chat_template:
-            template_file = Path(args.chat_template)
-            if not template_file.is_file():
-                raise DeltaTuneError(f"--chat-template {template_file}: no such file (a Jinja chat template)")
-            options["chat_template"] = template_file.read_text()
-    return options
+    files = {"path": args.data_file, **({"dev_path": args.dev_file} if args.dev_file else {})}
+    if prompt_format and not args.format:  # evaluating a generation delta: the prompts it was trained with
+        return {**files, "columns": key_values(args.columns),
+                **{k: prompt_format[k] for k in ("format", "template", "chat_template", "assistant_turns")}}
+    if args.format:
+        return {**files, **config_from_args(GenerationFileOptions, args).task_options()}
+    return {**files, "text_columns": args.text_columns.split(","), "label_column": args.label_column}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -364,30 +354,18 @@ def cmd_eval_prompting(args: argparse.Namespace) -> int:
 
 
 def _add_task_file_arguments(parser: argparse.ArgumentParser) -> None:
-    """The csv/jsonl task's file and columns (`task_options`)."""
+    """The csv/jsonl task's file and columns, or a generation file's format (`task_options`)."""
     parser.add_argument("--data-file", help="csv/jsonl tasks: the file")
+    parser.add_argument("--dev-file", help="csv/jsonl: a separate dev file (default: a seeded 10%% of --data-file)")
     parser.add_argument("--text-columns", default="text", help="csv/jsonl: text column(s), comma-separated")
     parser.add_argument("--label-column", default="label", help="csv/jsonl: label column")
+    add_options(parser.add_argument_group("generation files (csv/jsonl with --format)"), GenerationFileOptions)
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="folder laid out like shared/data (default: $DELTATUNE_DATA, then the hub)")
     _add_task_file_arguments(parser)
     parser.add_argument("--max-length", type=int, default=128, help="tokens per input (longer ones are cut)")
-    parser.add_argument("--dev-file", help="csv/jsonl: a separate dev file (default: a seeded 10%% of --data-file)")
-    generation = parser.add_argument_group("generation files (csv/jsonl with --format)")
-    generation.add_argument("--format", choices=["prompt-completion", "alpaca", "messages"],
-                            help="a generation file: prompt/completion, Alpaca instruction/input/output, or "
-                                 "OpenAI chat messages (rendered with the model's chat template)")
-    generation.add_argument("--columns", action="append", metavar="FIELD=COLUMN",
-                            help="the file's name for a field, repeatable: --columns prompt=question")
-    generation.add_argument("--chat-template", metavar="FILE", help="messages: a Jinja chat template file "
-                                                                    "(default: the tokenizer's)")
-    generation.add_argument("--template", help="prompt-completion: a format string with {prompt} (default: as written)")
-    generation.add_argument("--assistant-turns", choices=["all", "last"], default="all",
-                            help="messages: the loss on all assistant turns or the last one only")
-    generation.add_argument("--overlong", choices=["cut", "drop"], default="cut",
-                            help="training rows longer than --max-length: cut or dropped (both are counted)")
 
 
 def build_parser() -> argparse.ArgumentParser:
