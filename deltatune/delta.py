@@ -539,6 +539,12 @@ class DeltaModel(nn.Module):
                 return self.generate(*args, **kwargs)
             state.per_example = per_example  # read by every component at the prefill and each decoding step
             for component in components:
+                tasks = sorted(t for t in distinct & set(component.tasks) if t is not None)
+                if tasks and hasattr(component, "generate") and not hasattr(component, "generate_mixed"):
+                    method = self.task_info[tasks[0]]["method"]
+                    raise TaskError(f"{method} tasks ({tasks}) cannot share a mixed-task generate yet (their own "
+                                    f"generate path does not mix); generate their rows with use(task) + generate")
+            for component in components:
                 if hasattr(component, "generate_mixed") and distinct & set(component.tasks):
                     return component.generate_mixed(self.base_model, *args, **kwargs)
             return self.base_model.generate(*args, **kwargs)

@@ -192,7 +192,8 @@ def test_long_rows_are_counted_and_reported(tmp_path, overlong):
 def method_config(method: str, arch: str):
     return {"lora": deltatune.LoRA(r=4, alpha=8), "bitfit": deltatune.BitFit(add_missing=arch == "llama"),
             "adapter": deltatune.Adapter(bottleneck=4), "prompt": deltatune.PromptTuning(length=3),
-            "full": deltatune.FullFineTune(), "top_layers": deltatune.TopLayers(k=1)}[method]
+            "full": deltatune.FullFineTune(), "top_layers": deltatune.TopLayers(k=1),
+            "prefix": deltatune.PrefixTuning(length=3, hidden=16)}[method]
 
 
 def lm_batch(seed: int = 0) -> tuple[dict, torch.Tensor]:
@@ -209,7 +210,7 @@ def lm_batch(seed: int = 0) -> tuple[dict, torch.Tensor]:
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-@pytest.mark.parametrize("method", ["lora", "bitfit", "adapter", "prompt", "full", "top_layers"])
+@pytest.mark.parametrize("method", ["lora", "bitfit", "adapter", "prompt", "full", "top_layers", "prefix"])
 def test_target_only_loss_equals_the_full_computation(arch, method):
     torch.manual_seed(0)
     model = deltatune.attach(tiny_model(arch, "causal-lm"), method_config(method, arch), task="t")
@@ -249,7 +250,7 @@ def chat_rows(count: int) -> list[dict]:
                           {"role": "assistant", "content": f"R{i} serves Thai food."}]} for i in range(count)]
 
 
-@pytest.mark.parametrize("method", ["lora", "bitfit", "adapter", "prompt", "full", "top_layers"])
+@pytest.mark.parametrize("method", ["lora", "bitfit", "adapter", "prompt", "full", "top_layers", "prefix"])
 def test_cli_trains_evaluates_and_generates_a_chat_delta(tmp_path, tiny_chat_model, capsys, method):
     from deltatune.cli import main
 
@@ -348,3 +349,13 @@ def test_generation_metrics_by_hand():
     perfect = compute_text_metrics(["a b c d e f"], [["a b c d e f"]])
     assert perfect["sacrebleu"] == pytest.approx(100) and perfect["chrf"] == pytest.approx(100)
     assert compute_text_metrics(["zzz"], [["a b c d e"]])["chrf"] < 5
+
+
+def test_mixed_generate_refuses_prefix_rows_instead_of_ignoring_their_prefix():
+    model = mixed_model("llama")
+    model = deltatune.attach(model, deltatune.PrefixTuning(length=2, hidden=8), task="prefix").eval()
+    ids = torch.randint(4, 400, (2, 5))
+    with pytest.raises(deltatune.TaskError, match=r"prefix tasks \(\['prefix'\]\) cannot share a mixed-task generate"):
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), tasks=["prefix", "lora_a"],
+                       max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert model.task_state.per_example is None
