@@ -183,6 +183,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prompt_ids(prompt_format, tokenizer, text: str) -> list[int]:
+    """The token ids of the prompt a generation delta was trained with, for a text typed by the user."""
+    from deltatune.tasks.generation import prompt_token_ids
+
+    prompt = prompt_format.prompt_for_text(text, tokenizer)
+    if prompt_format.format == "messages":  # the chat template writes any BOS itself
+        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return prompt_token_ids(tokenizer, prompt)
+
+
+def _predict_generation(args: argparse.Namespace, prompt_format: dict) -> int:
+    """`predict` with a delta trained on a generation file: each text's greedy completion, one JSON line each."""
+    from deltatune.delta import DeltaModel
+    from deltatune.evaluate import generate_completions
+    from deltatune.models import load_model, load_tokenizer
+    from deltatune.tasks.generation import PromptFormat
+
+    tokenizer = load_tokenizer(args.model)
+    model = DeltaModel(load_model(args.model, "causal-lm"))
+    model.add_delta(args.delta, trust_pickle=args.trust_pickle)
+    fmt = PromptFormat.from_dict(prompt_format)
+    prompts = [_prompt_ids(fmt, tokenizer, text)[-args.max_length:] for text in args.texts]
+    outputs = generate_completions(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens)
+    for text, output in zip(args.texts, outputs, strict=True):
+        print(json.dumps({"input": text, "output": output}, ensure_ascii=False))
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """Stream a delta's completion of one prompt, built the way the delta was trained."""
     import torch
@@ -192,7 +220,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from deltatune.delta import DeltaModel
     from deltatune.evaluate import stop_token_ids
     from deltatune.models import load_model, load_tokenizer
-    from deltatune.tasks.generation import PromptFormat, prompt_token_ids
+    from deltatune.tasks.generation import PromptFormat
 
     tokenizer = load_tokenizer(args.model)
     model = DeltaModel(load_model(args.model, "causal-lm"))
@@ -200,10 +228,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         model.add_delta(args.delta, trust_pickle=args.trust_pickle)
     saved = model.task_info[model.active_task].get("prompt_format") if args.delta else None
     if saved:
-        prompt_format = PromptFormat.from_dict(saved)
-        text = prompt_format.prompt_for_text(args.prompt, tokenizer)
-        ids = (tokenizer(text, add_special_tokens=False)["input_ids"] if prompt_format.format == "messages"
-               else prompt_token_ids(tokenizer, text))
+        ids = _prompt_ids(PromptFormat.from_dict(saved), tokenizer, args.prompt)
     elif args.delta:  # a delta of the built-in data-to-text task (E2E)
         ids = tokenizer(generation_prompt(args.prompt), add_special_tokens=False)["input_ids"]
     else:
@@ -222,7 +247,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from deltatune.delta import read_saved_delta
     from deltatune.evaluate import generate_texts, predict_labels
+
+    prompt_format = read_saved_delta(args.delta, trust_pickle=args.trust_pickle)[1].get("prompt_format")
+    if prompt_format and not args.task:  # a generation-file delta: its prompts, no data file needed
+        return _predict_generation(args, prompt_format)
 
     model, tokenizer, task = _load_for_inference(args)
     if task.kind == "generation":
@@ -456,6 +486,7 @@ def _add_inference_commands(commands) -> None:
         else:
             sub.add_argument("texts", nargs="+", help="inputs; sentence pairs as 'first ||| second'")
             sub.add_argument("--pair-separator", default=" ||| ")
+            sub.add_argument("--max-new-tokens", type=int, default=128, help="generation deltas: tokens at most")
         sub.set_defaults(handler=handler)
 
     generate = commands.add_parser("generate", help="stream a causal LM's completion of a prompt under a delta")

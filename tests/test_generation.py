@@ -290,6 +290,11 @@ def test_cli_trains_evaluates_and_generates_a_chat_delta(tmp_path, tiny_chat_mod
                                   do_sample=False, eos_token_id=tokenizer.eos_token_id,
                                   pad_token_id=tokenizer.pad_token_id)
     assert streamed.strip() == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    # predict: the same prompt, batched with another, no data file needed
+    assert main(["predict", "--model", str(tiny_chat_model), "--delta", str(out / "delta"), "--max-new-tokens", "5",
+                 "name[R1], food[Thai]", "a longer message than the first one, to pad the other"]) == 0
+    first = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert first == {"input": "name[R1], food[Thai]", "output": streamed.strip()}
 
 
 # ---- mixed-task generation ---------------------------------------------------------------------------------
