@@ -173,10 +173,20 @@ def test_stacks_follow_in_place_updates_and_reloaded_tasks(tmp_path):
 
 
 def test_a_merged_task_is_unmerged_for_a_mixed_batch():
-    model = build("bert", two_tasks("bert", "lora"))
+    """The reference is a twin never merged (built from the same seeds): an unmerge that does not restore W
+    would corrupt the merged model's own one-by-one reference as well."""
+    tasks = ["lora_a", "base", "lora_b"]
+    model, twin = (build("bert", two_tasks("bert", "lora")) for _ in range(2))
     model.use("lora_a").merge()
-    assert_mixed_matches_alone(model, ["lora_a", "base", "lora_b"])
+    batch, lengths = padded_batch(len(tasks))
+    with torch.no_grad():
+        mixed = model(**batch, tasks=tasks).logits
     assert model.merged_task is None
+    for i, expected in enumerate(alone(twin, batch, lengths, tasks)):
+        torch.testing.assert_close(mixed[i], expected, atol=1e-5, rtol=0, msg=f"example {i} ({tasks[i]})")
+    assert_mixed_matches_alone(model, tasks)  # and the unmerged model keeps answering like its twin
+    for i, expected in enumerate(alone(twin, batch, lengths, tasks)):
+        torch.testing.assert_close(alone(model, batch, lengths, tasks)[i], expected, atol=1e-5, rtol=0)
 
 
 def test_gradients_reach_each_task_in_a_mixed_batch():

@@ -1,0 +1,147 @@
+"""Plant named bugs, one per claim the README makes, and check that the tests watching each claim fail.
+
+    python scripts/mutation_check.py            # every bug, 2 workers
+    python scripts/mutation_check.py --only lora-scaling unmerge -j 1
+    python scripts/mutation_check.py --tests-from <rev>   # the bugs against an older suite's tests
+
+Each bug is (name, file, the exact original snippet, its replacement, the tests that watch the claim).
+It is planted in a copy of the tracked files (never in this checkout); only its tests run (`pytest -x -q`).
+A bug is caught when they fail. Exits non-zero when a snippet is not found exactly once (so the list
+cannot rot silently when the code moves) or when any bug is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Bug:
+    name: str
+    file: str
+    original: str
+    replacement: str
+    tests: tuple[str, ...]
+
+
+BUGS: list[Bug] = [
+    Bug("unmerge-keeps-merged-weight", "deltatune/methods/lora.py",
+        'self.base_layer.weight.copy_(self.__dict__.pop("unmerged_weight"))',
+        'self.__dict__.pop("unmerged_weight")',
+        ("tests/test_mixed.py::test_a_merged_task_is_unmerged_for_a_mixed_batch",)),
+    Bug("peft-export-fused-v-block-from-q", "deltatune/peft_format.py",
+        "block[start:end, s * config.r : (s + 1) * config.r] = B[s * width : (s + 1) * width]",
+        "block[start:end, s * config.r : (s + 1) * config.r] = B[0:width]",
+        ("tests/test_peft_format.py::test_gpt2_fused_slices_export_as_an_exact_block_lora",)),
+]
+
+
+def check_snippets(bugs: list[Bug]) -> list[str]:
+    problems = []
+    for bug in bugs:
+        path = ROOT / bug.file
+        count = path.read_text().count(bug.original) if path.is_file() else -1
+        if count != 1:
+            where = "file not found" if count < 0 else f"found {count} times"
+            problems.append(f"{bug.name}: snippet in {bug.file} {where}: {bug.original!r}")
+    return problems
+
+
+def copy_tree(destination: Path, tests_from: str | None) -> None:
+    """The tracked files (plus untracked, not ignored ones) of this checkout; tests/ from a revision if asked."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout.splitlines()
+    for name in listed:
+        source = ROOT / name
+        if source.is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination / name)
+    if tests_from:
+        shutil.rmtree(destination / "tests")
+        archive = subprocess.run(["git", "archive", tests_from, "tests"], cwd=ROOT, check=True, capture_output=True)
+        subprocess.run(["tar", "-x", "-C", str(destination)], input=archive.stdout, check=True)
+
+
+def run_bug(bug: Bug, tree: Path) -> tuple[str, int, float, str]:
+    """Plant the bug in `tree`, run its tests, take the bug out again."""
+    path = tree / bug.file
+    original = path.read_text()
+    path.write_text(original.replace(bug.original, bug.replacement, 1))
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    started = time.perf_counter()
+    try:
+        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *bug.tests],
+                                cwd=tree, env=env, capture_output=True, text=True)
+    finally:
+        path.write_text(original)
+    seconds = time.perf_counter() - started
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    return bug.name, result.returncode, seconds, lines[-1] if lines else result.stderr[-300:]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="plant only these bugs")
+    parser.add_argument("-j", "--jobs", type=int, default=2, help="bugs checked at once (one tree copy each)")
+    parser.add_argument("--tests-from", metavar="REV", help="run the bugs against tests/ of this git revision")
+    parser.add_argument("--list", action="store_true", help="print the bugs and their tests, run nothing")
+    args = parser.parse_args()
+    bugs = [bug for bug in BUGS if not args.only or bug.name in args.only]
+    unknown = set(args.only or ()) - {bug.name for bug in BUGS}
+    if unknown:
+        print(f"unknown bug(s) {sorted(unknown)}", file=sys.stderr)
+        return 2
+    problems = check_snippets(bugs)
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        print("a planted bug's snippet no longer matches the code: update BUGS in scripts/mutation_check.py",
+              file=sys.stderr)
+        return 2
+    if args.list:
+        for bug in bugs:
+            print(f"{bug.name}: {bug.file}\n    -> {' '.join(bug.tests)}")
+        return 0
+
+    started = time.perf_counter()
+    jobs = max(1, min(args.jobs, len(bugs)))
+    with tempfile.TemporaryDirectory(prefix="mutation-check-") as scratch:
+        trees = []
+        for worker in range(jobs):
+            tree = Path(scratch) / f"tree{worker}"
+            copy_tree(tree, args.tests_from)
+            trees.append(tree)
+        free = list(trees)
+
+        def check(bug: Bug):
+            tree = free.pop()
+            try:
+                return run_bug(bug, tree)
+            finally:
+                free.append(tree)
+
+        missed = 0
+        with ThreadPoolExecutor(jobs) as pool:
+            for name, code, seconds, last in pool.map(check, bugs):
+                caught = code in (1, 2)  # tests failed (1) or errored while collecting the bugged code (2)
+                missed += not caught
+                verdict = "caught" if caught else ("MISSED" if code == 0 else f"ERROR (pytest exit {code})")
+                print(f"{verdict:7} {name:45} {seconds:6.1f} s  {last}", flush=True)
+    wall = time.perf_counter() - started
+    print(f"{len(bugs) - missed} of {len(bugs)} planted bugs caught ({wall:.0f} s wall, {jobs} worker(s))")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
