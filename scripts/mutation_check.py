@@ -44,6 +44,22 @@ BUGS: list[Bug] = [
         "block[start:end, s * config.r : (s + 1) * config.r] = B[s * width : (s + 1) * width]",
         "block[start:end, s * config.r : (s + 1) * config.r] = B[0:width]",
         ("tests/test_peft_format.py::test_gpt2_fused_slices_export_as_an_exact_block_lora",)),
+    Bug("resume-ignores-checkpoint", "deltatune/train.py",
+        'if config.resume and (out / "checkpoint").is_dir():',
+        'if False and config.resume and (out / "checkpoint").is_dir():',
+        ("tests/test_train.py::test_resume_reads_the_checkpoint_and_gives_the_same_delta_bit_for_bit",)),
+    Bug("resume-drops-optimizer-state", "deltatune/train.py",
+        "set_optimizer_state_dict(model, getattr(optimizer",
+        "(lambda *args, **kwargs: None)(model, getattr(optimizer",
+        ("tests/test_train.py::test_resume_reads_the_checkpoint_and_gives_the_same_delta_bit_for_bit",)),
+    Bug("bf16-optimizer-never-steps", "deltatune/train.py",
+        "        optimizer.step()\n",
+        '        if precision != "bf16":\n            optimizer.step()\n',
+        ("tests/test_train.py::test_bf16_training_moves_the_delta_as_fp32_does",)),
+    Bug("eval-scores-land-on-other-rows", "deltatune/evaluate.py",
+        "for row, index in enumerate(chunk):",
+        "for row, index in enumerate(sorted(chunk)):",
+        ("tests/test_train.py::test_cli_train_eval_predict",)),
 ]
 
 
@@ -73,29 +89,37 @@ def copy_tree(destination: Path, tests_from: str | None) -> None:
         subprocess.run(["tar", "-x", "-C", str(destination)], input=archive.stdout, check=True)
 
 
-def run_bug(bug: Bug, tree: Path) -> tuple[str, int, float, str]:
-    """Plant the bug in `tree`, run its tests, take the bug out again."""
+def run_bug(bug: Bug, tree: Path, whole_files: bool = False) -> tuple[str, int, float, str]:
+    """Plant the bug in `tree`, run its tests (with `whole_files`, the whole files that hold them), take the
+    bug out again."""
+    tests = sorted({test.split("::")[0] for test in bug.tests}) if whole_files else bug.tests
     path = tree / bug.file
     original = path.read_text()
     path.write_text(original.replace(bug.original, bug.replacement, 1))
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     started = time.perf_counter()
+    basetemp = tree.parent / f"{tree.name}-pytest"  # its own: pytest prunes old folders of a shared one
     try:
-        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *bug.tests],
+        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                                 f"--basetemp={basetemp}", *tests],
                                 cwd=tree, env=env, capture_output=True, text=True)
     finally:
         path.write_text(original)
     seconds = time.perf_counter() - started
     lines = [line for line in result.stdout.splitlines() if line.strip()]
-    return bug.name, result.returncode, seconds, lines[-1] if lines else result.stderr[-300:]
+    summary = lines[-1] if lines else result.stderr[-300:]
+    if " error" in summary:  # an error, not a failure: show what it was (it may not be the bug's doing)
+        summary += " | " + " | ".join([line for line in lines if line.startswith("E ")][:3])
+    return bug.name, result.returncode, seconds, summary
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", metavar="NAME", help="plant only these bugs")
     parser.add_argument("-j", "--jobs", type=int, default=2, help="bugs checked at once (one tree copy each)")
-    parser.add_argument("--tests-from", metavar="REV", help="run the bugs against tests/ of this git revision")
+    parser.add_argument("--tests-from", metavar="REV", help="run the bugs against tests/ of this git revision (whole test files: the "
+                        "tests named may not exist there)")
     parser.add_argument("--list", action="store_true", help="print the bugs and their tests, run nothing")
     args = parser.parse_args()
     bugs = [bug for bug in BUGS if not args.only or bug.name in args.only]
@@ -127,7 +151,7 @@ def main() -> int:
         def check(bug: Bug):
             tree = free.pop()
             try:
-                return run_bug(bug, tree)
+                return run_bug(bug, tree, whole_files=bool(args.tests_from))
             finally:
                 free.append(tree)
 

@@ -4,10 +4,13 @@ CLI's train / eval / predict work end to end."""
 from __future__ import annotations
 
 import json
+import shutil
+from contextlib import contextmanager
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import deltatune.train as train_module
 from deltatune.cli import main as cli_main
@@ -42,34 +45,66 @@ def test_training_learns_and_writes_its_run_folder(tiny_model_dir, sentiment_csv
     assert [r["seconds"] for r in evals] == sorted(r["seconds"] for r in evals)
 
 
-@pytest.mark.parametrize("method", ["lora", "prefix"])  # prefix: the checkpoint holds the MLP it trains through
-def test_resume_after_a_crash_gives_the_same_delta_bit_for_bit(tiny_model_dir, sentiment_csv, tmp_path,
-                                                              monkeypatch, method):
-    train(config(tiny_model_dir, sentiment_csv, tmp_path / "straight", method=method))
+@contextmanager
+def optimizer_steps(fail_at: int | None = None):
+    """Counts the optimizer steps taken inside the block (torch's global step hook: independent of the loop's
+    code); with `fail_at`, the process "crashes" just before that step (1-based). Steps with all-zero
+    gradients are not counted: loading an optimizer state takes one to create the state tensors."""
+    taken = []
 
-    crash_at = {"step": 6}
-    original = train_module._check_explosion
-
-    def crash(losses, step, lr):
-        if step == crash_at["step"]:
+    def count(optimizer, args, kwargs):
+        gradients = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not any(g.abs().sum() > 0 for g in gradients):
+            return
+        if fail_at is not None and len(taken) + 1 == fail_at:
             raise RuntimeError("simulated crash")
-        return original(losses, step, lr)
+        taken.append(1)
 
-    monkeypatch.setattr(train_module, "_check_explosion", crash)
+    handle = register_optimizer_step_pre_hook(count)
+    try:
+        yield taken
+    finally:
+        handle.remove()
+
+
+def scale_exp_avg(value, factor: float):
+    """The optimizer state with every Adam first moment (exp_avg) multiplied by `factor`."""
+    if isinstance(value, dict):
+        return {k: v * factor if k == "exp_avg" else scale_exp_avg(v, factor) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(scale_exp_avg(v, factor) for v in value)
+    return value
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix"])  # prefix: the checkpoint holds the MLP it trains through
+def test_resume_reads_the_checkpoint_and_gives_the_same_delta_bit_for_bit(tiny_model_dir, sentiment_csv, tmp_path,
+                                                                          method):
+    """Killed after step 6 with a checkpoint at step 4: the resumed process takes only steps 5-8 and ends
+    with the uninterrupted run's delta, bit for bit; the same checkpoint with its Adam moments scaled
+    ends elsewhere (so the optimizer state is read, not rebuilt)."""
+    train(config(tiny_model_dir, sentiment_csv, tmp_path / "straight", method=method))
     interrupted = config(tiny_model_dir, sentiment_csv, tmp_path / "resumed", checkpoint_every=4, method=method)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with pytest.raises(RuntimeError, match="simulated crash"), optimizer_steps(fail_at=7):
         train(interrupted)
-    assert json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())["step"] == 4
-    monkeypatch.setattr(train_module, "_check_explosion", original)
+    shutil.copytree(tmp_path / "resumed", tmp_path / "perturbed")
     interrupted.resume = True
-    summary = train(interrupted)
-    assert summary["steps"] == 8
+    with optimizer_steps() as taken:
+        summary = train(interrupted)
+    assert len(taken) == 4 and summary["steps"] == 8  # steps 5..8 only: the step-4 checkpoint was read
 
     straight = load_file(tmp_path / "straight" / "delta" / "delta.safetensors")
     resumed = load_file(tmp_path / "resumed" / "delta" / "delta.safetensors")
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
+
+    (state_file,) = (tmp_path / "perturbed" / "checkpoint").glob("*.pt")
+    state = torch.load(state_file, weights_only=True)
+    torch.save(scale_exp_avg(state, 4.0), state_file)
+    train(config(tiny_model_dir, sentiment_csv, tmp_path / "perturbed", checkpoint_every=4, resume=True,
+                 method=method))
+    perturbed = load_file(tmp_path / "perturbed" / "delta" / "delta.safetensors")
+    assert any(not torch.allclose(perturbed[key], straight[key], atol=1e-6) for key in straight)
 
 
 def test_nonfinite_loss_stops_with_the_step(tiny_model_dir, sentiment_csv, tmp_path, monkeypatch):
@@ -79,20 +114,46 @@ def test_nonfinite_loss_stops_with_the_step(tiny_model_dir, sentiment_csv, tmp_p
 
 
 def test_cli_train_eval_predict(tiny_model_dir, sentiment_csv, tmp_path, capsys):
+    """`eval` and `predict` give what the saved delta on a fresh transformers model gives, example by example
+    (reviews of different lengths: batching sorts them by length, and must put every score back in place)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import deltatune
+    from deltatune.tasks import get_task
+
+    rows = sentiment_csv.read_text().splitlines()
+    sentiment_csv.write_text("\n".join([rows[0]] + [row.replace("the movie", "the movie" + " really" * (i % 4), 1)
+                                                    for i, row in enumerate(rows[1:])]) + "\n")
     data = ["--data-file", str(sentiment_csv), "--text-columns", "review", "--label-column", "sentiment"]
-    code = cli_main(["train", "--model", str(tiny_model_dir), "--task", "csv", "--method", "bitfit",
-                     "--out", str(tmp_path / "run"), "--max-steps", "4", "--batch-size", "8", "--no-progress", *data])
+    code = cli_main(["train", "--model", str(tiny_model_dir), "--task", "csv", "--method", "full",
+                     "--out", str(tmp_path / "run"), "--max-steps", "90", "--lr", "2e-3", "--warmup-ratio", "0", "--batch-size", "8",
+                     "--no-progress", *data])
     assert code == 0
     capsys.readouterr()
-    assert cli_main(["eval", "--model", str(tiny_model_dir), "--delta", str(tmp_path / "run" / "delta"),
-                     "--task", "csv", *data]) == 0
+    delta = tmp_path / "run" / "delta"
+    assert cli_main(["eval", "--model", str(tiny_model_dir), "--delta", str(delta), "--task", "csv", *data]) == 0
     evaluation = json.loads(capsys.readouterr().out)
-    assert 0.0 <= evaluation["dev"]["accuracy"] <= 1.0
-    assert cli_main(["predict", "--model", str(tiny_model_dir), "--delta", str(tmp_path / "run" / "delta"),
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = deltatune.load_delta(AutoModelForSequenceClassification.from_pretrained(tiny_model_dir), delta).eval()
+
+    def probabilities(text: str) -> torch.Tensor:
+        with torch.no_grad():
+            return model(**tokenizer(text, return_tensors="pt")).logits[0].softmax(-1)
+
+    dev = get_task("csv", path=str(sentiment_csv), text_columns=["review"], label_column="sentiment").load("dev")
+    predictions = [int(probabilities(example["text"]).argmax()) for example in dev]
+    assert len(dev) == 13 and len(set(predictions)) == 2  # both classes predicted: the order of rows matters
+    correct = sum(p == example["label"] for p, example in zip(predictions, dev, strict=True))
+    assert evaluation["dev"]["accuracy"] == pytest.approx(correct / len(dev))
+
+    assert cli_main(["predict", "--model", str(tiny_model_dir), "--delta", str(delta),
                      "--task", "csv", *data, "the movie was great ."]) == 0
     prediction = json.loads(capsys.readouterr().out.strip())
-    assert prediction["label"] in {"negative", "positive"}
-    assert sum(prediction["probabilities"].values()) == pytest.approx(1.0, abs=1e-3)
+    expected = probabilities("the movie was great .")
+    assert prediction["label"] == ["negative", "positive"][int(expected.argmax())]
+    assert [prediction["probabilities"][name] for name in ("negative", "positive")] == \
+        pytest.approx(expected.tolist(), abs=0.006)  # printed with two decimals
 
 
 def test_precision_auto_picks_bf16_only_with_native_support(monkeypatch):
@@ -127,3 +188,22 @@ def test_cli_train_defaults_to_auto_precision_and_records_what_ran(tiny_model_di
     assert fast.keys() == exact.keys()
     for key in fast:  # six steps apart only by bf16 rounding in the matrix products
         torch.testing.assert_close(fast[key], exact[key], atol=2e-3, rtol=0.05)
+
+
+def test_bf16_training_moves_the_delta_as_fp32_does(tiny_model_dir, sentiment_csv, tmp_path):
+    """bf16 autocast changes only the rounding of the matrix products: after six steps its delta has moved
+    from the initial delta about as far as the fp32 run's, and the two differ by much less than that move
+    (a bf16 run that never stepped would sit at the initial delta)."""
+    deltas = {}
+    for name, precision, lr in [("initial", "fp32", 1e-30), ("fp32", "fp32", 5e-3), ("bf16", "bf16", 5e-3)]:
+        train(config(tiny_model_dir, sentiment_csv, tmp_path / name, max_steps=6, seed=1, precision=precision,
+                     lr=lr))
+        deltas[name] = load_file(tmp_path / name / "delta" / "delta.safetensors")
+
+    def distance(a: str, b: str) -> float:
+        return sum(float((deltas[a][k] - deltas[b][k]).norm() ** 2) for k in deltas[a]) ** 0.5
+
+    moved = distance("fp32", "initial")
+    assert moved > 1e-2  # six steps of 5e-3 on the LoRA B matrices and the head
+    assert distance("bf16", "initial") == pytest.approx(moved, rel=0.1)
+    assert distance("bf16", "fp32") < 0.1 * moved
