@@ -60,6 +60,23 @@ BUGS: list[Bug] = [
         "for row, index in enumerate(chunk):",
         "for row, index in enumerate(sorted(chunk)):",
         ("tests/test_train.py::test_cli_train_eval_predict",)),
+    Bug("adapter-bert-before-dropout", "deltatune/targets.py",
+        'r"(^|\\.)attention\\.output\\.dropout$"', 'r"(^|\\.)attention\\.output\\.dense$"',
+        ("tests/test_adapter.py::test_the_adapter_sees_the_sublayer_output_before_the_residual_add",)),
+    Bug("adapter-roberta-after-layernorm", "deltatune/targets.py",
+        '**dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "camembert"], _BERT),',
+        '**dict.fromkeys(["bert", "xlm-roberta", "electra", "camembert"], _BERT), '
+        '"roberta": (r"(^|\\.)attention\\.output\\.LayerNorm$", r"(^|\\.)layer\\.\\d+\\.output\\.LayerNorm$"),',
+        ("tests/test_adapter.py::test_the_adapter_sees_the_sublayer_output_before_the_residual_add",)),
+    Bug("adapter-gpt2-before-resid-dropout", "deltatune/targets.py",
+        'r"(^|\\.)attn\\.resid_dropout$"', 'r"(^|\\.)attn\\.c_proj$"',
+        ("tests/test_adapter.py::test_the_adapter_sees_the_sublayer_output_before_the_residual_add",)),
+    Bug("adapter-llama-on-input-norm", "deltatune/targets.py",
+        'r"(^|\\.)self_attn\\.o_proj$"', 'r"(^|\\.)input_layernorm$"',
+        ("tests/test_adapter.py::test_the_adapter_sees_the_sublayer_output_before_the_residual_add",)),
+    Bug("adapter-t5-on-pre-attention-norm", "deltatune/targets.py",
+        'r"(^|\\.)block\\.\\d+\\.layer\\.0\\.dropout$"', 'r"(^|\\.)block\\.\\d+\\.layer\\.0\\.layer_norm$"',
+        ("tests/test_adapter.py::test_the_adapter_sees_the_sublayer_output_before_the_residual_add",)),
 ]
 
 

@@ -191,3 +191,57 @@ def test_lora_wrapping_the_hooked_layer_keeps_the_adapter():
         assert torch.equal(model.use("a")(**inputs).logits, expected)
         model.remove_task("l")
         assert torch.equal(model.use("a")(**inputs).logits, expected)
+
+
+# Per architecture, the first attention sub-layer: the module whose input is the residual stream r, the
+# module whose input is r + branch (the next norm, before any other computation), the adapter's name.
+RESIDUAL_POINTS = {
+    "bert": ("encoder.layer.0.attention.self", "encoder.layer.0.attention.output.LayerNorm",
+             "encoder.layer.0.attention.output.adapter"),
+    "roberta": ("encoder.layer.0.attention.self", "encoder.layer.0.attention.output.LayerNorm",
+                "encoder.layer.0.attention.output.adapter"),
+    "gpt2": ("h.0.ln_1", "h.0.ln_2", "h.0.attn.adapter"),
+    "llama": ("layers.0.input_layernorm", "layers.0.post_attention_layernorm", "layers.0.self_attn.adapter"),
+    "t5": ("encoder.block.0.layer.0.layer_norm", "encoder.block.0.layer.1.layer_norm",
+           "encoder.block.0.layer.0.adapter"),
+}
+
+
+def first_input(model: nn.Module, suffix: str, seen: dict, key: str):
+    name, module = next((n, m) for n, m in model.named_modules() if n.endswith(suffix))
+
+    def hook(module, args, kwargs):
+        seen.setdefault(key, args[0] if args else kwargs["hidden_states"])
+
+    return module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("arch", list(TINY))
+def test_the_adapter_sees_the_sublayer_output_before_the_residual_add(arch):
+    """Houlsby et al. 2019 §3.1 (Fig. 2): the adapter takes the sub-layer's output after its projection and
+    dropout, and its output (plus its skip connection) is what is added to the residual stream, before
+    the norm. In training mode, with dropout on and the same random draws: r + branch + adapter(branch),
+    where the branch comes from a plain copy of the base. An adapter before the dropout, after the norm,
+    or on the pre-attention norm gives another sum."""
+    residual_at, sum_at, adapter_name = RESIDUAL_POINTS[arch]
+    plain = make_model(arch)
+    model = deltatune.attach(make_model(arch), deltatune.Adapter(bottleneck=M, train_norms=False), task="a")
+    randomise(model, "a")
+    adapter = next(a for n, a in adapters(model).items() if n.endswith(adapter_name))
+    sums = {}
+    for key, net in [("plain", plain), ("adapted", model)]:
+        net.train()
+        seen = {}
+        handles = [first_input(net, residual_at, seen, "residual"), first_input(net, sum_at, seen, "sum")]
+        torch.manual_seed(5)
+        with torch.no_grad():
+            net(**make_inputs(arch))
+        for handle in handles:
+            handle.remove()
+        sums[key] = seen
+    torch.testing.assert_close(sums["adapted"]["residual"], sums["plain"]["residual"])  # same stream so far
+    branch = sums["plain"]["sum"] - sums["plain"]["residual"]
+    with torch.no_grad():
+        expected = sums["plain"]["residual"] + branch + adapter.adapter_up["a"](F.gelu(adapter.adapter_down["a"](branch)))
+    assert not torch.allclose(expected, sums["plain"]["sum"], atol=1e-3)  # the adapter changes the sum
+    torch.testing.assert_close(sums["adapted"]["sum"], expected, atol=1e-5, rtol=1e-4)
