@@ -77,6 +77,26 @@ BUGS: list[Bug] = [
     Bug("adapter-t5-on-pre-attention-norm", "deltatune/targets.py",
         'r"(^|\\.)block\\.\\d+\\.layer\\.0\\.dropout$"', 'r"(^|\\.)block\\.\\d+\\.layer\\.0\\.layer_norm$"',
         ("tests/test_adapter.py::test_the_adapter_sees_the_sublayer_output_before_the_residual_add",)),
+    Bug("prefix-cache-stale-across-prefixes", "deltatune/prompting/prefix_cache.py",
+        "    _, cache = _call_model(model, 1, None, input_ids=torch.tensor([list(prefix_ids)], device=model.device))\n"
+        "    return cache\n",
+        "    kept = encode_prefix.__dict__  # one cache per model, whatever the prefix\n"
+        "    if id(model) not in kept:\n"
+        "        kept[id(model)] = _call_model(model, 1, None, input_ids=torch.tensor([list(prefix_ids)]))[1]\n"
+        "    return kept[id(model)]\n",
+        ("tests/test_fewshot.py::test_the_prefix_cache_follows_the_prefix",)),
+    Bug("calibration-contextual-on-the-examples", "deltatune/prompting/calibration.py",
+        '"calibrated": calibrate(example_scores, scores[n : n + c]).argmax(dim=-1)}',
+        '"calibrated": calibrate(example_scores, scores[:n]).argmax(dim=-1)}',
+        ("tests/test_fewshot.py::test_evaluate_fewshot_batch_calibration_matches_scoring_by_hand",)),
+    Bug("calibration-first-reference-only", "deltatune/prompting/calibration.py",
+        "reference = reference_log_scores.softmax(dim=-1).mean(dim=0)",
+        "reference = reference_log_scores.softmax(dim=-1)[0]",
+        ("tests/test_fewshot.py::test_calibration_removes_a_constant_bias",
+         "tests/test_fewshot.py::test_batch_calibration_divides_by_the_mean_over_unlabeled_inputs")),
+    Bug("fewshot-generation-unstripped", "deltatune/prompting/fewshot.py",
+        "predictions[i] = text.strip()", "predictions[i] = text + ' .'",
+        ("tests/test_fewshot.py::test_evaluate_fewshot_generation_end_to_end",)),
 ]
 
 

@@ -163,13 +163,22 @@ def test_removing_the_task_restores_the_plain_model():
 
 
 def test_params_table_shows_the_adapter_row():
+    """The table's counts are those of adapters attached to a RoBERTa-large built on the meta device (no
+    memory), and the hand formulas."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert cli_main(["params", "--arch", "roberta-large"]) == 0
     row = next(line for line in out.getvalue().splitlines() if line.startswith("Adapters (dim 64)"))
     assert "6,343,680" in row  # 24 layers x 2 adapters x (2 x 1024 x 64 + 64 + 1024)
     assert "100,352" in row  # 49 LayerNorms (embeddings + 2 per layer) x (g, b) x 1024
-    assert 24 * 2 * (2 * 1024 * 64 + 64 + 1024) == 6_343_680 and 49 * 2 * 1024 == 100_352
+    large = RobertaConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                          vocab_size=50265, max_position_embeddings=514, type_vocab_size=1)
+    with torch.device("meta"):
+        attached = deltatune.attach(RobertaForSequenceClassification(large), deltatune.Adapter(bottleneck=64))
+    report = attached.report(print_table=False)
+    assert (report.method_parameters, report.norm_parameters) == (6_343_680, 100_352)
 
 
 def test_t5_adapters_follow_self_attention_and_ffn_not_cross_attention():

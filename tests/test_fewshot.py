@@ -50,14 +50,32 @@ def _decoder(arch: str):
     return tiny_model(arch, "causal-lm")
 
 
+OTHER_PREFIX = "Review: dull and long\nSentiment: negative\n\n"
+
+
+def full_forward_scores(model, tokenizer, prefix: str, queries: list[str], words: list[str]) -> torch.Tensor:
+    """The reference, with no cache and no batching: one forward pass over the whole text prefix + query +
+    label word, per query and label word; the label's log-probability summed over its tokens."""
+    table = torch.empty(len(queries), len(words))
+    lead = tokenizer("a")["input_ids"][: -len(tokenizer("a", add_special_tokens=False)["input_ids"])]  # a BOS
+    for q, query in enumerate(queries):
+        context = lead + [i for text in (prefix, query) if text
+                          for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+        for j, word in enumerate(words):
+            label = tokenizer(word, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                log_probs = model(input_ids=torch.tensor([context + label])).logits[0].log_softmax(-1)
+            table[q, j] = sum(log_probs[len(context) - 1 + k, token] for k, token in enumerate(label))
+    return table
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("prefix", [PREFIX, ""], ids=["2-shot", "zero-shot"])
 def test_prefix_cache_scores_like_reencoding(arch, padding_side, prefix, tokenizer):
     model = _decoder(arch)
     assert len(tokenizer(" quick brown fox", add_special_tokens=False)["input_ids"]) > 1
-    # batch 1 without cache: no padding, no cache, the plain reference
-    naive = score_labels(model, tokenizer, prefix, QUERIES, LABEL_WORDS, batch_size=1, use_cache_prefix=False)
+    expected = full_forward_scores(model, tokenizer, prefix, QUERIES, LABEL_WORDS)
     for use_cache in (True, False):  # batch 3: rows of different lengths, so padding inside the batch
         batched = score_labels(
             model,
@@ -69,8 +87,25 @@ def test_prefix_cache_scores_like_reencoding(arch, padding_side, prefix, tokeniz
             use_cache_prefix=use_cache,
             padding_side=padding_side,
         )
-        torch.testing.assert_close(batched, naive, atol=1e-4, rtol=0)
-    assert torch.isfinite(naive).all()
+        torch.testing.assert_close(batched, expected, atol=1e-4, rtol=0)
+    assert torch.isfinite(expected).all()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_prefix_cache_follows_the_prefix(arch, tokenizer):
+    """One model scored with one prefix, another, and the first again: each time what a full forward pass
+    of that text gives (a cache kept from an earlier prefix would score the later queries against it)."""
+    model = _decoder(arch)
+    for prefix in (PREFIX, OTHER_PREFIX, "", PREFIX):
+        scores = score_labels(model, tokenizer, prefix, QUERIES[:3], LABEL_WORDS, batch_size=2)
+        torch.testing.assert_close(scores, full_forward_scores(model, tokenizer, prefix, QUERIES[:3], LABEL_WORDS),
+                                   atol=1e-4, rtol=0)
+    prefix_ids = prefix_token_ids(tokenizer, PREFIX)
+    other_ids = prefix_token_ids(tokenizer, OTHER_PREFIX)
+    context = tokenizer(QUERIES[0], add_special_tokens=False)["input_ids"]
+    for ids in (prefix_ids, other_ids):
+        assert generate_greedy(model, tokenizer, ids, [context], max_new_tokens=4, stop=None) == \
+            [tokenizer.decode(_greedy_reference(model, ids + context, 4))]
 
 
 def test_scores_are_log_probabilities_of_the_label_tokens(tokenizer):
@@ -226,6 +261,12 @@ def test_evaluate_fewshot_batch_calibration_matches_scoring_by_hand(tokenizer):
         predictions = (probs[: len(dev)] / probs[len(dev) :].mean(0)).argmax(-1)
         expected = (predictions == torch.tensor([e["label"] for e in dev])).float().mean().item()
         assert result["batch_calibrated_accuracy"] == pytest.approx(expected)
+        # contextual calibration (Zhao et al. 2021 §5): divided by the mean over the content-free inputs
+        content_free = score_labels(model, tokenizer, prefix, template.content_free_queries(), words).softmax(-1)
+        contextual = (probs[: len(dev)] / content_free.mean(0)).argmax(-1)
+        expected = (contextual == torch.tensor([e["label"] for e in dev])).float().mean().item()
+        assert result["calibrated_accuracy"] == pytest.approx(expected)
+        assert (contextual != predictions).any() or shots == 0  # the two calibrations differ here
     off = evaluate_fewshot(model, tokenizer, task, shots=2, seed=1, calibration_inputs=0)
     assert "batch_calibrated_accuracy" not in off and off["calibration_examples"] == 0
     assert off["calibrated_accuracy"] == result["calibrated_accuracy"] and off["accuracy"] == result["accuracy"]
@@ -275,10 +316,27 @@ def test_evaluate_fewshot_generation_end_to_end(tokenizer):
         {"source": f"name[The Eagle], food[French], area[riverside] {i}", "target": "The Eagle is French."}
         for i in range(4)
     ]
-    dev = [{"source": "name[The Eagle], near[Burger King]", "references": ["The Eagle is near Burger King."]}]
+    dev = [{"source": "name[The Eagle], near[Burger King]", "references": ["The Eagle is near Burger King."]},
+           {"source": "name[The Mill], food[Indian]", "references": ["The Mill serves Indian food."]}]
     task = _fake_task("e2e", "generation", train, dev, metric_names=["bleu"])
-    result = evaluate_fewshot(_decoder("gpt2"), tokenizer, task, shots=2, max_new_tokens=5)
-    assert result["examples"] == 1 and result["demonstrations"] == 2 and "bleu" in result
+    model = _decoder("gpt2")
+    # by hand: the prompt of the 2 demonstrations drawn with seed 0, greedy decoding by full forward passes
+    prefix = TEMPLATES["e2e"].build_prefix(select_demonstrations(train, 2, 0), [])
+    completions = []
+    for example in dev:
+        context = prefix_token_ids(tokenizer, prefix) + \
+            tokenizer(TEMPLATES["e2e"].format_query(example), add_special_tokens=False)["input_ids"]
+        completions.append(tokenizer.decode(_greedy_reference(model, context, 5)).split("\n")[0].strip())
+    assert all(completions)
+    # references: the first example's own completion (a perfect score), the others' with a word dropped
+    scored = [{**e, "references": [c if i == 0 else c.rsplit(" ", 1)[0] + " Eagle"]}
+              for i, (e, c) in enumerate(zip(dev, completions, strict=True))]
+    task = _fake_task("e2e", "generation", train, scored, metric_names=["bleu"])
+    result = evaluate_fewshot(model, tokenizer, task, shots=2, max_new_tokens=5)
+    assert result["examples"] == len(dev) and result["demonstrations"] == 2
+    expected = task.compute_metrics(completions, [[c.rsplit(" ", 1)[0] + " Eagle"] if i else [c]
+                                                  for i, c in enumerate(completions)])["bleu"]
+    assert 0 < expected and result["bleu"] == pytest.approx(expected)
 
 
 def test_choose_demonstrations_keeps_the_draw_that_scores_best_on_held_out_train_examples(monkeypatch, tokenizer):
