@@ -97,6 +97,22 @@ BUGS: list[Bug] = [
     Bug("fewshot-generation-unstripped", "deltatune/prompting/fewshot.py",
         "predictions[i] = text.strip()", "predictions[i] = text + ' .'",
         ("tests/test_fewshot.py::test_evaluate_fewshot_generation_end_to_end",)),
+    Bug("serve-base-rows-through-a-delta", "deltatune/serve.py",
+        "tasks = [job.task for job, _ in chunk]",
+        'tasks = [job.task if job.task != "base" else next(iter(self._tasks)) for job, _ in chunk]',
+        ("tests/test_serve.py::test_every_response_base_rows_batch_splits_and_each_tasks_label_names",)),
+    Bug("serve-base-rows-answered-empty", "deltatune/serve.py",
+        "job.future.set_result([self._prediction(job.task, text, row) for text, row in",
+        'job.future.set_result([] if job.task == "base" else [self._prediction(job.task, text, row) for text, row in',
+        ("tests/test_serve.py::test_every_response_base_rows_batch_splits_and_each_tasks_label_names",)),
+    Bug("serve-split-batch-drops-an-input", "deltatune/serve.py",
+        "for start in range(0, len(examples), size):",
+        "for start in range(0, len(examples) - (len(examples) > size), size):",
+        ("tests/test_serve.py::test_every_response_base_rows_batch_splits_and_each_tasks_label_names",)),
+    Bug("serve-first-tasks-label-names", "deltatune/serve.py",
+        'labels = self._tasks[task]["labels"] if task in self._tasks else None',
+        'labels = next(iter(self._tasks.values()))["labels"] if task in self._tasks else None',
+        ("tests/test_serve.py::test_every_response_base_rows_batch_splits_and_each_tasks_label_names",)),
 ]
 
 

@@ -156,3 +156,48 @@ def test_a_full_queue_answers_503_with_retry_after(tiny_model_dir, deltas):
     assert rejected.status_code == 503 and rejected.headers["retry-after"] == "1"
     assert [r.status_code for r in accepted] == [200, 200]
     assert metrics["rejected"] == 1 and metrics["queue"] == 0
+
+
+def test_every_response_base_rows_batch_splits_and_each_tasks_label_names(tiny_model_dir, tmp_path):
+    """Nine inputs from four requests (two tasks with their own label names, the base model, a task again)
+    queued together and run in passes of at most 2 (a request of 3 split over two passes): every input answered, in order, each as the library
+    answers it alone (the base rows as the plain model), each task with its own label names."""
+    labels = {"sst2": ["negative", "positive"], "rte": ["entailment", "not_entailment"]}
+    paths = {}
+    for index, (task, config) in enumerate({"sst2": deltatune.LoRA(r=4), "rte": deltatune.Adapter(bottleneck=8)}.items()):
+        model = deltatune.attach(load_model(str(tiny_model_dir)), config, task=task, label_names=labels[task])
+        randomise(model, task, seed=index)
+        paths[task] = model.save_delta(tmp_path / task)
+    requests = [("sst2", TEXTS), ("rte", TEXTS[:2]), ("base", TEXTS), ("sst2", TEXTS[1:2])]
+
+    async def scenario(engine, url):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            with held(engine):
+                waiting = [asyncio.create_task(client.post("/v1/predict", json={"task": task, "inputs": texts}))
+                           for task, texts in requests]
+                await asyncio.to_thread(wait_for_queue, engine, len(requests))
+            return [await w for w in waiting], (await client.get("/metrics")).json()
+
+    engine = build_engine(str(tiny_model_dir), paths, ServeConfig(max_batch_size=2, max_wait_ms=50))
+    with BackgroundServer(engine) as url:
+        responses, metrics = asyncio.run(scenario(engine, url))
+    assert metrics["inputs"] == 9 and metrics["max_batch_inputs"] == 2 and metrics["batches"] >= 5
+
+    plain = load_model(str(tiny_model_dir))
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    for response, (task, texts) in zip(responses, requests, strict=True):
+        assert response.status_code == 200, (task, response.text)
+        body = response.json()
+        assert body["task"] == task and [p["input"] for p in body["predictions"]] == texts
+        if task == "base":
+            with torch.no_grad():
+                expected = torch.stack([plain(**tokenizer(t, return_tensors="pt")).logits[0].softmax(-1) for t in texts])
+            names = sorted(body["predictions"][0]["probabilities"])
+            assert names not in labels.values()
+        else:
+            expected, names = expected_probabilities(tiny_model_dir, paths, task, texts), labels[task]
+        for prediction, row in zip(body["predictions"], expected, strict=True):
+            assert list(prediction["probabilities"]) == names, task
+            got = torch.tensor([prediction["probabilities"][name] for name in names])
+            torch.testing.assert_close(got, row, atol=1e-5, rtol=0)
+            assert prediction["label"] == names[int(row.argmax())]
