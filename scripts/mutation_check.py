@@ -113,6 +113,18 @@ BUGS: list[Bug] = [
         'labels = self._tasks[task]["labels"] if task in self._tasks else None',
         'labels = next(iter(self._tasks.values()))["labels"] if task in self._tasks else None',
         ("tests/test_serve.py::test_every_response_base_rows_batch_splits_and_each_tasks_label_names",)),
+    Bug("atomic-save-no-file-fsync", "deltatune/io.py",
+        "                os.fsync(handle.fileno())\n", "                pass\n",
+        ("tests/test_faults.py::test_a_save_makes_its_files_durable_before_renaming_them_into_place",)),
+    Bug("atomic-save-folder-fsynced-after-rename", "deltatune/io.py",
+        "        _fsync_folder(tmp)\n        if path.exists():",
+        "        if path.exists():",
+        ("tests/test_faults.py::test_a_save_makes_its_files_durable_before_renaming_them_into_place",)),
+    Bug("load-accepts-same-size-other-shape", "deltatune/delta.py",
+        "            if source.shape != target.shape:\n",
+        "            source = source.reshape(target.shape) if source.numel() == target.numel() else source\n"
+        "            if source.shape != target.shape:\n",
+        ("tests/test_faults.py::test_a_tensor_of_the_same_size_but_another_shape_is_refused",)),
 ]
 
 

@@ -8,11 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+
 
 from deltatune.models import tiny_model, tiny_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Fuzzing: 150 examples per property test by default; HYPOTHESIS_PROFILE=thorough for 1,000 each.
+settings.register_profile("default", max_examples=150)
+settings.register_profile("thorough", max_examples=1000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 # tiny models run much faster on one thread (and do not suffer when the machine is busy)
 torch.set_num_threads(1)
 

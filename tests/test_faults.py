@@ -46,7 +46,9 @@ from deltatune.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAD_KEYS = {"classifier.weight", "classifier.bias"}  # the tiny BERT's head
-PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# examples per fuzz test from the hypothesis profile (tests/conftest.py): 150 by default, 1,000 under
+# HYPOTHESIS_PROFILE=thorough (3,000 damaged deltas over the three tests below)
+PROPERTY = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -313,6 +315,19 @@ def test_damaged_safetensors_bytes_are_refused_cleanly(good_deltas, targets, tmp
     event(f"{kind}: {load_and_check(targets[target], folder, must_fail, tensors)}")
 
 
+@pytest.mark.parametrize("method", ["lora", "bitfit"])
+@pytest.mark.parametrize("target", ["bare", "with_task", "merged"])
+def test_a_tensor_of_the_same_size_but_another_shape_is_refused(good_deltas, targets, tmp_path, method, target):
+    """Pinned, not left to the fuzzer's draws: each tensor reshaped to another shape with the same number of
+    elements (same bytes in the file: a LoRA A of (r, d) stored as (d, r), a bias as a column)."""
+    tensors, meta = good_deltas[method]
+    for key, value in tensors.items():
+        other = value.reshape(value.shape[::-1]) if value.ndim == 2 else value.reshape(-1, 1)
+        assert other.shape != value.shape and other.numel() == value.numel()
+        folder = write_folder(tmp_path / "delta", {**tensors, key: other}, meta)
+        assert load_and_check(targets[target], folder, True, None) == "refused", key
+
+
 def test_a_delta_for_another_head_size_still_loads(tmp_path):
     """The shape rules above refuse one head tensor resized alone, not a real 3-label delta."""
     three_labels = make_model("bert")
@@ -433,6 +448,35 @@ def inject(name: str):
 
 def die(name: str):
     os._exit(KILLED)  # like SIGKILL: no except/finally runs, nothing is cleaned up
+
+
+@pytest.mark.parametrize("overwrite", [True, False], ids=["over-an-old-delta", "new-path"])
+def test_a_save_makes_its_files_durable_before_renaming_them_into_place(tmp_path, monkeypatch, overwrite):
+    """Every file, then the folder holding them, is fsynced before the rename that publishes them, and the
+    parent folder after it (else a power cut can leave a renamed folder of empty files)."""
+    events = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(descriptor):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{descriptor}")))
+        return real_fsync(descriptor)
+
+    def rename(source, destination):
+        events.append(("rename", str(source), str(destination)))
+        return real_rename(source, destination)
+
+    path = tmp_path / "d"
+    if overwrite:
+        write_delta(path, *versioned(1))
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    write_delta(path, *versioned(2))
+    published = next(i for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(path))
+    temporary = events[published][1]
+    synced = [e[1] for e in events[:published] if e[0] == "fsync"]
+    assert sorted(synced[:-1]) == sorted(f"{temporary}/{name}" for name in os.listdir(path))  # each file
+    assert synced[-1] == temporary  # then the folder holding them
+    assert events[-1] == ("fsync", str(tmp_path))  # the renames made durable in the parent folder
 
 
 @pytest.mark.parametrize("overwrite", [True, False], ids=["over-an-old-delta", "new-path"])
