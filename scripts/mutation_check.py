@@ -125,6 +125,21 @@ BUGS: list[Bug] = [
         "            source = source.reshape(target.shape) if source.numel() == target.numel() else source\n"
         "            if source.shape != target.shape:\n",
         ("tests/test_faults.py::test_a_tensor_of_the_same_size_but_another_shape_is_refused",)),
+    Bug("ddp-loss-not-scaled-by-world", "deltatune/train.py",
+        "weight = world * _loss_units(task, [train_items[i] for i in indices])",
+        "weight = _loss_units(task, [train_items[i] for i in indices])",
+        ("tests/test_distributed.py::test_two_processes_compute_the_one_process_gradients[grad-classification]",)),
+    Bug("ddp-generation-weighted-by-examples", "deltatune/train.py",
+        'if task.kind != "generation":\n        return len(items)',
+        'if True:\n        return len(items)',
+        ("tests/test_distributed.py::test_two_processes_compute_the_one_process_gradients[grad-generation]",)),
+    Bug("ddp-eval-gathered-out-of-order", "deltatune/distributed.py",
+        "ordered[source_rank::world] = part", "ordered[source_rank::world] = part[::-1]",
+        ("tests/test_distributed.py::test_two_processes_compute_the_one_process_gradients[grad-regression]",)),
+    Bug("grad-checkpointing-doubles-the-gradient", "deltatune/train.py",
+        "loss = task_loss(task, outputs, labels) * weight / config.grad_accum",
+        "loss = task_loss(task, outputs, labels) * weight / config.grad_accum * (1 + config.grad_checkpointing)",
+        ("tests/test_distributed.py::test_gradient_checkpointing_gives_the_same_step",)),
 ]
 
 
