@@ -175,7 +175,8 @@ BUGS: list[Bug] = [
          "tests/test_compare.py::test_sweep_rows_say_how_many_seeds_finished")),
     Bug("e2e-nist-unclipped-counts", "deltatune/tasks/e2e_metrics.py",
         "information(ngram) * min(count, max_reference_counts[ngram])", "information(ngram) * count",
-        ("tests/test_metrics.py::test_nist_by_hand", "tests/test_metrics.py::test_e2e_scores_match_the_official_script")),
+        ("tests/test_metrics.py::test_nist_by_hand",
+         "tests/test_metrics.py::test_e2e_scores_match_the_official_script")),
     Bug("e2e-bleu-without-13a-tokenisation", "deltatune/tasks/e2e_metrics.py",
         'sacrebleu.BLEU(tokenize="13a", lowercase=False, force=True)',
         'sacrebleu.BLEU(tokenize="none", lowercase=False, force=True)',
@@ -239,8 +240,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", metavar="NAME", help="plant only these bugs")
     parser.add_argument("-j", "--jobs", type=int, default=2, help="bugs checked at once (one tree copy each)")
-    parser.add_argument("--tests-from", metavar="REV", help="run the bugs against tests/ of this git revision (whole test files: the "
-                        "tests named may not exist there)")
+    parser.add_argument("--tests-from", metavar="REV", help="run the bugs against tests/ of this git revision "
+                        "(whole test files: the tests named may not exist there)")
     parser.add_argument("--list", action="store_true", help="print the bugs and their tests, run nothing")
     args = parser.parse_args()
     bugs = [bug for bug in BUGS if not args.only or bug.name in args.only]

@@ -10,7 +10,6 @@ import pytest
 import torch
 from hypothesis import settings
 
-
 from deltatune.models import tiny_model, tiny_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -251,6 +251,7 @@ def test_the_adapter_sees_the_sublayer_output_before_the_residual_add(arch):
     torch.testing.assert_close(sums["adapted"]["residual"], sums["plain"]["residual"])  # same stream so far
     branch = sums["plain"]["sum"] - sums["plain"]["residual"]
     with torch.no_grad():
-        expected = sums["plain"]["residual"] + branch + adapter.adapter_up["a"](F.gelu(adapter.adapter_down["a"](branch)))
+        adapted_branch = adapter.adapter_up["a"](F.gelu(adapter.adapter_down["a"](branch)))
+        expected = sums["plain"]["residual"] + branch + adapted_branch
     assert not torch.allclose(expected, sums["plain"]["sum"], atol=1e-3)  # the adapter changes the sum
     torch.testing.assert_close(sums["adapted"]["sum"], expected, atol=1e-5, rtol=1e-4)

@@ -160,11 +160,13 @@ def test_a_full_queue_answers_503_with_retry_after(tiny_model_dir, deltas):
 
 def test_every_response_base_rows_batch_splits_and_each_tasks_label_names(tiny_model_dir, tmp_path):
     """Nine inputs from four requests (two tasks with their own label names, the base model, a task again)
-    queued together and run in passes of at most 2 (a request of 3 split over two passes): every input answered, in order, each as the library
-    answers it alone (the base rows as the plain model), each task with its own label names."""
+    queued together and run in passes of at most 2 (a request of 3 split over two passes): every input
+    answered, in order, each as the library answers it alone (the base rows as the plain model), each task
+    with its own label names."""
     labels = {"sst2": ["negative", "positive"], "rte": ["entailment", "not_entailment"]}
     paths = {}
-    for index, (task, config) in enumerate({"sst2": deltatune.LoRA(r=4), "rte": deltatune.Adapter(bottleneck=8)}.items()):
+    configs = {"sst2": deltatune.LoRA(r=4), "rte": deltatune.Adapter(bottleneck=8)}
+    for index, (task, config) in enumerate(configs.items()):
         model = deltatune.attach(load_model(str(tiny_model_dir)), config, task=task, label_names=labels[task])
         randomise(model, task, seed=index)
         paths[task] = model.save_delta(tmp_path / task)
@@ -191,7 +193,8 @@ def test_every_response_base_rows_batch_splits_and_each_tasks_label_names(tiny_m
         assert body["task"] == task and [p["input"] for p in body["predictions"]] == texts
         if task == "base":
             with torch.no_grad():
-                expected = torch.stack([plain(**tokenizer(t, return_tensors="pt")).logits[0].softmax(-1) for t in texts])
+                expected = torch.stack([plain(**tokenizer(t, return_tensors="pt")).logits[0].softmax(-1)
+                                        for t in texts])
             names = sorted(body["predictions"][0]["probabilities"])
             assert names not in labels.values()
         else:

@@ -126,8 +126,8 @@ def test_cli_train_eval_predict(tiny_model_dir, sentiment_csv, tmp_path, capsys)
                                                     for i, row in enumerate(rows[1:])]) + "\n")
     data = ["--data-file", str(sentiment_csv), "--text-columns", "review", "--label-column", "sentiment"]
     code = cli_main(["train", "--model", str(tiny_model_dir), "--task", "csv", "--method", "full",
-                     "--out", str(tmp_path / "run"), "--max-steps", "90", "--lr", "2e-3", "--warmup-ratio", "0", "--batch-size", "8",
-                     "--no-progress", *data])
+                     "--out", str(tmp_path / "run"), "--max-steps", "90", "--lr", "2e-3", "--warmup-ratio", "0",
+                     "--batch-size", "8", "--no-progress", *data])
     assert code == 0
     capsys.readouterr()
     delta = tmp_path / "run" / "delta"
