@@ -256,9 +256,11 @@ def test_two_processes_compute_the_one_process_gradients(runs, name):
                 torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-4, msg=f"step {step}, parameter {index}")
     summary, reference = (json.loads((runs / run / "summary.json").read_text()) for run in (name, f"single-{name}"))
     assert summary["processes"] == 2
-    assert summary["final"] == pytest.approx(reference["final"], abs=1e-4)  # (the deltas differ by float rounding)
-    if name == "grad-regression":
+    if name == "grad-regression":  # (Spearman's ranks of near-equal predictions flip with float rounding)
+        assert summary["final"]["pearson"] == pytest.approx(reference["final"]["pearson"], abs=1e-4)
         assert summary["final"]["pearson"] != pytest.approx(0.0, abs=1e-3)
+    else:
+        assert summary["final"] == pytest.approx(reference["final"], abs=1e-4)  # the deltas differ by rounding
 
 
 # prefix tuning refuses checkpointing by name (its prefixes ride in the key/value cache, which transformers'
