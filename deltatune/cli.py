@@ -277,12 +277,30 @@ def _compare_config(args: argparse.Namespace):
         lr = {method: float(value) for method, value in key_values(args.lr).items()}
     except ValueError as error:
         raise ConfigError(f"--lr takes METHOD=NUMBER (e.g. --lr lora=5e-4): {error}") from None
+    if getattr(args, "tasks", None) and args.task:
+        raise ConfigError("give --task NAME or --tasks A,B,... (several tasks, one column each), not both")
     return config_from_args(
         CompareConfig, args, data_dir=data_dir, task_options=task_options(args) if args.task else {}, lr=lr,
-        method_options={m: method_settings(m, [o.split(":", 1)[1] for o in args.option or [] if o.startswith(m + ":")],
-                                           source="-o")
-                        for m in args.methods if m in METHODS or m in PROMPTING_METHODS},  # others: a failed cell
-    )
+        method_options=compare_method_options(args.methods, args.option))
+
+
+def compare_method_options(labels: list[str], pairs: list[str] | None) -> dict[str, dict]:
+    """`-o METHOD:KEY=VALUE` per method and `-o METHOD@NAME:KEY=VALUE` per variant, typed by the method's config
+    (a variant's options go over its method's). Unknown methods get none: they fail as their own cells."""
+    from deltatune.compare import base_method
+
+    options = {}
+    for label in dict.fromkeys([*labels, *(base_method(label) for label in labels)]):
+        method = base_method(label)
+        if method in METHODS or method in PROMPTING_METHODS:
+            mine = [o.split(":", 1)[1] for o in pairs or [] if o.startswith(label + ":")]
+            options[label] = method_settings(method, mine, source="-o")
+    known = {label + ":" for label in options}
+    stray = [o for o in pairs or [] if "@" in o.split(":", 1)[0] and not any(o.startswith(k) for k in known)]
+    if stray:
+        raise ConfigError(f"-o {stray[0]!r} names no variant of --methods {','.join(labels)}; add it to "
+                          f"--methods (e.g. --methods adapter@small -o adapter@small:bottleneck=8)")
+    return options
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -440,7 +458,8 @@ def _add_training_commands(commands) -> None:
             sub.add_argument("--param", required=True, help="NAME=V1,V2,... e.g. length=1,5,10,20,50")
         sub.add_argument("--lr", action="append", metavar="METHOD=LR", help="per-method learning rate")
         sub.add_argument("-o", "--option", action="append", metavar="METHOD:KEY=VALUE",
-                         help="method option, e.g. -o lora:r=16 -o prompt:length=10")
+                         help="method option, e.g. -o lora:r=16 -o prompt:length=10; for a variant of --methods "
+                              "adapter@small: -o adapter@small:bottleneck=8")
         _add_task_file_arguments(sub)
         sub.set_defaults(handler=handler)
 

@@ -1,12 +1,15 @@
-"""`deltatune compare` and `deltatune sweep`: the methods side by side on one task, measured.
+"""`deltatune compare` and `deltatune sweep`: the methods side by side on one or several tasks, measured.
 
-Every (method, seed) cell trains in its own subprocess with the same model, task, data and budget,
+Every (task, method, seed) cell trains in its own subprocess with the same model, data and budget,
 so one failing method is reported with its error while the others run, and peak memory is the
-cell's own. Finished cells are kept in `OUT/cells/*.json`: rerunning with the same `--out` reuses
-them (no lost work). Then inference latency is timed for the base model and each method's delta
-(LoRA unmerged and merged) and kept in `OUT/latency.json` with the settings it was measured under; a
-rerun reuses it only when those settings (model, task, the very deltas, batch sizes, sequence length,
-rounds, dtype, threads, device, versions) all match. `report.py` writes the tables and plots.
+cell's own. `--jobs N` runs N cells at once (default: one single-thread cell per core; two 1-thread
+cells were measured to give more throughput than one 2-thread cell on CPU). Finished cells are kept in
+`OUT/cells/*.json` (`LABEL-seedS.json` for one task, `TASK-LABEL-seedS.json` for several): rerunning
+with the same `--out` reuses those whose settings match (no lost work). Then, serially, inference latency
+is timed for the base model and each method's delta on the first task (LoRA unmerged and merged) and
+kept in `OUT/latency.json` with the settings it was measured under; a rerun reuses it only when those
+settings (model, task, the very deltas, batch sizes, sequence length, rounds, dtype, threads, device,
+versions) all match. `report.py` writes the tables and plots; `tables.py` the task x method table.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -38,21 +41,34 @@ class CompareConfig:
     model: str = field(default="minilm", metadata={"help": "minilm | smollm2 | a local folder | a hub name"})
     task: str | None = field(
         default=None, metadata={"help": "default: sst2 if the data folder has it, else bbc-news"})
+    tasks: list[str] | None = field(default=None, metadata={
+        "help": "several tasks, one table column each (e.g. sst2,mrpc,cola,rte,stsb); replaces --task"})
     task_options: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})  # csv/jsonl: path, columns
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS), metadata={
-        "help": "comma-separated; also zero-shot, few-shot (a causal LM: --model smollm2; -o few-shot:shots=4)"})
+        "help": "comma-separated; also zero-shot, few-shot (a causal LM: --model smollm2; -o few-shot:shots=4); "
+                "METHOD@NAME is a variant, its own row with its own options (-o adapter@small:bottleneck=8)"})
     seeds: int = field(default=1, metadata={"help": "seeds per method (mean and std over them)"})
-    budget: str = field(default="steps=300", metadata={"help": "per cell: steps=N | epochs=E | seconds=S"})
+    budget: str = field(default="auto", metadata={
+        "help": "per cell: steps=N | epochs=E | seconds=S | auto (the task's, compare.TASK_SETTINGS)"})
     out: str = field(default="runs/compare", metadata={"help": "folder of the cells, report.md and plots"})
     batch_size: int = field(default=32, metadata={"help": "examples per batch"})
-    max_length: int = field(default=64, metadata={"help": "tokens per input (longer ones are cut)"})
+    max_length: int | None = field(default=None, metadata={
+        "help": "tokens per input, longer ones are cut (default: the task's, compare.TASK_SETTINGS)"})
     data_dir: str | None = field(
         default=None, metadata={"help": "folder laid out like shared/data (default: $DELTATUNE_DATA, then "
                                         "../shared/data beside the repo, then the hub)"})
-    train_limit: int | None = field(default=None, metadata={"help": "use only the first N training examples"})
+    train_limit: int | None = field(default=None, metadata={
+        "help": "use only the first N training examples (default: the task's, e2e 2000, else all)"})
     eval_limit: int | None = field(default=None, metadata={"help": "evaluate on the first N examples only"})
-    lr: dict[str, float] = field(default_factory=dict, metadata={"cli": False})  # per-method overrides: --lr M=LR
+    lr: dict[str, float] = field(default_factory=dict, metadata={"cli": False})  # --lr M=LR (M: method or variant)
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"cli": False})  # -o M:K=V
+    published: str = field(default="auto", metadata={
+        "help": "print a published table beside ours and check its orderings: roberta-base (GLUE) | gpt2-medium "
+                "(E2E) | none | auto (the table whose tasks hold ours, when two of its rows were run)"})
+    jobs: int | None = field(default=None, metadata={
+        "help": "cells trained at once (default: one per core, or 1 on a GPU); jobs x threads <= cores"})
+    threads_per_job: int | None = field(default=None, metadata={
+        "help": "CPU threads per cell (default: cores // jobs)"})
     latency: bool = field(default=True, metadata={"help": "time inference of the base model and each delta"})
     latency_repeats: int = field(default=20, metadata={"help": "timed rounds per latency variant"})
     precision: str = field(default="fp32", metadata={
@@ -81,8 +97,72 @@ def default_task(data_dir: str | None) -> str:
         return "bbc-news"
 
 
-def cell_name(method: str, seed: int, label: str | None = None) -> str:
-    return f"{label or method}-seed{seed}"
+def cell_name(method: str, seed: int, label: str | None = None, task: str | None = None) -> str:
+    """`lora-seed0`; with several tasks the task comes first (`mrpc-lora-seed0`)."""
+    return f"{task + '-' if task else ''}{label or method}-seed{seed}"
+
+
+def base_method(label: str) -> str:
+    """`adapter@small` -> `adapter`: a variant is a method under a name of its own (its own row and -o options)."""
+    return label.split("@", 1)[0]
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """What a task's cells train with unless the command says otherwise."""
+
+    budget: str
+    max_length: int
+    train_limit: int | None = None
+    eval_split: str = "dev"
+
+
+# Per-task budgets, stated in every report. Hu et al. 2021 (Appendix D) train GLUE for 10-80 epochs on GPUs;
+# on a CPU each cell gets roughly 250-350 optimizer steps at batch 32: SST-2 (67k examples) by steps, the small
+# GLUE tasks by whole epochs (RTE 2.5k x 3, MRPC 3.7k x 2, STS-B 5.7k x 2, CoLA 8.6k x 1). Pairs of sentences
+# get 128 tokens (RTE's premises are long; 64 cut most of them). E2E: every method on the same 2,000 training
+# references, scored on the 630 test MRs with all their references (Novikova et al. 2017). Learning rates: each
+# method's registry default (`registry.METHODS[m].default_lr`), or --lr METHOD=LR.
+TASK_SETTINGS: dict[str, TaskSettings] = {
+    "sst2": TaskSettings("steps=300", 64),
+    "cola": TaskSettings("epochs=1", 64),
+    "mrpc": TaskSettings("epochs=2", 128),
+    "rte": TaskSettings("epochs=3", 128),
+    "stsb": TaskSettings("epochs=2", 128),
+    "mnli": TaskSettings("steps=300", 128),
+    "qnli": TaskSettings("steps=300", 128),
+    "qqp": TaskSettings("steps=300", 128),
+    "e2e": TaskSettings("epochs=1", 128, train_limit=2000, eval_split="test"),
+}
+OTHER_TASKS = TaskSettings("steps=300", 64)  # bbc-news, csv, jsonl
+
+
+def task_settings(config: CompareConfig, task: str) -> TaskSettings:
+    """The task's row of TASK_SETTINGS with what the command set explicitly on top."""
+    default = TASK_SETTINGS.get(task, OTHER_TASKS)
+    return TaskSettings(
+        budget=default.budget if config.budget == "auto" else config.budget,
+        max_length=config.max_length or default.max_length,
+        train_limit=config.train_limit if config.train_limit is not None else default.train_limit,
+        eval_split=default.eval_split)
+
+
+def compare_tasks(config: CompareConfig) -> list[str]:
+    """--tasks, else --task, else the default task."""
+    return list(config.tasks or [config.task or default_task(config.data_dir)])
+
+
+def jobs_and_threads(config: CompareConfig, cells: int) -> tuple[int, int]:
+    """(cells at once, threads per cell): by default one single-thread cell per core, never more jobs than
+    cells; on a GPU one cell at a time (they would share the one device)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if config.jobs is None:
+        jobs = 1 if torch.cuda.is_available() else max(1, cores // (config.threads_per_job or 1))
+    else:
+        jobs = max(1, config.jobs)
+    jobs = max(1, min(jobs, cells))
+    threads = config.threads_per_job or max(1, cores // jobs)
+    return jobs, threads
 
 
 def run_method(config: TrainConfig) -> dict[str, Any]:
@@ -144,16 +224,20 @@ def prompting_summary(config: TrainConfig) -> dict[str, Any]:
     return summary
 
 
-def run_cell(config: TrainConfig, cell_file: Path, log_file: Path) -> dict[str, Any]:
-    """Run one cell in a subprocess; record its summary (or its error) in `cell_file`."""
+def run_cell(config: TrainConfig, cell_file: Path, log_file: Path, threads: int | None = None) -> dict[str, Any]:
+    """Run one cell in a subprocess (with `threads` CPU threads); record its summary (or its error) in `cell_file`."""
     started = time.perf_counter()
     code = (
-        "import json, sys; from deltatune.compare import run_method; from deltatune.train import TrainConfig; "
+        "import json, sys, torch; from deltatune.compare import run_method; from deltatune.train import TrainConfig; "
+        "threads = int(sys.argv[2]); threads and torch.set_num_threads(threads); "
         "print(json.dumps(run_method(TrainConfig(**json.loads(sys.argv[1])))))"
     )
+    env = os.environ.copy()
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     with open(log_file, "w") as log:
-        process = subprocess.run([sys.executable, "-c", code, json.dumps(asdict(config))],
-                                 stdout=subprocess.PIPE, stderr=log, text=True, env=os.environ.copy())
+        process = subprocess.run([sys.executable, "-c", code, json.dumps(asdict(config)), str(threads or 0)],
+                                 stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     result: dict[str, Any] = {"config": asdict(config), "wall_seconds": round(time.perf_counter() - started, 1)}
     if process.returncode == 0:
         result["summary"] = json.loads(process.stdout.strip().splitlines()[-1])
@@ -168,50 +252,81 @@ def run_cell(config: TrainConfig, cell_file: Path, log_file: Path) -> dict[str, 
     return result
 
 
-def plan_cells(
-    config: CompareConfig, variants: list[tuple[str, str, dict]] | None = None
-) -> list[tuple[str, TrainConfig]]:
-    """(cell name, TrainConfig) for every variant x seed. A variant = (label, method, options)."""
-    task = config.task or default_task(config.data_dir)
-    variants = variants or [(m, m, config.method_options.get(m, {})) for m in config.methods]
+class Cell(NamedTuple):
+    name: str  # its file: OUT/cells/NAME.json
+    label: str  # its row: the method, or METHOD@VARIANT
+    config: TrainConfig
+
+
+def plan_cells(config: CompareConfig, variants: list[tuple[str, str, dict]] | None = None) -> list[Cell]:
+    """One cell per task x variant x seed. A variant = (label, method, options); by default each of
+    `config.methods` (`adapter@small` = adapter with `-o adapter@small:...` over `-o adapter:...`)."""
+    tasks = compare_tasks(config)
+    variants = variants or [(label, base_method(label), {**config.method_options.get(base_method(label), {}),
+                                                         **config.method_options.get(label, {})})
+                            for label in config.methods]
     out = Path(config.out)
     cells = []
-    for label, method, options in variants:
-        for seed in range(1 if method == "zero-shot" else config.seeds):  # zero-shot draws nothing: one cell
-            name = cell_name(method, seed, label)
-            cells.append((name, TrainConfig(
-                model=config.model, task=task, method=method, out=str(out / "runs" / name), method_options=options,
-                task_options=config.task_options, data_dir=config.data_dir, batch_size=config.batch_size,
-                max_length=config.max_length,
-                lr=config.lr.get(method), seed=seed, train_limit=config.train_limit, eval_limit=config.eval_limit,
-                precision=config.precision, progress=False, **parse_budget(config.budget),
-            )))
+    for task in tasks:
+        settings = task_settings(config, task)
+        for label, method, options in variants:
+            for seed in range(1 if method == "zero-shot" else config.seeds):  # zero-shot draws nothing: one cell
+                name = cell_name(method, seed, label, task if len(tasks) > 1 else None)
+                cells.append(Cell(name, label, TrainConfig(
+                    model=config.model, task=task, method=method, out=str(out / "runs" / name),
+                    method_options=options, task_options=config.task_options, data_dir=config.data_dir,
+                    batch_size=config.batch_size, max_length=settings.max_length,
+                    lr=config.lr.get(label, config.lr.get(method)), seed=seed, train_limit=settings.train_limit,
+                    eval_limit=config.eval_limit, eval_split=settings.eval_split, precision=config.precision,
+                    progress=False, **parse_budget(settings.budget),
+                )))
     return cells
 
 
-def run_cells(config: CompareConfig, cells: list[tuple[str, TrainConfig]]) -> dict[str, dict]:
-    """Run every unfinished cell with a progress display (which cell, ETA); reuse finished ones."""
+def _finished(cell_file: Path, train_config: TrainConfig) -> dict | None:
+    """The cell's saved result if it ran with exactly these settings (else None: train it again)."""
+    if not cell_file.is_file():
+        return None
+    finished = json.loads(cell_file.read_text())
+    return finished if finished["config"] == json.loads(json.dumps(asdict(train_config))) else None
+
+
+def run_cells(config: CompareConfig, cells: list[Cell]) -> dict[str, dict]:
+    """Run every unfinished cell, `jobs` at a time, with a progress display (which cells, ETA); reuse
+    finished ones. Results come back in the planned order whatever order the cells finish in."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     out = Path(config.out)
-    results = {}
+    results: dict[str, dict] = {}
+    todo = []
+    for cell in cells:
+        finished = _finished(out / "cells" / f"{cell.name}.json", cell.config)
+        if finished is not None:
+            results[cell.name] = finished
+        else:
+            todo.append(cell)
+    jobs, threads = jobs_and_threads(config, len(todo))
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()) as progress:
-        bar = progress.add_task("compare", total=len(cells))
-        for name, train_config in cells:
-            cell_file = out / "cells" / f"{name}.json"
-            if cell_file.is_file():
-                finished = json.loads(cell_file.read_text())
-                if finished["config"] == json.loads(json.dumps(asdict(train_config))):  # same settings only
-                    results[name] = finished
-                    progress.update(bar, advance=1, description=f"{name}: reused")
-                    continue
-            progress.update(bar, description=f"training {name}")
-            (out / "logs").mkdir(parents=True, exist_ok=True)
-            results[name] = run_cell(train_config, cell_file, out / "logs" / f"{name}.log")
-            status = "failed" if "error" in results[name] else "done"
-            progress.update(bar, advance=1, description=f"{name}: {status}")
-    return results
+        bar = progress.add_task(f"compare ({len(results)} reused)", total=len(cells), completed=len(results))
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        with ThreadPoolExecutor(max_workers=jobs) as pool:  # threads only wait on the cells' subprocesses
+            running = {pool.submit(run_cell, cell.config, out / "cells" / f"{cell.name}.json",
+                                   out / "logs" / f"{cell.name}.log", threads): cell for cell in todo}
+            progress.update(bar, description=f"training {len(todo)} cells, {jobs} at a time x {threads} threads")
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    cell = running.pop(future)
+                    results[cell.name] = future.result()
+                    status = "failed" if "error" in results[cell.name] else "done"
+                    progress.update(bar, advance=1, description=f"{cell.name}: {status}")
+    ordered = {cell.name: results[cell.name] for cell in cells}
+    for cell in cells:
+        ordered[cell.name]["label"] = cell.label
+    return ordered
 
 
 # ---- inference latency ------------------------------------------------------------------------
@@ -221,9 +336,15 @@ LATENCY_WARMUP_ROUNDS = 2
 
 
 def _latency_cells(results: dict[str, dict]) -> dict[str, dict]:
-    """The cell whose delta is timed, per method: seed 0, finished, a trained method."""
-    return {r["config"]["method"]: r for r in results.values()
-            if "summary" in r and r["config"]["seed"] == 0 and r["config"]["method"] not in PROMPTING_METHODS}
+    """The cell whose delta is timed, per method: the first task's, seed 0, finished, a trained method (the
+    first variant of a method stands for it: latency depends on where a method adds weights, not on its task)."""
+    first_task = next((r["config"]["task"] for r in results.values()), None)
+    cells: dict[str, dict] = {}
+    for r in results.values():
+        if ("summary" in r and r["config"]["seed"] == 0 and r["config"]["task"] == first_task
+                and r["config"]["method"] not in PROMPTING_METHODS):
+            cells.setdefault(r["config"]["method"], r)
+    return cells
 
 
 def _file_digest(folder: Path) -> str:
@@ -331,6 +452,7 @@ def compare(config: CompareConfig, command: str = "") -> dict[str, Any]:
 
     cells = plan_cells(config)
     results = run_cells(config, cells)
+    tables = {"majority": majority(config, cells), "published": published_table(config, cells)}
     latency = None  # --no-latency: no latency section at all, whatever an earlier run left in OUT
     if config.latency:
         latency_file = Path(config.out) / "latency.json"
@@ -343,7 +465,40 @@ def compare(config: CompareConfig, command: str = "") -> dict[str, Any]:
             tmp.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
             os.replace(tmp, latency_file)
         latency = {"settings": settings, "rows": rows}
-    return write_report(config, results, latency, command=command, kind="compare")
+    return write_report(config, results, latency, command=command, kind="compare", tables=tables)
+
+
+def majority(config: CompareConfig, cells: list[Cell]) -> dict[str, dict | None]:
+    """Each task's majority-class scores on the split its cells evaluate (None: a generation task, or no data)."""
+    from deltatune.tables import majority_scores
+    from deltatune.tasks import DataError
+
+    scores = {}
+    for cell in cells:
+        c = cell.config
+        if c.task not in scores:
+            try:
+                scores[c.task] = majority_scores(c.task, c.eval_split, c.data_dir, c.eval_limit, c.task_options)
+            except DataError:
+                scores[c.task] = None  # its cells fail with the reason
+    return scores
+
+
+def published_table(config: CompareConfig, cells: list[Cell]) -> dict[str, Any] | None:
+    """--published NAME's table; auto: the table whose tasks hold all of ours, when two of its rows were run."""
+    from deltatune.tables import load_published, matching_published
+
+    if config.published == "none":
+        return None
+    if config.published != "auto":
+        return load_published(config.published)
+    tasks = list(dict.fromkeys(cell.config.task for cell in cells))
+    name = matching_published(tasks)
+    if name is None:
+        return None
+    table = load_published(name)
+    labels = {cell.label for cell in cells}
+    return table if sum(row["label"] in labels for row in table["rows"]) >= 2 else None
 
 
 def sweep(config: CompareConfig, method: str, parameter: str, values: list, command: str = "") -> dict[str, Any]:

@@ -46,15 +46,15 @@ def _dir_size(path: Path) -> int:
 def aggregate(results: dict[str, dict]) -> list[dict[str, Any]]:
     """One row per method (or sweep value): mean and std over the seeds that finished, how many of the
     planned seeds that is (`seeds` of `seeds_planned`), and each failed seed with its error."""
-    groups: dict[str, list[dict]] = {}
+    groups: dict[tuple[str, str], list[dict]] = {}
     for result in results.values():  # in the order the cells were planned
         label = result.get("label") or result["config"]["method"]
-        groups.setdefault(label, []).append(result)
+        groups.setdefault((result["config"]["task"], label), []).append(result)
     rows = []
-    for label, cells in groups.items():
+    for (task, label), cells in groups.items():
         done = [c["summary"] for c in cells if "summary" in c]
         failed = [{"seed": c["config"]["seed"], "error": c["error"]} for c in cells if "error" in c]
-        row: dict[str, Any] = {"label": label, "method": cells[0]["config"]["method"], "seeds": len(done),
+        row: dict[str, Any] = {"label": label, "task": task, "method": cells[0]["config"]["method"], "seeds": len(done),
                                "seeds_planned": len(cells), "failed": failed,
                                "sweep_value": cells[0].get("sweep_value"),
                                "error": failed[0]["error"] if failed else None}
@@ -93,30 +93,38 @@ def _seeds_line(rows: list[dict]) -> str:
     if len(counts) == 1 and all(done == planned for done, planned in counts):
         done = counts.pop()[0]
         return "1 seed" if done == 1 else f"{done} seeds, each finished"
-    return "seeds finished per method: " + ", ".join(f"{r['label']} {r['seeds']}/{r['seeds_planned']}" for r in rows)
+    several = len({row.get("task") for row in rows}) > 1
+    return "seeds finished per method: " + ", ".join(
+        f"{r['task'] + ' ' if several else ''}{r['label']} {r['seeds']}/{r['seeds_planned']}" for r in rows)
 
 
 def _failures(rows: list[dict]) -> list[str]:
     """One line per failed (method, seed) cell with its error: the table's means leave them out."""
-    failed = [f"- {row['label']}, seed {f['seed']}: {f['error']}" for row in rows for f in row["failed"]]
+    several = len({row.get("task") for row in rows}) > 1
+    failed = [f"- {row['task'] + ' ' if several else ''}{row['label']}, seed {f['seed']}: {f['error']}"
+              for row in rows for f in row["failed"]]
     return ["", "Failed seeds (not in the means above):", *failed] if failed else []
 
 
 def write_report(config, results: dict[str, dict], latency: dict[str, Any] | None, command: str, kind: str,
-                 sweep: tuple[str, str] | None = None) -> dict[str, Any]:
+                 sweep: tuple[str, str] | None = None, tables: dict[str, Any] | None = None) -> dict[str, Any]:
     """report.md, results.json, results.csv and the plots for `results` (the cells planned by this run).
 
     `latency` is {"settings": what it was measured under, "rows": one per variant}, or None: then neither
-    report.md nor results.json has a latency section.
+    report.md nor results.json has a latency section. `tables` (majority-class scores, a published table)
+    goes to `tables.task_table_lines`; with several tasks that table comes first.
     """
+    tables = tables or {}
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = aggregate(results)
     env = environment()
-    metrics = next((r["metrics"] for r in rows if r.get("metrics")), [])
+    metrics = list(dict.fromkeys(m for r in rows for m in r.get("metrics", [])))  # several tasks: all their metrics
+    tasks = list(dict.fromkeys(r["config"]["task"] for r in results.values()))
     base_params = _base_parameters(results)
     payload = {"kind": kind, "command": command, "environment": env, "config": asdict(config), "rows": rows,
-               "base_parameters": base_params, "cells": results}
+               "base_parameters": base_params, "cells": results,
+               **{key: value for key, value in tables.items() if value is not None}}
     if latency is not None:
         payload["latency"], payload["latency_settings"] = latency["rows"], latency["settings"]
     latency_rows = latency["rows"] if latency else []
@@ -124,25 +132,37 @@ def write_report(config, results: dict[str, dict], latency: dict[str, Any] | Non
     _write_csv(out / "results.csv", rows, metrics)
     plots = _plots(out, rows, latency_rows, metrics, sweep)
 
-    task = next((r["config"]["task"] for r in results.values()), "?")
-    lines = [f"# deltatune {kind}: {config.model} on {task}", "", f"Command: `{command}`", "",
+    lines = [f"# deltatune {kind}: {config.model} on {', '.join(tasks) or '?'}", "", f"Command: `{command}`", "",
              "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), "",
-             (f"Budget per cell: {config.budget}, batch {config.batch_size}, max length {config.max_length}, "
-              f"training precision {_precisions(results) or config.precision}, "
+             (f"Budget per cell: {_budgets(results)}, batch {config.batch_size}, "
+              f"training precision {_precisions(results) or config.precision}, learning rate {_lrs(results)}, "
               if any(r.get("trainable_parameters") for r in rows) else "Prompting baselines only: nothing trains, ")
-             + f"{_seeds_line(rows)}; quality = the task's metrics on its dev split at the end of training "
-             f"(mean ± std over the seeds that finished, the value alone for one seed; in % where the metric is "
-             f"a fraction).", ""]
-    header = ["method", "seeds", "trainable params", "% of base", "delta size", *metrics, "train s", "ex/s", "peak MB"]
+             + f"{_seeds_line(rows)}; quality = the task's metrics on its {_splits(results)} split at the end of "
+             f"training (mean ± std over the seeds that finished, the value alone for one seed; in % where the metric "
+             f"is a fraction).", ""]
+    several = len(tasks) > 1
+    if several or tables.get("published"):
+        from deltatune.tables import task_table_lines
+
+        lines += task_table_lines(rows, tasks, **tables)
+        lines += ["", "## Every cell", ""]
+    elif tables.get("majority"):
+        from deltatune.tables import majority_lines
+
+        lines += majority_lines(rows, tables["majority"]) + [""]
+    header = [*(["task"] if several else []), "method", "seeds", "trainable params", "% of base", "delta size",
+              *metrics, "train s", "ex/s", "peak MB"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         seeds = f"{row['seeds']}/{row['seeds_planned']}"
+        first = [row["task"]] if several else []
         if row.get("trainable_parameters") is None:
-            lines.append(f"| {row['label']} | {seeds} | failed: {row['error']} |" + " |" * (len(header) - 3))
+            lines.append("| " + " | ".join([*first, row["label"], seeds, f"failed: {row['error']} |"])
+                         + " |" * (len(header) - 3 - len(first)))
             continue
         percent = 100 * row["trainable_parameters"] / base_params if base_params else float("nan")
         lines.append("| " + " | ".join([
-            row["label"], seeds, f"{row['trainable_parameters']:,}", f"{percent:.3f}%",
+            *first, row["label"], seeds, f"{row['trainable_parameters']:,}", f"{percent:.3f}%",
             f"{row['delta_bytes'] / 1e6:.2f} MB",
             *[_fmt_metric(row, m) for m in metrics], f"{row['train_seconds']:.0f}",
             "-" if row["examples_per_s"] is None else f"{row['examples_per_s']:.1f}", f"{row['peak_memory_mb']:.0f}",
@@ -171,6 +191,39 @@ def write_report(config, results: dict[str, dict], latency: dict[str, Any] | Non
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return payload
+
+
+def _splits(results: dict[str, dict]) -> str:
+    return "/".join(dict.fromkeys(r["config"].get("eval_split", "dev") for r in results.values())) or "dev"
+
+
+def _budgets(results: dict[str, dict]) -> str:
+    """Each task's budget as its cells ran ("sst2 300 steps, mrpc 2 epochs"; one task: "300 steps"), max length
+    and training examples."""
+    seen: dict[str, str] = {}
+    for result in results.values():
+        c = result["config"]
+        budget = (f"{c['max_steps']} steps" if c.get("max_steps") else f"{c['max_seconds']:g} s"
+                  if c.get("max_seconds") else f"{c['epochs']:g} epochs")
+        limit = f", first {c['train_limit']} training examples" if c.get("train_limit") else ""
+        seen.setdefault(c["task"], f"{budget}, max length {c['max_length']}{limit}")
+    if len(seen) == 1:
+        return next(iter(seen.values()))
+    return "; ".join(f"{task} {text}" for task, text in seen.items())
+
+
+def _lrs(results: dict[str, dict]) -> str:
+    """The learning rate each method trained with: --lr, else the registry's default."""
+    from deltatune.registry import METHODS
+
+    found: dict[str, str] = {}
+    for result in results.values():
+        c = result["config"]
+        label = result.get("label") or c["method"]
+        if c["method"] in METHODS:
+            lr = c.get("lr") or METHODS[c["method"]].default_lr
+            found.setdefault(label, f"{label} {lr:g}" + ("" if c.get("lr") else " (registry default)"))
+    return ", ".join(found.values()) or "-"
 
 
 def _precisions(results: dict[str, dict]) -> str:

@@ -1,0 +1,191 @@
+"""`deltatune compare --tasks ...`: cells per (task, method, seed), method variants, per-task settings, the
+task x method table (bold best, Avg., majority-class floor, a published table and its orderings), --jobs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from deltatune.cli import _compare_config, build_parser
+from deltatune.cli import main as cli_main
+from deltatune.compare import CompareConfig, TaskSettings, jobs_and_threads, plan_cells
+from deltatune.errors import ConfigError
+from deltatune.train import TrainConfig
+
+
+def parse(*argv):
+    return _compare_config(build_parser().parse_args(["compare", *argv]))
+
+
+# ---- planning ------------------------------------------------------------------------------------------------
+def test_tasks_times_variants_times_seeds_with_each_tasks_settings(tmp_path):
+    config = parse("--tasks", "rte,sst2", "--methods", "lora,adapter@small,adapter@big", "--seeds", "2",
+                   "-o", "adapter:placement=lin", "-o", "adapter@small:bottleneck=8", "-o", "adapter@big:bottleneck=48",
+                   "--lr", "adapter@big=3e-4", "--lr", "adapter=1e-3", "--out", str(tmp_path), "--data-dir", ".")
+    cells = plan_cells(config)
+    assert len(cells) == 2 * 3 * 2
+    names = [cell.name for cell in cells]
+    assert names[:4] == ["rte-lora-seed0", "rte-lora-seed1", "rte-adapter@small-seed0", "rte-adapter@small-seed1"]
+    by_name = {cell.name: cell for cell in cells}
+    small, big = by_name["rte-adapter@small-seed1"], by_name["sst2-adapter@big-seed0"]
+    assert (small.label, small.config.method, small.config.seed) == ("adapter@small", "adapter", 1)
+    # a variant's options go over its method's; its --lr over the method's
+    assert small.config.method_options == {"placement": "lin", "bottleneck": 8} and small.config.lr == 1e-3
+    assert big.config.method_options == {"placement": "lin", "bottleneck": 48} and big.config.lr == 3e-4
+    assert by_name["rte-lora-seed0"].config.lr is None  # the registry's default, resolved by train
+    # budget auto: RTE by epochs with pairs at 128 tokens, SST-2 by steps at 64 (as compare always ran it)
+    rte, sst2 = by_name["rte-lora-seed0"].config, by_name["sst2-lora-seed0"].config
+    assert (rte.epochs, rte.max_steps, rte.max_length) == (3.0, None, 128)
+    assert (sst2.max_steps, sst2.max_length) == (300, 64)
+    assert rte.out == str(Path(tmp_path) / "runs" / "rte-lora-seed0")
+
+
+def test_one_task_keeps_the_cell_names_and_settings_of_earlier_runs(tmp_path):
+    """A run folder made before --tasks (cells `lora-seed0`, 300 steps, 64 tokens) is reused: same names, same
+    TrainConfig; an explicit --budget/--max-length still wins over the task's row."""
+    config = parse("--task", "sst2", "--methods", "lora", "--out", str(tmp_path), "--data-dir", ".")
+    (cell,) = plan_cells(config)
+    assert cell.name == "lora-seed0"
+    assert asdict(cell.config) == asdict(TrainConfig(
+        model="minilm", task="sst2", method="lora", out=str(Path(tmp_path) / "runs" / "lora-seed0"),
+        data_dir=str(Path(".").resolve()), batch_size=32, max_length=64, seed=0, precision="auto", progress=False,
+        max_steps=300))
+    (cell,) = plan_cells(parse("--tasks", "mrpc", "--methods", "lora", "--budget", "steps=7", "--max-length", "32"))
+    assert (cell.name, cell.config.max_steps, cell.config.max_length) == ("lora-seed0", 7, 32)
+
+
+def test_variant_options_are_typed_and_a_stray_variant_is_refused():
+    assert parse("--methods", "lora@r4", "-o", "lora@r4:r=4").method_options["lora@r4"] == {"r": 4}
+    with pytest.raises(ConfigError, match="names no variant"):
+        parse("--methods", "lora@r4", "-o", "lora@r8:r=8")
+    with pytest.raises(ConfigError, match="-o"):
+        parse("--methods", "lora@r4", "-o", "lora@r4:rank=4")  # the method's config has no 'rank'
+    with pytest.raises(ConfigError, match="not both"):
+        parse("--task", "sst2", "--tasks", "rte,mrpc")
+
+
+def test_jobs_times_threads_fit_the_cores(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert jobs_and_threads(CompareConfig(), cells=20) == (8, 1)  # one single-thread cell per core
+    assert jobs_and_threads(CompareConfig(), cells=3) == (3, 2)  # never more jobs than cells
+    assert jobs_and_threads(CompareConfig(jobs=2), cells=20) == (2, 4)
+    assert jobs_and_threads(CompareConfig(threads_per_job=2), cells=20) == (4, 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert jobs_and_threads(CompareConfig(), cells=20) == (1, 8)  # one device: one cell at a time
+
+
+# ---- the majority-class floor --------------------------------------------------------------------------------
+def test_majority_class_scores_are_the_constant_predictions(tmp_path):
+    from deltatune.tables import majority_scores
+
+    path = tmp_path / "labels.csv"
+    path.write_text("text,label\n" + "".join(f"t{i},{'yes' if i < 7 else 'no'}\n" for i in range(10)))
+    options = {"path": str(path), "text_columns": ["text"], "label_column": "label"}
+    scores = majority_scores("csv", "dev", None, task_options=options)
+    dev = __import__("deltatune.tasks", fromlist=["get_task"]).get_task("csv", **options).load("dev")
+    yes = sum(1 for example in dev if example["label"] == max({e["label"] for e in dev},
+                                                              key=[e["label"] for e in dev].count))
+    assert scores["accuracy"] == pytest.approx(yes / len(dev))
+    assert majority_scores("e2e", "test", None) is None  # generation: its floor is zero-shot prompting
+
+
+# ---- the report, from hand-built cells (no training) ---------------------------------------------------------
+def cell(tmp_path, task, label, seed, metrics, trainable=100):
+    method = label.split("@")[0]
+    out = tmp_path / "runs" / f"{task}-{label}-seed{seed}"
+    config = asdict(TrainConfig(model="tiny", task=task, method=method, out=str(out), seed=seed, max_length=128))
+    delta = out / "delta"
+    delta.mkdir(parents=True)
+    (delta / "delta.json").write_text(json.dumps({"base": {"num_parameters": 10_000}}))
+    summary = {"final": metrics, "trainable_parameters": trainable, "delta": str(delta), "train_seconds": 1.0,
+               "examples_per_s": 10.0, "peak_memory_mb": 50.0, "steps": 3, "precision": "fp32"}
+    return {"config": config, "summary": summary, "label": label}
+
+
+def line(report, label):
+    return next(row for row in report.splitlines() if row.startswith(f"| {label} |"))
+
+
+def test_task_table_bold_avg_majority_and_published_orderings(tmp_path):
+    from deltatune.report import write_report
+    from deltatune.tables import load_published
+
+    cells = {}
+    for seed, (rte, acc, f1) in enumerate([(0.60, 0.80, 0.86), (0.62, 0.84, 0.88)]):  # LoRA over two seeds
+        cells[f"rte-lora-{seed}"] = cell(tmp_path, "rte", "lora", seed, {"accuracy": rte})
+        cells[f"mrpc-lora-{seed}"] = cell(tmp_path, "mrpc", "lora", seed, {"accuracy": acc, "f1": f1})
+    cells["rte-full"] = cell(tmp_path, "rte", "full", 0, {"accuracy": 0.624}, trainable=9_000)
+    cells["mrpc-full"] = cell(tmp_path, "mrpc", "full", 0, {"accuracy": 0.69, "f1": 0.90}, trainable=9_000)
+    majority = {"rte": {"accuracy": 0.53}, "mrpc": {"accuracy": 0.684, "f1": 0.812}}
+    config = CompareConfig(tasks=["rte", "mrpc"], seeds=2, out=str(tmp_path / "out"))
+    write_report(config, cells, None, "deltatune compare", "compare",
+                 tables={"majority": majority, "published": load_published("roberta-base")})
+    report = (tmp_path / "out" / "report.md").read_text()
+
+    assert "| method | seeds | # trainable parameters | RTE | MRPC acc | MRPC F1 | Avg. |" in report
+    # LoRA: RTE 61.0 ± 1.4 (|0.60-0.62|/sqrt 2), MRPC 82.0 ± 2.8, F1 87.0 ± 1.4; Avg. (61.0 + 82.0) / 2 = 71.5
+    assert line(report, "lora") == "| lora | 2/2 | 100 | 61.0 ± 1.4 | **82.0 ± 2.8** | 87.0 ± 1.4 | **71.5** |"
+    # FT, one seed: values alone; RTE 62.4 bold, F1 90.0 bold; Avg. (62.4 + 69.0) / 2 = 65.7
+    # FT's MRPC accuracy 69.0 is within 1 point of the constant prediction's 68.4: flagged
+    assert line(report, "full") == "| full | 1/1 | 9,000 | **62.4** | 69.0 ⚠ | **90.0** | 65.7 |"
+    assert "| *majority class* | - | 0 | 53.0 | 68.4 | 81.2 | 60.7 |" in report
+    assert "- full on MRPC acc: 69.0, the majority class scores 68.4" in report
+    assert "⚠" not in line(report, "lora")
+    assert "Source: Hu et al. 2021" in report and "| LoRA | 0.3M |" in report
+    assert ("- LoRA ≥ FT* on RTE: published yes (86.6 vs 78.7) — measured no (61 vs 62.4): does not hold"
+            in report)
+    assert "- LoRA ≥ FT* on MRPC acc: published no (89.7 vs 90.2) — measured yes (82 vs 69): does not hold" in report
+    assert "- LoRA ≥ FT* on Avg.: published yes (87.2 vs 86.4) — measured yes (71.5 vs 65.7): holds" in report
+    assert "(1 of 3 hold)" in report
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["majority"] == majority and {r["task"] for r in results["rows"]} == {"rte", "mrpc"}
+
+
+def test_published_tables_are_package_data_with_their_source():
+    from deltatune.tables import load_published, matching_published
+
+    glue, e2e = load_published("roberta-base"), load_published("gpt2-medium")
+    assert "Table 2" in glue["source"] and "Table 3" in e2e["source"]
+    lora = next(row for row in glue["rows"] if row["label"] == "lora")
+    assert lora["scores"]["rte"] == 86.6 and lora["scores"]["avg"] == 87.2
+    ft = next(row for row in e2e["rows"] if row["label"] == "full")
+    assert [ft["scores"][c["key"]] for c in e2e["columns"]] == [68.2, 8.62, 46.2, 71.0, 2.47]
+    assert matching_published(["sst2", "rte"]) == "roberta-base" and matching_published(["e2e"]) == "gpt2-medium"
+    assert matching_published(["bbc-news"]) is None
+    with pytest.raises(ConfigError, match="roberta-base"):
+        load_published("gpt3")
+
+
+def test_task_settings_table_has_the_glue_tasks():
+    from deltatune.compare import TASK_SETTINGS
+
+    assert TASK_SETTINGS["sst2"] == TaskSettings("steps=300", 64)  # what compare ran before per-task settings
+    assert {"sst2", "mrpc", "cola", "rte", "stsb", "e2e"} <= set(TASK_SETTINGS)
+    assert TASK_SETTINGS["e2e"].train_limit == 2000 and TASK_SETTINGS["e2e"].eval_split == "test"
+
+
+# ---- --jobs: the same cells whatever the parallelism ---------------------------------------------------------
+@pytest.mark.slow
+def test_jobs_two_gives_the_cells_of_jobs_one(tiny_model_dir, sentiment_csv, tmp_path):
+    def run(jobs):
+        out = tmp_path / f"jobs{jobs}"
+        assert cli_main(["compare", "--model", str(tiny_model_dir), "--task", "csv", "--data-file",
+                         str(sentiment_csv), "--text-columns", "review", "--label-column", "sentiment",
+                         "--methods", "lora,bitfit@b", "--seeds", "1", "--budget", "steps=2", "--batch-size", "8",
+                         "--no-latency", "--jobs", str(jobs), "--threads-per-job", "1", "--out", str(out)]) == 0
+        return out, json.loads((out / "results.json").read_text())["cells"]
+
+    out1, one = run(1)
+    out2, two = run(2)
+    assert list(one) == list(two) == ["lora-seed0", "bitfit@b-seed0"]
+    for name in one:
+        assert one[name]["summary"]["final"] == two[name]["summary"]["final"], name
+        assert one[name]["summary"]["trainable_parameters"] == two[name]["summary"]["trainable_parameters"]
+        first, second = (Path(o) / "runs" / name / "delta" / "delta.safetensors" for o in (out1, out2))
+        assert first.read_bytes() == second.read_bytes(), name  # the very same trained weights
