@@ -451,8 +451,9 @@ def compare(config: CompareConfig, command: str = "") -> dict[str, Any]:
     from deltatune.report import write_report
 
     cells = plan_cells(config)
+    published = published_table(config, cells)  # a wrong --published fails before any training
     results = run_cells(config, cells)
-    tables = {"majority": majority(config, cells), "published": published_table(config, cells)}
+    tables = {"majority": majority(config, cells), "published": published}
     latency = None  # --no-latency: no latency section at all, whatever an earlier run left in OUT
     if config.latency:
         latency_file = Path(config.out) / "latency.json"
