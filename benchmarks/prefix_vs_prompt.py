@@ -3,7 +3,7 @@
     python benchmarks/prefix_vs_prompt.py [--seeds 3] [--steps 300] [--out runs/prefix-vs-prompt]
 
 Runs `deltatune compare` with both methods at their defaults (prefix: length 10, MLP reparameterization
-with hidden 512, lr 3e-2; prompt: length 20, lr 3e-2), the budget of docs/results/compare-sst2-minilm
+with hidden 512, lr 1e-3; prompt: length 20, lr 3e-2), the budget of docs/results/compare-sst2-minilm
 (300 steps of batch 32, max length 64), each (method, seed) cell in its own process, and prints the
 rows: trainable (delta) parameters, accuracy mean ± std over seeds, examples per second in training.
 The report and per-cell runs are in OUT (report.md, results.json).
