@@ -540,7 +540,8 @@ class DeltaModel(nn.Module):
             state.per_example = per_example  # read by every component at the prefill and each decoding step
             for component in components:
                 tasks = sorted(t for t in distinct & set(component.tasks) if t is not None)
-                if tasks and hasattr(component, "generate") and not hasattr(component, "generate_mixed"):
+                if tasks and (not component.mixes_in_generate
+                              or hasattr(component, "generate") and not hasattr(component, "generate_mixed")):
                     method = self.task_info[tasks[0]]["method"]
                     raise TaskError(f"{method} tasks ({tasks}) cannot share a mixed-task generate yet (their own "
                                     f"generate path does not mix); generate their rows with use(task) + generate")

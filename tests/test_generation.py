@@ -364,3 +364,17 @@ def test_mixed_generate_refuses_prefix_rows_instead_of_ignoring_their_prefix():
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), tasks=["prefix", "lora_a"],
                        max_new_tokens=2, do_sample=False, pad_token_id=0)
     assert model.task_state.per_example is None
+
+
+def test_mixed_generate_refuses_top_layers_rows_instead_of_crashing():
+    model = mixed_model("gpt2")
+    model = deltatune.attach(model, deltatune.TopLayers(k=1), task="top").eval()
+    ids = torch.randint(4, 400, (2, 5))
+    with pytest.raises(deltatune.TaskError, match=r"top_layers tasks \(\['top'\]\) cannot share a mixed-task generate"):
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), tasks=["top", "lora_a"],
+                       max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert model.task_state.per_example is None
+    model.use("top")  # alone, it generates
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
+                         pad_token_id=0)
+    assert out.shape == (2, 7)
