@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -472,28 +473,35 @@ class DeltaModel(nn.Module):
             return target_only_loss(self.base_model, kwargs, labels)
         return self.base_model(*args, **kwargs)
 
-    def _forward_mixed(self, per_example: list[str | None], args, kwargs, target_loss: bool = False):
-        components = self.components().values()
+    @contextmanager
+    def _rows_routed(self, per_example: list[str | None]):
+        """For one mixed call: check the tasks can share it, unmerge a merged task unless it is the only one,
+        and route the rows — one task for all takes its own single-task path (the fastest), several set
+        `per_example`, read by every component's mixed path. Yields the distinct tasks; restored after."""
         distinct = set(per_example)
-        for component in components:
+        for component in self.components().values():
             component.check_mixed(distinct)
         if self.merged_task is not None and distinct != {self.merged_task}:
             self.unmerge()
         state, active = self.task_state, self.task_state.active
         try:
-            if len(distinct) == 1:  # one task for all: its own single-task path (the fastest)
+            if len(distinct) == 1:
                 state.active = per_example[0]
             else:
-                state.per_example = per_example  # read by every component's mixed path
+                state.per_example = per_example
+            yield distinct
+        finally:
+            state.per_example = None
+            state.active = active
+
+    def _forward_mixed(self, per_example: list[str | None], args, kwargs, target_loss: bool = False):
+        with self._rows_routed(per_example) as distinct:
             for component in self._input_components():
                 kwargs = component.prepare_inputs(kwargs)
             if len(distinct) == 1:
                 return self._run_base(args, kwargs, target_loss)
             with share_lower_blocks(self, per_example, kwargs):  # one input for several tasks: lower blocks once
                 return self._run_base(args, kwargs, target_loss)
-        finally:
-            state.per_example = None
-            state.active = active
 
     def _example_tasks(self, tasks, args, kwargs) -> list[str | None]:
         """`tasks=` checked against the loaded tasks and the batch size; "base" becomes None."""
@@ -524,20 +532,11 @@ class DeltaModel(nn.Module):
                 return component.generate(self.base_model, *args, **kwargs)
         return self.base_model.generate(*args, **kwargs)
 
-
     def _generate_mixed(self, per_example: list[str | None], args, kwargs):
         components = self.components().values()
-        distinct = set(per_example)
-        for component in components:
-            component.check_mixed(distinct)
-        if self.merged_task is not None and distinct != {self.merged_task}:
-            self.unmerge()
-        state, active = self.task_state, self.task_state.active
-        try:
-            if len(distinct) == 1:  # one task for all: its own single-task path
-                state.active = per_example[0]
+        with self._rows_routed(per_example) as distinct:  # per_example is read at the prefill and each step
+            if len(distinct) == 1:
                 return self.generate(*args, **kwargs)
-            state.per_example = per_example  # read by every component at the prefill and each decoding step
             for component in components:
                 tasks = sorted(t for t in distinct & set(component.tasks) if t is not None)
                 if tasks and (not component.mixes_in_generate
@@ -549,9 +548,6 @@ class DeltaModel(nn.Module):
                 if hasattr(component, "generate_mixed") and distinct & set(component.tasks):
                     return component.generate_mixed(self.base_model, *args, **kwargs)
             return self.base_model.generate(*args, **kwargs)
-        finally:
-            state.per_example = None
-            state.active = active
 
 
 def attach(
