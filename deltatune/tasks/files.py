@@ -9,7 +9,6 @@ out of "train".
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deltatune.tasks.sources import read_table, seeded_holdout
+from deltatune.tasks.sources import read_json_lines, read_table, seeded_holdout
 from deltatune.tasks.task import DataError, Task
 
 DEV_FRACTION = 0.1
@@ -68,27 +67,18 @@ def typed_labels(texts: list[str]) -> list[int] | list[float] | list[str]:
 def read_jsonl_records(path: Path, text_columns: Sequence[str], label_column: str) -> list[Record]:
     """One JSON object per line; labels keep their JSON type (string, integer or number)."""
     records = []
-    with open(path, encoding="utf-8-sig") as handle:
-        for line, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}, line {line}: malformed JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}, line {line}: expected a JSON object, found {type(row).__name__}")
-            missing = [name for name in [*text_columns, label_column] if name not in row]
-            if missing:
-                raise DataError(f"{path}, line {line}: no column {missing}; the columns are {list(row)}")
-            record = Record(path, line, [row[name] for name in text_columns], row[label_column])
-            if not all(isinstance(value, str) for value in record.texts):
-                raise record.error(f"text columns {list(text_columns)} must hold strings")
-            if record.label is None or isinstance(record.label, list | dict):
-                raise record.error(f"label {record.label!r} is not a class name, class id or score")
-            if isinstance(record.label, bool):
-                record.label = str(record.label).lower()
-            records.append(record)
+    for line, row in read_json_lines(path):
+        missing = [name for name in [*text_columns, label_column] if name not in row]
+        if missing:
+            raise DataError(f"{path}, line {line}: no column {missing}; the columns are {list(row)}")
+        record = Record(path, line, [row[name] for name in text_columns], row[label_column])
+        if not all(isinstance(value, str) for value in record.texts):
+            raise record.error(f"text columns {list(text_columns)} must hold strings")
+        if record.label is None or isinstance(record.label, list | dict):
+            raise record.error(f"label {record.label!r} is not a class name, class id or score")
+        if isinstance(record.label, bool):
+            record.label = str(record.label).lower()
+        records.append(record)
     if not records:
         raise DataError(f"{path} is empty: expected one JSON object per line")
     return records

@@ -23,13 +23,12 @@ assistant turn], "references": [its content]}``.
 from __future__ import annotations
 
 import csv
-import json
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from deltatune.tasks.sources import read_table, seeded_holdout
+from deltatune.tasks.sources import read_json_lines, read_table, seeded_holdout
 from deltatune.tasks.task import DataError, Example, Task
 
 FORMATS = ("prompt-completion", "alpaca", "messages")
@@ -318,22 +317,13 @@ def read_rows(path: Path, columns: dict[str, str], delimiter: str | None) -> lis
         for line, values in table.rows:
             rows.append(Row(f"{path}, line {line}", {name: values[i] for name, i in indices.items()}))
         return rows
-    with open(path, encoding="utf-8-sig") as handle:
-        for line, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            where = f"{path}, line {line}"
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where}: malformed JSON ({error.msg})") from None
-            if not isinstance(value, dict):
-                raise DataError(f"{where}: expected a JSON object, found {type(value).__name__}")
-            missing = [column for name, column in columns.items() if column not in value and name != "input"]
-            if missing:
-                raise DataError(f"{where}: missing field(s) {missing}; the fields are {list(value)} "
-                                f"(name the columns with --columns FIELD=COLUMN)")
-            rows.append(Row(where, {name: value[column] for name, column in columns.items() if column in value}))
+    for line, value in read_json_lines(path):
+        where = f"{path}, line {line}"
+        missing = [column for name, column in columns.items() if column not in value and name != "input"]
+        if missing:
+            raise DataError(f"{where}: missing field(s) {missing}; the fields are {list(value)} "
+                            f"(name the columns with --columns FIELD=COLUMN)")
+        rows.append(Row(where, {name: value[column] for name, column in columns.items() if column in value}))
     if not rows:
         raise DataError(f"{path} is empty: expected one JSON object per line")
     return rows

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import os
 import random
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,22 @@ class Table:
     def error(self, line: int, problem: str) -> DataError:
         """A `DataError` pointing at one line of the file."""
         return DataError(f"{self.path}, line {line}: {problem}")
+
+
+def read_json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSON-lines file; a line that is not a JSON object
+    is a `DataError` naming the file and line."""
+    with open(path, encoding="utf-8-sig") as handle:
+        for line, text in enumerate(handle, start=1):
+            if not text.strip():
+                continue
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}, line {line}: malformed JSON ({error.msg})") from None
+            if not isinstance(value, dict):
+                raise DataError(f"{path}, line {line}: expected a JSON object, found {type(value).__name__}")
+            yield line, value
 
 
 def read_table(
