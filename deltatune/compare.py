@@ -358,6 +358,21 @@ def _file_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def latency_sequence_length(model_name: str, cells: dict[str, dict]) -> int:
+    """LATENCY_SEQ_LEN tokens, or fewer where the model's positions would not hold them beside the longest
+    prompt or prefix of the timed deltas (a MiniLM with 128 positions and a 20-token prompt: 108)."""
+    from transformers import AutoConfig
+
+    from deltatune.models import resolve_model_path
+
+    base = AutoConfig.from_pretrained(resolve_model_path(model_name))
+    base = getattr(base, "text_config", None) or base
+    positions = getattr(base, "max_position_embeddings", None) or getattr(base, "n_positions", None)
+    virtual = max((json.loads((Path(cell["summary"]["delta"]) / "delta.json").read_text())["config"].get("length", 0)
+                   for cell in cells.values()), default=0)
+    return LATENCY_SEQ_LEN if positions is None else max(1, min(LATENCY_SEQ_LEN, positions - virtual))
+
+
 def latency_settings(config: CompareConfig, results: dict[str, dict]) -> dict[str, Any]:
     """Everything a latency table depends on. A saved table is reused only when all of it matches."""
     from deltatune.report import environment
@@ -370,7 +385,8 @@ def latency_settings(config: CompareConfig, results: dict[str, dict]) -> dict[st
         "task_options": first and first["config"]["task_options"],
         "deltas": {method: {"path": cell["summary"]["delta"], "sha256": _file_digest(Path(cell["summary"]["delta"]))}
                    for method, cell in sorted(cells.items())},
-        "batch_sizes": list(LATENCY_BATCHES), "sequence_length": LATENCY_SEQ_LEN, "rounds": config.latency_repeats,
+        "batch_sizes": list(LATENCY_BATCHES), "sequence_length": latency_sequence_length(config.model, cells),
+        "rounds": config.latency_repeats,
         "warmup_rounds": LATENCY_WARMUP_ROUNDS, "dtype": str(torch.get_default_dtype()),
         **{key: env[key] for key in ("threads", "device", "torch", "transformers", "deltatune")},
     }
@@ -389,7 +405,7 @@ def reusable_latency(latency_file: Path, settings: dict[str, Any]) -> list[dict]
     return saved["rows"]
 
 
-def measure_latency(config: CompareConfig, results: dict[str, dict], seq_len: int = LATENCY_SEQ_LEN) -> list[dict]:
+def measure_latency(config: CompareConfig, results: dict[str, dict], seq_len: int) -> list[dict]:
     """Median latency at batch 1 and 16 (sequence `seq_len`) for the base model and each trained delta
     (interleaved rounds): mergeable methods unmerged and merged, the others as they run. A method whose delta
     is the base weights (full fine-tuning) runs at the base model's speed and is not timed apart."""
@@ -402,7 +418,7 @@ def measure_latency(config: CompareConfig, results: dict[str, dict], seq_len: in
         return []
     cell_config = next(iter(first.values()))["config"]
     task = get_task(cell_config["task"], **cell_config["task_options"])
-    kind = "regression" if task.kind == "regression" else "classification"
+    kind = {"classification": "classification", "regression": "regression", "generation": "causal-lm"}[task.kind]
     model = DeltaModel(load_model(config.model, kind, num_labels=task.num_labels if kind == "classification" else None))
     model.eval()
     vocab = model.config.vocab_size
@@ -460,7 +476,7 @@ def compare(config: CompareConfig, command: str = "") -> dict[str, Any]:
         settings = latency_settings(config, results)
         rows = reusable_latency(latency_file, settings)
         if rows is None:
-            rows = measure_latency(config, results)
+            rows = measure_latency(config, results, settings["sequence_length"])
             latency_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = latency_file.with_suffix(".tmp")
             tmp.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")

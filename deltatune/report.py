@@ -130,7 +130,7 @@ def write_report(config, results: dict[str, dict], latency: dict[str, Any] | Non
     latency_rows = latency["rows"] if latency else []
     (out / "results.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     _write_csv(out / "results.csv", rows, metrics)
-    plots = _plots(out, rows, latency_rows, metrics, sweep)
+    plots = _plots(out, rows, latency, metrics, sweep)
 
     lines = [f"# deltatune {kind}: {config.model} on {', '.join(tasks) or '?'}", "", f"Command: `{command}`", "",
              "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), "",
@@ -267,7 +267,7 @@ def _plot_label(row: dict) -> str:
     return f"{row['label']} ({row['seeds']}/{row['seeds_planned']} seeds)"
 
 
-def _plots(out: Path, rows: list[dict], latency: list[dict], metrics: list[str], sweep) -> list[Path]:
+def _plots(out: Path, rows: list[dict], latency: dict | None, metrics: list[str], sweep) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -323,17 +323,17 @@ def _plots(out: Path, rows: list[dict], latency: list[dict], metrics: list[str],
         paths.append(out / f"sweep_{method}_{parameter}.png")
         figure.savefig(paths[-1], dpi=120)
         plt.close(figure)
-    if latency:
+    if latency and latency["rows"]:
         figure, axes = plt.subplots(1, 2, figsize=(10, 4.2))
         for axis, batch in zip(axes, (1, 16)):
-            values = [row[f"batch{batch}_ms"] for row in latency]
-            axis.barh([row["variant"] for row in latency], values, color="tab:blue")
+            values = [row[f"batch{batch}_ms"] for row in latency["rows"]]
+            axis.barh([row["variant"] for row in latency["rows"]], values, color="tab:blue")
             for y, value in enumerate(values):
                 axis.text(value, y, f" {value:.1f}", va="center", fontsize=8)
             axis.set_title(f"batch {batch}")
             axis.set_xlabel("median latency (ms)")
             axis.invert_yaxis()
-        figure.suptitle("Inference latency by method (sequence 128)")
+        figure.suptitle(f"Inference latency by method (sequence {latency['settings']['sequence_length']})")
         figure.tight_layout()
         paths.append(out / "latency.png")
         figure.savefig(paths[-1], dpi=120)

@@ -168,7 +168,8 @@ def hand_cell(tmp_path, method, seed, accuracy=None, error=None, **extra):
         return {"config": config, "error": error, **extra}
     delta = out / "delta"
     delta.mkdir(parents=True)
-    (delta / "delta.json").write_text(json.dumps({"base": {"num_parameters": 10_000}}))
+    options = extra.pop("options", {})  # the method's config as delta.json records it
+    (delta / "delta.json").write_text(json.dumps({"base": {"num_parameters": 10_000}, "config": options}))
     (delta / "delta.safetensors").write_bytes(bytes([seed]) * 100)
     summary = {"final": {"accuracy": accuracy}, "trainable_parameters": 100, "delta": str(delta),
                "train_seconds": 1.0, "examples_per_s": 10.0, "peak_memory_mb": 50.0, "steps": 3, "precision": "fp32"}
@@ -244,6 +245,16 @@ def test_sweep_rows_say_how_many_seeds_finished(tmp_path):
     assert "| 2/2 |" in table_line(report, "lora-r=4") and "| 85.00 ± 7.07 |" in table_line(report, "lora-r=4")
     assert "| 1/2 |" in table_line(report, "lora-r=8") and "| 85.00 |" in table_line(report, "lora-r=8")
     assert "- lora-r=8, seed 1: RuntimeError: boom" in report and "2 seeds" not in report
+
+
+def test_latency_sequence_fits_the_positions_beside_the_longest_prompt(tiny_model_dir, tmp_path):
+    """128 tokens, or fewer on a model whose 128 positions must also hold a 20-token prompt."""
+    from deltatune.compare import LATENCY_SEQ_LEN, latency_sequence_length
+
+    lora = {"lora": hand_cell(tmp_path / "a", "lora", 0, 0.9, options={"r": 8})}
+    prompt = {**lora, "prompt": hand_cell(tmp_path / "b", "prompt", 0, 0.7, options={"length": 20})}
+    assert latency_sequence_length(str(tiny_model_dir), lora) == LATENCY_SEQ_LEN == 128
+    assert latency_sequence_length(str(tiny_model_dir), prompt) == 108
 
 
 def test_latency_is_reused_only_under_the_settings_it_was_measured_with(tmp_path, monkeypatch):
