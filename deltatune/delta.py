@@ -219,30 +219,31 @@ class DeltaModel(nn.Module):
 
         Keys are the base model's module names (wrappers removed) + the component's parameter name,
         e.g. `bert.encoder.layer.0.attention.self.query.lora_A` or `classifier.weight`."""
+        return self._collect(task, lambda component, task: component.task_parameters(task), roles)
+
+    def saved_parameters(self, task: str | None = None) -> dict[str, torch.Tensor]:
+        """{delta key: tensor} as `save_delta` writes them: `task_parameters`, in the form that applies to the
+        unmodified base where a method trains another (PiSSA: `DeltaComponent.saved_parameters`)."""
+        return self._collect(task, lambda component, task: component.saved_parameters(task))
+
+    def _collect(self, task: str | None, get, roles: tuple[str, ...] | None = ("method", "norm", "head")) -> dict:
+        """{key: tensor} of `get(component, task)` over the task's components (of `roles`; None: all)."""
         task = task or self.active_task
         if task not in self.task_info:
             raise TaskError(f"unknown task {task!r}; tasks loaded: {self.tasks}")
         found: dict[str, torch.Tensor] = {}
         for name, component in self.components().items():
-            if task not in component.tasks or component.role not in roles:
+            if task not in component.tasks or (roles is not None and component.role not in roles):
                 continue
             prefix = "" if component.root_level else strip_wrappers(name) + "."
-            for local, tensor in component.task_parameters(task).items():
+            for local, tensor in get(component, task).items():
                 found[prefix + local] = tensor
         return found
 
     def trained_parameters(self, task: str | None = None) -> dict[str, torch.Tensor]:
         """{key: parameter} the optimizer updates for one task: `task_parameters`, except where a method
         trains through a reparameterization and saves only its output (prefix tuning's MLP)."""
-        task = task or self.active_task
-        if task not in self.task_info:
-            raise TaskError(f"unknown task {task!r}; tasks loaded: {self.tasks}")
-        found: dict[str, torch.Tensor] = {}
-        for name, component in self.components().items():
-            if task in component.tasks:
-                prefix = "" if component.root_level else strip_wrappers(name) + "."
-                found.update({prefix + local: p for local, p in component.trained_parameters(task).items()})
-        return found
+        return self._collect(task, lambda component, task: component.trained_parameters(task), roles=None)
 
     def head_keys(self, task: str | None = None) -> list[str]:
         return list(self.task_parameters(task, roles=("head",)))
@@ -315,14 +316,17 @@ class DeltaModel(nn.Module):
         if task is None:
             raise TaskError(f"no active task to save; tasks loaded: {self.tasks}")
         info = self.task_info[task]
-        tensors = self.task_parameters(task)
+        tensors = self.saved_parameters(task)
+        config = info["config"]
+        if hasattr(config, "saved_config"):  # trained in one form, saved in the one the plain base takes (PiSSA)
+            config = config.saved_config()
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "deltatune_version": __version__,
             "task": task,
             "method": info["method"],
-            "config": asdict(info["config"]),
+            "config": asdict(config),
             "label_names": info["label_names"],
             "head_keys": self.head_keys(task),
             "num_parameters": sum(t.numel() for t in tensors.values()),

@@ -82,6 +82,10 @@ LORA_UNSUPPORTED = {
     "megatron_config": None,
 }
 
+# peft initialisations that subtract the initial A, B from the base weights (PiSSA, OLoRA, CorDA): their adapters
+# as saved need that residual base
+RESIDUAL_INITS = {"pissa", "olora", "corda"}
+
 
 def is_peft_folder(path: str | os.PathLike) -> bool:
     path = Path(path)
@@ -338,6 +342,11 @@ def _lora_from_peft(tensors: dict[str, torch.Tensor], peft_config: dict, path: P
     if unsupported:
         raise DeltaError(f"{path}: peft LoRA options deltatune does not compute exactly (a task has one rank and "
                          f"plain LoRA on linear layers): {unsupported}")
+    init = peft_config.get("init_lora_weights")
+    if isinstance(init, str) and init.split("_")[0] in RESIDUAL_INITS:
+        raise DeltaError(f"{path}: a peft {init} adapter applies to the residual base it was trained on, not to the "
+                         f"original model; save it in peft with save_pretrained(..., path_initial_model_for_weight_"
+                         f"conversion=<the initial adapter>) to get the plain LoRA of the original base, and load that")
     delta: dict[str, torch.Tensor] = {}
     head_keys: list[str] = []
     for key, tensor in tensors.items():

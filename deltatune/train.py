@@ -67,6 +67,9 @@ class TrainConfig:
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     lr: float | None = field(
         default=None, metadata={"help": "learning rate (default: the method's, registry.METHODS[...].default_lr)"})
+    lr_ratio: float = field(default=1.0, metadata={
+        "help": "LoRA+ (Hayou et al. 2024): LoRA's B matrices learn at this multiple of --lr, A and the head at "
+                "--lr (the paper suggests 16); 1: off"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases and norms)"})
     warmup_ratio: float = field(default=0.06, metadata={"help": "share of the steps with a linear warmup"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
@@ -303,7 +306,8 @@ def setup(config: TrainConfig) -> Run:
     if sharded:
         shard_model(model, accelerator.device)  # before the optimizer: the parameters become shards
     lr = config.lr or method_entry(config.method).default_lr
-    trainable, optimizer, scheduler = _optimizer(model, lr, config.weight_decay, config.warmup_ratio, total_steps)
+    trainable, optimizer, scheduler = _optimizer(model, lr, config.weight_decay, config.warmup_ratio, total_steps,
+                                                 config.lr_ratio)
     if sharded:  # accelerate would wrap the sharded model in DDP
         prepared_model, optimizer = model, accelerator.prepare(optimizer)
     else:
@@ -343,16 +347,24 @@ def _enable_grad_checkpointing(model: DeltaModel) -> None:
         model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
-def _optimizer(model: DeltaModel, lr: float, weight_decay: float, warmup_ratio: float, total_steps: int):
-    """(trainable parameters, AdamW, linear warmup then linear decay to 0)."""
+def _optimizer(model: DeltaModel, lr: float, weight_decay: float, warmup_ratio: float, total_steps: int,
+               lr_ratio: float = 1.0):
+    """(trainable parameters, AdamW, linear warmup then linear decay to 0).
+
+    With `lr_ratio` != 1 (LoRA+, Hayou et al. 2024 §4: B's learning rate = ratio x A's) the LoRA B matrices
+    form their own group at `lr_ratio * lr`; A, the head and everything else keep `lr` (peft's
+    `create_loraplus_optimizer` also puts 1-D parameters, e.g. the head's bias, at the B rate; not here)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise TrainingError("the model has no trainable parameters")
-    decay = [p for p in trainable if p.ndim >= 2]
+    B_matrices = _lora_B_matrices(model, lr_ratio)
+    decay = [p for p in trainable if p.ndim >= 2 and id(p) not in B_matrices]
     no_decay = [p for p in trainable if p.ndim < 2]  # biases and norms: no weight decay
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
-    )
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if B_matrices:
+        groups.append({"params": [p for p in trainable if id(p) in B_matrices], "weight_decay": weight_decay,
+                       "lr": lr * lr_ratio})
+    optimizer = torch.optim.AdamW(groups, lr=lr)
     warmup = int(warmup_ratio * total_steps)
 
     def schedule(step: int) -> float:
@@ -361,6 +373,21 @@ def _optimizer(model: DeltaModel, lr: float, weight_decay: float, warmup_ratio: 
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
     return trainable, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def _lora_B_matrices(model: DeltaModel, lr_ratio: float) -> set[int]:
+    """ids of the active task's LoRA B matrices (parameters named `lora_B`, the LoRA family's API) when LoRA+
+    is on; refuses a ratio for a method that has none."""
+    if lr_ratio == 1.0:
+        return set()
+    method = model.task_info[model.active_task]["method"]
+    if not lr_ratio > 0 or not math.isfinite(lr_ratio):
+        raise TrainingError(f"--lr-ratio must be a positive number (B's learning rate / A's), not {lr_ratio}")
+    found = {id(p) for key, p in model.trained_parameters().items() if key.rpartition(".")[2] == "lora_B"}
+    if not found:
+        raise TrainingError(f"--lr-ratio {lr_ratio} (LoRA+) sets the learning rate of LoRA's B matrices, and "
+                            f"method {method!r} has none; drop --lr-ratio or train a LoRA method")
+    return found
 
 
 def _start_or_resume(run: Run) -> RunState:
@@ -502,6 +529,7 @@ def write_summary(run: Run) -> dict[str, Any]:
         "examples_per_s": round(state.examples / max(state.train_seconds, 1e-9), 2),
         "final": run.last_metrics, "best": {run.main_metric: state.best, "step": state.best_step},
         "trainable_parameters": run.model.report(print_table=False).trainable, "learning_rate": run.lr,
+        "lr_ratio": run.config.lr_ratio,
         "delta": str(run.out / "delta"), "peak_memory_mb": round(peak_memory_mb(), 1),
         "device": str(run.device), "threads": torch.get_num_threads(), "processes": run.world,
         "precision": run.precision,

@@ -34,14 +34,17 @@ def method_configs(arch: str) -> dict[str, object]:
     configs["adapter_lin"] = deltatune.Adapter(placement="lin", bottleneck=4, activation="relu")  # Lin et al.
     configs["adapter_drop"] = deltatune.Adapter(skip_layers=1)  # AdapterDrop: none in the lowest block
     configs["top_layers_1"] = deltatune.TopLayers(k=1)  # the tiny models have 2 blocks
+    configs["lora_pissa"] = deltatune.LoRA(r=4, init="pissa")  # Meng et al. 2024: saved as a rank-8 LoRA
     return configs
 
 
 MATRIX = [(arch, method) for arch in ARCHS for method in method_configs(arch)]
-MERGEABLE = {name for name, entry in METHODS.items() if entry.mergeable} | {"top_layers_1"}
+MERGEABLE = {name for name, entry in METHODS.items() if entry.mergeable} | {"top_layers_1", "lora_pissa"}
 # inserted virtual tokens change the output from the first step (prompt tuning has no identity init);
 # what such a method must leave exact is the base model
 CHANGES_OUTPUT_AT_INIT = {name for name, entry in METHODS.items() if not entry.identity_at_init}
+# PiSSA starts at W + s (B0 A0 - B0 A0) x: zero up to the rounding of one rank-2r product
+NEAR_IDENTITY_AT_INIT = {"lora_pissa"}
 
 
 def logits(model, inputs) -> torch.Tensor:
@@ -64,6 +67,11 @@ def test_identity_at_init(arch, method):
     delta_model = deltatune.attach(model, method_configs(arch)[method], task="t")
     if method in CHANGES_OUTPUT_AT_INIT:
         assert not torch.equal(logits(delta_model, inputs), expected)
+        delta_model.use("base")
+    if method in NEAR_IDENTITY_AT_INIT:
+        torch.testing.assert_close(logits(delta_model, inputs), expected, atol=1e-5, rtol=0)
+        B = [t for k, t in delta_model.task_parameters("t").items() if k.endswith("lora_B")]
+        assert all(t.abs().min() > 0 for t in B)  # not LoRA's zero B: the identity comes from the residual
         delta_model.use("base")
     assert torch.equal(logits(delta_model, inputs), expected)
 

@@ -293,3 +293,35 @@ def test_t5_prefix_is_refused_both_ways(tmp_path):
     """peft's T5 prefix reaches only the decoder's self-attention, deltatune's also the encoder's."""
     with pytest.raises(DeltaError, match="encoder"):
         export_peft(trained_delta("t5", deltatune.PrefixTuning(length=3, hidden=8), kind="seq2seq"), tmp_path / "x")
+
+
+# ---- PiSSA (Meng et al. 2024): portable both ways as a plain LoRA of the original base -------------------------
+def test_pissa_delta_exports_as_a_lora_that_peft_runs_on_the_original_base(tmp_path):
+    model = deltatune.attach(make_model("bert"), deltatune.LoRA(r=4, alpha=8, init="pissa"), task="t")
+    randomise([p for p in model.trained_parameters("t").values()])
+    inputs = make_inputs("bert")
+    export_peft(model, tmp_path / "peft")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["r"] == 8
+    peft_model = PeftModel.from_pretrained(make_model("bert"), tmp_path / "peft")
+    torch.testing.assert_close(logits(peft_model, inputs), logits(model, inputs), atol=ATOL, rtol=0)
+
+
+def test_peft_pissa_adapter_loads_once_converted_and_is_refused_as_trained(tmp_path):
+    # no modules_to_save: peft 0.21.2's converted adapter then names the head so that peft itself cannot reload it
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights="pissa")
+    peft_model = get_peft_model(make_model("bert"), config)  # its base weights are now the residual
+    peft_model.peft_config["default"].init_lora_weights = True  # peft's recipe: the initial adapter, saved plain
+    peft_model.save_pretrained(tmp_path / "initial")
+    peft_model.peft_config["default"].init_lora_weights = "pissa"
+    with torch.no_grad():  # "training": the adapter moves away from its PiSSA start
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    inputs = make_inputs("bert")
+    expected = logits(peft_model, inputs)
+    peft_model.save_pretrained(tmp_path / "trained")
+    with pytest.raises(DeltaError, match="residual base"):
+        deltatune.load_delta(make_model("bert"), tmp_path / "trained")
+    peft_model.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=tmp_path / "initial")
+    ours = deltatune.load_delta(make_model("bert"), tmp_path / "converted")
+    torch.testing.assert_close(logits(ours, inputs), expected, atol=ATOL, rtol=0)

@@ -76,14 +76,17 @@ def scale_exp_avg(value, factor: float):
     return value
 
 
-@pytest.mark.parametrize("method", ["lora", "prefix"])  # prefix: the checkpoint holds the MLP it trains through
+# prefix: the checkpoint holds the MLP it trains through; PiSSA: the resumed run recomputes the same frozen A0, B0
+@pytest.mark.parametrize("method,options", [("lora", {}), ("prefix", {}), ("lora", {"init": "pissa", "r": 4})],
+                         ids=["lora", "prefix", "lora-pissa"])
 def test_resume_reads_the_checkpoint_and_gives_the_same_delta_bit_for_bit(tiny_model_dir, sentiment_csv, tmp_path,
-                                                                          method):
+                                                                          method, options):
     """Killed after step 6 with a checkpoint at step 4: the resumed process takes only steps 5-8 and ends
     with the uninterrupted run's delta, bit for bit; the same checkpoint with its Adam moments scaled
     ends elsewhere (so the optimizer state is read, not rebuilt)."""
-    train(config(tiny_model_dir, sentiment_csv, tmp_path / "straight", method=method))
-    interrupted = config(tiny_model_dir, sentiment_csv, tmp_path / "resumed", checkpoint_every=4, method=method)
+    train(config(tiny_model_dir, sentiment_csv, tmp_path / "straight", method=method, method_options=options))
+    interrupted = config(tiny_model_dir, sentiment_csv, tmp_path / "resumed", checkpoint_every=4, method=method,
+                         method_options=options)
     with pytest.raises(RuntimeError, match="simulated crash"), optimizer_steps(fail_at=7):
         train(interrupted)
     shutil.copytree(tmp_path / "resumed", tmp_path / "perturbed")
@@ -102,7 +105,7 @@ def test_resume_reads_the_checkpoint_and_gives_the_same_delta_bit_for_bit(tiny_m
     state = torch.load(state_file, weights_only=True)
     torch.save(scale_exp_avg(state, 4.0), state_file)
     train(config(tiny_model_dir, sentiment_csv, tmp_path / "perturbed", checkpoint_every=4, resume=True,
-                 method=method))
+                 method=method, method_options=options))
     perturbed = load_file(tmp_path / "perturbed" / "delta" / "delta.safetensors")
     assert any(not torch.allclose(perturbed[key], straight[key], atol=1e-6) for key in straight)
 

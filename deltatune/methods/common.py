@@ -121,6 +121,11 @@ class DeltaComponent(nn.Module):
         through a reparameterization whose output is what it saves (prefix tuning's MLP)."""
         return self.task_parameters(task)
 
+    def saved_parameters(self, task: str) -> dict[str, torch.Tensor]:
+        """What `save_delta` writes for `task`: its parameters, unless a method saves them in another form (a
+        PiSSA LoRA task: the rank-2r LoRA it equals on the unmodified base, with the config's `saved_config`)."""
+        return self.task_parameters(task)
+
     def on_load(self, task: str) -> None:
         """Called after a saved delta was read into `task_parameters(task)`."""
 

@@ -10,12 +10,25 @@ Because B A has W's shape it can be added into W after training (`merge`): no ex
 
 GPT-2 computes q, k and v with one fused Conv1D (`c_attn`, output [q | k | v]); as loralib's
 MergedLinear does, LoRA then adapts only the q and v output slices: one (A, B) pair per slice.
+
+PiSSA (Meng et al. 2024, "PiSSA: Principal Singular Values and Singular Vectors Adaptation", §3) starts
+A, B from W's top-r singular triplets instead, W = U S V^T:
+
+    A0 = sqrt(S_r / s) V_r^T      B0 = U_r sqrt(S_r / s)      (s = alpha/r: s B0 A0 = U_r S_r V_r^T)
+
+and trains them against the residual W - s B0 A0, so the model starts as the base. The paper (and peft)
+write that residual into the frozen weight. Here the base weight stays untouched, because one base
+carries several tasks (switching, mixed batches, merging): the layer keeps A0, B0 frozen and adds
+s (B A - B0 A0) x, the same function with the same gradients for A and B. That difference is a plain
+LoRA update of rank 2r, [B, -B0] [A; A0] (peft's conversion of a PiSSA adapter, its
+`path_initial_model_for_weight_conversion`), and it is how the task runs and how it is saved: a PiSSA
+delta on disk is an ordinary rank-2r LoRA delta that applies to the unmodified base model.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +36,8 @@ from torch import nn
 
 from deltatune.methods.common import DeltaComponent, TaskState
 from deltatune.targets import LINEAR_TYPES, input_features, output_features, resolve_lora_targets
+
+INITS = ["default", "pissa"]
 
 
 @dataclass
@@ -36,16 +51,49 @@ class LoRA:
         default=None, metadata={"help": "module-name suffixes (`c_attn[0/3]` = a fused slice) or a regex"}
     )
     use_rslora: bool = field(default=False, metadata={"help": "scale by alpha/sqrt(r) (Kalajdzievski 2023)"})
+    init: str = field(default="default", metadata={
+        "help": "default: A Kaiming-uniform, B zero (Hu et al. 2021 §4.1); pissa: A, B from W's top-r singular "
+                "vectors (Meng et al. 2024), saved as a rank-2r LoRA delta of the unmodified base",
+        "choices": INITS})
+    pissa_niter: int = field(default=0, metadata={
+        "help": "pissa: 0 = exact SVD; n > 0 = torch.svd_lowrank with n subspace iterations (fast on large W; "
+                "peft's pissa_niter_n)"})
 
     def __post_init__(self) -> None:
         if self.r < 1:
             raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if self.init not in INITS:
+            raise ValueError(f"LoRA init must be one of {INITS}, got {self.init!r}")
+        if self.pissa_niter < 0:
+            raise ValueError(f"LoRA pissa_niter must be >= 0, got {self.pissa_niter}")
 
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def saved_config(self) -> LoRA:
+        """The settings a saved delta carries. A PiSSA task is saved as the plain LoRA it equals on the
+        unmodified base: rank 2r with the same scaling (`LoRALinear.saved_parameters`)."""
+        if self.init != "pissa":
+            return self
+        rank = 2 * self.r
+        return replace(self, r=rank, alpha=alpha_for_scaling(self.scaling, rank, self.use_rslora), init="default",
+                       pissa_niter=0)
+
+
+def alpha_for_scaling(scaling: float, r: int, use_rslora: bool) -> float:
+    """The alpha for which `LoRA(r, alpha, use_rslora).scaling` is `scaling`: bit for bit whenever a float alpha
+    gives it (the product, else its neighbouring floats); with rsLoRA a few odd alphas stay 1 ulp off."""
+    denominator = math.sqrt(r) if use_rslora else r
+    alpha = scaling * denominator
+    for _ in range(8):
+        quotient = alpha / denominator
+        if quotient == scaling:
+            break
+        alpha = math.nextafter(alpha, math.inf if quotient < scaling else -math.inf)
+    return alpha
 
 
 class LoRALinear(DeltaComponent):
@@ -74,6 +122,8 @@ class LoRALinear(DeltaComponent):
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
         self.rank: dict[str, int] = {}
+        # PiSSA tasks: the frozen initial (A0, B0), buffers of one small module per task (moved by .to())
+        self.pissa_initial = nn.ModuleDict()
 
     # HF code sometimes reads `layer.weight` / `layer.bias` directly
     @property
@@ -91,30 +141,77 @@ class LoRALinear(DeltaComponent):
     def add_task(self, task: str, config: LoRA) -> None:
         n_slices = len(self.slices)
         weight = self.base_layer.weight
-        lora_A = torch.empty(n_slices * config.r, self.in_features, dtype=weight.dtype, device=weight.device)
-        # Kaiming-uniform as nn.Linear initialises its weight (and as loralib/peft do for A)
-        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
-        lora_B = torch.zeros(n_slices * self.slice_width, config.r, dtype=weight.dtype, device=weight.device)
+        if config.init == "pissa":
+            lora_A, lora_B = self._pissa_factors(config)
+            initial = nn.Module()
+            initial.register_buffer("A", lora_A.clone(), persistent=False)
+            initial.register_buffer("B", lora_B.clone(), persistent=False)
+            self.pissa_initial[task] = initial
+        else:
+            lora_A = torch.empty(n_slices * config.r, self.in_features, dtype=weight.dtype, device=weight.device)
+            # Kaiming-uniform as nn.Linear initialises its weight (and as loralib/peft do for A)
+            nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+            lora_B = torch.zeros(n_slices * self.slice_width, config.r, dtype=weight.dtype, device=weight.device)
         self.lora_A[task] = nn.Parameter(lora_A)
         self.lora_B[task] = nn.Parameter(lora_B)
         self.lora_dropout[task] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.scaling[task] = config.scaling
         self.rank[task] = config.r
 
+    def _pissa_factors(self, config: LoRA) -> tuple[torch.Tensor, torch.Tensor]:
+        """PiSSA's A0 (S*r, d_in), B0 (S*w, r): per output slice, W_s's top-r singular triplets with S_r/s
+        split evenly between the factors (Meng et al. 2024 §3; as peft's `pissa_init`), in W's dtype."""
+        weight = self.base_layer.weight.detach()
+        weight = weight.T if self.transposed else weight  # (d_out, d_in)
+        A_blocks, B_blocks = [], []
+        for start, end in self.slices:
+            W = weight[start:end].to(torch.float32)  # (w, d_in); the SVD in float32 also for bf16/fp16 weights
+            if config.pissa_niter:
+                U, S, V = torch.svd_lowrank(W, q=config.r, niter=config.pissa_niter)  # W ~ U diag(S) V^T
+                Vh = V.T
+            else:
+                U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+            root = (S[: config.r] / config.scaling).sqrt()  # (r,)
+            A_blocks.append(root[:, None] * Vh[: config.r])  # (r, d_in)
+            B_blocks.append(U[:, : config.r] * root)  # (w, r)
+        return torch.cat(A_blocks).to(weight.dtype), torch.cat(B_blocks).to(weight.dtype)
+
     def remove_task(self, task: str) -> None:
         if self.merged_task == task:
             self.unmerge()
         for store in (self.lora_A, self.lora_B, self.lora_dropout):
             del store[task]
+        if task in self.pissa_initial:
+            del self.pissa_initial[task]
         del self.scaling[task], self.rank[task]
 
     def task_parameters(self, task: str) -> dict[str, nn.Parameter]:
         return {"lora_A": self.lora_A[task], "lora_B": self.lora_B[task]}
 
+    def saved_parameters(self, task: str) -> dict[str, torch.Tensor]:
+        """What `save_delta` writes: A and B, or for a PiSSA task the rank-2r pair of `factors`, a plain LoRA
+        delta of the unmodified base (with `LoRA.saved_config`)."""
+        A, B, _ = self.factors(task)
+        return {"lora_A": A.detach(), "lora_B": B.detach()}
+
+    def factors(self, task: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(A, B, rank) that the task's update s B A is computed from: its own A and B, or for a PiSSA task
+        [A; A0] and [B, -B0], rank 2r, whose product is B A - B0 A0 (peft's PiSSA-to-LoRA conversion),
+        stacked per output slice."""
+        A, B, r = self.lora_A[task], self.lora_B[task], self.rank[task]
+        if task not in self.pissa_initial:
+            return A, B, r
+        initial, n_slices, width = self.pissa_initial[task], len(self.slices), self.slice_width
+        # (S, r, d_in) and (S, r, d_in) -> (S, 2r, d_in): each slice's rows of A, then its rows of A0
+        A = torch.cat([A.view(n_slices, r, -1), initial.A.view(n_slices, r, -1)], dim=1).flatten(0, 1)
+        # (S, w, r) and (S, w, r) -> (S, w, 2r): each slice's B beside its -B0
+        B = torch.cat([B.view(n_slices, width, r), -initial.B.view(n_slices, width, r)], dim=2).flatten(0, 1)
+        return A, B, 2 * r
+
     def delta_weight(self, task: str) -> torch.Tensor:
         """(alpha/r) B A laid out like the base weight's output slices: (d_out, d_in), zeros elsewhere."""
-        r, width = self.rank[task], self.slice_width
-        A, B = self.lora_A[task], self.lora_B[task]
+        width = self.slice_width
+        A, B, r = self.factors(task)
         delta = torch.zeros(self.out_features, self.in_features, dtype=A.dtype, device=A.device)
         for s, (start, end) in enumerate(self.slices):
             # (w, r) @ (r, d_in) -> (w, d_in)
@@ -128,7 +225,8 @@ class LoRALinear(DeltaComponent):
         task = self.active_task
         if task is None or task not in self.lora_A or self.merged_task == task:
             return result
-        A, B = self.lora_A[task], self.placed_B(task)
+        A, B, _ = self.factors(task)
+        B = self.placed(B)
         x = self.lora_dropout[task](x)
         after_A = F.linear(x if x.dtype == A.dtype else x.to(A.dtype), A)  # (..., d_in) @ (d_in, S*r)
         # Scale the narrow (..., S*r) tensor, not the (..., d_out) update: `B(A(x)) * scaling` costs one more
@@ -138,11 +236,10 @@ class LoRALinear(DeltaComponent):
         update = F.linear(after_A * self.scaling[task], B)  # (..., S*r) @ (S*r, d_out)
         return result + update.to(result.dtype)
 
-    def placed_B(self, task: str) -> torch.Tensor:
-        """B over the whole output, (d_out, S*r): slice s's (w, r) block at rows start:end and columns
-        s*r:(s+1)*r, zeros elsewhere, so that one product updates every slice. The plain B for one full slice.
-        (This is also the exact form a fused slice takes in Hugging Face peft's format, see peft_format.py.)"""
-        B = self.lora_B[task]
+    def placed(self, B: torch.Tensor) -> torch.Tensor:
+        """A task's B (S*w, r) over the whole output, (d_out, S*r): slice s's (w, r) block at rows start:end and
+        columns s*r:(s+1)*r, zeros elsewhere, so that one product updates every slice. B itself for one full
+        slice. (This is also the exact form a fused slice takes in Hugging Face peft's format, see peft_format.py.)"""
         if self.slices == [(0, self.out_features)]:
             return B
         blocks = torch.block_diag(*B.split(self.slice_width))  # (S*w, S*r)
@@ -180,12 +277,14 @@ class LoRALinear(DeltaComponent):
     def _stack_for_mixed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A_all^T (T+1, d_in, S*r_max), B_all (T+1, S*r_max, d_out) scaled, per-task dropout rates (T+1,)."""
         tasks, n_slices, width = self.tasks, len(self.slices), self.slice_width
-        r_max = max(self.rank[task] for task in tasks)
+        factors = {task: self.factors(task) for task in tasks}
+        r_max = max(r for _, _, r in factors.values())
         reference = self.lora_A[tasks[0]]
         A_all = reference.new_zeros(len(tasks) + 1, n_slices * r_max, self.in_features)
         B_all = reference.new_zeros(len(tasks) + 1, n_slices * r_max, self.out_features)
         for t, task in enumerate(tasks):
-            r, A, B = self.rank[task], self.lora_A[task], self.lora_B[task] * self.scaling[task]
+            A, B, r = factors[task]
+            B = B * self.scaling[task]
             for s, (start, end) in enumerate(self.slices):
                 A_all[t, s * r_max : s * r_max + r] = A[s * r : (s + 1) * r]
                 B_all[t, s * r_max : s * r_max + r, start:end] = B[s * width : (s + 1) * width].T  # (r, w)
