@@ -183,28 +183,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prompt_ids(prompt_format, tokenizer, text: str) -> list[int]:
-    """The token ids of the prompt a generation delta was trained with, for a text typed by the user."""
-    from deltatune.tasks.generation import prompt_token_ids
-
-    prompt = prompt_format.prompt_for_text(text, tokenizer)
-    if prompt_format.format == "messages":  # the chat template writes any BOS itself
-        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return prompt_token_ids(tokenizer, prompt)
-
-
 def _predict_generation(args: argparse.Namespace, prompt_format: dict) -> int:
     """`predict` with a delta trained on a generation file: each text's greedy completion, one JSON line each."""
     from deltatune.delta import DeltaModel
     from deltatune.evaluate import generate_completions
     from deltatune.models import load_model, load_tokenizer
-    from deltatune.tasks.generation import PromptFormat
+    from deltatune.tasks.generation import typed_prompt_ids
 
     tokenizer = load_tokenizer(args.model)
     model = DeltaModel(load_model(args.model, "causal-lm"))
     model.add_delta(args.delta, trust_pickle=args.trust_pickle)
-    fmt = PromptFormat.from_dict(prompt_format)
-    prompts = [_prompt_ids(fmt, tokenizer, text)[-args.max_length:] for text in args.texts]
+    prompts = [typed_prompt_ids(tokenizer, text, prompt_format, delta=True)[-args.max_length:] for text in args.texts]
     outputs = generate_completions(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens)
     for text, output in zip(args.texts, outputs, strict=True):
         print(json.dumps({"input": text, "output": output}, ensure_ascii=False))
@@ -216,23 +205,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextStreamer
 
-    from deltatune.data import generation_prompt
     from deltatune.delta import DeltaModel
     from deltatune.evaluate import stop_token_ids
     from deltatune.models import load_model, load_tokenizer
-    from deltatune.tasks.generation import PromptFormat
+    from deltatune.tasks.generation import typed_prompt_ids
 
     tokenizer = load_tokenizer(args.model)
     model = DeltaModel(load_model(args.model, "causal-lm"))
     if args.delta:
         model.add_delta(args.delta, trust_pickle=args.trust_pickle)
     saved = model.task_info[model.active_task].get("prompt_format") if args.delta else None
-    if saved:
-        ids = _prompt_ids(PromptFormat.from_dict(saved), tokenizer, args.prompt)
-    elif args.delta:  # a delta of the built-in data-to-text task (E2E)
-        ids = tokenizer(generation_prompt(args.prompt), add_special_tokens=False)["input_ids"]
-    else:
-        ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
+    ids = typed_prompt_ids(tokenizer, args.prompt, saved, delta=bool(args.delta))
     torch.manual_seed(args.seed)
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 \
         else {"do_sample": False}

@@ -18,6 +18,15 @@ requests wait already, a new one is answered 503 with Retry-After: memory stays 
 Errors: an unknown task is 404 with the list of tasks; a malformed body 422; a delta that cannot be loaded
 400 with the reason (the tasks already loaded keep serving); a name taken 409. Full fine-tuning deltas are
 whole models and cannot share a batch: `serve` refuses them.
+
+Generation: for a causal LM (`--kind auto` sees its architecture) the server speaks OpenAI's API instead
+(`deltatune.openai_api`: /v1/completions, /v1/chat/completions, /v1/models), every request naming its task as
+`model`, all of them decoding in one continuously batched loop (`deltatune.decode_loop`).
+
+Safe by default: it binds 127.0.0.1; with `--api-key` (or $DELTATUNE_API_KEY) every route but /health needs
+`Authorization: Bearer KEY` (401); bodies over --max-body-bytes get 413; loading and removing deltas over HTTP
+(/v1/tasks) is off (403) unless `--allow-loading --delta-root DIR`, and then only from folders under DIR (a `..`
+or a symlink leading out of it: 400).
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ import asyncio
 import collections
 import ctypes
 import ctypes.util
+import hmac
+import os
 import socket
 import threading
 import time
@@ -47,25 +58,70 @@ from deltatune.evaluate import encode_inputs, label_prediction
 from deltatune.methods.common import BASE_TASK
 from deltatune.registry import METHODS
 
+KINDS = ("auto", "classification", "generation")
+API_KEY_VARIABLE = "DELTATUNE_API_KEY"
+
 
 @dataclass
 class ServeConfig:
-    """How the server batches and how much it accepts."""
+    """What the server serves, how it batches and how much it accepts."""
 
-    max_batch_size: int = field(default=32, metadata={"help": "inputs in one forward pass (at most)"})
+    kind: str = field(default="auto", metadata={
+        "help": "classification (/v1/predict) or generation (OpenAI-compatible /v1/completions and "
+                "/v1/chat/completions); auto: from the model's architecture (a causal LM generates)",
+        "choices": list(KINDS)})
+    max_batch_size: int = field(default=32, metadata={
+        "help": "inputs in one forward pass; generation: sequences decoding together (at most)"})
     max_wait_ms: float = field(default=5.0, metadata={"help": "how long the oldest request waits for company"})
-    queue_size: int = field(default=256, metadata={"help": "requests waiting at most; more get 503"})
+    queue_size: int = field(default=256, metadata={
+        "help": "requests waiting at most; more get 503 (/v1/predict) or 429 (generation) with Retry-After"})
     max_inputs: int = field(default=64, metadata={"help": "inputs in one request at most (more: 422)"})
     max_length: int = field(default=128, metadata={"help": "tokens per input (longer ones are cut)"})
+    max_prompt_tokens: int = field(default=2048, metadata={"help": "generation: prompt tokens at most (more: 400)"})
+    max_tokens: int = field(default=512, metadata={"help": "generation: the max_tokens a request may ask for"})
+    max_n: int = field(default=8, metadata={"help": "generation: choices (n) per request at most"})
+    max_body_bytes: int = field(default=1 << 20, metadata={"help": "larger request bodies get 413"})
+    api_key: str | None = field(default=None, repr=False, metadata={
+        "help": f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_VARIABLE}; "
+                f"the variable keeps the key out of the process list)"})
+    allow_loading: bool = field(default=False, metadata={
+        "help": "allow loading (POST /v1/tasks) and removing deltas over HTTP, from folders under --delta-root only"})
+    delta_root: str | None = field(default=None, metadata={"help": "the folder deltas may be loaded from over HTTP"})
     trust_pickle: bool = field(default=False, metadata={"help": "also load deltas stored as pickles"})
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.queue_size < 1 or self.max_inputs < 1 or self.max_wait_ms < 0:
+        counts = (self.max_batch_size, self.queue_size, self.max_inputs, self.max_prompt_tokens, self.max_tokens,
+                  self.max_n, self.max_body_bytes)
+        if min(counts) < 1 or self.max_wait_ms < 0:
             raise DeltaTuneError(f"serve settings must be positive: {self}")
+        if self.kind not in KINDS:
+            raise DeltaTuneError(f"unknown serve kind {self.kind!r}; choose one of {list(KINDS)}")
+        if self.allow_loading and not self.delta_root:
+            raise DeltaTuneError("--allow-loading needs --delta-root DIR: deltas are loaded over HTTP only from "
+                                 "folders under it")
+        if self.api_key is None:
+            self.api_key = os.environ.get(API_KEY_VARIABLE) or None
 
 
 class Overloaded(DeltaTuneError):
-    """The request queue is full: try again later (HTTP 503)."""
+    """The request queue is full: try again later (HTTP 503 from /v1/predict, 429 from the generation routes)."""
+
+
+class LoadingRefused(DeltaTuneError):
+    """Loading deltas over HTTP is off, or the path lies outside --delta-root (HTTP 403 / 400)."""
+
+
+def delta_under_root(root: str | Path, path: str) -> Path:
+    """The delta folder `path` (relative to `root`) if it lies inside `root` once every symlink is followed; a path
+    with `..`, an absolute path elsewhere, or a symlink pointing out of the root is refused."""
+    root_path = Path(root).resolve()
+    if ".." in Path(path).parts:
+        raise LoadingRefused(f"delta path {path!r} contains '..'; give a folder under the delta root")
+    candidate = (root_path / path).resolve()
+    if not candidate.is_relative_to(root_path):
+        raise LoadingRefused(f"delta path {path!r} lies outside the delta root (after following symlinks); "
+                             f"deltas are loaded only from folders under --delta-root")
+    return candidate
 
 
 def _free_memory_releaser() -> Callable[[], object] | None:
@@ -312,58 +368,152 @@ class PredictResponse(BaseModel):
 class LoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="the task's name in requests")
-    path: str = Field(description="a delta folder on the server's disk (delta.json + delta.safetensors)")
+    path: str = Field(description="a delta folder (delta.json + delta.safetensors) under the server's --delta-root")
 
 
-def create_app(engine: Engine) -> FastAPI:
-    """The FastAPI application around an engine (started by the caller)."""
+class _Guard:
+    """ASGI middleware in front of every route: the API key (when one is set: all routes but /health) and the
+    body size limit (413, counted as the body arrives, so a chunked body cannot slip past a Content-Length check)."""
+
+    def __init__(self, app, config: ServeConfig, openai_paths: tuple[str, ...]):
+        self.app, self.config, self.openai_paths = app, config, openai_paths
+
+    def _refuse(self, path: str, status: int, message: str, code: str, headers: dict | None = None) -> JSONResponse:
+        if path.startswith(self.openai_paths):
+            from deltatune.openai_api import openai_error
+
+            return openai_error(status, message, code=code, headers=headers)
+        return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        headers = dict(scope["headers"])
+        key = self.config.api_key
+        if key and path != "/health":
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                problem = "no API key given" if not given else "the API key is wrong"
+                response = self._refuse(path, 401, f"{problem}: send 'Authorization: Bearer <key>' (the server's "
+                                                   f"--api-key / ${API_KEY_VARIABLE})", "invalid_api_key",
+                                        {"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        limit = self.config.max_body_bytes
+        too_large = self._refuse(path, 413, f"the request body exceeds {limit} bytes (--max-body-bytes)",
+                                 "request_too_large")
+        if int(headers.get(b"content-length", b"0") or 0) > limit:
+            return await too_large(scope, receive, send)
+        received, exceeded = 0, False
+
+        async def counted_receive():
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:  # the app sees the client leave; its answer is replaced by 413
+                    exceeded = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message):
+            if not exceeded:
+                await send(message)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:
+            if not exceeded:
+                raise
+        if exceeded:
+            await too_large(scope, receive, send)
+
+
+def create_app(engine) -> FastAPI:
+    """The FastAPI application around an engine (started by the caller): a classification `Engine` (/v1/predict)
+    or a generation `DecodeLoop` (the OpenAI-compatible routes of `deltatune.openai_api`)."""
     from deltatune._version import __version__
 
+    generation = not isinstance(engine, Engine)
     app = FastAPI(title="deltatune serve", version=__version__,
                   description="Many task deltas on one base model; requests are batched across tasks.")
+    config: ServeConfig = engine.config
+    openai_paths: tuple[str, ...] = ()
+    if generation:
+        from fastapi.exceptions import RequestValidationError
+
+        from deltatune.openai_api import OPENAI_ROUTES, add_openai_routes, validation_error
+
+        openai_paths = OPENAI_ROUTES
+        add_openai_routes(app, engine)
+        default_handler = app.exception_handlers[RequestValidationError]
+
+        @app.exception_handler(RequestValidationError)
+        async def invalid(request, error: RequestValidationError):
+            if request.url.path.startswith(OPENAI_ROUTES):
+                return validation_error(error)
+            return await default_handler(request, error)
+    app.add_middleware(_Guard, config=config, openai_paths=openai_paths)
 
     def unknown(error: TaskError) -> JSONResponse:
-        return JSONResponse({"detail": str(error), "tasks": sorted(engine.tasks)}, status_code=404)
+        return JSONResponse({"detail": error.args[0], "tasks": sorted(engine.tasks)}, status_code=404)
 
     def overloaded(error: Overloaded) -> JSONResponse:
         return JSONResponse({"detail": str(error)}, status_code=503, headers={"Retry-After": "1"})
 
-    @app.post("/v1/predict", response_model=PredictResponse, response_model_exclude_none=True,
-              responses={404: {"description": "unknown task"}, 503: {"description": "overloaded"}})
-    async def predict(request: PredictRequest):
-        if len(request.inputs) > engine.config.max_inputs:
-            return JSONResponse({"detail": f"{len(request.inputs)} inputs in one request; at most "
-                                           f"{engine.config.max_inputs} (--max-inputs)"}, status_code=422)
-        try:
-            future = engine.submit(request.task, request.inputs)
-        except TaskError as error:
-            return unknown(error)
-        except Overloaded as error:
-            return overloaded(error)
-        try:
-            predictions = await asyncio.wrap_future(future)
-        except TaskError as error:  # removed while the request waited
-            return unknown(error)
-        except DeltaTuneError as error:
-            return JSONResponse({"detail": str(error)}, status_code=400)
-        return {"task": request.task, "predictions": predictions}
+    if not generation:
+        @app.post("/v1/predict", response_model=PredictResponse, response_model_exclude_none=True,
+                  responses={404: {"description": "unknown task"}, 503: {"description": "overloaded"}})
+        async def predict(request: PredictRequest):
+            if len(request.inputs) > engine.config.max_inputs:
+                return JSONResponse({"detail": f"{len(request.inputs)} inputs in one request; at most "
+                                               f"{engine.config.max_inputs} (--max-inputs)"}, status_code=422)
+            try:
+                future = engine.submit(request.task, request.inputs)
+            except TaskError as error:
+                return unknown(error)
+            except Overloaded as error:
+                return overloaded(error)
+            try:
+                predictions = await asyncio.wrap_future(future)
+            except TaskError as error:  # removed while the request waited
+                return unknown(error)
+            except DeltaTuneError as error:
+                return JSONResponse({"detail": str(error)}, status_code=400)
+            return {"task": request.task, "predictions": predictions}
 
     @app.get("/v1/tasks")
     async def list_tasks():
-        return {"tasks": [{"name": name, **info} for name, info in engine.tasks.items()]}
+        return {"tasks": [{"name": name, **{k: v for k, v in info.items() if k != "prompt_format"}}
+                          for name, info in engine.tasks.items()]}
+
+    def loading_refused() -> JSONResponse | None:
+        if config.allow_loading:
+            return None
+        return JSONResponse({"detail": "loading and removing deltas over HTTP is off; start the server with "
+                                       "--allow-loading --delta-root DIR"}, status_code=403)
 
     @app.post("/v1/tasks", status_code=201, responses={400: {"description": "the delta cannot be loaded"},
+                                                       403: {"description": "loading over HTTP is off"},
                                                        409: {"description": "the name is taken"}})
     async def load_task(request: LoadRequest):
+        refused = loading_refused()
+        if refused:
+            return refused
         if request.name in engine.tasks:
             return JSONResponse({"detail": f"task {request.name!r} is loaded already; DELETE it first"}, 409)
         try:
-            return await asyncio.wrap_future(engine.load(request.name, request.path))
+            path = delta_under_root(config.delta_root, request.path)
+            return await asyncio.wrap_future(engine.load(request.name, path))
         except DeltaTuneError as error:  # DeltaError (bad files, another base model...), TaskError (bad name)
             return JSONResponse({"detail": str(error)}, status_code=400)
 
-    @app.delete("/v1/tasks/{name}", responses={404: {"description": "unknown task"}})
+    @app.delete("/v1/tasks/{name}", responses={403: {"description": "loading over HTTP is off"},
+                                               404: {"description": "unknown task"}})
     async def delete_task(name: str):
+        refused = loading_refused()
+        if refused:
+            return refused
         if name not in engine.tasks:
             return unknown(TaskError(f"unknown task {name!r}; tasks loaded: {sorted(engine.tasks)}"))
         await asyncio.wrap_future(engine.remove(name))
@@ -422,14 +572,33 @@ class BackgroundServer:
         self.socket.close()
 
 
-def build_engine(model_name: str, deltas: dict[str | None, str], config: ServeConfig | None = None) -> Engine:
-    """Load the base model (with a classification head) and its tokenizer, and every delta given.
+def serve_kind(model_name: str, config: ServeConfig) -> str:
+    """"classification" or "generation": as configured, or (auto) from the model's architecture."""
+    if config.kind != "auto":
+        return config.kind
+    from transformers import AutoConfig
+
+    from deltatune.models import resolve_model_path
+
+    architectures = AutoConfig.from_pretrained(resolve_model_path(model_name)).architectures or []
+    causal = any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures)
+    return "generation" if causal else "classification"
+
+
+def build_engine(model_name: str, deltas: dict[str | None, str], config: ServeConfig | None = None):
+    """Load the base model and its tokenizer, and every delta given: a classification `Engine` (the model with a
+    classification head) or, for a causal LM, a generation `DecodeLoop` (see `serve_kind`).
 
     `deltas`: {task name (None: the name saved in the delta): delta folder}."""
     from deltatune.models import load_model, load_tokenizer
 
     config = config or ServeConfig()
-    engine = Engine(DeltaModel(load_model(model_name, "classification")), load_tokenizer(model_name), config)
+    if serve_kind(model_name, config) == "generation":
+        from deltatune.decode_loop import DecodeLoop
+
+        engine = DecodeLoop(DeltaModel(load_model(model_name, "causal-lm")), load_tokenizer(model_name), config)
+    else:
+        engine = Engine(DeltaModel(load_model(model_name, "classification")), load_tokenizer(model_name), config)
     for name, path in deltas.items():
         try:
             engine._load(name, path)  # the worker has not started: this thread owns the model still
@@ -445,7 +614,9 @@ def serve(model_name: str, deltas: dict[str | None, str], host: str = "127.0.0.1
 
     engine = build_engine(model_name, deltas, config).start()
     sock = bind(host, port)
-    print(f"deltatune serve: http://{host}:{sock.getsockname()[1]} (tasks: {', '.join(engine.tasks) or 'none'}; "
+    routes = "/v1/predict" if isinstance(engine, Engine) else "/v1/completions, /v1/chat/completions, /v1/models"
+    print(f"deltatune serve: http://{host}:{sock.getsockname()[1]} ({routes}; tasks: "
+          f"{', '.join(engine.tasks) or 'none'}; API key {'required' if engine.config.api_key else 'off'}; "
           f"API schema at /docs)", flush=True)
     try:
         uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning")).run(sockets=[sock])

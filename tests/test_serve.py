@@ -118,7 +118,8 @@ def test_unknown_task_malformed_body_and_the_schema(tiny_model_dir, deltas):
 
 
 def test_loading_and_deleting_deltas_while_serving(tiny_model_dir, deltas, tmp_path):
-    with running(tiny_model_dir, deltas) as (_, url), httpx.Client(base_url=url, timeout=30) as client:
+    with running(tiny_model_dir, deltas, allow_loading=True, delta_root=str(tmp_path)) as (_, url), \
+            httpx.Client(base_url=url, timeout=30) as client:
         missing = client.post("/v1/tasks", json={"name": "cola", "path": str(tmp_path / "nowhere")})
         assert missing.status_code == 400 and "nowhere" in missing.json()["detail"]
         foreign = client.post("/v1/tasks", json={"name": "cola", "path": str(deltas["foreign"])})
@@ -204,3 +205,21 @@ def test_every_response_base_rows_batch_splits_and_each_tasks_label_names(tiny_m
             got = torch.tensor([prediction["probabilities"][name] for name in names])
             torch.testing.assert_close(got, row, atol=1e-5, rtol=0)
             assert prediction["label"] == names[int(row.argmax())]
+
+
+def test_api_key_body_limit_and_loading_switch_guard_the_classification_routes(tiny_model_dir, deltas):
+    with running(tiny_model_dir, deltas, api_key="k3y", max_body_bytes=300) as (_, url), \
+            httpx.Client(base_url=url, timeout=30) as client:
+        assert client.get("/health").status_code == 200  # the one open route
+        body = {"task": "sst2", "inputs": TEXTS}
+        assert client.post("/v1/predict", json=body).status_code == 401
+        assert client.post("/v1/predict", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
+        key = {"Authorization": "Bearer k3y"}
+        assert client.post("/v1/predict", json=body, headers=key).status_code == 200
+        big = client.post("/v1/predict", json={"task": "sst2", "inputs": ["word " * 100]}, headers=key)
+        assert big.status_code == 413 and "--max-body-bytes" in big.json()["detail"]
+        chunked = client.post("/v1/predict", content=iter([b'{"task": "sst2", "inputs": ["', b"x" * 400, b'"]}']),
+                              headers={**key, "Content-Type": "application/json"})  # no Content-Length
+        assert chunked.status_code == 413
+        refused = client.post("/v1/tasks", json={"name": "c", "path": str(deltas["sst2"])}, headers=key)
+        assert refused.status_code == 403 and "--allow-loading" in refused.json()["detail"]

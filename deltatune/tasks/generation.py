@@ -439,3 +439,39 @@ def generation_file_task(
         description=f"{format} data from {path}" + (f" (dev: {dev_path})" if dev_path else ""),
         prompt_format=prompt_format,
     )
+
+
+# ---- prompts typed by a user (`deltatune generate`, `deltatune serve`) -----------------------------------------
+def typed_prompt_ids(tokenizer, text: str, prompt_format: dict | None, delta: bool) -> list[int]:
+    """The ids of the prompt a user's text becomes under a delta, built the way the delta was trained: its saved
+    prompt format (a file task: template, alpaca or the user turn of a chat); a delta of the built-in
+    data-to-text task (no format saved): the E2E prompt; no delta: the text itself."""
+    from deltatune.data import generation_prompt  # deltatune.data imports deltatune.tasks
+
+    if prompt_format:
+        fmt = PromptFormat.from_dict(prompt_format)
+        prompt = fmt.prompt_for_text(text, tokenizer)
+        if fmt.format == "messages":  # the chat template writes any BOS itself
+            return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return prompt_token_ids(tokenizer, prompt)
+    return tokenizer(generation_prompt(text) if delta else text, add_special_tokens=False)["input_ids"]
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict[str, str]], prompt_format: dict | None, delta: bool) -> list[int]:
+    """The ids of a conversation's prompt for the assistant's next turn: a chat delta's own template (or, without a
+    delta, the tokenizer's); a delta trained on single prompts takes one user message (its `typed_prompt_ids`)."""
+    chat = prompt_format.get("format") == "messages" if prompt_format else not delta
+    if chat:
+        if prompt_format:
+            prompt = PromptFormat.from_dict(prompt_format).render(tokenizer, messages, add_generation_prompt=True)
+        elif getattr(tokenizer, "chat_template", None):
+            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            raise ChatTemplateError("the base model's tokenizer has no chat template; send the text to /v1/completions "
+                                    "instead, or serve a delta trained on chat messages")
+        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if [m["role"] for m in messages] != ["user"]:
+        trained = prompt_format.get("format") if prompt_format else "data-to-text (E2E)"
+        raise DataError(f"this delta was trained on single prompts ({trained} format), not conversations: send "
+                        f"exactly one user message (got roles {[m['role'] for m in messages]})")
+    return typed_prompt_ids(tokenizer, messages[0]["content"], prompt_format, delta)
