@@ -59,6 +59,7 @@ class Sampling:
     seed: int | None = None  # with a seed, choice i draws from torch.Generator().manual_seed(seed + i)
     stop: list[str] = field(default_factory=list)
     n: int = 1
+    ignore_eos: bool = False  # generate max_tokens whatever the model says (vLLM's extension; benchmarks)
 
 
 @dataclass
@@ -252,9 +253,12 @@ class DecodeLoop:
                         future.set_result(function())
                     except BaseException as error:  # noqa: BLE001 - handed to the caller
                         future.set_exception(error)
-                try:
-                    for request in admitted:
+                for request in admitted:
+                    try:
                         self._join(request)
+                    except Exception as error:  # noqa: BLE001 - answered, never left waiting
+                        self._fail(request, error)
+                try:
                     self._drop_finished()
                     if self._rows:
                         self._step()
@@ -394,7 +398,7 @@ class DecodeLoop:
             sampling = row.request.sampling
             row.tokens.append(token)
             finish = None
-            if token in self.stop_ids:
+            if token in self.stop_ids and not sampling.ignore_eos:
                 finish, text = "stop", self._text(row.tokens[:-1])
             else:
                 text = self._text(row.tokens)

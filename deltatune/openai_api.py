@@ -88,6 +88,7 @@ class _Common(BaseModel):
     seed: int | None = Field(default=None, ge=0, description="the same seed, prompt and settings: the same tokens")
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = Field(default=False, description="vLLM's extension: generate max_tokens tokens, EOS or not")
     user: str | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -106,7 +107,7 @@ class _Common(BaseModel):
         if len(stops) > 4 or any(not s for s in stops):
             raise DeltaTuneError(f"stop takes up to 4 non-empty strings, got {stops!r}")
         return Sampling(max_tokens=self.max_tokens or limit_default, temperature=self.temperature, top_p=self.top_p,
-                        seed=self.seed, stop=stops, n=self.n)
+                        seed=self.seed, stop=stops, n=self.n, ignore_eos=self.ignore_eos)
 
 
 class CompletionRequest(_Common):

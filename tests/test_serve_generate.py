@@ -227,6 +227,9 @@ def test_models_sampling_stop_and_n(served):
         ended = api.completions.create(model="prompt", prompt=PROMPTS[1], max_tokens=12, temperature=0)
         assert (ended.choices[0].text, ended.choices[0].finish_reason) == (loop.tokenizer.decode(tokens[:end]), "stop")
         assert ended.usage.completion_tokens == end + 1
+        going_on = api.completions.create(model="prompt", prompt=PROMPTS[1], max_tokens=12, temperature=0,
+                                          extra_body={"ignore_eos": True})  # vLLM's extension
+        assert going_on.choices[0].finish_reason == "length" and going_on.usage.completion_tokens == 12
 
 
 def test_errors_in_openai_shape(served):
