@@ -320,7 +320,7 @@ def test_loading_over_http_is_off_by_default_and_confined_to_the_delta_root(serv
     os.symlink(paths["adapter"], root / "escape")  # a symlink leading out of the root
     with pytest.raises(DeltaTuneError, match="--allow-loading needs --delta-root"):
         ServeConfig(allow_loading=True)
-    with server(served, tasks=("lora",), allow_loading=True, delta_root=str(paths["bitfit"].parent)) as (_, url):
+    with server(served, tasks=("lora",), allow_loading=True, delta_root=str(paths["bitfit"].parent)) as (loop, url):
         api = client(url)
         for path, problem in [("../deltas/adapter", "contains '..'"), (str(paths["adapter"]) + "/../x", "'..'"),
                               ("/etc", "outside the delta root")]:
@@ -333,6 +333,18 @@ def test_loading_over_http_is_off_by_default_and_confined_to_the_delta_root(serv
         assert [m.id for m in api.models.list().data] == ["base", "lora", "adapter2"]
         text = api.completions.create(model="adapter2", prompt="hi", max_tokens=4, temperature=0).choices[0].text
         assert text == reference(served, "adapter", plain_ids(served, "hi"), 4)[0]
+        # removed while one of its streams runs: the stream ends with an error event, then [DONE]
+        step = loop._step
+        loop._step = lambda: (time.sleep(0.02), step())
+        with httpx.stream("POST", url + "/v1/completions", timeout=30, json={
+                "model": "adapter2", "prompt": "hi", "max_tokens": 100, "stream": True}) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            assert httpx.delete(url + "/v1/tasks/adapter2").json() == {"deleted": "adapter2"}
+            events = [line[6:] for line in lines if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert "was removed while this request ran" in json.loads(events[-2])["error"]["message"]
+        assert loop.metrics()["running"] == 0 and "adapter2" not in loop.tasks
     with server(served, tasks=("lora",), allow_loading=True, delta_root=str(root)) as (_, url):
         escape = httpx.post(url + "/v1/tasks", json={"name": "x", "path": "escape"})
         assert escape.status_code == 400 and "outside the delta root" in escape.json()["detail"]
