@@ -11,6 +11,8 @@ server-sent events parsed by hand: the official client costs more CPU than the s
   one-at-a-time the lora load with --max-batch-size 1: requests decode one after another
   adapter       8 Houlsby adapter deltas (bottleneck 64), requests spread over them
   prompt        8 prompt-tuning deltas (20 virtual tokens), requests spread over them
+  tiny          8 LoRA deltas on a tiny random Llama (2 layers, width 32) and `--tiny-requests` requests of 16 new
+                tokens: the server's own memory over thousands of requests (rows, caches, streams), in minutes
 Deltas are random, not trained (LoRA's B != 0, every other value random and non-zero): a trained delta costs the
 same compute. Prompts: E2E test meaning representations as the E2E deltas see them ("MR\\nSentence:"); every
 request generates exactly `--new-tokens` tokens (temperature 0, `ignore_eos`). Reported per scenario: completion
@@ -58,9 +60,9 @@ def method_config(method: str, index: int):
     return deltatune.PromptTuning(length=20)
 
 
-def make_deltas(method: str, folder: Path) -> dict[str, Path]:
-    """DELTAS random deltas of `method` on SmolLM2, saved under `folder`."""
-    model = load_model("smollm2", "causal-lm")
+def make_deltas(method: str, folder: Path, model_name: str = "smollm2") -> dict[str, Path]:
+    """DELTAS random deltas of `method` on the model, saved under `folder`."""
+    model = load_model(model_name, "causal-lm")
     paths = {}
     for index in range(DELTAS):
         task = f"{method}{index}"
@@ -73,6 +75,15 @@ def make_deltas(method: str, folder: Path) -> dict[str, Path]:
                     tensor.add_(torch.randn(tensor.shape, generator=generator) * (0.01 if "lora" in name else 0.02))
         paths[task] = model.save_delta(folder / task, task=task)
     return paths
+
+
+def tiny_folder(folder: Path) -> Path:
+    from deltatune.models import tiny_model, tiny_tokenizer
+
+    torch.manual_seed(0)
+    tiny_model("llama", "causal-lm").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
 
 
 def merged_model(delta: Path, folder: Path) -> Path:
@@ -162,7 +173,7 @@ def percentile(values: list[float], q: int) -> float:
 
 
 def run_scenario(name: str, model: str, deltas: dict[str, Path], tasks: list[str], settings: list[str],
-                 prompts: list[str], requests: int, args) -> dict:
+                 prompts: list[str], requests: int, args, new_tokens: int | None = None) -> dict:
     server, url = start_server(model, deltas, settings, args.threads)
     try:
         asyncio.run(load(url, prompts, tasks, min(4, requests), min(4, args.clients), 4))  # warm-up
@@ -177,7 +188,7 @@ def run_scenario(name: str, model: str, deltas: dict[str, Path], tasks: list[str
         start_rss = memory(server.pid)["VmRSS"]
         sampler.start()
         elapsed, tokens, ttfts, gaps, errors, metrics = asyncio.run(
-            load(url, prompts, tasks, requests, args.clients, args.new_tokens))
+            load(url, prompts, tasks, requests, args.clients, new_tokens or args.new_tokens))
         stop.set()
         sampler.join()
         end = memory(server.pid)
@@ -188,6 +199,7 @@ def run_scenario(name: str, model: str, deltas: dict[str, Path], tasks: list[str
               "tokens_per_s": tokens / elapsed, "ttft_p50": percentile(ttfts, 50), "ttft_p99": percentile(ttfts, 99),
               "itl_p50": percentile(gaps, 50), "itl_p99": percentile(gaps, 99), "rss_start_mib": start_rss,
               "rss_end_mib": end["VmRSS"], "rss_peak_mib": end["VmHWM"], "errors": errors,
+              "rss_quarters_mib": [samples[len(samples) * q // 4] for q in (1, 2, 3)] if samples else [],
               "steps": metrics["steps"], "mixed_steps": metrics["mixed_steps"], "max_rows": metrics["max_rows"]}
     print(json.dumps(result), flush=True)
     return result
@@ -200,6 +212,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the server")
+    parser.add_argument("--tiny-requests", type=int, default=2000, help="requests of the tiny-model memory run")
     parser.add_argument("--scenarios", default="lora,merged,one-at-a-time,adapter,prompt")
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--out", help="write the results as JSON here")
@@ -224,13 +237,19 @@ def main() -> None:
             elif name == "merged":
                 merged = merged_model(lora["lora0"], folder / "merged")
                 results.append(run_scenario(name, str(merged), {}, ["base"], batch, prompts, args.requests, args))
+            elif name == "tiny":
+                model = tiny_folder(folder / "tiny")
+                deltas = make_deltas("lora", folder / "tiny-lora", str(model))
+                short = [prompt[:60] + "\nSentence:" for prompt in prompts]  # the tiny model has 128 positions
+                results.append(run_scenario(name, str(model), deltas, list(deltas), batch, short, args.tiny_requests,
+                                            args, new_tokens=16))
             elif name == "one-at-a-time":
                 results.append(run_scenario(name, smollm2, lora, list(lora), ["--max-batch-size", "1"], prompts,
                                             args.baseline_requests, args))
             else:
                 deltas = make_deltas(name, folder / name)
                 results.append(run_scenario(name, smollm2, deltas, list(deltas), batch, prompts, args.requests, args))
-    rates = {r["scenario"]: r["tokens_per_s"] for r in results}
+    rates = {r["scenario"]: r["tokens_per_s"] for r in results if r["scenario"] != "tiny"}
     summary = {
         "command": " ".join(sys.argv), "torch": torch.__version__, "deltatune": deltatune.__version__,
         "python": platform.python_version(), "cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
