@@ -269,19 +269,14 @@ async def _respond(loop: DecodeLoop, request: _Common, prompts: list[list[int]],
     identifier = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     events = generation.events()
+    watcher = asyncio.create_task(_cancel_when_gone(http, generation))  # until the stream (or the answer) is made
     try:  # wait for the first event: an error at the prefill is still an HTTP error, not a broken stream
         first = await anext(events)
-    except BaseException as error:
-        generation.cancel()
-        if isinstance(error, asyncio.CancelledError):
-            raise
-        return error_for(error)
-    if request.stream:
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        chunks = _stream(generation, events, first, identifier, created, request.model, chat, include_usage)
-        return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    watcher = asyncio.create_task(_cancel_when_gone(http, generation))
-    try:
+        if request.stream:
+            watcher.cancel()  # from here on the stream notices a client that leaves
+            include_usage = bool(request.stream_options and request.stream_options.include_usage)
+            chunks = _stream(generation, events, first, identifier, created, request.model, chat, include_usage)
+            return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         texts: dict[int, list[str]] = {}
         finish: dict[int, str] = {}
         pending = first
@@ -308,11 +303,17 @@ async def _respond(loop: DecodeLoop, request: _Common, prompts: list[list[int]],
             "model": request.model, "choices": choices, "usage": generation.usage()}
 
 
+class ClientGone(DeltaTuneError):
+    """The client closed its connection before its answer (nobody reads this one)."""
+
+
 async def _cancel_when_gone(http: Request, generation: _Generation) -> None:
-    """A client that closed its connection before its (non-streamed) answer frees its rows."""
+    """A client that closed its connection before its answer frees its rows (or never takes any), and the
+    handler waiting for the answer stops waiting."""
     while not await http.is_disconnected():
         await asyncio.sleep(0.25)
     generation.cancel()
+    generation.queue.put_nowait((0, Event(error=ClientGone("the client went away"))))
 
 
 async def _stream(generation: _Generation, events, first, identifier: str, created: int, model: str, chat: bool,

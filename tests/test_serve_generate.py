@@ -295,6 +295,14 @@ def test_full_queue_429_and_a_cancelled_stream_frees_its_row(served):
         first.join()
         assert full.value.response.headers["retry-after"] == "1" and full.value.code == "queue_full"
         assert loop.metrics()["finished"] == 1 and loop.metrics()["rejected"] == 1
+        # a client that gives up while its request waits: the request never takes a row
+        with held(loop):
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(url + "/v1/completions", json={"model": "lora", "prompt": "hi", "max_tokens": 50},
+                           timeout=0.5)
+            wait_until(lambda: loop._waiting[0].cancelled, "the server noticed the client leave")
+        wait_until(lambda: loop.metrics()["cancelled"] == 1 and loop.metrics()["queue"] == 0, "request dropped")
+        assert loop.metrics()["finished"] == 1 and loop.metrics()["tokens"] == 2
 
         step = loop._step
         loop._step = lambda: (time.sleep(0.02), step())  # 100 tokens would take 2 s
@@ -305,7 +313,7 @@ def test_full_queue_429_and_a_cancelled_stream_frees_its_row(served):
         assert chunk["object"] == "text_completion"  # the client left after its first chunk
         wait_until(lambda: loop.metrics()["running"] == 0, "row freed")
         metrics = loop.metrics()
-        assert metrics["cancelled"] == 1 and metrics["finished"] == 1 and metrics["tokens"] < 2 + 50
+        assert metrics["cancelled"] == 2 and metrics["finished"] == 1 and metrics["tokens"] < 2 + 50
         assert api.completions.create(model="lora", prompt="hi", max_tokens=2).choices  # still serving
 
 
