@@ -377,3 +377,49 @@ def _tiny_config(arch: str):
     else:
         raise ModelError(f"Unknown tiny architecture '{arch}'; choose one of {', '.join(TINY_ARCHS)}")
     return config
+
+
+# The coverage zoo: one tiny random configuration per popular `transformers` model type (2 blocks, hidden 32,
+# 4 query heads, 2 key/value heads where the architecture has grouped-query attention), each built with its
+# `...ForSequenceClassification` head by `tiny_model_of_type`. The test matrix (tests/test_coverage_matrix.py)
+# runs every method on each; scripts/coverage_table.py turns its results into the README's coverage table.
+_BLOCKS = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+               max_position_embeddings=TINY_MAX_POSITIONS)
+_GQA = dict(_BLOCKS, num_key_value_heads=2)
+_GPT = dict(n_embd=32, n_layer=2, n_head=4, n_inner=64, n_positions=TINY_MAX_POSITIONS)
+_ROBERTA = dict(_BLOCKS, max_position_embeddings=TINY_MAX_POSITIONS + 2)  # positions from pad_token_id + 1
+TINY_ZOO: dict[str, dict] = {
+    "bert": _BLOCKS, "roberta": _ROBERTA, "xlm-roberta": _ROBERTA, "camembert": _ROBERTA,
+    "distilbert": dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=TINY_MAX_POSITIONS),
+    "albert": dict(_BLOCKS, embedding_size=16), "electra": dict(_BLOCKS, embedding_size=16),
+    "deberta-v2": _BLOCKS, "mpnet": _BLOCKS,
+    "modernbert": dict(_BLOCKS, global_attn_every_n_layers=2, local_attention=8, cls_token_id=2, sep_token_id=1),
+    "gpt2": _GPT, "gptj": dict(_GPT, rotary_dim=4),
+    "gpt_neox": dict(_BLOCKS, rotary_pct=0.5),
+    "bloom": dict(hidden_size=32, n_layer=2, n_head=4),
+    "falcon": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4),  # multi-query (the default)
+    "opt": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32,
+                max_position_embeddings=TINY_MAX_POSITIONS),
+    "phi": _BLOCKS,
+    "llama": _GQA, "mistral": _GQA, "qwen2": _GQA, "stablelm": _GQA, "phi3": _GQA,
+    "mixtral": dict(_GQA, num_local_experts=2, num_experts_per_tok=1),
+    "qwen3": dict(_GQA, head_dim=8), "gemma": dict(_GQA, head_dim=8), "gemma2": dict(_GQA, head_dim=8),
+    "gemma3_text": dict(_GQA, head_dim=8),
+    "t5": dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0),
+    "bart": dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                 encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=TINY_MAX_POSITIONS),
+}
+
+
+def tiny_model_of_type(model_type: str, num_labels: int = 2, **overrides) -> PreTrainedModel:
+    """A randomly initialised tiny `...ForSequenceClassification` model of a TINY_ZOO type, in eval mode
+    (deterministic under `torch.manual_seed`); `overrides` change config values (Falcon's
+    new_decoder_architecture, ...)."""
+    from transformers import AutoConfig
+
+    if model_type not in TINY_ZOO:
+        raise ModelError(f"no tiny configuration for model type {model_type!r}; known: {', '.join(TINY_ZOO)}")
+    config = AutoConfig.for_model(model_type, vocab_size=TINY_VOCAB, pad_token_id=0, eos_token_id=1,
+                                  bos_token_id=2, **{**TINY_ZOO[model_type], **overrides})
+    config.num_labels = num_labels
+    return AutoModelForSequenceClassification.from_config(config).eval()

@@ -159,10 +159,14 @@ class DeltaComponent(nn.Module):
     def example_rows(self, batch: int, device: torch.device) -> torch.Tensor:
         """Each example's row in this component's stacked weights (`stacked`): its task's index in
         `self.tasks`, or len(self.tasks) for examples whose task has no parameters here."""
-        if batch != len(self.task_state.per_example):
-            raise ValueError(f"{type(self).__name__} got a batch of {batch} examples, but tasks= names "
-                             f"{len(self.task_state.per_example)}; the model must keep the batch in dim 0")
-        return self.task_state.example_rows(self.tasks, device)
+        examples = len(self.task_state.per_example)
+        rows = self.task_state.example_rows(self.tasks, device)
+        if batch == examples:
+            return rows
+        if batch % examples == 0:  # (B, L, d) flattened to (B * L, d) before this layer (OPT's feed-forward):
+            return rows.repeat_interleave(batch // examples)  # each example's L tokens are consecutive rows
+        raise ValueError(f"{type(self).__name__} got a batch of {batch} examples, but tasks= names "
+                         f"{examples}; the model must keep the batch in dim 0")
 
     def stacked(self, key: str, tensors: list[torch.Tensor], build: Callable[[], Any]) -> Any:
         """`build()`: per-task weights stacked along a new dim 0 (one row per task, plus a zero row), cached.
