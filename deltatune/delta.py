@@ -334,6 +334,10 @@ class DeltaModel(nn.Module):
         }
         if info.get("prompt_format"):  # generation from the user's files: how prompts are built
             meta["prompt_format"] = info["prompt_format"]
+        layouts = {strip_wrappers(name): layout for name, component in self.components().items()
+                   if task in component.tasks and (layout := component.saved_layout()) is not None}
+        if layouts:  # which output rows of fused layers the delta's tensors adapt (what peft export needs)
+            meta["output_rows"] = layouts
         return write_delta(path, tensors, meta)
 
     def add_delta(self, path: str | Path, task: str | None = None, trust_pickle: bool = False) -> str:

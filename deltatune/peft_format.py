@@ -126,13 +126,20 @@ def _lora_to_peft(tensors: dict[str, torch.Tensor], meta: dict) -> tuple[dict[st
         if any(module == h or module.startswith(h + ".") for h in heads):
             raise DeltaError(f"LoRA on {module}, inside the trained head, has no peft equivalent (peft never "
                              f"puts LoRA inside modules_to_save)")
-        layout = _slices(module, config.targets, base.get("model_type"), A.shape[0] // config.r, B.shape[0])
-        if layout is not None:  # fused output slices -> one block LoRA over the whole output (module doc)
-            slices, out_features = layout
-            width = B.shape[0] // len(slices)
-            block = B.new_zeros(out_features, A.shape[0])  # (d_out, S*r)
-            for s, (start, end) in enumerate(slices):
-                block[start:end, s * config.r : (s + 1) * config.r] = B[s * width : (s + 1) * width]
+        saved = (meta.get("output_rows") or {}).get(module)  # fused rows found from the model's structure
+        if saved is not None:
+            layout = [[tuple(span) for span in group] for group in saved["rows"]], saved["out_features"]
+        else:
+            layout = _slices(module, config.targets, base.get("model_type"), A.shape[0] // config.r, B.shape[0])
+        if layout is not None:  # fused output rows -> one block LoRA over the whole output (module doc)
+            groups, out_features = layout
+            widths = [sum(end - start for start, end in group) for group in groups]
+            if len(groups) * config.r != A.shape[0] or sum(widths) != B.shape[0]:
+                raise DeltaError(f"{module}: the delta's LoRA shapes do not match its output rows {groups}")
+            block = B.new_zeros(out_features, A.shape[0])  # (d_out, G*r)
+            for g, (group, B_g) in enumerate(zip(groups, B.split(widths))):
+                rows = torch.cat([torch.arange(start, end) for start, end in group])
+                block[rows, g * config.r : (g + 1) * config.r] = B_g
             B = block
         rank = A.shape[0]
         ranks[module] = (rank, config.alpha if rank == config.r else config.scaling * _rank_divisor(config, rank))
@@ -167,9 +174,9 @@ def _rank_divisor(config, rank: int) -> float:
 
 def _slices(
     module: str, targets, model_type: str | None, n_slices: int, rows: int
-) -> tuple[list[tuple[int, int]], int] | None:
-    """The output slices a LoRA on `module` adapts and the layer's output width, or None for the whole
-    output; read from the config's targets as `targets.resolve_lora_targets` reads them."""
+) -> tuple[list[list[tuple[int, int]]], int] | None:
+    """The output row groups (one slice each) a LoRA on `module` adapts and the layer's output width, or None for
+    the whole output; read from the config's targets as `targets.resolve_lora_targets` reads them."""
     targets = DEFAULT_LORA_TARGETS.get(model_type) if targets is None else targets
     if targets is None or isinstance(targets, str):
         return None
@@ -186,7 +193,7 @@ def _slices(
         raise DeltaError(f"{module}: the delta's LoRA shapes do not match its targets {targets}")
     width = rows // n_slices
     parts = chosen[0][1]
-    return sorted((index * width, (index + 1) * width) for index, _ in chosen), parts * width
+    return [[span] for span in sorted((index * width, (index + 1) * width) for index, _ in chosen)], parts * width
 
 
 def _head_modules(head_keys: list[str]) -> list[str]:

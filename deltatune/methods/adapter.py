@@ -41,7 +41,16 @@ from torch import nn
 
 from deltatune.errors import DeltaTuneError, MergeError, TargetError
 from deltatune.methods.common import DeltaComponent, TaskState
-from deltatune.targets import ADAPTER_SITES, block_index, block_lists, in_transformer_block, model_type, unwrap
+from deltatune.targets import (
+    ADAPTER_SITES,
+    block_index,
+    block_lists,
+    discover_adapter_sites,
+    in_transformer_block,
+    is_norm,
+    model_type,
+    unwrap,
+)
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh, "silu": F.silu, "swish": F.silu}
 
@@ -293,12 +302,6 @@ class NormDelta(DeltaComponent):
         return self.base_layer
 
 
-def is_norm(module: nn.Module) -> bool:
-    """LayerNorm / RMSNorm layers with a learned gain (torch's and transformers' own classes)."""
-    named = isinstance(module, nn.LayerNorm | nn.RMSNorm) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
-    return named and isinstance(getattr(module, "weight", None), nn.Parameter)
-
-
 def adapter_sites(model: nn.Module, config: Adapter, exclude: list[str]) -> list[str]:
     """Full names of the modules whose output gets an adapter: per the architecture's ADAPTER_SITES, or
     every block (lin); none in the lowest `skip_layers` blocks of each stack."""
@@ -310,11 +313,19 @@ def adapter_sites(model: nn.Module, config: Adapter, exclude: list[str]) -> list
                              f"number {depth}; choose skip_layers between 0 and {depth - 1}")
     if config.placement == "lin":
         sites = [f"{name}.{i}" for name, stack in stacks.items() for i in range(len(stack))]
-    else:
-        if kind not in ADAPTER_SITES:
-            raise TargetError(f"no adapter placement known for model type {kind!r}; known: {sorted(ADAPTER_SITES)}")
+    elif kind in ADAPTER_SITES:
         patterns = [re.compile(ADAPTER_SITES[kind][i]) for i in PLACEMENTS[config.placement]]
         sites = [name for name in _own_modules(model, exclude) if any(p.search(name) for p in patterns)]
+    else:  # found from the blocks' structure (targets.discover_adapter_sites)
+        found = discover_adapter_sites(model)
+        if not all(found[i] for i in PLACEMENTS[config.placement]):
+            missing = "no stack of transformer blocks" if not stacks else "no sub-layer output of width hidden_size"
+            raise TargetError(f"no adapter placement known for model type {kind!r} (known: {sorted(ADAPTER_SITES)}) "
+                              f"and none found in its structure ({missing}); use placement='lin' (an adapter on each "
+                              f"block's output) where the blocks are found")
+        own = _own_modules(model, exclude)
+        sites = sorted((name for i in PLACEMENTS[config.placement] for name in found[i] if name in own),
+                       key=list(own).index)
     sites = [name for name in sites if (block_index(name) or 0) >= config.skip_layers]
     if not sites:
         raise TargetError(f"no module of this {kind} model takes a {config.placement} adapter")

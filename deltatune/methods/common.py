@@ -156,6 +156,10 @@ class DeltaComponent(nn.Module):
     def check_mixed(self, tasks: set[str | None]) -> None:
         """Raise if these tasks cannot share one forward pass here (called before every mixed pass)."""
 
+    def saved_layout(self) -> dict | None:
+        """What a saved delta records about this component's shape beyond its tensors (None: nothing)."""
+        return None
+
     def example_rows(self, batch: int, device: torch.device) -> torch.Tensor:
         """Each example's row in this component's stacked weights (`stacked`): its task's index in
         `self.tasks`, or len(self.tasks) for examples whose task has no parameters here."""

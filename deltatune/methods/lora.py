@@ -9,7 +9,10 @@ model (section 4.1). Only W_q and W_v of each attention layer are adapted by def
 Because B A has W's shape it can be added into W after training (`merge`): no extra latency.
 
 GPT-2 computes q, k and v with one fused Conv1D (`c_attn`, output [q | k | v]); as loralib's
-MergedLinear does, LoRA then adapts only the q and v output slices: one (A, B) pair per slice.
+MergedLinear does, LoRA then adapts only the q and v output rows: one (A, B) pair per projection, its B
+placed at that projection's rows. The rows come from targets.py: a block [q | k | v] (GPT-2, Phi-3 with
+fewer key/value heads), or scattered per head (GPT-NeoX, BLOOM: [q_h, k_h, v_h] for each head h), so a
+projection's rows may be several ranges ("row groups").
 
 PiSSA (Meng et al. 2024, "PiSSA: Principal Singular Values and Singular Vectors Adaptation", §3) starts
 A, B from W's top-r singular triplets instead, W = U S V^T:
@@ -35,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.methods.common import DeltaComponent, TaskState
-from deltatune.targets import LINEAR_TYPES, input_features, output_features, resolve_lora_targets
+from deltatune.targets import LINEAR_TYPES, RowGroups, input_features, output_features, resolve_lora_targets
 
 INITS = ["default", "pissa"]
 
@@ -48,7 +51,8 @@ class LoRA:
     alpha: float = field(default=16, metadata={"help": "scale alpha; the update is multiplied by alpha/r"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA path's input"})
     targets: list[str] | str | None = field(
-        default=None, metadata={"help": "module-name suffixes (`c_attn[0/3]` = a fused slice) or a regex"}
+        default=None, metadata={"help": "module-name suffixes (`c_attn[0/3]` = a fused slice), a regex, or "
+                                         "all-linear (every linear layer but the head)"}
     )
     use_rslora: bool = field(default=False, metadata={"help": "scale by alpha/sqrt(r) (Kalajdzievski 2023)"})
     init: str = field(default="default", metadata={
@@ -97,25 +101,25 @@ def alpha_for_scaling(scaling: float, r: int, use_rslora: bool) -> float:
 
 
 class LoRALinear(DeltaComponent):
-    """A linear (or GPT-2 Conv1D) layer plus one low-rank update per task, on chosen output slices.
+    """A linear (or GPT-2 Conv1D) layer plus one low-rank update per task, on chosen groups of output rows.
 
-    For each task: `lora_A[task]` is (S*r, d_in) and `lora_B[task]` is (S*w, r) for S output slices of
-    width w; row block s of B pairs with row block s of A. With one slice covering the whole output
-    these are exactly the paper's A (r x d_in) and B (d_out x r).
+    For each task: `lora_A[task]` is (G*r, d_in) and `lora_B[task]` is (w_1 + ... + w_G, r) for G row groups
+    of w_g rows each (a group: one projection's rows of a fused layer, possibly several ranges); row block g
+    of B pairs with row block g of A. With one group covering the whole output these are exactly the
+    paper's A (r x d_in) and B (d_out x r).
     """
 
-    def __init__(self, base_layer: nn.Module, slices: list[tuple[int, int]] | None, state: TaskState):
+    def __init__(self, base_layer: nn.Module, groups: RowGroups | None, state: TaskState):
         super().__init__(state)
         if not isinstance(base_layer, LINEAR_TYPES):
             raise TypeError(f"LoRA needs nn.Linear or Conv1D, got {type(base_layer).__name__}")
         self.base_layer = base_layer
         self.in_features = input_features(base_layer)
         self.out_features = output_features(base_layer)
-        self.slices = slices or [(0, self.out_features)]
-        widths = {end - start for start, end in self.slices}
-        if len(widths) != 1:
-            raise ValueError(f"LoRA slices must have equal widths, got {self.slices}")
-        self.slice_width = widths.pop()
+        self.groups = groups or [[(0, self.out_features)]]
+        self.widths = [sum(end - start for start, end in group) for group in self.groups]
+        # each group's output rows, in B's row order: (w_g,)
+        self.__dict__["group_rows"] = [torch.cat([torch.arange(a, b) for a, b in group]) for group in self.groups]
         self.transposed = not isinstance(base_layer, nn.Linear)  # Conv1D: weight is (d_in, d_out)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
@@ -138,8 +142,22 @@ class LoRALinear(DeltaComponent):
     def tasks(self) -> list[str]:
         return list(self.lora_A.keys())
 
+    @property
+    def slices(self) -> list[tuple[int, int]]:
+        """Every adapted range of output rows, in order."""
+        return sorted(span for group in self.groups for span in group)
+
+    @property
+    def whole(self) -> bool:
+        return self.groups == [[(0, self.out_features)]]
+
+    def saved_layout(self) -> dict | None:
+        """The adapted row groups of a fused layer (None for a whole layer)."""
+        return None if self.whole else {"rows": [[list(span) for span in group] for group in self.groups],
+                                        "out_features": self.out_features}
+
     def add_task(self, task: str, config: LoRA) -> None:
-        n_slices = len(self.slices)
+        n_groups = len(self.groups)
         weight = self.base_layer.weight
         if config.init == "pissa":
             lora_A, lora_B = self._pissa_factors(config)
@@ -148,10 +166,10 @@ class LoRALinear(DeltaComponent):
             initial.register_buffer("B", lora_B.clone(), persistent=False)
             self.pissa_initial[task] = initial
         else:
-            lora_A = torch.empty(n_slices * config.r, self.in_features, dtype=weight.dtype, device=weight.device)
+            lora_A = torch.empty(n_groups * config.r, self.in_features, dtype=weight.dtype, device=weight.device)
             # Kaiming-uniform as nn.Linear initialises its weight (and as loralib/peft do for A)
             nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
-            lora_B = torch.zeros(n_slices * self.slice_width, config.r, dtype=weight.dtype, device=weight.device)
+            lora_B = torch.zeros(sum(self.widths), config.r, dtype=weight.dtype, device=weight.device)
         self.lora_A[task] = nn.Parameter(lora_A)
         self.lora_B[task] = nn.Parameter(lora_B)
         self.lora_dropout[task] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -159,13 +177,13 @@ class LoRALinear(DeltaComponent):
         self.rank[task] = config.r
 
     def _pissa_factors(self, config: LoRA) -> tuple[torch.Tensor, torch.Tensor]:
-        """PiSSA's A0 (S*r, d_in), B0 (S*w, r): per output slice, W_s's top-r singular triplets with S_r/s
+        """PiSSA's A0 (G*r, d_in), B0 (sum w_g, r): per row group, W_g's top-r singular triplets with S_r/s
         split evenly between the factors (Meng et al. 2024 §3; as peft's `pissa_init`), in W's dtype."""
         weight = self.base_layer.weight.detach()
         weight = weight.T if self.transposed else weight  # (d_out, d_in)
         A_blocks, B_blocks = [], []
-        for start, end in self.slices:
-            W = weight[start:end].to(torch.float32)  # (w, d_in); the SVD in float32 also for bf16/fp16 weights
+        for rows in self.group_rows:
+            W = weight[rows.to(weight.device)].to(torch.float32)  # (w_g, d_in); SVD in float32 also for bf16/fp16
             if config.pissa_niter:
                 U, S, V = torch.svd_lowrank(W, q=config.r, niter=config.pissa_niter)  # W ~ U diag(S) V^T
                 Vh = V.T
@@ -197,25 +215,24 @@ class LoRALinear(DeltaComponent):
     def factors(self, task: str) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(A, B, rank) that the task's update s B A is computed from: its own A and B, or for a PiSSA task
         [A; A0] and [B, -B0], rank 2r, whose product is B A - B0 A0 (peft's PiSSA-to-LoRA conversion),
-        stacked per output slice."""
+        stacked per row group."""
         A, B, r = self.lora_A[task], self.lora_B[task], self.rank[task]
         if task not in self.pissa_initial:
             return A, B, r
-        initial, n_slices, width = self.pissa_initial[task], len(self.slices), self.slice_width
-        # (S, r, d_in) and (S, r, d_in) -> (S, 2r, d_in): each slice's rows of A, then its rows of A0
-        A = torch.cat([A.view(n_slices, r, -1), initial.A.view(n_slices, r, -1)], dim=1).flatten(0, 1)
-        # (S, w, r) and (S, w, r) -> (S, w, 2r): each slice's B beside its -B0
-        B = torch.cat([B.view(n_slices, width, r), -initial.B.view(n_slices, width, r)], dim=2).flatten(0, 1)
+        initial, n_groups = self.pissa_initial[task], len(self.groups)
+        # (G, r, d_in) and (G, r, d_in) -> (G, 2r, d_in): each group's rows of A, then its rows of A0
+        A = torch.cat([A.view(n_groups, r, -1), initial.A.view(n_groups, r, -1)], dim=1).flatten(0, 1)
+        # (w_g, r) and (w_g, r) -> (w_g, 2r) per group: its B beside its -B0
+        B = torch.cat([torch.cat([B_g, -B0_g], dim=1)
+                       for B_g, B0_g in zip(B.split(self.widths), initial.B.split(self.widths))])
         return A, B, 2 * r
 
     def delta_weight(self, task: str) -> torch.Tensor:
-        """(alpha/r) B A laid out like the base weight's output slices: (d_out, d_in), zeros elsewhere."""
-        width = self.slice_width
+        """(alpha/r) B A laid out like the base weight's output rows: (d_out, d_in), zeros elsewhere."""
         A, B, r = self.factors(task)
         delta = torch.zeros(self.out_features, self.in_features, dtype=A.dtype, device=A.device)
-        for s, (start, end) in enumerate(self.slices):
-            # (w, r) @ (r, d_in) -> (w, d_in)
-            delta[start:end] = B[s * width : (s + 1) * width] @ A[s * r : (s + 1) * r]
+        for g, (rows, B_g) in enumerate(zip(self.group_rows, B.split(self.widths))):
+            delta[rows.to(A.device)] = B_g @ A[g * r : (g + 1) * r]  # (w_g, r) @ (r, d_in) -> (w_g, d_in)
         return delta * self.scaling[task]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -228,29 +245,29 @@ class LoRALinear(DeltaComponent):
         A, B, _ = self.factors(task)
         B = self.placed(B)
         x = self.lora_dropout[task](x)
-        after_A = F.linear(x if x.dtype == A.dtype else x.to(A.dtype), A)  # (..., d_in) @ (d_in, S*r)
+        after_A = F.linear(x if x.dtype == A.dtype else x.to(A.dtype), A)  # (..., d_in) @ (d_in, G*r)
         # Scale the narrow (..., S*r) tensor, not the (..., d_out) update: `B(A(x)) * scaling` costs one more
         # full-width pass forward and one backward, and a full-width tensor. (Measured per layer: adding
         # with addmm or in place is no faster in forward + backward; in-place writes into Linear's output,
         # a view, make autograd copy the whole output in backward.)
-        update = F.linear(after_A * self.scaling[task], B)  # (..., S*r) @ (S*r, d_out)
+        update = F.linear(after_A * self.scaling[task], B)  # (..., G*r) @ (G*r, d_out)
         return result + update.to(result.dtype)
 
     def placed(self, B: torch.Tensor) -> torch.Tensor:
-        """A task's B (S*w, r) over the whole output, (d_out, S*r): slice s's (w, r) block at rows start:end and
-        columns s*r:(s+1)*r, zeros elsewhere, so that one product updates every slice. B itself for one full
-        slice. (This is also the exact form a fused slice takes in Hugging Face peft's format, see peft_format.py.)"""
-        if self.slices == [(0, self.out_features)]:
+        """A task's B (sum w_g, r) over the whole output, (d_out, G*r): group g's (w_g, r) block at its rows and
+        columns g*r:(g+1)*r, zeros elsewhere, so that one product updates every group. B itself for the whole
+        output. (This is also the exact form fused rows take in Hugging Face peft's format, see peft_format.py.)"""
+        if self.whole:
             return B
-        blocks = torch.block_diag(*B.split(self.slice_width))  # (S*w, S*r)
-        rows = torch.cat([torch.arange(start, end, device=B.device) for start, end in self.slices])
+        blocks = torch.block_diag(*B.split(self.widths))  # (sum w_g, G*r)
+        rows = torch.cat(self.group_rows).to(B.device)
         return B.new_zeros(self.out_features, blocks.shape[1]).index_copy(0, rows, blocks)
 
     def _forward_mixed(self, x: torch.Tensor) -> torch.Tensor:
         """A mixed-task batch (`task_state.per_example`): each example gets its own task's update, batched.
 
         The base matmul is shared. Every task's A and B are stacked once (cached, see `stacked`), zero-padded
-        to the largest rank r_max, with B scaled by alpha/r and placed at its slice's output columns, plus a
+        to the largest rank r_max, with B scaled by alpha/r and placed at its group's output columns, plus a
         zero row for examples whose task has no LoRA here ("base", another method). Each example gathers
         its row: two batched matmuls, no loop over examples or tasks."""
         result = self.base_layer(x)
@@ -265,8 +282,8 @@ class LoRALinear(DeltaComponent):
         if self.training and bool(dropout.any()):  # each example with its task's dropout rate
             p = dropout.to(x.device, x.dtype)[rows].view(batch, 1, 1)
             x = x * (torch.rand_like(x) >= p) / (1 - p)
-        after_A = torch.bmm(x, A_all[rows]).to(result.dtype)  # (B, L, d_in) @ (B, d_in, S*r_max) -> (B, L, S*r_max)
-        B_rows = B_all[rows].to(result.dtype)  # (B, S*r_max, d_out)
+        after_A = torch.bmm(x, A_all[rows]).to(result.dtype)  # (B, L, d_in) @ (B, d_in, G*r_max) -> (B, L, G*r_max)
+        B_rows = B_all[rows].to(result.dtype)  # (B, G*r_max, d_out)
         out = result.reshape(batch, -1, self.out_features)
         if torch.is_grad_enabled() and (out.requires_grad or after_A.requires_grad or B_rows.requires_grad):
             # training: out of place (an in-place write into Linear's output makes backward copy it)
@@ -275,19 +292,19 @@ class LoRALinear(DeltaComponent):
         return out.baddbmm_(after_A, B_rows).view(result.shape)
 
     def _stack_for_mixed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A_all^T (T+1, d_in, S*r_max), B_all (T+1, S*r_max, d_out) scaled, per-task dropout rates (T+1,)."""
-        tasks, n_slices, width = self.tasks, len(self.slices), self.slice_width
+        """A_all^T (T+1, d_in, G*r_max), B_all (T+1, G*r_max, d_out) scaled, per-task dropout rates (T+1,)."""
+        tasks, n_groups = self.tasks, len(self.groups)
         factors = {task: self.factors(task) for task in tasks}
         r_max = max(r for _, _, r in factors.values())
         reference = self.lora_A[tasks[0]]
-        A_all = reference.new_zeros(len(tasks) + 1, n_slices * r_max, self.in_features)
-        B_all = reference.new_zeros(len(tasks) + 1, n_slices * r_max, self.out_features)
+        A_all = reference.new_zeros(len(tasks) + 1, n_groups * r_max, self.in_features)
+        B_all = reference.new_zeros(len(tasks) + 1, n_groups * r_max, self.out_features)
         for t, task in enumerate(tasks):
             A, B, r = factors[task]
             B = B * self.scaling[task]
-            for s, (start, end) in enumerate(self.slices):
-                A_all[t, s * r_max : s * r_max + r] = A[s * r : (s + 1) * r]
-                B_all[t, s * r_max : s * r_max + r, start:end] = B[s * width : (s + 1) * width].T  # (r, w)
+            for g, (rows, B_g) in enumerate(zip(self.group_rows, B.split(self.widths))):
+                A_all[t, g * r_max : g * r_max + r] = A[g * r : (g + 1) * r]
+                B_all[t, g * r_max : g * r_max + r, rows.to(B.device)] = B_g.T  # (r, w_g)
         dropout = torch.tensor([getattr(self.lora_dropout[task], "p", 0.0) for task in tasks] + [0.0])
         return A_all.transpose(1, 2).contiguous(), B_all, dropout
 
@@ -317,21 +334,21 @@ class LoRALinear(DeltaComponent):
         return self.base_layer
 
     def extra_repr(self) -> str:
-        return f"slices={self.slices}, tasks={self.tasks}"
+        return f"rows={self.groups}, tasks={self.tasks}"
 
 
 def inject(model: nn.Module, config: LoRA, task: str, state: TaskState, exclude: list[str]) -> None:
     """Wrap every target layer in a LoRALinear (once) and give it fresh A, B for `task`."""
-    for name, slices in resolve_lora_targets(model, config.targets).items():
+    for name, groups in resolve_lora_targets(model, config.targets).items():
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         layer = getattr(parent, child_name)
         if not isinstance(layer, LoRALinear):
-            layer = LoRALinear(layer, slices, state)
+            layer = LoRALinear(layer, groups, state)
             setattr(parent, child_name, layer)
-        elif (slices or [(0, layer.out_features)]) != layer.slices:
+        elif (groups or [[(0, layer.out_features)]]) != layer.groups:
             raise ValueError(
-                f"{name} already carries LoRA on output slices {layer.slices}; a second LoRA task must "
-                f"adapt the same slices (asked for {slices})"
+                f"{name} already carries LoRA on output rows {layer.groups}; a second LoRA task must "
+                f"adapt the same rows (asked for {groups})"
             )
         layer.add_task(task, config)

@@ -39,7 +39,7 @@ from torch import nn
 from deltatune.errors import MergeError, PrefixError
 from deltatune.methods.common import DeltaComponent, TaskState
 from deltatune.methods.prompt import position_limit
-from deltatune.targets import PREFIX_ARCHITECTURES, ROBERTA_LIKE, model_type
+from deltatune.targets import PREFIX_ARCHITECTURES, ROBERTA_LIKE, attention_shape, model_type, prefix_kind, top_blocks
 
 
 @dataclass
@@ -71,18 +71,18 @@ class AttentionSites:
 
 
 def attention_sites(model: nn.Module) -> AttentionSites:
-    kind = PREFIX_ARCHITECTURES.get(model_type(model))
+    kind = prefix_kind(model)
     if kind is None:
-        raise PrefixError(f"prefix tuning does not support {type(model).__name__} (model type {model_type(model)!r}); "
-                          f"supported model types: {sorted(PREFIX_ARCHITECTURES)}")
+        raise PrefixError(f"prefix tuning does not support {type(model).__name__} (model type {model_type(model)!r}): "
+                          f"it is in no table ({sorted(PREFIX_ARCHITECTURES)}) and its forward takes no key/value "
+                          f"cache (past_key_values) to hand the prefixes in; use prompt tuning, which needs only "
+                          f"input embeddings")
     config = model.config
     if kind == "encoder-decoder":  # T5
         return AttentionSites(config.num_layers, config.num_layers + config.num_decoder_layers, config.num_heads,
                               config.d_kv, config.d_model)
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads  # grouped-query attention (Llama)
-    return AttentionSites(0, config.num_hidden_layers, kv_heads, head_dim, config.hidden_size)
+    _, kv_heads, head_dim = attention_shape(config)  # one prefix per key/value head (grouped-query attention)
+    return AttentionSites(0, len(top_blocks(model)[1]), kv_heads, head_dim, config.hidden_size)
 
 
 class PrefixMLP(nn.Module):
@@ -114,7 +114,7 @@ class PrefixKeyValues(DeltaComponent):
         super().__init__(state)
         self.__dict__["model"] = model  # the base model (our parent, not a submodule)
         self.sites = attention_sites(model)
-        self.kind = PREFIX_ARCHITECTURES[model_type(model)]
+        self.kind = prefix_kind(model)
         self.limit = position_limit(model.config)
         self.prefix_key_values = nn.ParameterDict()  # task -> (layers, 2, kv_heads, P, head_dim)
         self.reparameterization = nn.ModuleDict()  # task -> PrefixMLP, while it trains through one

@@ -245,7 +245,13 @@ def _take(value: Any, index: torch.Tensor, batch: int, layer: int | None = None)
     prefixes), for the examples `index`, in a new cache the block may extend; the shared cache is not
     written by the top blocks (a mixed pass scores, it does not generate)."""
     if isinstance(value, torch.Tensor):
-        return value.index_select(0, index) if value.dim() > 0 and value.shape[0] == batch else value
+        if value.dim() > 0 and value.shape[0] == batch:
+            return value.index_select(0, index)
+        if value.dim() >= 3 and value.shape[0] % batch == 0:  # example-major (B * heads, ...): BLOOM's alibi
+            per = value.shape[0] // batch
+            rows = (index[:, None] * per + torch.arange(per, device=index.device)).flatten()
+            return value.index_select(0, rows)
+        return value
     if isinstance(value, tuple | list):
         return type(value)(_take(v, index, batch, layer) for v in value)
     if type(value).__name__ == "EncoderDecoderCache":
