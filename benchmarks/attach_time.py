@@ -4,7 +4,10 @@
 the model is loaded once, each run attaches to a fresh deep copy (the copy is not timed). Median and
 spread of --runs runs, in ms.
 
-    python benchmarks/attach_time.py [--models minilm,smollm2] [--methods lora,adapter,...] [--runs 7]
+    python benchmarks/attach_time.py [--models minilm,smollm2] [--methods lora,adapter,...] [--runs 7] [--as-unknown]
+
+`--as-unknown` renames each model's type (`config.model_type = "unknown-<type>"`), so that no table of
+targets.py answers and every method finds its modules from the model's structure (discovery's cost).
 """
 
 from __future__ import annotations
@@ -37,11 +40,14 @@ def main() -> None:
     parser.add_argument("--models", default="minilm,smollm2")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--as-unknown", action="store_true", help="hide the model type from the tables")
     args = parser.parse_args()
     torch.set_num_threads(1)
     results = {}
     for name in args.models.split(","):
         model = load_model(name, "classification", num_labels=2)
+        if args.as_unknown:
+            model.config.model_type = f"unknown-{model.config.model_type}"
         for method in args.methods.split(","):
             config = METHODS[method].config(**({"add_missing": True} if method == "bitfit" else {}))
             try:

@@ -31,13 +31,16 @@ def run_matrix(json_path: Path) -> int:
     return subprocess.run(command, cwd=ROOT, env=env).returncode
 
 
-def short_reason(outcome: str) -> str:
-    """A table-cell reason from a refusal or failure message: its first clause, without the model's name."""
+def short_reason(outcome: str, limit: int = 110) -> str:
+    """A table-cell reason from a refusal or failure message: without the model's name and the lists of
+    known names in parentheses, cut at `limit` characters."""
     kind, _, message = outcome.partition(": ")
-    message = re.split(r"; |\. ", message)[0]
     model_names = r" ?\(model type '[^']*'\)| for model type '[^']*'| in this \S+ model| \S+ForSequenceClassification"
     message = re.sub(model_names, "", message)
-    message = message if len(message) <= 60 else message[:57] + "..."
+    message = re.sub(r" \((known|supported|looked)[^()]*(\([^()]*\)[^()]*)*\)| \(\[[^\]]*\]\)", "", message)
+    message = re.sub(r"; (known|supported model types): \[[^\]]*\]", "", message)
+    message = re.sub(r"\s+", " ", message).strip()
+    message = message if len(message) <= limit else message[: limit - 3] + "..."
     return ("✗ " if kind == "refused" else "✗ BROKEN: ") + message.replace("|", "\\|")
 
 

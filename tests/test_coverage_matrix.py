@@ -17,6 +17,7 @@ import copy
 import json
 import os
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,3 +172,18 @@ def test_method_on_architecture(kind, method, tmp_path, outcomes):
     else:
         assert (kind, method) in REFUSALS, f"refused unexpectedly: {refusal}"
         assert REFUSALS[kind, method] in refusal, refusal
+
+
+def test_the_readme_table_is_the_matrix():
+    """README.md's coverage table (written by scripts/coverage_table.py from this matrix's results) shows ✓
+    exactly where the matrix expects every check to pass, for every model type and every registered method."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("<!-- coverage-table:start -->")[1].split("<!-- coverage-table:end -->")[0]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()
+            if line.startswith("|") and not line.startswith("|---")]
+    header, body = rows[0], {row[0]: row for row in rows[1:]}
+    stale = "README.md's coverage table is stale: run python scripts/coverage_table.py --readme"
+    assert header[1 : 1 + len(CONFIGS)] == list(CONFIGS) and list(body) == list(TINY_ZOO), stale
+    for kind, row in body.items():
+        for method, cell in zip(CONFIGS, row[1:]):
+            assert (cell == "✓") == ((kind, method) not in REFUSALS), f"{kind} x {method}: {cell!r}; {stale}"
