@@ -53,7 +53,7 @@ def test_pissa_starts_from_the_principal_part_of_each_weight(arch):
     for name, layer in lora_layers(model).items():
         weight = fresh[name + ".weight"].detach()
         weight = weight.T if layer.transposed else weight  # (d_out, d_in)
-        r, width = 3, layer.slice_width
+        r, (width,) = 3, set(layer.widths)  # one range per row group on these architectures
         A, B = layer.lora_A["p"].detach(), layer.lora_B["p"].detach()
         for s, (start, end) in enumerate(layer.slices):
             U, S, Vh = torch.linalg.svd(weight[start:end].double())
@@ -74,7 +74,7 @@ def paper_form(arch: str, trained: deltatune.DeltaModel, config: deltatune.LoRA)
         for name, layer in layers.items():
             initial = layer.pissa_initial["p"]
             residual_update = torch.zeros(layer.out_features, layer.in_features)
-            r, width = config.r, layer.slice_width
+            r, (width,) = config.r, set(layer.widths)  # one range per row group on these architectures
             for s, (start, end) in enumerate(layer.slices):
                 residual_update[start:end] = initial.B[s * width:(s + 1) * width] @ initial.A[s * r:(s + 1) * r]
             weight = base.get_submodule(name).weight
