@@ -7,6 +7,7 @@
 """
 
 from deltatune._version import __version__
+from deltatune.combine import CombineConfig, combine_deltas
 from deltatune.delta import DeltaModel, ParameterReport, attach, load_delta
 from deltatune.errors import (
     ConfigError,
@@ -30,6 +31,7 @@ __all__ = [
     "__version__",
     "Adapter",
     "BitFit",
+    "CombineConfig",
     "ConfigError",
     "DeltaError",
     "DeltaModel",
@@ -46,5 +48,6 @@ __all__ = [
     "TopLayers",
     "attach",
     "build_config",
+    "combine_deltas",
     "load_delta",
 ]

@@ -11,6 +11,7 @@ import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from deltatune.combine import CombineConfig
 from deltatune.compare import PROMPTING_METHODS, CompareConfig
 from deltatune.errors import ConfigError, DeltaTuneError
 from deltatune.registry import METHODS, options_from_strings
@@ -330,6 +331,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_combine(args: argparse.Namespace) -> int:
+    from deltatune.combine import combine_deltas
+
+    deltas = []
+    for spec in args.delta:
+        name, sep, path = spec.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--delta {spec!r} must look like NAME=DIR (e.g. --delta sst2=runs/sst2-lora/delta)")
+        deltas.append((name, path))
+    config = config_from_args(CombineConfig, args)
+    out = combine_deltas(deltas, args.out, config)
+    meta = json.loads((out / "delta.json").read_text())
+    print(json.dumps({"out": str(out), "task": meta["task"], **meta["combined"]}, indent=2))
+    return 0
+
+
 def cmd_prompt(args: argparse.Namespace) -> int:
     """Zero-/few-shot prompting of a causal LM (Brown et al. 2020): the baseline that trains nothing."""
     from deltatune.models import load_model, load_tokenizer
@@ -507,6 +524,14 @@ def _add_inference_commands(commands) -> None:
     export.add_argument("--format", required=True, choices=["peft"], help="peft: adapter_config.json + safetensors")
     export.add_argument("out", help="folder to write")
     export.set_defaults(handler=cmd_export)
+
+    combine = commands.add_parser("combine", help="combine LoRA deltas of one base model into one delta "
+                                                  "(linear, svd, ties, dare)")
+    combine.add_argument("--delta", action="append", required=True, metavar="NAME=DIR",
+                         help="a LoRA delta to combine, repeatable, in the order of --weights")
+    combine.add_argument("--out", required=True, help="folder of the combined delta (written atomically)")
+    add_options(combine, CombineConfig)
+    combine.set_defaults(handler=cmd_combine)
 
     serve = commands.add_parser("serve", help="an HTTP service for many task deltas on one base model, "
                                               "batching requests across tasks")

@@ -20,20 +20,10 @@ from torch import nn
 
 from deltatune._version import __version__
 from deltatune.errors import ConfigError, DeltaError, MergeError, TaskError
-from deltatune.io import (
-    FORMAT,
-    FORMAT_VERSION,
-    META_FILE,
-    read_delta,
-    recover,
-    shape_fingerprint,
-    weights_fingerprint,
-    write_delta,
-)
+from deltatune.io import FORMAT, FORMAT_VERSION, shape_fingerprint, weights_fingerprint, write_delta
 from deltatune.methods.common import BASE_TASK, DeltaComponent, TaskState, check_task_name, strip_wrappers
 from deltatune.methods.head import TaskHeads
-from deltatune.peft_format import CONFIG_FILE as PEFT_CONFIG_FILE
-from deltatune.peft_format import PEFT_FORMAT, check_peft_fits, read_peft
+from deltatune.peft_format import PEFT_FORMAT, check_peft_fits, read_saved_delta
 from deltatune.registry import build_config, method_entry, method_of
 from deltatune.shared_lower import share_lower_blocks
 from deltatune.targets import head_names, model_type
@@ -312,6 +302,10 @@ class DeltaModel(nn.Module):
     # ---- disk ---------------------------------------------------------------------------------------
     def save_delta(self, path: str | Path, task: str | None = None) -> Path:
         """Write the task's delta (default: the active task) to folder `path`, atomically."""
+        return write_delta(path, *self.described_delta(task))
+
+    def described_delta(self, task: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, delta.json) of the task's delta (default: the active task), as `save_delta` writes them."""
         task = task or self.active_task
         if task is None:
             raise TaskError(f"no active task to save; tasks loaded: {self.tasks}")
@@ -338,7 +332,7 @@ class DeltaModel(nn.Module):
                    if task in component.tasks and (layout := component.saved_layout()) is not None}
         if layouts:  # which output rows of fused layers the delta's tensors adapt (what peft export needs)
             meta["output_rows"] = layouts
-        return write_delta(path, tensors, meta)
+        return tensors, meta
 
     def add_delta(self, path: str | Path, task: str | None = None, trust_pickle: bool = False) -> str:
         """Load a saved delta as a new task (its saved name unless `task` is given). Returns the name.
@@ -347,6 +341,25 @@ class DeltaModel(nn.Module):
         a bad or taken `task` name given here is a `TaskError`. On any error the model is left exactly
         as it was. `trust_pickle`: see `read_delta`."""
         tensors, meta = read_saved_delta(path, trust_pickle=trust_pickle)
+        return self._add_described(tensors, meta, path, task)
+
+    def combine(self, tasks: list[str], task: str = "combined", **settings) -> DeltaModel:
+        """Combine loaded LoRA tasks into a new task `task` and make it active: `settings` are those of
+        `deltatune.combine.CombineConfig` (how="linear"|"svd"|"ties"|"dare", weights, rank, density, seed,
+        head: the task whose head it carries, default the first). The same result as saving the tasks and
+        running `deltatune combine` on the folders, then loading that."""
+        from deltatune.combine import CombineConfig, Source, combine
+
+        for name in tasks:
+            if name not in self.task_info:
+                raise TaskError(f"unknown task {name!r}; tasks loaded: {self.tasks}")
+        sources = [Source(name, *self.described_delta(name), f"task {name!r}") for name in tasks]
+        tensors, meta = combine(sources, CombineConfig(**settings))
+        self._add_described(tensors, meta, f"combine({tasks})", task)
+        return self
+
+    def _add_described(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: str | Path,
+                       task: str | None) -> str:
         self.check_base(meta, path)
         if task is None:
             try:
@@ -581,17 +594,6 @@ def load_delta(model: nn.Module, path: str | Path, task: str | None = None, trus
     delta_model = model if isinstance(model, DeltaModel) else DeltaModel(model)
     delta_model.add_delta(path, task=task, trust_pickle=trust_pickle)
     return delta_model
-
-
-def read_saved_delta(path: str | Path, trust_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, metadata) of a deltatune delta folder (`io.read_delta`) or of a Hugging Face peft adapter
-    folder (`peft_format.read_peft`: adapter_config.json and no delta.json)."""
-    path = Path(path)
-    if not path.exists():
-        recover(path)  # a save killed between its two renames left the previous folder as a backup
-    if not (path / META_FILE).is_file() and (path / PEFT_CONFIG_FILE).is_file():
-        return read_peft(path)
-    return read_delta(path, trust_pickle=trust_pickle)
 
 
 def _label_names(model: nn.Module) -> list[str] | None:

@@ -54,7 +54,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from deltatune.errors import ConfigError, DeltaError
-from deltatune.io import atomic_folder, read_delta
+from deltatune.io import META_FILE, atomic_folder, read_delta, recover
 from deltatune.methods.common import TASK_NAME
 from deltatune.methods.prompt import prompt_layout
 from deltatune.registry import METHODS, build_config, method_of
@@ -447,3 +447,14 @@ def check_peft_fits(model, meta: dict, path) -> None:
             _check_prefix_architecture(model.base_identity.get("model_type"))
         except DeltaError as error:
             raise DeltaError(f"{path}: {error}") from None
+
+
+def read_saved_delta(path: str | os.PathLike, trust_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a deltatune delta folder (`io.read_delta`) or of a Hugging Face peft adapter
+    folder (`read_peft`: adapter_config.json and no delta.json)."""
+    path = Path(path)
+    if not path.exists():
+        recover(path)  # a save killed between its two renames left the previous folder as a backup
+    if not (path / META_FILE).is_file() and (path / CONFIG_FILE).is_file():
+        return read_peft(path)
+    return read_delta(path, trust_pickle=trust_pickle)
