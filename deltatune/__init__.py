@@ -20,7 +20,9 @@ from deltatune.errors import (
 )
 from deltatune.methods.adapter import Adapter
 from deltatune.methods.bitfit import BitFit
+from deltatune.methods.dora import DoRA
 from deltatune.methods.full import FullFineTune
+from deltatune.methods.ia3 import IA3
 from deltatune.methods.lora import LoRA
 from deltatune.methods.prefix import PrefixTuning
 from deltatune.methods.prompt import PromptTuning
@@ -36,7 +38,9 @@ __all__ = [
     "DeltaError",
     "DeltaModel",
     "DeltaTuneError",
+    "DoRA",
     "FullFineTune",
+    "IA3",
     "LoRA",
     "MergeError",
     "ParameterReport",

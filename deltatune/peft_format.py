@@ -12,6 +12,9 @@ A peft adapter folder holds `adapter_config.json` (a `LoraConfig` or `PromptTuni
     <head>.<param>  (prompt)       base_model.<head>.<param>                      (modules_to_save)
     prefix_key_values              prompt_embeddings (PREFIX_TUNING)              (P, layers * 2 * d_kv)
     <head>.<param>  (prefix)       base_model.<head>.<param>                      (modules_to_save)
+    <module>.dora.magnitude        base_model.model.<module>.lora_magnitude_vector (d_out,)  (use_dora)
+    <module>.ia3.l                 base_model.model.<module>.ia3_l                (d_out, 1)  (IA3)
+    <module>.ia3.l_ff              base_model.model.<module>.ia3_l                (1, d_in)   (feedforward_modules)
 
 Both scale the update the same way: alpha / r, or alpha / sqrt(r) with `use_rslora`.
 
@@ -29,10 +32,15 @@ virtual token, [layer 0 K, layer 0 V, layer 1 K, ...] with kv_heads x head_dim n
 `token_dim` under grouped-query attention). peft saves the MLP's output even with `prefix_projection`, as
 deltatune does. T5 is refused both ways: peft's T5 prefix reaches only the decoder's self-attention.
 
+DoRA is peft's LoRA with `use_dora` and the same magnitude m over each layer's whole output (peft applies it
+as b + m / ||W + s B A|| ⊙ (W x + s B A x), deltatune too). (IA)³ on GPT-2's fused `c_attn` rescales only the k
+and v slices; peft's vector covers the whole output, so the q slice is written as ones. A layer whose input
+and output both carry a vector has no peft equivalent (peft rescales a feedforward module's input only).
+
 Prompt tuning exports only where both libraries put the prompt in the same place: in front of the
 input (decoders). For BERT-style encoders deltatune puts the prompt after [CLS] (the head reads [CLS]),
 peft in front of it; such a prompt would run a different model in the other library, so both directions
-refuse it. Anything peft can express that deltatune cannot (DoRA, per-module ranks, trained biases,
+refuse it. Anything peft can express that deltatune cannot (per-module ranks, trained biases,
 LoRA on embeddings, ...) is refused on reading, never loaded approximately.
 """
 
@@ -62,6 +70,7 @@ from deltatune.targets import (
     CONV1D_MODEL_TYPES,
     DEFAULT_HEAD_NAMES,
     DEFAULT_LORA_TARGETS,
+    IA3_TARGETS,
     PREFIX_ARCHITECTURES,
     parse_target,
 )
@@ -69,7 +78,8 @@ from deltatune.targets import (
 PEFT_FORMAT = "peft"  # meta["format"] of a delta read from a peft folder
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-LORA_PREFIX = "base_model.model."  # peft's key prefix for LoRA weights and their heads
+LORA_PREFIX = "base_model.model."  # peft's key prefix for LoRA (and IA3) weights and their heads
+DORA_MAGNITUDE = ".dora.magnitude"  # deltatune's key ending for a DoRA magnitude (methods/dora.py)
 PROMPT_HEAD_PREFIX = "base_model."  # ... and for the heads of prompt-learning adapters
 
 # peft LoraConfig fields that change the computed function: deltatune reads an adapter only where each is
@@ -166,6 +176,67 @@ def _lora_to_peft(tensors: dict[str, torch.Tensor], meta: dict) -> tuple[dict[st
         "init_lora_weights": True,
     }
     return out, peft_config
+
+
+def _dora_to_peft(tensors: dict[str, torch.Tensor], meta: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """DoRA: its LoRA part as LoRA is written, plus each layer's magnitude, and `use_dora`."""
+    magnitudes = {k.removesuffix(DORA_MAGNITUDE): t for k, t in tensors.items() if k.endswith(DORA_MAGNITUDE)}
+    out, config = _lora_to_peft({k: t for k, t in tensors.items() if not k.endswith(DORA_MAGNITUDE)}, meta)
+    out.update({f"{LORA_PREFIX}{module}.lora_magnitude_vector": m for module, m in magnitudes.items()})
+    return out, {**config, "use_dora": True}
+
+
+def _ia3_to_peft(tensors: dict[str, torch.Tensor], meta: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    config = _config("ia3", meta["config"], "delta.json")
+    model_type = (meta.get("base") or {}).get("model_type")
+    head_keys = list(meta.get("head_keys") or [])
+    out: dict[str, torch.Tensor] = {}
+    outputs, inputs = set(), set()
+    for key in sorted(set(tensors) - set(head_keys)):
+        module, _, name = key.rpartition(".ia3.")
+        if name == "l_ff":  # (d_in,) -> peft's (1, d_in)
+            inputs.add(module)
+            out[f"{LORA_PREFIX}{module}.ia3_l"] = tensors[key].reshape(1, -1)
+        else:  # (d_out,) over the targeted output slices -> peft's (d_out, 1) over all outputs
+            outputs.add(module)
+            targets = (IA3_TARGETS.get(model_type) or ([],))[0] if config.targets is None else config.targets
+            out[f"{LORA_PREFIX}{module}.ia3_l"] = _whole_output(module, targets, tensors[key]).reshape(-1, 1)
+    both = sorted(outputs & inputs)
+    if both:
+        raise DeltaError(f"(IA)³ rescales both the input and the output of {both[0]}; peft rescales a layer's input "
+                         f"or its output, not both: no peft equivalent")
+    peft_config = {
+        **_common_config(meta),
+        "peft_type": "IA3",
+        "target_modules": sorted(outputs | inputs),  # full module names: matched exactly
+        "feedforward_modules": sorted(inputs),
+        "fan_in_fan_out": model_type in CONV1D_MODEL_TYPES,
+        "modules_to_save": _head_modules(head_keys) or None,
+        "init_ia3_weights": True,
+    }
+    out.update({LORA_PREFIX + k: tensors[k] for k in head_keys})
+    return out, peft_config
+
+
+def _whole_output(module: str, targets, scale: torch.Tensor) -> torch.Tensor:
+    """An output vector over fused slices (`c_attn[1/3]`, `c_attn[2/3]`) placed in the whole output, ones
+    elsewhere; the vector itself where the targets name the whole layer."""
+    if isinstance(targets, str):
+        return scale
+    chosen = []
+    for target in targets:
+        name, index, parts = parse_target(target)
+        if module == name or module.endswith("." + name):
+            if index is None:
+                return scale
+            chosen.append((index, parts))
+    if not chosen:
+        return scale
+    width = scale.numel() // len(chosen)
+    whole = scale.new_ones(chosen[0][1] * width)
+    for position, (index, _) in enumerate(sorted(chosen)):
+        whole[index * width : (index + 1) * width] = scale[position * width : (position + 1) * width]
+    return whole
 
 
 def _rank_divisor(config, rank: int) -> float:
@@ -290,7 +361,8 @@ def _check_prefix_architecture(model_type: str | None) -> None:
 
 
 # how each method with `peft_export` is written in peft's format
-_TO_PEFT = {"lora": _lora_to_peft, "prompt": _prompt_to_peft, "prefix": _prefix_to_peft}
+_TO_PEFT = {"lora": _lora_to_peft, "prompt": _prompt_to_peft, "prefix": _prefix_to_peft, "dora": _dora_to_peft,
+            "ia3": _ia3_to_peft}
 
 
 def _layout_of(model_type: str | None, class_name: str) -> str:
@@ -327,8 +399,10 @@ def read_peft(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
         delta, config, head_keys = _prompt_from_peft(tensors, peft_config, path)
     elif kind == "PREFIX_TUNING":
         delta, config, head_keys = _prefix_from_peft(tensors, peft_config, path)
+    elif kind == "IA3":
+        delta, config, head_keys = _ia3_from_peft(tensors, peft_config, path)
     else:
-        raise DeltaError(f"{path}: peft type {kind!r} has no deltatune equivalent (LORA, PROMPT_TUNING and "
+        raise DeltaError(f"{path}: peft type {kind!r} has no deltatune equivalent (LORA, IA3, PROMPT_TUNING and "
                          f"PREFIX_TUNING do)")
     meta = {
         "format": PEFT_FORMAT,
@@ -345,10 +419,12 @@ def read_peft(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
 
 
 def _lora_from_peft(tensors: dict[str, torch.Tensor], peft_config: dict, path: Path):
-    unsupported = {k: v for k, ok in LORA_UNSUPPORTED.items() if (v := peft_config.get(k)) and v != ok}
+    dora = peft_config.get("use_dora") is True  # DoRA: LoRA plus a magnitude per layer (methods/dora.py)
+    unsupported = {k: v for k, ok in LORA_UNSUPPORTED.items()
+                   if (v := peft_config.get(k)) and v != ok and not (dora and k == "use_dora")}
     if unsupported:
         raise DeltaError(f"{path}: peft LoRA options deltatune does not compute exactly (a task has one rank and "
-                         f"plain LoRA on linear layers): {unsupported}")
+                         f"plain LoRA or DoRA on linear layers): {unsupported}")
     init = peft_config.get("init_lora_weights")
     if isinstance(init, str) and init.split("_")[0] in RESIDUAL_INITS:
         raise DeltaError(f"{path}: a peft {init} adapter applies to the residual base it was trained on, not to the "
@@ -358,27 +434,60 @@ def _lora_from_peft(tensors: dict[str, torch.Tensor], peft_config: dict, path: P
     head_keys: list[str] = []
     for key, tensor in tensors.items():
         match = re.fullmatch(r"base_model\.model\.(.+)\.(lora_A|lora_B)\.weight", key)
+        magnitude = re.fullmatch(r"base_model\.model\.(.+)\.lora_magnitude_vector", key) if dora else None
         if match:
             delta[f"{match[1]}.{match[2]}"] = tensor
+        elif magnitude:
+            delta[magnitude[1] + DORA_MAGNITUDE] = tensor
         elif key.startswith(LORA_PREFIX) and _in_modules(key[len(LORA_PREFIX) :], peft_config):
             head_keys.append(key[len(LORA_PREFIX) :])
             delta[head_keys[-1]] = tensor
         else:
             raise DeltaError(f"{path}: peft key {key!r} is neither LoRA A/B of a linear layer nor a "
                              f"modules_to_save head; deltatune cannot load it exactly")
-    modules = sorted({k.rsplit(".", 1)[0] for k in delta if k not in head_keys})
+    modules = sorted({k.rsplit(".", 1)[0] for k in delta if k not in head_keys and not k.endswith(DORA_MAGNITUDE)})
     if not modules:
         raise DeltaError(f"{path}: the peft adapter holds no LoRA weights")
     ranks = {delta[f"{m}.lora_A"].shape[0] for m in modules}
     if ranks != {peft_config.get("r")}:
         raise DeltaError(f"{path}: LoRA ranks {sorted(ranks)} differ from the config's r={peft_config.get('r')}")
-    config = _config("lora", {  # peft LoraConfig names -> deltatune's (None: peft's default)
+    config = _config("dora" if dora else "lora", {  # peft LoraConfig names -> deltatune's (None: peft's default)
         "r": peft_config["r"],
         "alpha": peft_config.get("lora_alpha", 8),
         "dropout": peft_config.get("lora_dropout") or 0.0,
         "targets": modules,  # the exact modules the adapter holds
         "use_rslora": peft_config.get("use_rslora") or False,
     }, path / CONFIG_FILE)
+    return delta, config, head_keys
+
+
+def _ia3_from_peft(tensors: dict[str, torch.Tensor], peft_config: dict, path: Path):
+    """peft's `ia3_l` of a feedforward module (1, d_in) rescales its input, of another module (d_out, 1) its
+    output: deltatune's `l_ff` and `l` on exactly those modules."""
+    feedforward = peft_config.get("feedforward_modules") or []
+    delta: dict[str, torch.Tensor] = {}
+    head_keys: list[str] = []
+    outputs, inputs = [], []
+    for key, tensor in tensors.items():
+        match = re.fullmatch(r"base_model\.model\.(.+)\.ia3_l", key)
+        if match:  # peft's rule (IA3Model._check_target_module_feedforward): a regex, else name endings
+            module = match[1]
+            is_input = (re.fullmatch(feedforward, module) is not None if isinstance(feedforward, str)
+                        else any(module.endswith(name) for name in feedforward))
+            if tensor.dim() != 2 or tensor.shape[0 if is_input else 1] != 1:
+                raise DeltaError(f"{path}: {key} has shape {tuple(tensor.shape)}; peft's (IA)³ vectors are (1, d_in) "
+                                 f"for feedforward modules and (d_out, 1) for the others")
+            (inputs if is_input else outputs).append(module)
+            delta[f"{module}.ia3.{'l_ff' if is_input else 'l'}"] = tensor.reshape(-1)
+        elif key.startswith(LORA_PREFIX) and _in_modules(key[len(LORA_PREFIX) :], peft_config):
+            head_keys.append(key[len(LORA_PREFIX) :])
+            delta[head_keys[-1]] = tensor
+        else:
+            raise DeltaError(f"{path}: peft key {key!r} is neither an (IA)³ vector of a linear layer nor a "
+                             f"modules_to_save head; deltatune cannot load it exactly")
+    if not outputs and not inputs:
+        raise DeltaError(f"{path}: the peft adapter holds no (IA)³ vectors")
+    config = _config("ia3", {"targets": sorted(outputs), "feedforward": sorted(inputs)}, path / CONFIG_FILE)
     return delta, config, head_keys
 
 

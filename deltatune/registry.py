@@ -23,7 +23,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from deltatune.errors import ConfigError
-from deltatune.methods import adapter, bitfit, full, lora, prefix, prompt, top_layers
+from deltatune.methods import adapter, bitfit, dora, full, ia3, lora, prefix, prompt, top_layers
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,10 @@ METHODS: dict[str, MethodEntry] = {entry.name: entry for entry in [
     # (Li & Liang 2021 section 4.3) 1e-3 reaches 80.05% dev, 3e-2 stays at the majority class (50.92%)
     MethodEntry("prefix", prefix.PrefixTuning, prefix.inject, mergeable=False, mixable=True, default_lr=1e-3,
                 peft_export=True, identity_at_init=False),
+    # dora: LoRA's A, B and rate (not tuned separately here), plus a magnitude per output (Liu et al. 2024)
+    MethodEntry("dora", dora.DoRA, dora.inject, mergeable=True, mixable=True, default_lr=5e-4, peft_export=True),
+    # ia3: the T-Few recipe trained (IA)³ at 3e-3 (Liu et al. 2022 §3.5, with Adafactor)
+    MethodEntry("ia3", ia3.IA3, ia3.inject, mergeable=True, mixable=True, default_lr=3e-3, peft_export=True),
 ]}
 
 
@@ -74,6 +78,9 @@ def method_entry(name: str) -> MethodEntry:
 
 
 def method_of(config) -> str:
+    for name, entry in METHODS.items():  # the exact class first: a DoRA config is a LoRA config too
+        if type(config) is entry.config:
+            return name
     for name, entry in METHODS.items():
         if isinstance(config, entry.config):
             return name

@@ -3,7 +3,7 @@
 Every method asks the same questions of a model — which linear layers are W_q and W_v, where the adapters
 go, how positions are numbered, which modules form the repeated transformer blocks, which module is the
 task head — and this file answers them, so that the answer for a new architecture is added in one place
-(the tables keyed by `config.model_type`: DEFAULT_LORA_TARGETS, ADAPTER_SITES, ROBERTA_LIKE,
+(the tables keyed by `config.model_type`: DEFAULT_LORA_TARGETS, IA3_TARGETS, ADAPTER_SITES, ROBERTA_LIKE,
 CONV1D_MODEL_TYPES, ENCODER_ONLY_TYPES).
 
 A model type in no table is read from its structure (`discover_*`): the query and value projections by
@@ -51,6 +51,21 @@ DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
     "t5": ["q", "v"],
     "mt5": ["q", "v"],
     "gpt2": ["c_attn[0/3]", "c_attn[2/3]"],
+}
+
+# (IA)³ (Liu et al. 2022 §3.3): model_type -> (the layers whose outputs it rescales: keys and values, l_k and
+# l_v; the layers whose inputs it rescales: the FFN's second linear layer, whose input is the activation
+# γ(W_1 x) that l_ff rescales). Targets as LoRA's: suffixes, `[i/n]` fused slices, or one regex. BERT-like
+# models name both the attention's and the FFN's output layer `output.dense`: the regex picks the FFN's.
+_BERT_FFN_OUT = r".*\blayer\.\d+\.output\.dense"
+IA3_TARGETS: dict[str, tuple[list[str], list[str] | str]] = {
+    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "camembert"], (["key", "value"], _BERT_FFN_OUT)),
+    "distilbert": (["k_lin", "v_lin"], ["ffn.lin2"]),
+    **dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"],
+                    (["k_proj", "v_proj"], ["down_proj"])),
+    "opt": (["k_proj", "v_proj"], ["fc2"]),
+    **dict.fromkeys(["t5", "mt5"], (["k", "v"], ["wo"])),  # every attention's k, v: self and encoder-decoder
+    "gpt2": (["c_attn[1/3]", "c_attn[2/3]"], ["mlp.c_proj"]),  # c_attn computes [q | k | v]
 }
 
 # Names of task heads trained along with every method (the `...ForSequenceClassification` heads).
@@ -267,7 +282,9 @@ def parse_target(target: str) -> tuple[str, int | None, int]:
 RowGroups = list[list[tuple[int, int]]]
 
 
-def resolve_lora_targets(model: nn.Module, targets: str | Sequence[str] | None) -> dict[str, RowGroups | None]:
+def resolve_lora_targets(
+    model: nn.Module, targets: str | Sequence[str] | None, method: str = "LoRA"
+) -> dict[str, RowGroups | None]:
     """Map the user's `targets` to {module name: output row groups or None (= the whole output)}.
 
     `targets` is None (the architecture's W_q and W_v: DEFAULT_LORA_TARGETS, else found from the model's
@@ -292,7 +309,7 @@ def resolve_lora_targets(model: nn.Module, targets: str | Sequence[str] | None) 
                 chosen[name] = None
         if not chosen:
             raise TargetError(
-                f"target regex {targets!r} matches no linear layer. Candidates: "
+                f"{method} target regex {targets!r} matches no linear layer. Candidates: "
                 f"{_summarise(modules)}"
             )
         return chosen
@@ -302,7 +319,7 @@ def resolve_lora_targets(model: nn.Module, targets: str | Sequence[str] | None) 
         matched = [name for name in modules if name == base or name.endswith("." + base)]
         if not matched:
             raise TargetError(
-                f"LoRA target {target!r} matches no linear layer. Candidates: {_summarise(modules)}"
+                f"{method} target {target!r} matches no linear layer. Candidates: {_summarise(modules)}"
             )
         for name in matched:
             if index is None:

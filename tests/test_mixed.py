@@ -26,6 +26,11 @@ def two_tasks(arch: str, method: str) -> dict[str, object]:
     if method == "lora":  # the second adapts only the output projections: the q/v layers have one task
         return {"lora_a": deltatune.LoRA(r=2, alpha=4),
                 "lora_b": deltatune.LoRA(r=4, alpha=8, targets=[OUTPUT_PROJECTION[arch]])}
+    if method == "dora":  # LoRA's shapes: a DoRA task shares the q/v layers with no other
+        return {"dora_a": deltatune.DoRA(r=2, alpha=4),
+                "dora_b": deltatune.DoRA(r=4, alpha=8, targets=[OUTPUT_PROJECTION[arch]])}
+    if method == "ia3":  # the second rescales only the output projections' outputs, no FFN input
+        return {"ia3_a": deltatune.IA3(), "ia3_b": deltatune.IA3(targets=[OUTPUT_PROJECTION[arch]], feedforward=[])}
     if method == "bitfit":
         return {"bitfit_a": deltatune.BitFit(add_missing=arch in BIASLESS),
                 "bitfit_b": deltatune.BitFit(add_missing=arch in BIASLESS)}
@@ -117,14 +122,15 @@ def test_every_method_in_one_batch_with_heads_of_different_widths(arch, tmp_path
     configs = {**two_tasks(arch, "lora"), "bitfit": deltatune.BitFit(add_missing=arch in BIASLESS),
                "adapter": deltatune.Adapter(bottleneck=4), "prompt": deltatune.PromptTuning(length=4),
                "lin": deltatune.Adapter(bottleneck=3, placement="lin", skip_layers=1),
-               "top": deltatune.TopLayers(k=1)}
+               "top": deltatune.TopLayers(k=1), "dora": deltatune.DoRA(r=3), "ia3": deltatune.IA3()}
     model = build(arch, configs)
     # a task whose head has 3 labels, saved from a 3-label copy of the base and loaded beside the others
     three = deltatune.attach(make_model(arch, num_labels=3), deltatune.LoRA(r=2), task="three")
     randomise(three, "three", seed=9)
     three.save_delta(tmp_path / "three")
     model.add_delta(tmp_path / "three")
-    tasks = ["three", "lora_a", "bitfit", "top", "base", "adapter", "prompt", "lin", "lora_b", "three", "prompt", "top"]
+    tasks = ["three", "lora_a", "bitfit", "top", "base", "adapter", "prompt", "lin", "lora_b", "three", "prompt", "top",
+             "dora", "ia3", "dora"]
     mixed = assert_mixed_matches_alone(model, tasks)
     assert mixed.shape[-1] == 3
     two_label = [i for i, task in enumerate(tasks) if task != "three"]

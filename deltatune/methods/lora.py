@@ -313,6 +313,8 @@ class LoRALinear(DeltaComponent):
 
         The pre-merge W is kept so that `unmerge` restores it bit for bit (W + ΔW - ΔW is not W in
         floating point); `merge_and_unload` drops that copy."""
+        if self.merged_task == task:  # DoRA's merge may have merged it already (methods/dora.py)
+            return
         if self.merged_task is not None:
             self.unmerge()
         weight = self.base_layer.weight

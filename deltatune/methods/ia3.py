@@ -1,0 +1,211 @@
+"""(IA)³: Infused Adapter by Inhibiting and Amplifying Inner Activations (Liu et al. 2022, "Few-Shot
+Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning", §3.3).
+
+Three learned vectors rescale activations elementwise in every transformer block: l_k the keys and l_v
+the values of attention, l_ff the FFN's intermediate activation (eq. of §3.3):
+
+    softmax(Q (l_k ⊙ K)^T / sqrt(d_k)) (l_v ⊙ V)            (l_ff ⊙ γ(W_1 x)) W_2
+
+All three start at ones (§3.3), so training starts exactly from the base model; for MiniLM they are
+6 x (384 + 384 + 1536) = 13,824 numbers, 0.06% of its 22.7M parameters.
+
+deltatune rescales the *outputs* of the key and value projections (K = W_k x + b_k: l_k ⊙ K rescales the
+bias too, as the equation does) and the *input* of the FFN's second linear layer W_2 (its input is
+γ(W_1 x)): `targets` and `feedforward`, by default the architecture's (targets.IA3_TARGETS). A hook on
+each such layer multiplies by the active task's vector; on GPT-2's fused `c_attn` ([q | k | v]) only the
+k and v slices carry a vector.
+
+Both are weight changes, so `merge` is exact: a rescaled output is W's rows and b times l, a rescaled
+input W's columns times l_ff. Mixed-task batches are the cheap case: each example gathers its task's
+vector (a row of ones for examples of other tasks) and the activation is multiplied once — no matmul.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from deltatune.errors import TargetError
+from deltatune.methods.common import DeltaComponent, TaskState
+from deltatune.targets import IA3_TARGETS, input_features, model_type, output_features, resolve_lora_targets, unwrap
+
+
+@dataclass
+class IA3:
+    """(IA)³ settings. None means the architecture's layers (targets.IA3_TARGETS); [] means none."""
+
+    targets: list[str] | str | None = field(default=None, metadata={
+        "help": "layers whose outputs are rescaled (keys, values: l_k, l_v): suffixes, `c_attn[1/3]` slices, a regex"})
+    feedforward: list[str] | str | None = field(default=None, metadata={
+        "help": "layers whose inputs are rescaled (the FFN's second linear layer: l_ff): suffixes or a regex"})
+
+
+class IA3Scales(DeltaComponent):
+    """Per-task vectors rescaling one linear layer's output features (`ia3_l`) and/or input features
+    (`ia3_ff`), applied by hooks on the layer. An output vector covers the layer's chosen output slices."""
+
+    def __init__(self, layer: nn.Module, state: TaskState):
+        super().__init__(state)
+        self.ia3_l = nn.ParameterDict()  # output rescaling, over `out_slices[task]`
+        self.ia3_ff = nn.ParameterDict()  # input rescaling, over all input features
+        self.out_slices: dict[str, list[tuple[int, int]]] = {}
+        self.transposed = not isinstance(layer, nn.Linear)  # Conv1D: weight is (d_in, d_out)
+        self.in_features, self.out_features = input_features(layer), output_features(layer)
+        self.__dict__["layer"] = layer  # the hooked layer (not a submodule: it is our parent)
+        self.__dict__["_hooks"] = [layer.register_forward_pre_hook(self._scale_input),
+                                   layer.register_forward_hook(self._scale_output)]
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(dict.fromkeys([*self.ia3_l.keys(), *self.ia3_ff.keys()]))
+
+    def add_task(self, task: str, config: IA3, where: str = "output", slices: list[tuple[int, int]] | None = None):
+        """Ones for `task`: over the output `slices` (None: all outputs) when `where` is "output", over all
+        inputs when it is "input"."""
+        reference = self.layer.weight
+        if where == "input":
+            self.ia3_ff[task] = nn.Parameter(reference.new_ones(self.in_features))
+            return
+        self.out_slices[task] = slices or [(0, self.out_features)]
+        width = sum(end - start for start, end in self.out_slices[task])
+        self.ia3_l[task] = nn.Parameter(reference.new_ones(width))
+
+    def remove_task(self, task: str) -> None:
+        if self.merged_task == task:
+            self.unmerge()
+        for vectors in (self.ia3_l, self.ia3_ff):
+            if task in vectors:
+                del vectors[task]
+        self.out_slices.pop(task, None)
+
+    def task_parameters(self, task: str) -> dict[str, nn.Parameter]:
+        found = {"l": self.ia3_l.get(task), "l_ff": self.ia3_ff.get(task)}
+        return {name: tensor for name, tensor in found.items() if tensor is not None}
+
+    def output_scale(self, task: str) -> torch.Tensor:
+        """(d_out,): the task's vector at its output slices, ones elsewhere (the vector itself for one
+        slice covering the whole output)."""
+        scale, slices = self.ia3_l[task], self.out_slices[task]
+        if slices == [(0, self.out_features)]:
+            return scale
+        pieces, position, offset = [], 0, 0
+        for start, end in slices:
+            pieces += [scale.new_ones(start - position), scale[offset : offset + end - start]]
+            position, offset = end, offset + end - start
+        return torch.cat([*pieces, scale.new_ones(self.out_features - position)])
+
+    # ---- forward: the hooks -------------------------------------------------------------------------
+    def _scale_input(self, layer: nn.Module, args: tuple) -> tuple | None:
+        if self.task_state.per_example is not None:
+            scale = self._mixed_rows("ia3_ff", self.ia3_ff, lambda t: self.ia3_ff[t], self.in_features, args[0])
+        else:
+            task = self.active_task
+            if task not in self.ia3_ff or self.merged_task == task:
+                return None
+            scale = self.ia3_ff[task].to(args[0].dtype)
+        if scale is None:
+            return None
+        # out of place: the input may be read elsewhere too (a residual, another projection)
+        return (args[0] * scale, *args[1:])
+
+    def _scale_output(self, layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if self.task_state.per_example is not None:
+            scale = self._mixed_rows("ia3_l", self.ia3_l, self.output_scale, self.out_features, output)
+        else:
+            task = self.active_task
+            if task not in self.ia3_l or self.merged_task == task:
+                return output
+            scale = self.output_scale(task).to(output.dtype)
+        if scale is None:
+            return output
+        if torch.is_grad_enabled() and (output.requires_grad or scale.requires_grad):
+            return output * scale
+        return output.mul_(scale)  # inference: in place (the layer's output is read by nobody else yet)
+
+    def _mixed_rows(self, key: str, vectors: nn.ParameterDict, placed, width: int, x: torch.Tensor):
+        """(B, 1, .., width): each example's own vector (ones for examples whose task has none here), or None
+        when no example of the batch has one."""
+        if self.merged_task is not None:
+            raise RuntimeError(f"{self.merged_task!r} is merged into this layer: unmerge() before a mixed batch")
+        if not vectors:
+            return None
+        tasks = self.tasks
+        reference = next(iter(vectors.values()))
+        stack = self.stacked(key, list(vectors.values()), lambda: torch.stack(  # (T+1, width)
+            [placed(t) if t in vectors else reference.new_ones(width) for t in tasks] + [reference.new_ones(width)]))
+        rows = self.example_rows(x.shape[0], x.device)
+        return stack[rows].to(x.dtype).view(x.shape[0], *[1] * (x.dim() - 2), width)
+
+    # ---- merging ------------------------------------------------------------------------------------
+    def merge(self, task: str) -> None:
+        """W's rows and b times l (outputs), W's columns times l_ff (inputs); the pre-merge W and b are kept
+        so that `unmerge` restores them bit for bit."""
+        if self.merged_task is not None:
+            self.unmerge()
+        layer = self.layer
+        self.__dict__["unmerged"] = (layer.weight.detach().clone(),
+                                     None if layer.bias is None else layer.bias.detach().clone())
+        weight = layer.weight.T if self.transposed else layer.weight  # (d_out, d_in), a view
+        with torch.no_grad():
+            if task in self.ia3_l:
+                scale = self.output_scale(task).to(weight.dtype)
+                weight *= scale[:, None]
+                if layer.bias is not None:
+                    layer.bias *= scale
+            if task in self.ia3_ff:
+                weight *= self.ia3_ff[task].to(weight.dtype)[None, :]
+        self.merged_task = task
+
+    def unmerge(self) -> None:
+        if self.merged_task is None:
+            return
+        weight, bias = self.__dict__.pop("unmerged")
+        with torch.no_grad():
+            self.layer.weight.copy_(weight)
+            if bias is not None:
+                self.layer.bias.copy_(bias)
+        self.merged_task = None
+
+    def unload(self) -> None:
+        self.__dict__.pop("unmerged", None)
+        for hook in self._hooks:
+            hook.remove()
+        return None
+
+
+def ia3_targets(model: nn.Module, config: IA3, exclude: list[str]):
+    """({layer name: output slices or None}, [layer names]) whose outputs and inputs `config` rescales."""
+    kind = model_type(model)
+    if (config.targets is None or config.feedforward is None) and kind not in IA3_TARGETS:
+        raise TargetError(f"no default (IA)³ layers for model type {kind!r}; pass targets=[...] (keys, values) "
+                          f"and feedforward=[...] (the FFN's second linear layer), or [] for none")
+    outputs_at, inputs_at = IA3_TARGETS.get(kind, (None, None))
+    chosen = []
+    for given, default in [(config.targets, outputs_at), (config.feedforward, inputs_at)]:
+        targets = default if given is None else given
+        found = resolve_lora_targets(model, targets, method="(IA)³") if targets else {}
+        chosen.append({n: s for n, s in found.items() if not any(n == e or n.startswith(e + ".") for e in exclude)})
+    outputs, inputs = chosen
+    sliced = [name for name, slices in inputs.items() if slices]
+    if sliced:
+        raise TargetError(f"(IA)³ feedforward targets rescale a layer's whole input; {sliced[0]} was given with an "
+                          f"output slice [i/n]: name the layer without it")
+    if not outputs and not inputs:
+        raise TargetError("(IA)³ with targets=[] and feedforward=[] rescales nothing; name at least one layer")
+    return outputs, list(inputs)
+
+
+def inject(model: nn.Module, config: IA3, task: str, state: TaskState, exclude: list[str]) -> None:
+    """Hook an IA3Scales (once) onto every target layer and give it ones for `task`."""
+    outputs, inputs = ia3_targets(model, config, exclude)
+    for name, where, slices in [(n, "output", s) for n, s in outputs.items()] + [(n, "input", None) for n in inputs]:
+        # hook the plain layer, not a wrapper around it (LoRA's): removing another method's task, which
+        # may unwrap the layer, must not take these scales with it
+        layer = unwrap(model.get_submodule(name))
+        component = getattr(layer, "ia3", None)
+        if component is None:
+            component = IA3Scales(layer, state)
+            layer.ia3 = component
+        component.add_task(task, config, where, slices)
