@@ -128,7 +128,9 @@ def test_ia3_targets_keys_values_and_the_ffn_input():
 
 
 def test_ia3_rescales_outputs_and_inputs_and_merges_into_rows_and_columns():
-    model = deltatune.attach(make_model("bert"), deltatune.IA3(), task="t")
+    base = make_model("bert")
+    randomise([module.bias for name, module in base.named_modules() if name.endswith(("key", "value"))])  # BERT's are 0
+    model = deltatune.attach(base, deltatune.IA3(), task="t")
     randomise(model.task_parameters("t").values())
     key, ffn_out = (unwrap(model.base_model.get_submodule(n)) for n in (KEY, FFN_OUT))
     l_k, l_ff = key.ia3.ia3_l["t"].detach(), ffn_out.ia3.ia3_ff["t"].detach()

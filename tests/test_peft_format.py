@@ -167,10 +167,12 @@ def test_peft_adapter_without_head_uses_the_model_s_head(tmp_path):
 
 
 def test_peft_options_deltatune_cannot_compute_are_refused(tmp_path):
-    peft_model = get_peft_model(make_model("bert"), LoraConfig(r=4, target_modules=["query"], use_dora=True))
-    peft_model.save_pretrained(tmp_path / "dora")
-    with pytest.raises(DeltaError, match="use_dora"):
-        deltatune.load_delta(make_model("bert"), tmp_path / "dora")
+    """(DoRA, `use_dora`, is read: tests/test_dora_ia3.py.)"""
+    for name, options in [("bias", {"lora_bias": True}), ("dora_ranks", {"use_dora": True, "rank_pattern": {"query": 2}})]:
+        config = LoraConfig(r=4, target_modules=["query", "value"], **options)
+        get_peft_model(make_model("bert"), config).save_pretrained(tmp_path / name)
+        with pytest.raises(DeltaError, match=next(iter(options)) if name == "bias" else "rank_pattern"):
+            deltatune.load_delta(make_model("bert"), tmp_path / name)
 
 
 # ---- prompt tuning ------------------------------------------------------------------------------------
