@@ -137,7 +137,9 @@ def test_ia3_rescales_outputs_and_inputs_and_merges_into_rows_and_columns():
     W_k, b_k, W_2 = key.weight.detach().clone(), key.bias.detach().clone(), ffn_out.weight.detach().clone()
     x, h = torch.randn(2, 5, 32), torch.randn(2, 5, 64)
     torch.testing.assert_close(layer_output(model, KEY, x), (x @ W_k.T + b_k) * l_k, atol=ATOL, rtol=0)
-    torch.testing.assert_close(layer_output(model, FFN_OUT, h), (h * l_ff) @ W_2.T + ffn_out.bias, atol=ATOL, rtol=0)
+    # (a clone: in inference the FFN's input, its own intermediate activation, is rescaled in place)
+    torch.testing.assert_close(layer_output(model, FFN_OUT, h.clone()), (h * l_ff) @ W_2.T + ffn_out.bias,
+                               atol=ATOL, rtol=0)
 
     inputs = make_inputs("bert")
     unmerged = logits(model, inputs)

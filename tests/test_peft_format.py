@@ -168,7 +168,8 @@ def test_peft_adapter_without_head_uses_the_model_s_head(tmp_path):
 
 def test_peft_options_deltatune_cannot_compute_are_refused(tmp_path):
     """(DoRA, `use_dora`, is read: tests/test_dora_ia3.py.)"""
-    for name, options in [("bias", {"lora_bias": True}), ("dora_ranks", {"use_dora": True, "rank_pattern": {"query": 2}})]:
+    refused = [("bias", {"lora_bias": True}), ("dora_ranks", {"use_dora": True, "rank_pattern": {"query": 2}})]
+    for name, options in refused:
         config = LoraConfig(r=4, target_modules=["query", "value"], **options)
         get_peft_model(make_model("bert"), config).save_pretrained(tmp_path / name)
         with pytest.raises(DeltaError, match=next(iter(options)) if name == "bias" else "rank_pattern"):
