@@ -217,13 +217,14 @@ def test_gradients_reach_only_the_tasks_of_a_mixed_batch(config):
 
 # ---- PEFT interop ------------------------------------------------------------------------------------
 DORA_CASES = [("bert", deltatune.DoRA(r=4, alpha=8)), ("llama", deltatune.DoRA(r=2, alpha=8, use_rslora=True)),
-              ("gpt2", deltatune.DoRA(r=2, alpha=4))]  # GPT-2: q, v slices of c_attn -> a rank-4 block LoRA
+              ("gpt2", deltatune.DoRA(r=2, alpha=4)),  # GPT-2: q, v slices of c_attn -> a rank-4 block LoRA
+              ("bert", deltatune.DoRA(r=2, init="pissa"))]  # saved as the rank-4 DoRA of the unmodified base
 IA3_CASES = [("bert", deltatune.IA3()), ("llama", deltatune.IA3()), ("gpt2", deltatune.IA3()),
              ("t5", deltatune.IA3())]
 
 
 @pytest.mark.parametrize("arch,config", DORA_CASES + IA3_CASES,
-                         ids=[f"dora-{a}" for a, _ in DORA_CASES] + [f"ia3-{a}" for a, _ in IA3_CASES])
+                         ids=[f"dora-{a}-{c.init}" for a, c in DORA_CASES] + [f"ia3-{a}" for a, _ in IA3_CASES])
 def test_export_runs_the_same_in_peft_and_comes_back(arch, config, tmp_path):
     model = deltatune.attach(make_model(arch), config, task="t")
     randomise(model.task_parameters("t").values())
