@@ -64,9 +64,12 @@ def share_lower_blocks(model, per_example: list[str | None], kwargs: dict[str, A
     if len(stacks) != 1 or not batched:
         yield
         return
-    shared = min(untouched_blocks(model, task) for task in set(per_example))
     keep, inverse = distinct_rows(batched)
-    if shared == 0 or len(keep) == len(per_example):
+    if len(keep) == len(per_example):  # no input repeats (the usual batch): nothing to share, nothing to look up
+        yield
+        return
+    shared = min(untouched_blocks(model, task) for task in set(per_example))
+    if shared == 0:
         yield
         return
     (stack,) = stacks.values()
