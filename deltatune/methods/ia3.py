@@ -194,7 +194,8 @@ def ia3_targets(model: nn.Module, config: IA3, exclude: list[str]):
     for given, default in [(config.targets, outputs_at), (config.feedforward, inputs_at)]:
         targets = default if given is None else given
         found = resolve_lora_targets(model, targets, method="(IA)³") if targets else {}
-        chosen.append({n: s for n, s in found.items() if not any(n == e or n.startswith(e + ".") for e in exclude)})
+        chosen.append({n: None if groups is None else sorted(r for group in groups for r in group)  # row ranges
+                       for n, groups in found.items() if not any(n == e or n.startswith(e + ".") for e in exclude)})
     outputs, inputs = chosen
     sliced = [name for name, slices in inputs.items() if slices]
     if sliced:
