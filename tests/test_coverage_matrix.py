@@ -55,6 +55,9 @@ REFUSALS: dict[tuple[str, str], str] = {
     # prefix tuning hands its prefixes over as the key/value cache: these models' forwards take none
     **refused("prefix", "distilbert deberta-v2 mpnet modernbert bart", "prefix tuning does not support"),
     **refused("prefix", "albert", "no stack of transformer blocks"),
+    # (IA)³ knows its key, value and FFN layers from targets.IA3_TARGETS only (no structural discovery yet)
+    **refused("ia3", "albert deberta-v2 mpnet modernbert gptj gpt_neox bloom falcon phi stablelm phi3 mixtral bart",
+              "no default (IA)³ layers for model type"),
 }
 
 
