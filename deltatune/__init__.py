@@ -6,28 +6,36 @@
     model = deltatune.load_delta(fresh_base, "deltas/sst2")             # onto another copy of the base
 """
 
-from deltatune._version import __version__
-from deltatune.combine import CombineConfig, combine_deltas
-from deltatune.delta import DeltaModel, ParameterReport, attach, load_delta
-from deltatune.errors import (
+import logging
+
+# transformers imports torchao when it is installed (for --quantize); on a CPU build torchao logs a warning for
+# each CUDA-only extension it skips, and torch one per enum torchao registers: not actionable, so not shown.
+for _logger in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_logger).setLevel(logging.ERROR)
+
+from deltatune._version import __version__  # noqa: E402
+from deltatune.combine import CombineConfig, combine_deltas  # noqa: E402
+from deltatune.delta import DeltaModel, ParameterReport, attach, load_delta  # noqa: E402
+from deltatune.errors import (  # noqa: E402
     ConfigError,
     DeltaError,
     DeltaTuneError,
     MergeError,
     PrefixError,
+    QuantizationError,
     TargetError,
     TaskError,
 )
-from deltatune.methods.adapter import Adapter
-from deltatune.methods.bitfit import BitFit
-from deltatune.methods.dora import DoRA
-from deltatune.methods.full import FullFineTune
-from deltatune.methods.ia3 import IA3
-from deltatune.methods.lora import LoRA
-from deltatune.methods.prefix import PrefixTuning
-from deltatune.methods.prompt import PromptTuning
-from deltatune.methods.top_layers import TopLayers
-from deltatune.registry import build_config
+from deltatune.methods.adapter import Adapter  # noqa: E402
+from deltatune.methods.bitfit import BitFit  # noqa: E402
+from deltatune.methods.dora import DoRA  # noqa: E402
+from deltatune.methods.full import FullFineTune  # noqa: E402
+from deltatune.methods.ia3 import IA3  # noqa: E402
+from deltatune.methods.lora import LoRA  # noqa: E402
+from deltatune.methods.prefix import PrefixTuning  # noqa: E402
+from deltatune.methods.prompt import PromptTuning  # noqa: E402
+from deltatune.methods.top_layers import TopLayers  # noqa: E402
+from deltatune.registry import build_config  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -45,6 +53,7 @@ __all__ = [
     "MergeError",
     "ParameterReport",
     "PrefixError",
+    "QuantizationError",
     "PrefixTuning",
     "PromptTuning",
     "TargetError",

@@ -17,7 +17,7 @@ from deltatune.errors import ConfigError, DeltaTuneError
 from deltatune.registry import METHODS, options_from_strings
 from deltatune.serve import ServeConfig
 from deltatune.tasks.generation import GenerationFileOptions
-from deltatune.train import TrainConfig
+from deltatune.train import QUANTIZE_CHOICES, TrainConfig
 
 
 # ---- options generated from config dataclasses (HfArgumentParser-style: one declaration per option) ----
@@ -145,7 +145,8 @@ def _load_for_inference(args: argparse.Namespace):
     args.task = args.task or meta["task"]
     task = get_task(args.task, **task_options(args, meta.get("prompt_format")))
     kind = {"classification": "classification", "regression": "regression", "generation": "causal-lm"}[task.kind]
-    base = load_model(args.model, kind, num_labels=task.num_labels if task.kind == "classification" else None)
+    base = load_model(args.model, kind, num_labels=task.num_labels if task.kind == "classification" else None,
+                      quantize=args.quantize)
     model = DeltaModel(base)
     model.add_delta(args.delta, trust_pickle=args.trust_pickle)
     return model, load_tokenizer(args.model), task
@@ -192,7 +193,7 @@ def _predict_generation(args: argparse.Namespace, prompt_format: dict) -> int:
     from deltatune.tasks.generation import typed_prompt_ids
 
     tokenizer = load_tokenizer(args.model)
-    model = DeltaModel(load_model(args.model, "causal-lm"))
+    model = DeltaModel(load_model(args.model, "causal-lm", quantize=args.quantize))
     model.add_delta(args.delta, trust_pickle=args.trust_pickle)
     prompts = [typed_prompt_ids(tokenizer, text, prompt_format, delta=True)[-args.max_length:] for text in args.texts]
     outputs = generate_completions(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens)
@@ -212,7 +213,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from deltatune.tasks.generation import typed_prompt_ids
 
     tokenizer = load_tokenizer(args.model)
-    model = DeltaModel(load_model(args.model, "causal-lm"))
+    model = DeltaModel(load_model(args.model, "causal-lm", quantize=args.quantize))
     if args.delta:
         model.add_delta(args.delta, trust_pickle=args.trust_pickle)
     saved = model.task_info[model.active_task].get("prompt_format") if args.delta else None
@@ -353,7 +354,7 @@ def cmd_prompt(args: argparse.Namespace) -> int:
     from deltatune.prompting import fewshot
     from deltatune.prompting.demonstrations import choose_demonstrations, select_demonstrations
 
-    model, tokenizer = load_model(args.model, "causal-lm"), load_tokenizer(args.model)
+    model, tokenizer = load_model(args.model, "causal-lm", quantize=args.quantize), load_tokenizer(args.model)
     prefix = ""
     if args.examples:  # a file of solved examples, one per line, used as written
         prefix = Path(args.examples).read_text().rstrip("\n") + "\n"
@@ -390,7 +391,7 @@ def cmd_eval_prompting(args: argparse.Namespace) -> int:
     from deltatune.prompting.fewshot import evaluate_fewshot
 
     shots = 0 if args.method == "zero-shot" else args.shots
-    model = load_model(args.model, "causal-lm")
+    model = load_model(args.model, "causal-lm", quantize=args.quantize)
     results = {}
     for split in args.split or ["dev"]:
         results[split] = evaluate_fewshot(model, load_tokenizer(args.model), args.task, shots=shots, split=split,
@@ -408,6 +409,11 @@ def _add_task_file_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-columns", default="text", help="csv/jsonl: text column(s), comma-separated")
     parser.add_argument("--label-column", default="label", help="csv/jsonl: label column")
     add_options(parser.add_argument_group("generation files (csv/jsonl with --format)"), GenerationFileOptions)
+
+
+def _add_quantize_argument(parser: argparse.ArgumentParser) -> None:
+    help_text = {f.name: f.metadata.get("help") for f in fields(TrainConfig)}["quantize"]
+    parser.add_argument("--quantize", choices=list(QUANTIZE_CHOICES), help=help_text)
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -478,6 +484,7 @@ def _add_inference_commands(commands) -> None:
     prompt.add_argument("--max-new-tokens", type=int, default=20)
     prompt.add_argument("--show-prompt", action="store_true", help="print the full prompt, then the completion")
     prompt.add_argument("--data-dir")
+    _add_quantize_argument(prompt)
     prompt.set_defaults(handler=cmd_prompt)
 
     for name, handler, help_text in [("eval", cmd_eval, "evaluate a saved delta on its task"),
@@ -488,6 +495,7 @@ def _add_inference_commands(commands) -> None:
         sub.add_argument("--task", help="default: the task the delta was trained on")
         sub.add_argument("--trust-pickle", action="store_true",
                          help="also read a delta whose weights are a pickle (.bin/.pt): torch.load(weights_only=True)")
+        _add_quantize_argument(sub)
         _add_data_arguments(sub)
         if name == "eval":
             sub.add_argument("--split", action="append", help="split(s) to score (default: all but train)")
@@ -517,6 +525,7 @@ def _add_inference_commands(commands) -> None:
     generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--trust-pickle", action="store_true")
+    _add_quantize_argument(generate)
     generate.set_defaults(handler=cmd_generate)
 
     export = commands.add_parser("export", help="write a delta in another library's format (peft: LoRA, prompt)")

@@ -26,8 +26,9 @@ from typing import Any, NamedTuple
 
 import torch
 
+from deltatune.errors import QuantizationError
 from deltatune.registry import METHODS
-from deltatune.train import PRECISIONS, TrainConfig
+from deltatune.train import PRECISIONS, QUANTIZE_CHOICES, TrainConfig
 
 DEFAULT_METHODS = list(METHODS)  # every registered method, in the registry's order
 # Baselines that train nothing: the frozen causal LM prompted with 0 or k solved examples (`prompting/fewshot.py`).
@@ -74,6 +75,9 @@ class CompareConfig:
     precision: str = field(default="fp32", metadata={
         "help": "training precision of every cell (auto, the command's default: bf16 autocast where the "
                 "hardware has it)", "choices": PRECISIONS, "cli_default": "auto"})
+    quantize: str | None = field(default=None, metadata={
+        "help": "every cell's base with its block linear weights quantized: int8 | int4 | nf4 (methods that "
+                "train base weights, full and top_layers, are refused)", "choices": list(QUANTIZE_CHOICES)})
 
 
 def parse_budget(budget: str) -> dict[str, float]:
@@ -199,7 +203,7 @@ def prompting_summary(config: TrainConfig) -> dict[str, Any]:
                          f"(best of N demonstration draws on held-out train examples) and validation_size")
     shots = 0 if config.method == "zero-shot" else int(options.get("shots", 4))
     task = get_task(config.task, **config.task_options)
-    model = load_model(config.model, "causal-lm")
+    model = load_model(config.model, "causal-lm", quantize=config.quantize)
     result = evaluate_fewshot(model, load_tokenizer(config.model), task, shots=shots, split=config.eval_split,
                               data_dir=config.data_dir, limit=config.eval_limit, seed=config.seed,
                               select_from=int(options.get("select_from", 1)),
@@ -278,7 +282,7 @@ def plan_cells(config: CompareConfig, variants: list[tuple[str, str, dict]] | No
                     batch_size=config.batch_size, max_length=settings.max_length,
                     lr=config.lr.get(label, config.lr.get(method)), seed=seed, train_limit=settings.train_limit,
                     eval_limit=config.eval_limit, eval_split=settings.eval_split, precision=config.precision,
-                    progress=False, **parse_budget(settings.budget),
+                    quantize=config.quantize, progress=False, **parse_budget(settings.budget),
                 )))
     return cells
 
@@ -419,7 +423,8 @@ def measure_latency(config: CompareConfig, results: dict[str, dict], seq_len: in
     cell_config = next(iter(first.values()))["config"]
     task = get_task(cell_config["task"], **cell_config["task_options"])
     kind = {"classification": "classification", "regression": "regression", "generation": "causal-lm"}[task.kind]
-    model = DeltaModel(load_model(config.model, kind, num_labels=task.num_labels if kind == "classification" else None))
+    model = DeltaModel(load_model(config.model, kind, num_labels=task.num_labels if kind == "classification" else None,
+                                  quantize=config.quantize))
     model.eval()
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
@@ -429,8 +434,9 @@ def measure_latency(config: CompareConfig, results: dict[str, dict], seq_len: in
     for method, entry in METHODS.items():
         if method in first and not entry.updates_base:
             model.add_delta(Path(first[method]["summary"]["delta"]), task=method)
-            variants.append((f"{method} (unmerged)" if entry.mergeable else method, method, False))
-            if entry.mergeable:
+            mergeable = entry.mergeable and _merges_here(model, method)
+            variants.append((f"{method} (unmerged)" if mergeable else method, method, False))
+            if mergeable:
                 variants.append((f"{method} (merged)", method, True))
     # interleaved: every round times each variant once, so machine drift hits all variants alike
     times: dict[tuple[str, int], list[float]] = {(label, b): [] for label, _, _ in variants for b in inputs}
@@ -462,10 +468,34 @@ def measure_latency(config: CompareConfig, results: dict[str, dict], seq_len: in
     return rows
 
 
+def _merges_here(model, task: str) -> bool:
+    """Whether `task` merges into this base: LoRA does not into quantized weights (BitFit's biases do)."""
+    model.use(task)
+    try:
+        model.merge()
+    except QuantizationError:
+        return False
+    model.unmerge()
+    return True
+
+
+def check_quantizable(config: CompareConfig) -> None:
+    """With --quantize, refuse before any training the methods that train the base weights themselves."""
+    if config.quantize is None:
+        return
+    for label in config.methods:
+        method = base_method(label)
+        if method in METHODS and METHODS[method].updates_base:
+            raise QuantizationError(f"--quantize {config.quantize}: {label} trains the base model's own weights, "
+                                    f"which a quantized base stores frozen as {config.quantize} codes; leave it out "
+                                    f"of --methods, or compare it without --quantize")
+
+
 def compare(config: CompareConfig, command: str = "") -> dict[str, Any]:
     """Run (or reuse) every cell, time inference, write report.md, results.json/csv and plots."""
     from deltatune.report import write_report
 
+    check_quantizable(config)
     cells = plan_cells(config)
     published = published_table(config, cells)  # a wrong --published fails before any training
     results = run_cells(config, cells)

@@ -8,6 +8,7 @@ weights (no added latency) and `merge_and_unload()` returns a plain transformers
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from deltatune.io import FORMAT, FORMAT_VERSION, shape_fingerprint, weights_fing
 from deltatune.methods.common import BASE_TASK, DeltaComponent, TaskState, check_task_name, strip_wrappers
 from deltatune.methods.head import TaskHeads
 from deltatune.peft_format import PEFT_FORMAT, check_peft_fits, read_saved_delta
+from deltatune.quantize import check_trainable, logical_parameters, quantization_info
 from deltatune.registry import build_config, method_entry, method_of
 from deltatune.shared_lower import share_lower_blocks
 from deltatune.targets import head_names, model_type
@@ -74,9 +76,11 @@ class DeltaModel(nn.Module):
         self.head_modules = head_names(model, heads)
         self.task_info: dict[str, dict[str, Any]] = {}
         self.merged_task: str | None = None
+        # names, shapes and values as the unquantized checkpoint has them: a delta fits it at any precision
+        logical = logical_parameters(model)
         base = {
-            name: param
-            for name, param in model.named_parameters()
+            name: shape_and_values
+            for name, shape_and_values in logical.items()
             if not any(name == h or name.startswith(h + ".") for h in self.head_modules)
         }
         self.base_identity = {
@@ -84,9 +88,10 @@ class DeltaModel(nn.Module):
             or type(model).__name__,
             "model_type": model_type(model),
             "class": type(model).__name__,
-            "shape_fingerprint": shape_fingerprint({n: tuple(p.shape) for n, p in base.items()}),
-            "weights_fingerprint": weights_fingerprint(base),
-            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "shape_fingerprint": shape_fingerprint({n: shape for n, (shape, _) in base.items()}),
+            "weights_fingerprint": weights_fingerprint({n: values for n, (_, values) in base.items()}),
+            "num_parameters": sum(math.prod(shape) for shape, _ in logical.values()),
+            "quantization": quantization_info(model),  # None: full precision (Dettmers et al. 2023 for the rest)
         }
         model.requires_grad_(False)
 
@@ -129,6 +134,7 @@ class DeltaModel(nn.Module):
         if task in self.task_info:
             raise TaskError(f"task {task!r} already exists; use remove_task({task!r}) or another name")
         method = method_of(config)
+        check_trainable(self.base_model, method, method_entry(method).updates_base)
         self._structure_changed()
         previous = self.active_task
         self.use(None)  # inject into the plain base: methods that copy base weights (top_layers) copy those
@@ -408,6 +414,12 @@ class DeltaModel(nn.Module):
                 if isinstance(base.get("num_parameters"), int)
                 else f"{path} was made for another base model ({base.get('name_or_path')!r})"
             )
+        trained_on, here = base.get("quantization"), self.base_identity["quantization"]
+        if trained_on != here:
+            warnings.warn(
+                f"{path} was trained on a {_precision(trained_on)} base and is loaded onto a {_precision(here)} base "
+                f"of the same model: it runs as it is, but its outputs differ by the quantization error of the base "
+                f"(measured for MiniLM and SmolLM2 in docs/results/quantized_base.md)", stacklevel=3)
         mine = self.base_identity["weights_fingerprint"]
         theirs = base.get("weights_fingerprint")
         if mine and theirs and mine != theirs:
@@ -594,6 +606,10 @@ def load_delta(model: nn.Module, path: str | Path, task: str | None = None, trus
     delta_model = model if isinstance(model, DeltaModel) else DeltaModel(model)
     delta_model.add_delta(path, task=task, trust_pickle=trust_pickle)
     return delta_model
+
+
+def _precision(quantization: dict[str, Any] | None) -> str:
+    return "full-precision" if not isinstance(quantization, dict) else f"{quantization.get('scheme')}-quantized"
 
 
 def _label_names(model: nn.Module) -> list[str] | None:

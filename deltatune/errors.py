@@ -43,3 +43,8 @@ class PrefixError(DeltaTuneError):
 
 class FewShotError(DeltaTuneError):
     """A prompt cannot be built or does not fit the model, or the task cannot be prompted."""
+
+
+class QuantizationError(DeltaTuneError):
+    """A quantized base cannot do what was asked (train its own weights, merge a delta into them), or the
+    quantization asked for is unknown or its library missing."""

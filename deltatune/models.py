@@ -37,6 +37,7 @@ from transformers import (
 )
 
 from deltatune.errors import DeltaTuneError
+from deltatune.quantize import check_scheme, quantize_model
 from deltatune.targets import ENCODER_ONLY_TYPES, head_names
 
 ModelKind = Literal["classification", "regression", "causal-lm", "seq2seq"]
@@ -169,8 +170,13 @@ def load_model(
     kind: ModelKind = "classification",
     num_labels: int | None = None,
     dtype: torch.dtype = torch.float32,
+    quantize: str | None = None,
 ) -> PreTrainedModel:
     """Load `name` with the head `kind` needs, in eval mode.
+
+    quantize: None (full precision), "int8", "int4" or "nf4": the linear layers inside the transformer blocks
+    are stored weight-only quantized (`deltatune.quantize`, QLoRA's frozen base); embeddings, norms and heads
+    keep `dtype`. Checked before any weight loads.
 
     classification: a new sequence-classification head with `num_labels` outputs (default 2);
     regression: one output and ``problem_type="regression"`` (MSE loss); causal-lm / seq2seq: the LM head.
@@ -179,6 +185,7 @@ def load_model(
     """
     if kind not in KINDS:
         raise ModelError(f"Unknown model kind '{kind}'; choose one of {', '.join(KINDS)}")
+    quantize = check_scheme(quantize)
     path = resolve_model_path(name)
     if kind == "regression" and num_labels not in (None, 1):
         raise ModelError(f"A regression model has one output, not num_labels={num_labels}")
@@ -198,7 +205,7 @@ def load_model(
     _warn_missing(name, model, info["missing_keys"])
     if model.config.pad_token_id is None and _eos_id(model.config) is not None:
         model.config.pad_token_id = _eos_id(model.config)
-    return model.eval()
+    return quantize_model(model, quantize).eval()
 
 
 @contextmanager

@@ -56,6 +56,7 @@ from deltatune.delta import DeltaModel
 from deltatune.errors import DeltaError, DeltaTuneError, TaskError
 from deltatune.evaluate import encode_inputs, label_prediction
 from deltatune.methods.common import BASE_TASK
+from deltatune.quantize import SCHEMES
 from deltatune.registry import METHODS
 
 KINDS = ("auto", "classification", "generation")
@@ -88,6 +89,9 @@ class ServeConfig:
         "help": "allow loading (POST /v1/tasks) and removing deltas over HTTP, from folders under --delta-root only"})
     delta_root: str | None = field(default=None, metadata={"help": "the folder deltas may be loaded from over HTTP"})
     trust_pickle: bool = field(default=False, metadata={"help": "also load deltas stored as pickles"})
+    quantize: str | None = field(default=None, metadata={
+        "help": "the base's block linear weights quantized: int8 | int4 | nf4 (deltas trained at any precision "
+                "load onto it)", "choices": list(SCHEMES)})
 
     def __post_init__(self) -> None:
         counts = (self.max_batch_size, self.queue_size, self.max_inputs, self.max_prompt_tokens, self.max_tokens,
@@ -596,9 +600,11 @@ def build_engine(model_name: str, deltas: dict[str | None, str], config: ServeCo
     if serve_kind(model_name, config) == "generation":
         from deltatune.decode_loop import DecodeLoop
 
-        engine = DecodeLoop(DeltaModel(load_model(model_name, "causal-lm")), load_tokenizer(model_name), config)
+        engine = DecodeLoop(DeltaModel(load_model(model_name, "causal-lm", quantize=config.quantize)),
+                            load_tokenizer(model_name), config)
     else:
-        engine = Engine(DeltaModel(load_model(model_name, "classification")), load_tokenizer(model_name), config)
+        engine = Engine(DeltaModel(load_model(model_name, "classification", quantize=config.quantize)),
+                        load_tokenizer(model_name), config)
     for name, path in deltas.items():
         try:
             engine._load(name, path)  # the worker has not started: this thread owns the model still

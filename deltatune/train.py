@@ -39,10 +39,12 @@ from deltatune.distributed import evaluate_sharded, full_parameters, launched, m
 from deltatune.errors import TrainingError
 from deltatune.evaluate import task_loss
 from deltatune.io import atomic_folder, recover
+from deltatune.quantize import SCHEMES
 from deltatune.registry import build_config, method_entry
 from deltatune.tasks import Task, get_task
 
 PRECISIONS = ["auto", "fp32", "bf16"]
+QUANTIZE_CHOICES = SCHEMES
 
 
 @dataclass
@@ -88,6 +90,10 @@ class TrainConfig:
         "help": "auto (the command's default): bf16 autocast where the CPU/GPU has native bf16 math, else fp32 "
                 "(`resolve_precision`)",
         "choices": PRECISIONS, "cli_default": "auto"})
+    quantize: str | None = field(default=None, metadata={
+        "help": "store the base's block linear weights quantized (QLoRA's frozen base): int8 | int4 | nf4 "
+                "(deltatune.quantize); the delta trains in full precision",
+        "choices": list(QUANTIZE_CHOICES)})
     length_bucketing: bool = field(
         default=True, metadata={"help": "batch inputs of similar length together (less padding)"})
     log_every: int = field(default=10, metadata={"help": "log the loss every N steps"})
@@ -129,7 +135,8 @@ def build_model(config: TrainConfig, task, tokenizer=None) -> DeltaModel:
     if task.prompt_format is not None and tokenizer is not None:  # a chat file needs a template: say so first
         task.prompt_format.resolve(tokenizer)
     kind = {"classification": "classification", "regression": "regression", "generation": "causal-lm"}[task.kind]
-    base = load_model(config.model, kind, num_labels=task.num_labels if task.kind == "classification" else None)
+    base = load_model(config.model, kind, num_labels=task.num_labels if task.kind == "classification" else None,
+                      quantize=config.quantize)
     method_config = build_config(config.method, config.method_options, source="method_options")
     if tokenizer is not None and hasattr(method_config, "tokenize"):  # settings given as text (a prompt's init)
         method_config.tokenize(tokenizer)

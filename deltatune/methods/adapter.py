@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.errors import DeltaTuneError, MergeError, TargetError
-from deltatune.methods.common import DeltaComponent, TaskState
+from deltatune.methods.common import DeltaComponent, TaskState, float_reference
 from deltatune.targets import (
     ADAPTER_SITES,
     block_index,
@@ -378,7 +378,7 @@ def inject(model: nn.Module, config: Adapter, task: str, state: TaskState, exclu
             # hook the plain layer, so that a LoRA wrapper put around it later keeps the adapter in place
             layer = unwrap(model.get_submodule(name))
             eps = _norm_eps(model) if config.placement == "lin" else None
-            component = BottleneckAdapter(layer, width, next(parent.parameters()), state, norm_eps=eps)
+            component = BottleneckAdapter(layer, width, float_reference(parent), state, norm_eps=eps)
             parent.adapter = component
         elif not isinstance(component, BottleneckAdapter):
             raise TargetError(f"{parent_name} already has an attribute 'adapter' ({type(component).__name__})")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from deltatune.errors import TargetError
-from deltatune.methods.common import DeltaComponent, TaskState
+from deltatune.methods.common import DeltaComponent, TaskState, float_reference
 from deltatune.targets import LINEAR_TYPES, in_transformer_block, output_features, unwrap
 
 
@@ -93,7 +93,7 @@ class BiasDelta(DeltaComponent):
         return list(self.bias_delta.keys())
 
     def add_task(self, task: str, config: BitFit) -> None:
-        reference = next(unwrap(self.layer).parameters())
+        reference = float_reference(unwrap(self.layer))
         self.bias_delta[task] = nn.Parameter(
             torch.zeros(self.width, dtype=reference.dtype, device=reference.device)
         )

@@ -69,6 +69,16 @@ class TaskState:
         return rows
 
 
+def float_reference(module: nn.Module) -> torch.Tensor:
+    """A floating-point tensor of `module` (parameter, else buffer) whose dtype and device new delta parameters
+    take. A quantized base weight packed into bytes (bitsandbytes' NF4) is skipped: deltas stay in full precision
+    beside it (Dettmers et al. 2023 §3)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.is_floating_point():
+            return tensor
+    raise TypeError(f"{type(module).__name__} has no floating-point parameter or buffer to take a dtype from")
+
+
 def strip_wrappers(name: str) -> str:
     """Parameter/module names as in the plain base model: wrappers insert `.base_layer`."""
     return name.replace(".base_layer", "").replace("base_layer.", "")

@@ -37,7 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.methods.common import DeltaComponent, TaskState
+from deltatune.errors import QuantizationError
+from deltatune.methods.common import DeltaComponent, TaskState, float_reference
+from deltatune.quantize import QuantizedLinear
 from deltatune.targets import LINEAR_TYPES, RowGroups, input_features, output_features, resolve_lora_targets
 
 INITS = ["default", "pissa"]
@@ -158,7 +160,7 @@ class LoRALinear(DeltaComponent):
 
     def add_task(self, task: str, config: LoRA) -> None:
         n_groups = len(self.groups)
-        weight = self.base_layer.weight
+        weight = float_reference(self.base_layer)  # a quantized base: A and B in its compute dtype (QLoRA §3)
         if config.init == "pissa":
             lora_A, lora_B = self._pissa_factors(config)
             initial = nn.Module()
@@ -179,8 +181,11 @@ class LoRALinear(DeltaComponent):
     def _pissa_factors(self, config: LoRA) -> tuple[torch.Tensor, torch.Tensor]:
         """PiSSA's A0 (G*r, d_in), B0 (sum w_g, r): per row group, W_g's top-r singular triplets with S_r/s
         split evenly between the factors (Meng et al. 2024 §3; as peft's `pissa_init`), in W's dtype."""
-        weight = self.base_layer.weight.detach()
-        weight = weight.T if self.transposed else weight  # (d_out, d_in)
+        if isinstance(self.base_layer, QuantizedLinear):  # the weight the layer multiplies by: dequant(W_q)
+            weight = self.base_layer.dequantize()
+        else:
+            weight = self.base_layer.weight.detach()
+            weight = weight.T if self.transposed else weight  # (d_out, d_in)
         A_blocks, B_blocks = [], []
         for rows in self.group_rows:
             W = weight[rows.to(weight.device)].to(torch.float32)  # (w_g, d_in); SVD in float32 also for bf16/fp16
@@ -315,6 +320,12 @@ class LoRALinear(DeltaComponent):
         floating point); `merge_and_unload` drops that copy."""
         if self.merged_task == task:  # DoRA's merge may have merged it already (methods/dora.py)
             return
+        if isinstance(self.base_layer, QuantizedLinear):
+            raise QuantizationError(
+                f"cannot merge LoRA task {task!r} into a {self.base_layer.scheme}-quantized weight: W + (alpha/r) B A "
+                f"is not representable in {self.base_layer.scheme} without rounding the update away (QLoRA keeps the "
+                f"adapter beside the quantized weight). Use the task unmerged (one extra low-rank product per "
+                f"layer), or load the base without --quantize and merge there (the delta is portable).")
         if self.merged_task is not None:
             self.unmerge()
         weight = self.base_layer.weight
