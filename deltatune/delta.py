@@ -418,8 +418,8 @@ class DeltaModel(nn.Module):
         if trained_on != here:
             warnings.warn(
                 f"{path} was trained on a {_precision(trained_on)} base and is loaded onto a {_precision(here)} base "
-                f"of the same model: it runs as it is, but its outputs differ by the quantization error of the base "
-                f"(measured for MiniLM and SmolLM2 in docs/results/quantized_base.md)", stacklevel=3)
+                f"of the same model: it runs as it is, but its outputs differ by the quantization error of the base",
+                stacklevel=3)
         mine = self.base_identity["weights_fingerprint"]
         theirs = base.get("weights_fingerprint")
         if mine and theirs and mine != theirs:

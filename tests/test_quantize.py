@@ -110,8 +110,8 @@ def test_a_quantized_model_computes_what_its_dequantized_fp32_copy_does(arch, sc
 
 def test_minilm_quantized_stays_close_to_fp32():
     """MiniLM's last hidden states on two real sentences, relative error against fp32. Measured here: int8 2.5% and
-    3.1%, int4 26.1% and 28.9%, nf4 21.2% and 25.0% (a 384-wide model: 4-bit rounding is coarse for it; accuracy
-    per precision is in docs/results/quantized_base.md). Bounds: 1.5x the measured worst case."""
+    3.1%, int4 26.1% and 28.9%, nf4 21.2% and 25.0% (a 384-wide model: 4-bit rounding is coarse for it). Bounds:
+    1.5x the measured worst case."""
     tokenizer = load_tokenizer("minilm")
     reference = load_model("minilm")
     worst = {}
