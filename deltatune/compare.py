@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -292,7 +292,11 @@ def _finished(cell_file: Path, train_config: TrainConfig) -> dict | None:
     if not cell_file.is_file():
         return None
     finished = json.loads(cell_file.read_text())
-    return finished if finished["config"] == json.loads(json.dumps(asdict(train_config))) else None
+    # a setting added to TrainConfig after the cell ran (`quantize`...): the cell ran with its default
+    added = {f.name: f.default for f in fields(TrainConfig)
+             if f.name not in finished["config"] and f.default is not MISSING}
+    saved = json.loads(json.dumps({**added, **finished["config"]}))
+    return finished if saved == json.loads(json.dumps(asdict(train_config))) else None
 
 
 def run_cells(config: CompareConfig, cells: list[Cell]) -> dict[str, dict]:

@@ -297,3 +297,22 @@ def test_cli_train_eval_and_serve_over_a_quantized_base(tiny_model_dir, sentimen
         assert quantization_info(engine.model.base_model)["scheme"] == "int8"
     finally:
         engine.close()
+
+
+def test_compare_reuses_cells_finished_before_the_quantize_setting_existed(tmp_path):
+    """A cell file written before TrainConfig had `quantize` ran at its default (full precision): reused; a cell
+    asked with --quantize is not the same cell."""
+    from dataclasses import asdict
+
+    from deltatune.compare import _finished
+    from deltatune.train import TrainConfig
+
+    config = TrainConfig(model="m", task="sst2", method="lora", out=str(tmp_path / "run"))
+    old = {k: v for k, v in json.loads(json.dumps(asdict(config))).items() if k != "quantize"}
+    cell = tmp_path / "cell.json"
+    cell.write_text(json.dumps({"config": old, "summary": {"final": {}}}))
+    assert _finished(cell, config) is not None
+    quantized = TrainConfig(model="m", task="sst2", method="lora", out=str(tmp_path / "run"), quantize="int8")
+    assert _finished(cell, quantized) is None
+    cell.write_text(json.dumps({"config": {**old, "max_steps": 7}, "summary": {}}))
+    assert _finished(cell, config) is None
