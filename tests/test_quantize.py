@@ -316,3 +316,17 @@ def test_compare_reuses_cells_finished_before_the_quantize_setting_existed(tmp_p
     assert _finished(cell, quantized) is None
     cell.write_text(json.dumps({"config": {**old, "max_steps": 7}, "summary": {}}))
     assert _finished(cell, config) is None
+
+
+def test_pissa_over_a_quantized_base_starts_from_the_base_and_trains():
+    """PiSSA's factors come from the weight the layer multiplies by, dequant(W_q); s(BA - B0A0) is zero at the
+    start, so the model starts as the quantized base."""
+    base = quantize_model(make_model("llama", kind="causal-lm"), "int8")
+    inputs = make_inputs("llama")
+    before = logits(base, inputs)
+    model = deltatune.attach(base, deltatune.LoRA(r=4, init="pissa"), task="t")
+    torch.testing.assert_close(logits(model, inputs), before, atol=1e-5, rtol=1e-5)
+    model.train()
+    loss = model(**inputs, labels=inputs["input_ids"]).loss
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
