@@ -1,10 +1,14 @@
 """A quantized frozen base (QLoRA's recipe) per precision: weight memory, training memory and step time, accuracy.
 
-    OMP_NUM_THREADS=1 python benchmarks/quantized_base.py [--parts memory,steps,sst2] [--out runs/quantized_base]
+    OMP_NUM_THREADS=1 python benchmarks/quantized_base.py [--parts weights,memory,steps,sst2] [--models minilm,smollm2]
+                                                          [--rounds 5] [--out runs/quantized_base]
+
+- weights: the bytes of the block linear weights as stored (`quantize.linear_weight_bytes`) per precision, and the
+  seconds loading + quantizing took, in this process.
 
 - memory: for MiniLM and SmolLM2-135M at fp32, int8, int4, nf4, each in a fresh process: the bytes of the block
   linear weights as stored (`quantize.linear_weight_bytes`), the resident set after loading (+ quantizing), and
-  the peak resident set over 3 LoRA training steps counted from there (VmHWM reset through /proc/self/clear_refs,
+  the peak resident set over 2 LoRA training steps counted from there (VmHWM reset through /proc/self/clear_refs,
   so the fp32 checkpoint read before quantizing does not count). MiniLM: batch 32 x 64 tokens; SmolLM2: 8 x 128.
 - steps: LoRA (r=8, alpha=16, W_q and W_v) training step time (forward, backward, AdamW) per precision, one
   model per precision in one process, interleaved rounds (each round times every precision once), medians over
@@ -85,16 +89,37 @@ def memory_child(name: str, precision: str) -> dict:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     batch = _batch(name, model)
-    for _ in range(3):
+    for _ in range(2):
         _step(model, optimizer, batch, resolve_precision("auto"))
     return {"model": name, "precision": precision, "linear_weight_bytes": linear_weight_bytes(model.base_model),
             "rss_after_load_mb": round(after_load, 1), "peak_training_rss_mb": round(_rss_mb("VmHWM"), 1),
             "load_seconds": round(load_seconds, 1)}
 
 
-def memory() -> list[dict]:
+def weights(models: list[str]) -> list[dict]:
+    from deltatune.models import load_model
+    from deltatune.quantize import linear_weight_bytes, quantization_info
+
     rows = []
-    for name in MODELS:
+    for name in models:
+        for precision in PRECISIONS:
+            started = time.perf_counter()
+            model = load_model(name, MODELS[name][0], quantize=_quantize(precision))
+            rows.append({"model": name, "precision": precision, "linear_weight_bytes": linear_weight_bytes(model),
+                         "load_seconds": round(time.perf_counter() - started, 1),
+                         "quantization": quantization_info(model)})
+            print(rows[-1], flush=True)
+            del model
+            gc.collect()
+        fp32 = rows[-len(PRECISIONS)]["linear_weight_bytes"]
+        for row in rows[-len(PRECISIONS):]:
+            row["linear_weights_vs_fp32"] = round(row["linear_weight_bytes"] / fp32, 3)
+    return rows
+
+
+def memory(models: list[str]) -> list[dict]:
+    rows = []
+    for name in models:
         for precision in PRECISIONS:
             out = subprocess.run([sys.executable, __file__, "--memory-child", name, precision], check=True,
                                  capture_output=True, text=True).stdout
@@ -106,12 +131,12 @@ def memory() -> list[dict]:
     return rows
 
 
-def steps(rounds: int = 5, warmup: int = 1) -> list[dict]:
+def steps(models: list[str], rounds: int = 5, warmup: int = 1) -> list[dict]:
     from deltatune.train import resolve_precision
 
     autocast = resolve_precision("auto")
     rows = []
-    for name in MODELS:
+    for name in models:
         models = {p: _lora_model(name, p) for p in PRECISIONS}
         optimizers = {p: torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-4)
                       for p, m in models.items()}
@@ -171,7 +196,9 @@ def sst2(out: Path) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="memory,steps,sst2")
+    parser.add_argument("--parts", default="weights,memory,steps,sst2")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--rounds", type=int, default=5, help="steps: timed rounds (after one warm-up round)")
     parser.add_argument("--out", type=Path, default=Path("runs/quantized_base"))
     parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -187,9 +214,11 @@ def main() -> None:
     results = {"command": " ".join(sys.argv), "threads": torch.get_num_threads(), "torch": torch.__version__,
                "transformers": transformers.__version__, "torchao": torchao.__version__,
                "bitsandbytes": bitsandbytes.__version__, "load_average_start": os.getloadavg()}
+    models = args.models.split(",")
     for part in args.parts.split(","):
         part_started = time.perf_counter()
-        results[part] = {"memory": memory, "steps": steps, "sst2": lambda: sst2(args.out)}[part]()
+        results[part] = {"weights": lambda: weights(models), "memory": lambda: memory(models),
+                         "steps": lambda: steps(models, args.rounds), "sst2": lambda: sst2(args.out)}[part]()
         results[f"{part}_seconds"] = round(time.perf_counter() - part_started, 1)
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
     results["load_average_end"] = os.getloadavg()
