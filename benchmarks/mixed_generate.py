@@ -24,9 +24,10 @@ import time
 import torch
 
 import deltatune
-from deltatune.data import Encoded, collate, generation_prompt
+from deltatune.data import Encoded, collate
 from deltatune.models import load_model, load_tokenizer
 from deltatune.tasks import get_task
+from deltatune.tasks.generation import generation_prompt
 
 CONFIGS = {
     "lora": lambda i: deltatune.LoRA(r=8, alpha=16),

@@ -218,8 +218,8 @@ def main() -> None:
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
 
-    from deltatune.data import generation_prompt
     from deltatune.tasks import get_task
+    from deltatune.tasks.generation import generation_prompt
 
     started = time.time()
     load_before = os.getloadavg()

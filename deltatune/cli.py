@@ -15,7 +15,7 @@ from deltatune.combine import CombineConfig
 from deltatune.compare import PROMPTING_METHODS, CompareConfig
 from deltatune.errors import ConfigError, DeltaTuneError
 from deltatune.registry import METHODS, options_from_strings
-from deltatune.serve import ServeConfig
+from deltatune.serve_config import ServeConfig
 from deltatune.tasks.generation import GenerationFileOptions
 from deltatune.train import QUANTIZE_CHOICES, TrainConfig
 

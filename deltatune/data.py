@@ -14,13 +14,9 @@ import torch
 
 from deltatune.targets import ROBERTA_LIKE
 from deltatune.tasks import Task
+from deltatune.tasks.generation import generation_prompt
 
 IGNORE_INDEX = -100
-
-
-def generation_prompt(source: str) -> str:
-    """How a data-to-text source (an E2E meaning representation) is shown to a decoder."""
-    return f"{source}\nSentence:"
 
 
 @dataclass

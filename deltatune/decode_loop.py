@@ -42,7 +42,7 @@ from deltatune.evaluate import stop_token_ids
 from deltatune.methods.common import BASE_TASK
 from deltatune.methods.prompt import position_limit
 from deltatune.registry import METHODS
-from deltatune.serve import Overloaded, ServeConfig
+from deltatune.serve_config import Overloaded, ServeConfig
 
 
 class LimitError(DeltaTuneError):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from deltatune.data import Encoded, collate, encode, generation_prompt, max_model_length
+from deltatune.data import Encoded, collate, encode, max_model_length
 from deltatune.errors import DeltaTuneError
 from deltatune.tasks import Task
+from deltatune.tasks.generation import generation_prompt
 
 
 def task_loss(task: Task, outputs, labels: torch.Tensor) -> torch.Tensor:

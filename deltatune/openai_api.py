@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from deltatune.decode_loop import DecodeLoop, Event, LimitError, Sampling
 from deltatune.errors import DeltaTuneError, TaskError
 from deltatune.methods.common import BASE_TASK
-from deltatune.serve import Overloaded
+from deltatune.serve_config import Overloaded
 from deltatune.tasks.generation import chat_prompt_ids
 
 OPENAI_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from conftest import make_model
 
-from deltatune.data import generation_prompt
 from deltatune.delta import DeltaModel
 from deltatune.evaluate import generate_texts
 from deltatune.models import tiny_tokenizer
+from deltatune.tasks.generation import generation_prompt
 
 
 def greedy_by_hand(model, tokenizer, source: str, max_new_tokens: int) -> str:

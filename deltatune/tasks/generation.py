@@ -442,12 +442,15 @@ def generation_file_task(
 
 
 # ---- prompts typed by a user (`deltatune generate`, `deltatune serve`) -----------------------------------------
+def generation_prompt(source: str) -> str:
+    """How a data-to-text source (an E2E meaning representation) is shown to a decoder."""
+    return f"{source}\nSentence:"
+
+
 def typed_prompt_ids(tokenizer, text: str, prompt_format: dict | None, delta: bool) -> list[int]:
     """The ids of the prompt a user's text becomes under a delta, built the way the delta was trained: its saved
     prompt format (a file task: template, alpaca or the user turn of a chat); a delta of the built-in
     data-to-text task (no format saved): the E2E prompt; no delta: the text itself."""
-    from deltatune.data import generation_prompt  # deltatune.data imports deltatune.tasks
-
     if prompt_format:
         fmt = PromptFormat.from_dict(prompt_format)
         prompt = fmt.prompt_for_text(text, tokenizer)
