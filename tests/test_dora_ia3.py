@@ -55,6 +55,18 @@ def test_dora_magnitude_starts_at_the_weight_norms_and_the_model_at_the_base():
     assert model.report(print_table=False).method_parameters == 2 * 2 * (4 * 32 + 32 * 4 + 32)  # 2 layers x q, v
 
 
+def test_dora_trains_under_bf16_autocast_as_compare_runs_it():
+    """`deltatune compare` trains in bf16 autocast by default: B A is then bf16 while the layer's weights are fp32;
+    a step runs, gradients reach A, B and m, and they stay fp32."""
+    model = deltatune.attach(make_model("bert"), deltatune.DoRA(r=4), task="t")
+    randomise([p for name, p in model.named_parameters() if "lora_B" in name])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.train()(**make_inputs("bert"), labels=torch.tensor([0, 1, 1])).loss
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad and "classifier" not in name}
+    assert grads and all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads.values())
+
+
 @pytest.mark.parametrize("arch,name", [("bert", QUERY), ("gpt2", "transformer.h.0.attn.c_attn")])
 def test_dora_layer_computes_magnitude_times_direction(arch, name):
     """y = m ⊙ (W + s B A) x / ||W + s B A||_c + b (eq. 5), from the layer's tensors, by hand."""

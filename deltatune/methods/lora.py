@@ -237,7 +237,8 @@ class LoRALinear(DeltaComponent):
         A, B, r = self.factors(task)
         delta = torch.zeros(self.out_features, self.in_features, dtype=A.dtype, device=A.device)
         for g, (rows, B_g) in enumerate(zip(self.group_rows, B.split(self.widths))):
-            delta[rows.to(A.device)] = B_g @ A[g * r : (g + 1) * r]  # (w_g, r) @ (r, d_in) -> (w_g, d_in)
+            # (w_g, r) @ (r, d_in) -> (w_g, d_in); under bf16 autocast the product is bf16: stored in A's dtype
+            delta[rows.to(A.device)] = (B_g @ A[g * r : (g + 1) * r]).to(delta.dtype)
         return delta * self.scaling[task]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
