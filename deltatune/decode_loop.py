@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import secrets
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,10 +36,11 @@ import torch
 from torch import nn
 
 from deltatune.delta import DeltaModel
-from deltatune.errors import DeltaError, DeltaTuneError, TaskError
+from deltatune.errors import DeltaTuneError, TaskError
 from deltatune.evaluate import stop_token_ids
 from deltatune.methods.common import BASE_TASK
 from deltatune.methods.prompt import position_limit
+from deltatune.model_worker import ModelWorker
 from deltatune.registry import METHODS
 from deltatune.serve_config import Overloaded, ServeConfig
 
@@ -96,51 +96,24 @@ class _Row:
     done: bool = False
 
 
-class DecodeLoop:
+class DecodeLoop(ModelWorker):
     """A causal LM with its deltas, its tokenizer and the thread that alone runs them (see the module doc)."""
 
+    thread_name = "deltatune-decode-loop"
+
     def __init__(self, model: DeltaModel, tokenizer, config: ServeConfig | None = None):
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.config = config or ServeConfig(kind="generation")
         self.stop_ids = set(stop_token_ids(model, tokenizer))
         self.positions = position_limit(model.config)
-        self._condition = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
-        self._control: collections.deque[tuple[Callable[[], Any], Any]] = collections.deque()
-        self._closing = False
         self._rows: list[_Row] = []
         self._cache = None  # the batch's DynamicCache
         self._mask: torch.Tensor | None = None  # (B, L) long: 1 on real cache entries
         self._last: torch.Tensor | None = None  # (B,) the token each row feeds next
-        keys = ("requests", "rejected", "cancelled", "failed", "finished", "steps", "mixed_steps", "tokens",
-                "max_rows", "max_tasks_in_step")
-        self.stats = collections.Counter(dict.fromkeys(keys, 0))
-        self._tasks: dict[str, dict[str, Any]] = {}
-        self._refresh_tasks()
-        self._worker = threading.Thread(target=self._run, name="deltatune-decode-loop", daemon=True)
+        super().__init__(model, tokenizer, config or ServeConfig(kind="generation"), stat_keys=(
+            "requests", "rejected", "cancelled", "failed", "finished", "steps", "mixed_steps", "tokens", "max_rows",
+            "max_tasks_in_step"))
 
     # ---- any thread ------------------------------------------------------------------------------------
-    def start(self) -> DecodeLoop:
-        self._worker.start()
-        return self
-
-    def close(self) -> None:
-        with self._condition:
-            self._closing = True
-            self._condition.notify_all()
-        if self._worker.is_alive():
-            self._worker.join(timeout=30)
-
-    @property
-    def alive(self) -> bool:
-        return self._worker.is_alive()
-
-    @property
-    def tasks(self) -> dict[str, dict[str, Any]]:
-        """{name: {"method", "path", "virtual_tokens", "prompt_format"}}; a snapshot, replaced, never mutated."""
-        return self._tasks
-
     def check_task(self, task: str) -> str | None:
         """The task's name as the model routes it (None: the base model); TaskError if none is loaded by that name."""
         if task == BASE_TASK:
@@ -192,40 +165,19 @@ class DecodeLoop:
             request.cancelled = True
             self._condition.notify_all()
 
-    def call(self, function: Callable[[], Any]):
-        """Run `function()` on the decode thread between two steps; its result in a concurrent Future."""
-        from concurrent.futures import Future
-
-        future: Future = Future()
-        with self._condition:
-            self._control.append((function, future))
-            self._condition.notify_all()
-        return future
-
-    def load(self, name: str | None, path):
-        return self.call(lambda: self._load(name, path))
-
-    def remove(self, name: str):
-        return self.call(lambda: self._remove(name))
-
     def metrics(self) -> dict[str, Any]:
         with self._condition:
             waiting = len(self._waiting)
         return {**self.stats, "queue": waiting, "running": len(self._rows), "tasks": len(self._tasks)}
 
     # ---- deltas (on the decode thread, or before it starts) ----------------------------------------------
-    def _load(self, name: str | None, path) -> dict[str, Any]:
-        task = self.model.add_delta(path, task=name, trust_pickle=self.config.trust_pickle)
-        method = self.model.task_info[task]["method"]
+    def _refusal(self, task: str, method: str, path) -> str | None:
         components = [c for c in self.model.components().values() if task in c.tasks]
         if not METHODS[method].mixable or any(not c.mixes_in_generate for c in components):
-            self.model.remove_task(task)
-            raise DeltaError(f"{path} is a {method} delta, whose rows cannot decode in a batch with other tasks; "
-                             f"serve a delta of LoRA, BitFit, adapters, prompt or prefix tuning (or merge it into "
-                             f"its own model and serve that)")
-        self.model.task_info[task]["path"] = str(path)
-        self._refresh_tasks()
-        return {"name": task, **self._tasks[task]}
+            return (f"{path} is a {method} delta, whose rows cannot decode in a batch with other tasks; serve a "
+                    f"delta of LoRA, BitFit, adapters, prompt or prefix tuning (or merge it into its own model and "
+                    f"serve that)")
+        return None
 
     def _remove(self, name: str) -> None:
         self.model.remove_task(name)
@@ -235,11 +187,9 @@ class DecodeLoop:
         self._drop([row for row in self._rows if row.request.task != name])
         self._refresh_tasks()
 
-    def _refresh_tasks(self) -> None:
-        self._tasks = {name: {"method": info["method"], "path": info.get("path"),
-                              "prompt_format": info.get("prompt_format"),
-                              "virtual_tokens": _virtual_tokens(self.model, name)}
-                       for name, info in self.model.task_info.items()}
+    def _task_entry(self, name: str, info: dict[str, Any]) -> dict[str, Any]:
+        return {"method": info["method"], "path": info.get("path"), "prompt_format": info.get("prompt_format"),
+                "virtual_tokens": _virtual_tokens(self.model, name)}
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -248,11 +198,8 @@ class DecodeLoop:
                 admitted, controls = self._next_work()
                 if admitted is None:
                     break
-                for function, future in controls:
-                    try:
-                        future.set_result(function())
-                    except BaseException as error:  # noqa: BLE001 - handed to the caller
-                        future.set_exception(error)
+                for control in controls:
+                    self._run_control(*control)
                 for request in admitted:
                     try:
                         self._join(request)
@@ -266,6 +213,7 @@ class DecodeLoop:
                     for request in {row.request for row in self._rows}:
                         self._fail(request, error)
                     self._drop([])
+                self._release_memory()
         for request in {row.request for row in self._rows} | set(self._waiting):
             self._fail(request, Overloaded("the server is shutting down"))
 

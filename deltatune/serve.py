@@ -33,16 +33,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ctypes
-import ctypes.util
 import hmac
 import socket
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Any
 
 import torch
@@ -52,28 +48,11 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from deltatune.data import Encoded, collate, max_model_length
 from deltatune.delta import DeltaModel
-from deltatune.errors import DeltaError, DeltaTuneError, TaskError
+from deltatune.errors import DeltaTuneError, TaskError
 from deltatune.evaluate import encode_inputs, label_prediction
 from deltatune.methods.common import BASE_TASK
-from deltatune.registry import METHODS
+from deltatune.model_worker import ModelWorker
 from deltatune.serve_config import API_KEY_VARIABLE, Overloaded, ServeConfig, delta_under_root
-
-
-def _free_memory_releaser() -> Callable[[], object] | None:
-    """glibc's malloc_trim, if this C library has it (Linux + glibc)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        return lambda: libc.malloc_trim(0) if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-# A server runs forward passes of ever new shapes. glibc then keeps freed tensor memory in its heap (it raises its
-# mmap threshold as large blocks are freed), and the resident set creeps up by ~100 MiB per few thousand requests.
-# Handing free pages back (malloc_trim) at most every TRIM_EVERY_S seconds keeps it flat for ~2% CPU; making every
-# large block an mmap (mallopt M_MMAP_THRESHOLD) also keeps it flat, but cost 60% more CPU here (page faults).
-TRIM_EVERY_S = 0.5
-_release_free_memory = _free_memory_releaser()
 
 
 @dataclass
@@ -84,46 +63,19 @@ class _Job:
     arrived: float = field(default_factory=time.monotonic)
 
 
-class Engine:
-    """One DeltaModel, its tokenizer and the worker thread that alone runs the model."""
+class Engine(ModelWorker):
+    """One DeltaModel, its tokenizer and the worker thread that alone runs the model (`ModelWorker`)."""
+
+    thread_name = "deltatune-serve-worker"
 
     def __init__(self, model: DeltaModel, tokenizer, config: ServeConfig | None = None):
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.config = config or ServeConfig()
-        self._condition = threading.Condition()
         self._pending: collections.deque[_Job] = collections.deque()
         self._pending_inputs = 0
-        self._control: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
-        self._closing = False
-        self._tasks: dict[str, dict[str, Any]] = {}  # a snapshot for the HTTP threads; replaced, never mutated
-        self._refresh_tasks()
-        keys = ("requests", "inputs", "batches", "mixed_batches", "max_tasks_in_batch", "max_batch_inputs",
-                "rejected", "failed")
-        self.stats = collections.Counter(dict.fromkeys(keys, 0))  # all keys now: readers never see it grow
-        self._worker = threading.Thread(target=self._run, name="deltatune-serve-worker", daemon=True)
+        super().__init__(model, tokenizer, config or ServeConfig(), stat_keys=(
+            "requests", "inputs", "batches", "mixed_batches", "max_tasks_in_batch", "max_batch_inputs", "rejected",
+            "failed"))
 
     # ---- for the HTTP side (any thread) --------------------------------------------------------------
-    def start(self) -> Engine:
-        self._worker.start()
-        return self
-
-    def close(self) -> None:
-        with self._condition:
-            self._closing = True
-            self._condition.notify_all()
-        if self._worker.is_alive():
-            self._worker.join(timeout=30)
-
-    @property
-    def alive(self) -> bool:
-        return self._worker.is_alive()
-
-    @property
-    def tasks(self) -> dict[str, dict[str, Any]]:
-        """{name: {"method", "labels", "path"}} of the tasks loaded now."""
-        return self._tasks
-
     def check_task(self, task: str) -> None:
         if task != BASE_TASK and task not in self._tasks:
             raise TaskError(f"unknown task {task!r}; tasks loaded: {sorted(self._tasks)} (or 'base')")
@@ -144,66 +96,26 @@ class Engine:
             self._condition.notify_all()
         return job.future
 
-    def call(self, function: Callable[[], Any]) -> Future:
-        """Run `function()` on the worker thread between batches (the model's owner); its result in a future."""
-        future: Future = Future()
-        with self._condition:
-            self._control.append((function, future))
-            self._condition.notify_all()
-        return future
-
-    def load(self, name: str, path: str | Path) -> Future:
-        return self.call(lambda: self._load(name, path))
-
-    def remove(self, name: str) -> Future:
-        return self.call(lambda: self._remove(name))
-
     def metrics(self) -> dict[str, Any]:
         with self._condition:
             waiting = len(self._pending)
         return {**self.stats, "queue": waiting, "tasks": len(self._tasks)}
 
     # ---- on the worker thread -------------------------------------------------------------------------
-    def _load(self, name: str, path: str | Path) -> dict[str, Any]:
-        task = self.model.add_delta(path, task=name, trust_pickle=self.config.trust_pickle)
-        method = self.model.task_info[task]["method"]
-        if not METHODS[method].mixable:
-            self.model.remove_task(task)
-            mixable = [name for name, entry in METHODS.items() if entry.mixable]
-            raise DeltaError(f"{path} is a {method} delta, which cannot share a batch with other tasks (a full "
-                             f"fine-tuning delta is a whole model's weights); serve a delta of {mixable}")
-        self.model.task_info[task]["path"] = str(path)
-        self._refresh_tasks()
-        return self._tasks[task] | {"name": task}
-
-    def _remove(self, name: str) -> None:
-        self.model.remove_task(name)
-        self._refresh_tasks()
-
-    def _refresh_tasks(self) -> None:
-        self._tasks = {
-            name: {"method": info["method"], "labels": info["label_names"], "path": info.get("path")}
-            for name, info in self.model.task_info.items()
-        }
+    def _task_entry(self, name: str, info: dict[str, Any]) -> dict[str, Any]:
+        return {"method": info["method"], "labels": info["label_names"], "path": info.get("path")}
 
     def _run(self) -> None:
-        trimmed = time.monotonic()
         with torch.inference_mode():
             while True:
                 work = self._next_work()
                 if work is None:
                     return
                 if isinstance(work, tuple):
-                    function, future = work
-                    try:
-                        future.set_result(function())
-                    except BaseException as error:  # noqa: BLE001 - handed to the caller
-                        future.set_exception(error)
+                    self._run_control(*work)
                 else:
                     self._run_batch(work)
-                if _release_free_memory is not None and time.monotonic() - trimmed > TRIM_EVERY_S:
-                    _release_free_memory()
-                    trimmed = time.monotonic()
+                self._release_memory()
 
     def _next_work(self):
         """A control call, or the jobs of the next batch (None: closing). Waits for company up to max_wait."""
