@@ -26,7 +26,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,20 +37,12 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import transformers  # noqa: E402
-from mixed_batch import largest_difference, randomise, sentences  # noqa: E402
+from mixed_batch import interleaved_times, largest_difference, sentences, with_tasks  # noqa: E402
 
 import deltatune  # noqa: E402
 from deltatune.models import load_model, load_tokenizer  # noqa: E402
 
 TASKS = 8
-
-
-def with_tasks(config, names: list[str]) -> deltatune.DeltaModel:
-    model = None
-    for index, name in enumerate(names):
-        model = deltatune.attach(model or load_model("minilm", "classification"), config, task=name)
-        randomise(model, name, seed=index, scale=0.1)
-    return model
 
 
 def main() -> None:
@@ -68,9 +59,9 @@ def main() -> None:
     names = [f"task{i}" for i in range(TASKS)]
     tokenizer = load_tokenizer("minilm")
     base = load_model("minilm", "classification").eval()
-    ia3 = with_tasks(deltatune.IA3(), names)
+    ia3 = with_tasks(deltatune.IA3(), names, scale=0.1)
     merged = copy.deepcopy(ia3).use(names[0]).merge()
-    lora = with_tasks(deltatune.LoRA(r=8, alpha=16), names)
+    lora = with_tasks(deltatune.LoRA(r=8, alpha=16), names, scale=0.1)
     print(f"(IA)³ parameters per task (without the head): "
           f"{ia3.report(names[0], print_table=False).method_parameters:,}")
 
@@ -88,19 +79,7 @@ def main() -> None:
             "ia3: mixed, 8 tasks": lambda batch=batch, tasks=tasks: ia3(**batch, tasks=tasks).logits,
             "lora: mixed, 8 tasks": lambda batch=batch, tasks=tasks: lora(**batch, tasks=tasks).logits,
         }
-        wall: dict[str, list[float]] = {name: [] for name in variants}
-        cpu: dict[str, list[float]] = {name: [] for name in variants}
-        order = list(variants)
-        with torch.inference_mode():
-            for run in variants.values():  # warm-up (and stacks cached)
-                run()
-            for round_index in range(args.reps):
-                shift = round_index % len(order)
-                for name in order[shift:] + order[:shift]:
-                    start, start_cpu = time.perf_counter(), time.process_time()
-                    variants[name]()
-                    wall[name].append(time.perf_counter() - start)
-                    cpu[name].append(time.process_time() - start_cpu)
+        wall, cpu = interleaved_times(variants, args.reps)
         for label, times in (("wall", wall), ("cpu", cpu)):
             median = {name: statistics.median(values) for name, values in times.items()}
             reference = median["base (plain transformers model)"]

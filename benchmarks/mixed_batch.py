@@ -63,12 +63,31 @@ def randomise(model: deltatune.DeltaModel, task: str, seed: int, scale: float = 
             tensor.add_(torch.randn(tensor.shape, generator=generator) * scale)
 
 
-def with_tasks(config, names: list[str]) -> deltatune.DeltaModel:
+def with_tasks(config, names: list[str], scale: float = 0.05) -> deltatune.DeltaModel:
     model = None
     for index, name in enumerate(names):
         model = deltatune.attach(model or load_model("minilm", "classification"), config, task=name)
-        randomise(model, name, seed=index)
+        randomise(model, name, seed=index, scale=scale)
     return model
+
+
+def interleaved_times(variants: dict[str, Callable], rounds: int) -> tuple[dict[str, list], dict[str, list]]:
+    """(wall, CPU) seconds of each variant's call over `rounds` rounds, one call of each per round, the order
+    rotating every round (so a shared machine's load falls on all alike); one warm-up call each first."""
+    wall: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants)
+    with torch.inference_mode():
+        for run in variants.values():  # warm-up (and stacks cached)
+            run()
+        for round_index in range(rounds):
+            shift = round_index % len(order)
+            for name in order[shift:] + order[:shift]:
+                start, start_cpu = time.perf_counter(), time.process_time()
+                variants[name]()
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    return wall, cpu
 
 
 @torch.inference_mode()
@@ -196,19 +215,7 @@ def main() -> None:
         "prompt: mixed, 8 tasks": ("prompt", mixed(prompt)),
     })
 
-    wall: dict[str, list[float]] = {name: [] for name in variants}
-    cpu: dict[str, list[float]] = {name: [] for name in variants}
-    order = list(variants)
-    with torch.inference_mode():
-        for _, run in variants.values():  # warm-up (and stacks cached)
-            run()
-        for round_index in range(args.reps):
-            shift = round_index % len(order)
-            for name in order[shift:] + order[:shift]:
-                start, start_cpu = time.perf_counter(), time.process_time()
-                variants[name][1]()
-                wall[name].append(time.perf_counter() - start)
-                cpu[name].append(time.process_time() - start_cpu)
+    wall, cpu = interleaved_times({name: run for name, (_, run) in variants.items()}, args.reps)
 
     print(f"\n{args.reps} interleaved rounds, medians; throughput = {BATCH} / median time. 'wall': elapsed time; "
           f"'cpu': this process's CPU time (with 1 thread, what the work cost, whatever else runs on the machine)")

@@ -27,9 +27,7 @@ import asyncio
 import json
 import os
 import platform
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -45,6 +43,8 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from server_process import memory_mib, start_server  # noqa: E402
+
 import deltatune  # noqa: E402
 from deltatune.models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
 
@@ -92,31 +92,6 @@ def merged_model(delta: Path, folder: Path) -> Path:
     model.merge_and_unload().save_pretrained(folder)
     load_tokenizer("smollm2").save_pretrained(folder)
     return folder
-
-
-def memory(pid: int) -> dict[str, float]:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return {key: int(re.search(rf"{key}:\s+(\d+) kB", status).group(1)) / 1024 for key in ("VmRSS", "VmHWM")}
-
-
-def start_server(model: str, deltas: dict[str, Path], settings: list[str], threads: int):
-    command = [sys.executable, "-m", "deltatune.cli", "serve", "--model", model, "--kind", "generation",
-               "--port", "0", *settings]
-    for task, path in deltas.items():
-        command += ["--delta", f"{task}={path}"]
-    environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
-    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                              env=environment)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        line = server.stdout.readline()
-        found = re.search(r"(http://[\d.]+:\d+)", line)
-        if found:
-            return server, found.group(1)
-        if not line and server.poll() is not None:
-            break
-    server.kill()
-    raise RuntimeError(f"the server did not start (exit code {server.poll()})")
 
 
 async def load(url: str, prompts: list[str], tasks: list[str], requests: int, clients: int, new_tokens: int):
@@ -174,7 +149,7 @@ def percentile(values: list[float], q: int) -> float:
 
 def run_scenario(name: str, model: str, deltas: dict[str, Path], tasks: list[str], settings: list[str],
                  prompts: list[str], requests: int, args, new_tokens: int | None = None) -> dict:
-    server, url = start_server(model, deltas, settings, args.threads)
+    server, url = start_server(["--model", model, "--kind", "generation", *settings], deltas, args.threads)
     try:
         asyncio.run(load(url, prompts, tasks, min(4, requests), min(4, args.clients), 4))  # warm-up
         samples: list[float] = []
@@ -182,16 +157,16 @@ def run_scenario(name: str, model: str, deltas: dict[str, Path], tasks: list[str
 
         def sample() -> None:
             while not stop.wait(0.25):
-                samples.append(memory(server.pid)["VmRSS"])
+                samples.append(memory_mib(server.pid)["VmRSS"])
 
         sampler = threading.Thread(target=sample, daemon=True)
-        start_rss = memory(server.pid)["VmRSS"]
+        start_rss = memory_mib(server.pid)["VmRSS"]
         sampler.start()
         elapsed, tokens, ttfts, gaps, errors, metrics = asyncio.run(
             load(url, prompts, tasks, requests, args.clients, new_tokens or args.new_tokens))
         stop.set()
         sampler.join()
-        end = memory(server.pid)
+        end = memory_mib(server.pid)
     finally:
         server.terminate()
         server.wait(timeout=60)

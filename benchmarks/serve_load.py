@@ -20,9 +20,7 @@ import collections
 import csv
 import os
 import random
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,6 +36,8 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from server_process import memory_mib, start_server  # noqa: E402
+
 import deltatune  # noqa: E402
 from deltatune.models import load_model  # noqa: E402
 
@@ -62,28 +62,6 @@ def make_deltas(folder: Path) -> dict[str, Path]:
                 tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.05)
         paths[task] = model.save_delta(folder / task)
     return paths
-
-
-def rss_mib(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
-
-
-def start_server(deltas: dict[str, Path], settings: list[str]) -> tuple[subprocess.Popen, str]:
-    command = [sys.executable, "-m", "deltatune.cli", "serve", "--model", "minilm", "--port", "0", *settings]
-    for task, path in deltas.items():
-        command += ["--delta", f"{task}={path}"]
-    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        line = server.stdout.readline()
-        found = re.search(r"(http://[\d.]+:\d+)", line)
-        if found:
-            return server, found.group(1)
-        if not line and server.poll() is not None:
-            break
-    server.kill()
-    raise RuntimeError(f"the server did not start (exit code {server.poll()})")
 
 
 async def load(url: str, texts: list[str], tasks: list[str], requests: int, clients: int, max_seconds: float):
@@ -129,18 +107,19 @@ def main() -> None:
     texts = sentences()
     with tempfile.TemporaryDirectory() as folder:
         deltas = make_deltas(Path(folder))
-        server, url = start_server(deltas, ["--max-batch-size", args.max_batch_size, "--max-wait-ms", args.max_wait_ms])
+        settings = ["--model", "minilm", "--max-batch-size", args.max_batch_size, "--max-wait-ms", args.max_wait_ms]
+        server, url = start_server(settings, deltas, timeout=300)
         try:
             tasks = list(deltas)
             asyncio.run(load(url, texts, tasks, args.warmup, args.clients, 120))  # shapes, pools, caches
-            before = rss_mib(server.pid)
+            before = memory_mib(server.pid)["VmRSS"]
             samples: list[tuple[float, float]] = []  # (seconds into the run, RSS)
             stop = threading.Event()
             started = time.monotonic()
 
             def sample() -> None:
                 while not stop.wait(0.25):
-                    samples.append((time.monotonic() - started, rss_mib(server.pid)))
+                    samples.append((time.monotonic() - started, memory_mib(server.pid)["VmRSS"]))
 
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
@@ -148,7 +127,7 @@ def main() -> None:
                 load(url, texts, tasks, args.requests, args.clients, args.max_seconds))
             stop.set()
             sampler.join()
-            after = rss_mib(server.pid)
+            after = memory_mib(server.pid)["VmRSS"]
         finally:
             server.terminate()
             server.wait(timeout=30)

@@ -42,7 +42,7 @@ from deltatune.methods.common import BASE_TASK
 from deltatune.methods.prompt import position_limit
 from deltatune.model_worker import ModelWorker
 from deltatune.registry import METHODS
-from deltatune.serve_config import Overloaded, ServeConfig
+from deltatune.serve_config import Overloaded, ServeConfig, ShuttingDown
 
 
 class LimitError(DeltaTuneError):
@@ -129,7 +129,7 @@ class DecodeLoop(ModelWorker):
         request = Request(routed, list(prompt_ids), sampling, emit)
         with self._condition:
             if self._closing:
-                raise Overloaded("the server is shutting down")
+                raise ShuttingDown("the server is shutting down")
             if len(self._waiting) >= self.config.queue_size:
                 self.stats["rejected"] += 1
                 raise Overloaded(f"{len(self._waiting)} requests are waiting already (--queue-size); retry shortly")
@@ -215,7 +215,7 @@ class DecodeLoop(ModelWorker):
                     self._drop([])
                 self._release_memory()
         for request in {row.request for row in self._rows} | set(self._waiting):
-            self._fail(request, Overloaded("the server is shutting down"))
+            self._fail(request, ShuttingDown("the server is shutting down"))
 
     def _next_work(self) -> tuple[list[Request] | None, list]:
         """(requests to admit now, control calls); waits while there is nothing to do. (None, []): closing."""

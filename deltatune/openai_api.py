@@ -52,7 +52,8 @@ def error_for(error: BaseException) -> JSONResponse:
     if isinstance(error, TaskError):
         return openai_error(404, error.args[0] if error.args else str(error), "model", "model_not_found")
     if isinstance(error, Overloaded):
-        return openai_error(429, str(error), code="queue_full", headers={"Retry-After": "1"})
+        code = "queue_full" if error.status == 429 else "shutting_down"
+        return openai_error(error.status, str(error), code=code, headers={"Retry-After": "1"})
     if isinstance(error, LimitError):
         return openai_error(400, str(error), code="limit_exceeded")
     if isinstance(error, DeltaTuneError):

@@ -13,7 +13,7 @@ it. One worker thread owns the model. It takes the oldest job, waits up to `max_
 arrived for others (until `max_batch_size` inputs), and runs them all, whatever their tasks, as ONE
 mixed-task forward pass: `model(**batch, tasks=[one task per input])`. Loading and removing deltas run on the
 same thread, between batches, so the model is never changed under a running pass. When `queue_size`
-requests wait already, a new one is answered 503 with Retry-After: memory stays bounded under overload.
+requests wait already, a new one is answered 429 with Retry-After: memory stays bounded under overload.
 
 Errors: an unknown task is 404 with the list of tasks; a malformed body 422; a delta that cannot be loaded
 400 with the reason (the tasks already loaded keep serving); a name taken 409. Full fine-tuning deltas are
@@ -52,7 +52,7 @@ from deltatune.errors import DeltaTuneError, TaskError
 from deltatune.evaluate import encode_inputs, label_prediction
 from deltatune.methods.common import BASE_TASK
 from deltatune.model_worker import ModelWorker
-from deltatune.serve_config import API_KEY_VARIABLE, Overloaded, ServeConfig, delta_under_root
+from deltatune.serve_config import API_KEY_VARIABLE, Overloaded, ServeConfig, ShuttingDown, delta_under_root
 
 
 @dataclass
@@ -86,7 +86,7 @@ class Engine(ModelWorker):
         job = _Job(task, list(inputs))
         with self._condition:
             if self._closing:
-                raise Overloaded("the server is shutting down")
+                raise ShuttingDown("the server is shutting down")
             if len(self._pending) >= self.config.queue_size:
                 self.stats["rejected"] += 1
                 raise Overloaded(f"{len(self._pending)} requests are waiting already (queue_size); retry shortly")
@@ -306,11 +306,11 @@ def create_app(engine) -> FastAPI:
         return JSONResponse({"detail": error.args[0], "tasks": sorted(engine.tasks)}, status_code=404)
 
     def overloaded(error: Overloaded) -> JSONResponse:
-        return JSONResponse({"detail": str(error)}, status_code=503, headers={"Retry-After": "1"})
+        return JSONResponse({"detail": str(error)}, status_code=error.status, headers={"Retry-After": "1"})
 
     if not generation:
         @app.post("/v1/predict", response_model=PredictResponse, response_model_exclude_none=True,
-                  responses={404: {"description": "unknown task"}, 503: {"description": "overloaded"}})
+                  responses={404: {"description": "unknown task"}, 429: {"description": "the queue is full"}})
         async def predict(request: PredictRequest):
             if len(request.inputs) > engine.config.max_inputs:
                 return JSONResponse({"detail": f"{len(request.inputs)} inputs in one request; at most "

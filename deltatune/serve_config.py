@@ -28,7 +28,7 @@ class ServeConfig:
         "help": "inputs in one forward pass; generation: sequences decoding together (at most)"})
     max_wait_ms: float = field(default=5.0, metadata={"help": "how long the oldest request waits for company"})
     queue_size: int = field(default=256, metadata={
-        "help": "requests waiting at most; more get 503 (/v1/predict) or 429 (generation) with Retry-After"})
+        "help": "requests waiting at most; more get 429 with Retry-After"})
     max_inputs: int = field(default=64, metadata={"help": "inputs in one request at most (more: 422)"})
     max_length: int = field(default=128, metadata={"help": "tokens per input (longer ones are cut)"})
     max_prompt_tokens: int = field(default=2048, metadata={"help": "generation: prompt tokens at most (more: 400)"})
@@ -61,7 +61,15 @@ class ServeConfig:
 
 
 class Overloaded(DeltaTuneError):
-    """The request queue is full: try again later (HTTP 503 from /v1/predict, 429 from the generation routes)."""
+    """The request queue is full: try again later (HTTP 429 with Retry-After, on every route)."""
+
+    status = 429
+
+
+class ShuttingDown(Overloaded):
+    """The server is closing and takes no more requests (HTTP 503)."""
+
+    status = 503
 
 
 class LoadingRefused(DeltaTuneError):

@@ -142,7 +142,7 @@ def test_loading_and_deleting_deltas_while_serving(tiny_model_dir, deltas, tmp_p
         assert client.post("/v1/predict", json={"task": "sst2_copy", "inputs": TEXTS}).json()["predictions"] == same[1]
 
 
-def test_a_full_queue_answers_503_with_retry_after(tiny_model_dir, deltas):
+def test_a_full_queue_answers_429_with_retry_after(tiny_model_dir, deltas):
     async def scenario(engine, url):
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
             with held(engine):
@@ -154,9 +154,17 @@ def test_a_full_queue_answers_503_with_retry_after(tiny_model_dir, deltas):
 
     with running(tiny_model_dir, deltas, queue_size=2) as (engine, url):
         rejected, accepted, metrics = asyncio.run(scenario(engine, url))
-    assert rejected.status_code == 503 and rejected.headers["retry-after"] == "1"
+    assert rejected.status_code == 429 and rejected.headers["retry-after"] == "1"
     assert [r.status_code for r in accepted] == [200, 200]
     assert metrics["rejected"] == 1 and metrics["queue"] == 0
+
+
+def test_a_closing_server_answers_503_not_429(tiny_model_dir, deltas):
+    with running(tiny_model_dir, deltas) as (engine, url):
+        engine.close()
+        answer = httpx.post(f"{url}/v1/predict", json={"task": "sst2", "inputs": TEXTS}, timeout=30)
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+    assert "shutting down" in answer.json()["detail"]
 
 
 def test_every_response_base_rows_batch_splits_and_each_tasks_label_names(tiny_model_dir, tmp_path):
