@@ -218,23 +218,30 @@ def _ia3_to_peft(tensors: dict[str, torch.Tensor], meta: dict) -> tuple[dict[str
     return out, peft_config
 
 
-def _whole_output(module: str, targets, scale: torch.Tensor) -> torch.Tensor:
-    """An output vector over fused slices (`c_attn[1/3]`, `c_attn[2/3]`) placed in the whole output, ones
-    elsewhere; the vector itself where the targets name the whole layer."""
-    if isinstance(targets, str):
-        return scale
+def _chosen_slices(module: str, targets) -> list[tuple[int, int]] | None:
+    """The (slice index, slices) pairs the targets name on `module` (`c_attn[1/3]` -> (1, 3)), sorted; None when
+    the targets adapt the module whole (or name no slice of it, or are one string such as "all-linear")."""
+    if targets is None or isinstance(targets, str):
+        return None
     chosen = []
     for target in targets:
         name, index, parts = parse_target(target)
         if module == name or module.endswith("." + name):
             if index is None:
-                return scale
+                return None
             chosen.append((index, parts))
+    return sorted(chosen) or None
+
+
+def _whole_output(module: str, targets, scale: torch.Tensor) -> torch.Tensor:
+    """An output vector over fused slices (`c_attn[1/3]`, `c_attn[2/3]`) placed in the whole output, ones
+    elsewhere; the vector itself where the targets name the whole layer."""
+    chosen = _chosen_slices(module, targets)
     if not chosen:
         return scale
     width = scale.numel() // len(chosen)
     whole = scale.new_ones(chosen[0][1] * width)
-    for position, (index, _) in enumerate(sorted(chosen)):
+    for position, (index, _) in enumerate(chosen):
         whole[index * width : (index + 1) * width] = scale[position * width : (position + 1) * width]
     return whole
 
@@ -249,15 +256,7 @@ def _slices(
     """The output row groups (one slice each) a LoRA on `module` adapts and the layer's output width, or None for
     the whole output; read from the config's targets as `targets.resolve_lora_targets` reads them."""
     targets = DEFAULT_LORA_TARGETS.get(model_type) if targets is None else targets
-    if targets is None or isinstance(targets, str):
-        return None
-    chosen = []
-    for target in targets:
-        name, index, parts = parse_target(target)
-        if module == name or module.endswith("." + name):
-            if index is None:
-                return None
-            chosen.append((index, parts))
+    chosen = _chosen_slices(module, targets)
     if not chosen:
         return None
     if len(chosen) != n_slices or len({parts for _, parts in chosen}) != 1:
