@@ -199,7 +199,14 @@ def load_model(
         if kind == "causal-lm":
             _require_decoder(name, path)
         with _quiet_load_report():
-            model, info = auto_class.from_pretrained(path, dtype=dtype, output_loading_info=True, **options)
+            try:
+                model, info = auto_class.from_pretrained(path, dtype=dtype, output_loading_info=True, **options)
+            except RuntimeError as error:  # the checkpoint's task head has another number of outputs
+                if "ignore_mismatched_sizes" not in str(error):
+                    raise
+                model, info = auto_class.from_pretrained(path, dtype=dtype, output_loading_info=True,
+                                                         ignore_mismatched_sizes=True, **options)
+                _replace_head_only(name, model, info["mismatched_keys"], kind)
     except OSError as error:
         raise _offline_error(name, "model", error) from error
     _warn_missing(name, model, info["missing_keys"])
@@ -225,6 +232,21 @@ def _quiet_load_report():
 class _DropLoadReport(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "LOAD REPORT" not in str(record.msg)
+
+
+def _replace_head_only(name: str, model: PreTrainedModel, mismatched, kind: str) -> None:
+    """A checkpoint fine-tuned for another label set (an SST-2 model for a 3-class or a regression task): its task
+    head starts anew, with a warning; a mismatch outside the head is a different model and is refused."""
+    heads = head_names(model)
+    keys = [key for key, *_ in mismatched]
+    outside = [k for k in keys if not any(k == h or k.startswith(h + ".") for h in heads)]
+    if outside:
+        raise ModelError(f"{name}: weights of the checkpoint do not fit this model's shapes: {outside[:6]}; the "
+                         f"checkpoint is not a {model.config.model_type} model as its config describes it")
+    outputs = 1 if kind == "regression" else model.config.num_labels
+    warnings.warn(f"{name}: the checkpoint's task head ({', '.join(keys)}) has another number of outputs than this "
+                  f"task's {outputs}; a new head is trained instead (the rest of the checkpoint is used as is)",
+                  stacklevel=4)
 
 
 def _warn_missing(name: str, model: PreTrainedModel, missing_keys) -> None:

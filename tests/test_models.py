@@ -190,3 +190,32 @@ def test_load_report_is_silent_for_the_new_head_and_names_what_is_really_missing
         load_model(str(tmp_path), "classification")
     message = str(caught[0].message)
     assert lost in message and "classifier" not in message
+
+
+def test_a_checkpoint_with_another_label_count_gets_a_new_head_and_keeps_the_rest(tmp_path):
+    """An SST-2 model folder (2 outputs) used for a regression or 3-class task: transformers raises ("You set
+    `ignore_mismatched_sizes` to `False`") and points at a report it does not show; here the head starts anew with a
+    warning, and every other weight is the checkpoint's."""
+    saved = tiny_model("bert", num_labels=2)
+    saved.save_pretrained(tmp_path)
+    for kind, num_labels, outputs in (("regression", None, 1), ("classification", 3, 3)):
+        with pytest.warns(UserWarning, match=rf"task head \(classifier\.\w+, classifier\.\w+\) has another number of "
+                                             rf"outputs than this task's {outputs}; a new head"):
+            model = load_model(str(tmp_path), kind, num_labels=num_labels)
+        assert model.classifier.weight.shape == (outputs, saved.config.hidden_size)
+        assert torch.equal(model.bert.encoder.layer[0].output.dense.weight,
+                           saved.bert.encoder.layer[0].output.dense.weight)
+
+
+def test_a_checkpoint_whose_body_does_not_fit_its_config_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tiny_model("bert", num_labels=2).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    name = "bert.encoder.layer.0.output.dense.weight"
+    weights[name] = weights[name][:, :-1].contiguous()
+    weights["classifier.weight"] = weights["classifier.weight"][:1].contiguous()
+    weights["classifier.bias"] = weights["classifier.bias"][:1].contiguous()
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=rf"do not fit this model's shapes: \['{name}'\]"):
+        load_model(str(tmp_path), "classification", num_labels=2)
