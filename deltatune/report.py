@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import platform
 import statistics
@@ -128,18 +129,11 @@ def write_report(config, results: dict[str, dict], latency: dict[str, Any] | Non
     if latency is not None:
         payload["latency"], payload["latency_settings"] = latency["rows"], latency["settings"]
     latency_rows = latency["rows"] if latency else []
-    (out / "results.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    _write_text(out / "results.json", json.dumps(payload, indent=2, default=str) + "\n")
     _write_csv(out / "results.csv", rows, metrics)
     plots = _plots(out, rows, latency, metrics, sweep)
 
-    lines = [f"# deltatune {kind}: {config.model} on {', '.join(tasks) or '?'}", "", f"Command: `{command}`", "",
-             "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), "",
-             (f"Budget per cell: {_budgets(results)}, batch {config.batch_size}, "
-              f"training precision {_precisions(results) or config.precision}, learning rate {_lrs(results)}, "
-              if any(r.get("trainable_parameters") for r in rows) else "Prompting baselines only: nothing trains, ")
-             + f"{_seeds_line(rows)}; quality = the task's metrics on its {_splits(results)} split at the end of "
-             f"training (mean ± std over the seeds that finished, the value alone for one seed; in % where the metric "
-             f"is a fraction).", ""]
+    lines = _header_lines(config, results, rows, command, kind, env, tasks)
     several = len(tasks) > 1
     if several or tables.get("published"):
         from deltatune.tables import task_table_lines
@@ -150,9 +144,41 @@ def write_report(config, results: dict[str, dict], latency: dict[str, Any] | Non
         from deltatune.tables import majority_lines
 
         lines += majority_lines(rows, tables["majority"]) + [""]
+    lines += _cell_table_lines(rows, metrics, base_params, several)
+    lines += _failures(rows)
+    lines += _calibration_lines(rows, metrics)
+    if latency_rows:
+        lines += _latency_lines(latency["settings"], latency_rows)
+    lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    _write_text(out / "report.md", "\n".join(lines) + "\n")
+    return payload
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write whole or not at all: a temporary file beside `path`, renamed over it."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
+
+
+def _header_lines(config, results: dict[str, dict], rows: list[dict], command: str, kind: str, env: dict,
+                  tasks: list[str]) -> list[str]:
+    """Title, command, environment and what every cell trained with."""
+    return [f"# deltatune {kind}: {config.model} on {', '.join(tasks) or '?'}", "", f"Command: `{command}`", "",
+            "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), "",
+            (f"Budget per cell: {_budgets(results)}, batch {config.batch_size}, "
+             f"training precision {_precisions(results) or config.precision}, learning rate {_lrs(results)}, "
+             if any(r.get("trainable_parameters") for r in rows) else "Prompting baselines only: nothing trains, ")
+            + f"{_seeds_line(rows)}; quality = the task's metrics on its {_splits(results)} split at the end of "
+            f"training (mean ± std over the seeds that finished, the value alone for one seed; in % where the metric "
+            f"is a fraction).", ""]
+
+
+def _cell_table_lines(rows: list[dict], metrics: list[str], base_params: int | None, several: bool) -> list[str]:
+    """One row per (task,) method: parameters, delta size, each metric, time and memory; a failed row says why."""
     header = [*(["task"] if several else []), "method", "seeds", "trainable params", "% of base", "delta size",
               *metrics, "train s", "ex/s", "peak MB"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         seeds = f"{row['seeds']}/{row['seeds_planned']}"
         first = [row["task"]] if several else []
@@ -167,30 +193,34 @@ def write_report(config, results: dict[str, dict], latency: dict[str, Any] | Non
             *[_fmt_metric(row, m) for m in metrics], f"{row['train_seconds']:.0f}",
             "-" if row["examples_per_s"] is None else f"{row['examples_per_s']:.1f}", f"{row['peak_memory_mb']:.0f}",
         ]) + " |")
-    lines += _failures(rows)
+    return lines
+
+
+def _calibration_lines(rows: list[dict], metrics: list[str]) -> list[str]:
+    """The zero-/few-shot rows' calibrated scores (contextual, and batch calibration where it ran)."""
     calibrated = [r for r in rows if r.get(f"calibrated_{metrics[0]}_mean") is not None] if metrics else []
-    if calibrated:
-        text = ("Zero-/few-shot rows score label words by the frozen model's next-token log-probabilities (raw, "
-                "above); with contextual calibration (Zhao et al. 2021): " + "; ".join(
-                    f"{r['label']} {_fmt_metric(r, 'calibrated_' + metrics[0])}" for r in calibrated))
-        batch = [r for r in calibrated if r.get(f"batch_calibrated_{metrics[0]}_mean") is not None]
-        if batch:
-            text += (f"; with batch calibration over {batch[0]['calibration_examples']} unlabeled training inputs "
-                     "(Zhou et al. 2024): " + "; ".join(
-                         f"{r['label']} {_fmt_metric(r, 'batch_calibrated_' + metrics[0])}" for r in batch))
-        lines += ["", text + "."]
-    if latency_rows:
-        settings = latency["settings"]
-        lines += ["", f"## Inference latency (median ms of {settings['rounds']} rounds, sequence "
-                      f"{settings['sequence_length']}, {settings['dtype'].removeprefix('torch.')}, "
-                      f"{settings['threads']} threads)", "",
-                  "| variant | batch 1 | vs base | batch 16 | vs base |", "|---|---|---|---|---|"]
-        for row in latency_rows:
-            lines.append(f"| {row['variant']} | {row['batch1_ms']:.1f} | {row['batch1_vs_base']:.2f}× | "
-                         f"{row['batch16_ms']:.1f} | {row['batch16_vs_base']:.2f}× |")
-    lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    return payload
+    if not calibrated:
+        return []
+    text = ("Zero-/few-shot rows score label words by the frozen model's next-token log-probabilities (raw, "
+            "above); with contextual calibration (Zhao et al. 2021): " + "; ".join(
+                f"{r['label']} {_fmt_metric(r, 'calibrated_' + metrics[0])}" for r in calibrated))
+    batch = [r for r in calibrated if r.get(f"batch_calibrated_{metrics[0]}_mean") is not None]
+    if batch:
+        text += (f"; with batch calibration over {batch[0]['calibration_examples']} unlabeled training inputs "
+                 "(Zhou et al. 2024): " + "; ".join(
+                     f"{r['label']} {_fmt_metric(r, 'batch_calibrated_' + metrics[0])}" for r in batch))
+    return ["", text + "."]
+
+
+def _latency_lines(settings: dict, latency_rows: list[dict]) -> list[str]:
+    lines = ["", f"## Inference latency (median ms of {settings['rounds']} rounds, sequence "
+                 f"{settings['sequence_length']}, {settings['dtype'].removeprefix('torch.')}, "
+                 f"{settings['threads']} threads)", "",
+             "| variant | batch 1 | vs base | batch 16 | vs base |", "|---|---|---|---|---|"]
+    for row in latency_rows:
+        lines.append(f"| {row['variant']} | {row['batch1_ms']:.1f} | {row['batch1_vs_base']:.2f}× | "
+                     f"{row['batch16_ms']:.1f} | {row['batch16_vs_base']:.2f}× |")
+    return lines
 
 
 def _splits(results: dict[str, dict]) -> str:
@@ -247,11 +277,12 @@ def _write_csv(path: Path, rows: list[dict], metrics: list[str]) -> None:
     columns = ["label", "method", "sweep_value", "seeds", "seeds_planned", "trainable_parameters", "delta_bytes",
                *[f"{m}_{s}" for m in metrics for s in ("mean", "std")], "train_seconds", "examples_per_s",
                "peak_memory_mb", "steps", "failed_seeds", "error"]
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:  # the failed seeds as "1: error; 2: error", in the row they are missing from
-            writer.writerow({**row, "failed_seeds": "; ".join(f"{f['seed']}: {f['error']}" for f in row["failed"])})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:  # the failed seeds as "1: error; 2: error", in the row they are missing from
+        writer.writerow({**row, "failed_seeds": "; ".join(f"{f['seed']}: {f['error']}" for f in row["failed"])})
+    _write_text(path, text.getvalue())
 
 
 def _spread(row: dict, metric: str) -> float:
