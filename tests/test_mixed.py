@@ -12,6 +12,7 @@ import torch
 
 import deltatune
 from deltatune.errors import DeltaTuneError, TaskError
+from deltatune.methods import common
 from deltatune.models import tiny_model
 from deltatune.registry import METHODS
 
@@ -105,10 +106,14 @@ def assert_mixed_matches_alone(model, tasks: list[str]) -> torch.Tensor:
     return mixed
 
 
+@pytest.mark.parametrize("path", ["gather", "dense"])
 @pytest.mark.parametrize("method", [name for name, entry in METHODS.items() if entry.mixable]
                          + ["adapter_lin", "adapter_drop"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_mixed_batch_equals_each_example_alone(arch, method):
+def test_mixed_batch_equals_each_example_alone(arch, method, path, monkeypatch):
+    """Both ways a mixed inference pass can run (`DeltaComponent.dense_mixed`): each row gathering its own task's
+    weights, and every task's update on every row with the others' masked (decode steps)."""
+    monkeypatch.setattr(common, "DENSE_MIXED_LIMIT", 10**6 if path == "dense" else 0)
     configs = two_tasks(arch, method)
     model = build(arch, configs)
     first, second = configs

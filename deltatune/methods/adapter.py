@@ -160,6 +160,21 @@ class BottleneckAdapter(DeltaComponent):
         if norm_w is not None:  # each example's own LN gain and bias: LN(h) = ĥ ⊙ g + b
             normalised = F.layer_norm(h, (self.width,), eps=self.norm_eps)
             h = normalised * norm_w[rows].unsqueeze(1) + norm_b[rows].unsqueeze(1)
+        stacked_tasks, m_max = down_w.shape[0], down_w.shape[2]
+        if self.dense_mixed(h.shape[1], stacked_tasks):  # decode steps: every task's adapter, the others' masked
+            down_side, up_side = self.stacked("adapter-dense", params, lambda: (
+                down_w.permute(1, 0, 2).reshape(self.width, -1), up_w.reshape(-1, self.width)))
+            pre = (h @ down_side).view(batch, h.shape[1], stacked_tasks, m_max) + down_b  # (B, L, T+1, m_max)
+            if len(uses) == 1:
+                bottleneck = ACTIVATIONS[next(iter(uses))](pre)
+            else:
+                bottleneck = torch.zeros_like(pre)
+                for name, tasks_using in uses.items():
+                    bottleneck = torch.where(tasks_using.to(pre.device).view(1, 1, -1, 1), ACTIVATIONS[name](pre),
+                                             bottleneck)
+            bottleneck = bottleneck * self.task_mask(rows, stacked_tasks, bottleneck.dtype)
+            update = (bottleneck.view(-1, stacked_tasks * m_max) @ up_side).view(batch, -1, self.width)
+            return output + (update + up_b[rows].unsqueeze(1)).view(output.shape).to(output.dtype)
         # (B, L, d) @ (B, d, m_max) + (B, 1, m_max) -> (B, L, m_max)
         pre = torch.baddbmm(down_b[rows].unsqueeze(1), h, down_w[rows])
         if len(uses) == 1:

@@ -20,6 +20,7 @@ from deltatune.errors import TaskError
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,63}$")
 BASE_TASK = "base"  # the name of "no delta": the plain base model
+DENSE_MIXED_LIMIT = 32  # tokens per example x stacked tasks up to which a mixed pass computes every task densely
 
 
 def check_task_name(task: str) -> str:
@@ -45,7 +46,7 @@ class TaskState:
     def __init__(self) -> None:
         self.active: str | None = None
         self._per_example: list[str | None] | None = None
-        self._rows: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
+        self._rows: dict[tuple, torch.Tensor] = {}  # per forward pass: example rows (and masks) per task list
 
     @property
     def per_example(self) -> list[str | None] | None:
@@ -181,6 +182,25 @@ class DeltaComponent(nn.Module):
             return rows.repeat_interleave(batch // examples)  # each example's L tokens are consecutive rows
         raise ValueError(f"{type(self).__name__} got a batch of {batch} examples, but tasks= names "
                          f"{examples}; the model must keep the batch in dim 0")
+
+    @staticmethod
+    def dense_mixed(tokens: int, stacked_tasks: int) -> bool:
+        """Whether a mixed inference pass runs every stacked task's update on every row, the other tasks' part
+        zeroed by `task_mask` (two plain matmuls over all tasks' weights side by side), instead of gathering
+        each row's own weights (B copies of them). Decode steps (one token per row) with a few tasks: the
+        gather copied ~1 MB per layer per step; the dense products cost (tasks x tokens) times a row's update,
+        measured faster up to DENSE_MIXED_LIMIT (benchmarks/decode_step.py)."""
+        return not torch.is_grad_enabled() and tokens * stacked_tasks <= DENSE_MIXED_LIMIT
+
+    def task_mask(self, rows: torch.Tensor, stacked_tasks: int, dtype: torch.dtype) -> torch.Tensor:
+        """(B, 1, T+1, 1): 1 at each example's own task, 0 elsewhere (for the dense mixed path); built once per
+        forward pass for the components that share `self.tasks`."""
+        key = ("mask", tuple(self.tasks), len(rows), dtype, rows.device)
+        mask = self.task_state._rows.get(key)
+        if mask is None:
+            mask = nn.functional.one_hot(rows, stacked_tasks).to(dtype).view(len(rows), 1, stacked_tasks, 1)
+            self.task_state._rows[key] = mask
+        return mask
 
     def stacked(self, key: str, tensors: list[torch.Tensor], build: Callable[[], Any]) -> Any:
         """`build()`: per-task weights stacked along a new dim 0 (one row per task, plus a zero row), cached.

@@ -279,12 +279,20 @@ class LoRALinear(DeltaComponent):
         result = self.base_layer(x)
         if self.merged_task is not None:
             raise RuntimeError(f"{self.merged_task!r} is merged into this layer: unmerge() before a mixed batch")
-        A_all, B_all, dropout = self.stacked(
-            "lora", [*self.lora_A.values(), *self.lora_B.values()], self._stack_for_mixed
-        )
+        tensors = [*self.lora_A.values(), *self.lora_B.values()]
+        A_all, B_all, dropout = self.stacked("lora", tensors, self._stack_for_mixed)
         batch = x.shape[0]
         rows = self.example_rows(batch, x.device)
         x = x.reshape(batch, -1, self.in_features).to(A_all.dtype)  # (B, L, d_in)
+        stacked_tasks, width = A_all.shape[0], A_all.shape[2]
+        if self.dense_mixed(x.shape[1], stacked_tasks):  # decode steps: all tasks' updates, the others' masked
+            A_side, B_side = self.stacked("lora-dense", tensors, lambda: (
+                A_all.permute(1, 0, 2).reshape(self.in_features, -1),  # (d_in, (T+1)*G*r_max)
+                B_all.reshape(-1, self.out_features)))  # ((T+1)*G*r_max, d_out)
+            after_A = (x @ A_side).view(batch, x.shape[1], stacked_tasks, width)
+            after_A = (after_A * self.task_mask(rows, stacked_tasks, after_A.dtype)).to(result.dtype)
+            out = result.reshape(-1, self.out_features)
+            return out.addmm_(after_A.view(out.shape[0], -1), B_side.to(result.dtype)).view(result.shape)
         if self.training and bool(dropout.any()):  # each example with its task's dropout rate
             p = dropout.to(x.device, x.dtype)[rows].view(batch, 1, 1)
             x = x * (torch.rand_like(x) >= p) / (1 - p)
