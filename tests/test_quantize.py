@@ -4,6 +4,7 @@ a dequantized fp32 copy, every delta method trained over them, refusals, and del
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -135,6 +136,8 @@ METHODS = {
     "adapter": deltatune.Adapter(bottleneck=8),
     "prompt": deltatune.PromptTuning(length=3),
     "prefix": deltatune.PrefixTuning(length=3, reparameterize=False),
+    "dora": deltatune.DoRA(r=4, alpha=8),
+    "ia3": deltatune.IA3(),
 }
 
 
@@ -148,7 +151,7 @@ def test_every_delta_method_trains_over_a_quantized_base(method, scheme):
     inputs = make_inputs("llama", batch=4, length=12)
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert all(p.dtype == torch.float32 for p in trainable)  # the delta stays in full precision
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-1 if method == "ia3" else 1e-2)  # (IA)³: scales around 1
     model.train()
     losses = []
     for step in range(12):
@@ -235,6 +238,23 @@ def test_lora_merge_on_a_quantized_base_refuses_and_leaves_the_model_working(sch
     with pytest.raises(QuantizationError, match=f"cannot merge LoRA task 't' into a {scheme}-quantized weight"):
         model.merge()
     assert model.merged_task is None
+    torch.testing.assert_close(logits(model, inputs), before, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["dora", "ia3"])
+def test_dora_and_ia3_merges_on_a_quantized_base_refuse_too(method, scheme):
+    """DoRA's merge goes through LoRA's (refused); (IA)³ rescales W's rows and columns itself (refused by its own
+    check): neither may round its update into the quantized weight."""
+    torch.manual_seed(0)
+    model = deltatune.attach(quantize_model(make_model("llama", kind="causal-lm"), scheme), METHODS[method], task="t")
+    with torch.no_grad():
+        for tensor in model.task_parameters("t", roles=("method",)).values():
+            tensor.mul_(1.2)
+    inputs = make_inputs("llama")
+    before = logits(model.eval(), inputs)
+    name = {"dora": "LoRA", "ia3": "(IA)³"}[method]
+    with pytest.raises(QuantizationError, match=rf"cannot merge {re.escape(name)} task 't' into a {scheme}-quantized"):
+        model.merge()
     torch.testing.assert_close(logits(model, inputs), before, atol=0, rtol=0)
 
 

@@ -37,6 +37,7 @@ from torch import nn
 
 from deltatune.methods import lora
 from deltatune.methods.common import DeltaComponent, TaskState
+from deltatune.quantize import QuantizedLinear
 from deltatune.targets import resolve_lora_targets, unwrap
 
 
@@ -73,9 +74,12 @@ class DoRAMagnitude(DeltaComponent):
     def weight_norm(self, task: str) -> torch.Tensor:
         """||W + s B A||_c: (d_out,), the norm of each output unit's weights, not recorded for backward (§4.3)."""
         layer = self.lora_layer
-        weight = unwrap(layer.base_layer).weight
-        weight = weight.T if layer.transposed else weight  # (d_out, d_in)
+        base = unwrap(layer.base_layer)
         with torch.no_grad():
+            if isinstance(base, QuantizedLinear):  # the weight the layer multiplies by: dequant(W_q) (QDoRA)
+                weight = base.dequantize()
+            else:
+                weight = base.weight.T if layer.transposed else base.weight  # (d_out, d_in)
             return torch.linalg.vector_norm(weight + layer.delta_weight(task).to(weight.dtype), dim=1)
 
     def scale(self, task: str) -> torch.Tensor:

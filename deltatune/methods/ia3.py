@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from deltatune.errors import TargetError
-from deltatune.methods.common import DeltaComponent, TaskState
+from deltatune.errors import QuantizationError, TargetError
+from deltatune.methods.common import DeltaComponent, TaskState, float_reference
+from deltatune.quantize import QuantizedLinear
 from deltatune.targets import IA3_TARGETS, input_features, model_type, output_features, resolve_lora_targets, unwrap
 
 
@@ -69,13 +70,14 @@ class IA3Scales(DeltaComponent):
     def add_task(self, task: str, config: IA3, where: str = "output", slices: list[tuple[int, int]] | None = None):
         """Ones for `task`: over the output `slices` (None: all outputs) when `where` is "output", over all
         inputs when it is "input"."""
-        reference = self.layer.weight
+        reference = float_reference(self.layer)  # a quantized base: the vectors in its compute dtype
         if where == "input":
-            self.ia3_ff[task] = nn.Parameter(reference.new_ones(self.in_features))
+            self.ia3_ff[task] = nn.Parameter(torch.ones(self.in_features, dtype=reference.dtype,
+                                                        device=reference.device))
             return
         self.out_slices[task] = slices or [(0, self.out_features)]
         width = sum(end - start for start, end in self.out_slices[task])
-        self.ia3_l[task] = nn.Parameter(reference.new_ones(width))
+        self.ia3_l[task] = nn.Parameter(torch.ones(width, dtype=reference.dtype, device=reference.device))
 
     def remove_task(self, task: str) -> None:
         if self.merged_task == task:
@@ -150,6 +152,12 @@ class IA3Scales(DeltaComponent):
     def merge(self, task: str) -> None:
         """W's rows and b times l (outputs), W's columns times l_ff (inputs); the pre-merge W and b are kept
         so that `unmerge` restores them bit for bit."""
+        if isinstance(self.layer, QuantizedLinear):
+            raise QuantizationError(
+                f"cannot merge (IA)³ task {task!r} into a {self.layer.scheme}-quantized weight: rescaled rows or "
+                f"columns of W are not representable in {self.layer.scheme} without rounding the scale away. Use the "
+                f"task unmerged (one elementwise product per site), or load the base without --quantize and merge "
+                f"there (the delta is portable).")
         if self.merged_task is not None:
             self.unmerge()
         layer = self.layer
