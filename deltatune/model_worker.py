@@ -11,8 +11,6 @@ memory back to the operating system. Each subclass writes its own loop (`_run`) 
 from __future__ import annotations
 
 import collections
-import ctypes
-import ctypes.util
 import threading
 import time
 from collections.abc import Callable
@@ -22,25 +20,15 @@ from typing import Any
 
 from deltatune.delta import DeltaModel
 from deltatune.errors import DeltaError
+from deltatune.memory import release_free_memory
 from deltatune.registry import METHODS
 from deltatune.serve_config import ServeConfig
-
-
-def _free_memory_releaser() -> Callable[[], object] | None:
-    """glibc's malloc_trim, if this C library has it (Linux + glibc)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        return lambda: libc.malloc_trim(0) if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
 
 # A server runs forward passes of ever new shapes. glibc then keeps freed tensor memory in its heap (it raises its
 # mmap threshold as large blocks are freed), and the resident set creeps up by ~100 MiB per few thousand requests.
 # Handing free pages back (malloc_trim) at most every TRIM_EVERY_S seconds keeps it flat for ~2% CPU; making every
 # large block an mmap (mallopt M_MMAP_THRESHOLD) also keeps it flat, but cost 60% more CPU here (page faults).
 TRIM_EVERY_S = 0.5
-_release_free_memory = _free_memory_releaser()
 
 
 class ModelWorker:
@@ -138,6 +126,6 @@ class ModelWorker:
 
     def _release_memory(self) -> None:
         """Hand freed heap pages back to the OS, at most every TRIM_EVERY_S seconds."""
-        if _release_free_memory is not None and time.monotonic() - self._trimmed > TRIM_EVERY_S:
-            _release_free_memory()
+        if time.monotonic() - self._trimmed > TRIM_EVERY_S:
+            release_free_memory()
             self._trimmed = time.monotonic()

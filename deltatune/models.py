@@ -37,6 +37,7 @@ from transformers import (
 )
 
 from deltatune.errors import DeltaTuneError
+from deltatune.memory import release_free_memory
 from deltatune.quantize import check_scheme, quantize_model
 from deltatune.targets import ENCODER_ONLY_TYPES, head_names
 
@@ -212,7 +213,11 @@ def load_model(
     _warn_missing(name, model, info["missing_keys"])
     if model.config.pad_token_id is None and _eos_id(model.config) is not None:
         model.config.pad_token_id = _eos_id(model.config)
-    return quantize_model(model, quantize).eval()
+    if quantize is None:
+        return model.eval()
+    model = quantize_model(model, quantize).eval()
+    release_free_memory(collect=True)  # the full-precision weights just replaced: their pages back to the OS
+    return model
 
 
 @contextmanager
