@@ -198,10 +198,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="weights,memory,steps,sst2")
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--precisions", default=",".join(PRECISIONS),
+                        help="fp32 first (the reference); int4 training runs ~90x slower than fp32 on a CPU")
     parser.add_argument("--rounds", type=int, default=5, help="steps: timed rounds (after one warm-up round)")
     parser.add_argument("--out", type=Path, default=Path("runs/quantized_base"))
     parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    PRECISIONS[:] = args.precisions.split(",")
+    if PRECISIONS[0] != "fp32":
+        parser.error("--precisions must start with fp32: every other precision is compared with it")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if args.memory_child:
         print(json.dumps(memory_child(*args.memory_child)))

@@ -96,8 +96,9 @@ def _parameters(rows: list[dict]) -> str:
     counts = sorted({r["trainable_parameters"] for r in rows if r.get("trainable_parameters") is not None})
     if not counts:
         return "-"
-    short = [f"{n / 1e6:.2f}M" if n >= 10_000 else f"{n:,}" for n in counts]
-    return short[0] if len(short) == 1 else f"{short[0]}-{short[-1]}"  # task heads differ (STS-B: one output)
+    # task heads differ (STS-B: one output); a difference below the rounding shows as one number
+    short = list(dict.fromkeys(f"{n / 1e6:.2f}M" if n >= 10_000 else f"{n:,}" for n in counts))
+    return short[0] if len(short) == 1 else f"{short[0]}-{short[-1]}"
 
 
 def measured_table(rows: list[dict], tasks: list[str]) -> dict[str, Any]:
