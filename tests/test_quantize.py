@@ -54,6 +54,9 @@ def test_each_weight_is_within_its_schemes_rounding_error(scheme):
     layer = QuantizedLinear(linear, scheme, group_size=64 if scheme == "int4" else None)
     error = (layer.dequantize() - linear.weight.detach()).abs()
     bound = rounding_bound(linear.weight.detach(), scheme)
+    if scheme == "int4":  # quantized from the bf16 weight with bf16 scales (QuantizedLinear.kernel_dtype)
+        groups = linear.weight.detach().abs().reshape(-1, 64).amax(-1, keepdim=True)
+        bound = bound + (groups * 2**-6).expand(-1, 64).reshape(bound.shape)
     # 2% over the bound: NF4's block scales are themselves 8-bit (double quantization, QLoRA §3)
     assert (error <= bound * 1.02 + 1e-7).all(), (error / bound).max()
     assert error.mean() > bound.mean() / 20  # it is really quantized, not kept in fp32
@@ -67,7 +70,8 @@ def test_the_quantized_matmul_and_its_input_gradient_are_those_of_the_dequantize
     x = torch.randn(3, 5, 128, requires_grad=True)
     y = layer(x)
     reference = F.linear(x, layer.dequantize(), linear.bias)  # an fp32 matmul by the same numbers
-    torch.testing.assert_close(y, reference, atol=2e-5, rtol=1e-5)
+    tolerance = 3e-2 if scheme == "int4" else 2e-5  # int4 multiplies bf16 activations (QuantizedLinear.kernel_dtype)
+    torch.testing.assert_close(y, reference, atol=tolerance, rtol=tolerance)
     upstream = torch.randn_like(y)
     (grad,) = torch.autograd.grad(y, x, upstream)
     torch.testing.assert_close(grad, upstream @ layer.dequantize(), atol=2e-5, rtol=1e-5)
@@ -105,8 +109,10 @@ def test_a_quantized_model_computes_what_its_dequantized_fp32_copy_does(arch, sc
     inputs = make_inputs(arch)
     if arch == "t5":
         inputs["decoder_input_ids"] = inputs["input_ids"][:, :4]
+    tolerance = 3e-2 if scheme == "int4" else 1e-4  # int4 multiplies bf16 activations (QuantizedLinear.kernel_dtype)
     with torch.no_grad():
-        torch.testing.assert_close(quantized(**inputs).logits, simulated(**inputs).logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(quantized(**inputs).logits, simulated(**inputs).logits, atol=tolerance,
+                                   rtol=tolerance)
 
 
 def test_minilm_quantized_stays_close_to_fp32():
@@ -272,8 +278,9 @@ def test_bitfit_merges_into_the_full_precision_biases_of_a_quantized_base():
     torch.testing.assert_close(logits(model, inputs), unmerged, atol=0, rtol=0)
 
 
-def test_a_mixed_task_batch_over_a_quantized_base_matches_each_task_alone():
-    model = trained_lora("int4", seed=0, task="a")
+@pytest.mark.parametrize(("quantization", "tolerance"), [("int8", 1e-5), ("int4", 1e-2)])  # int4: bf16 products
+def test_a_mixed_task_batch_over_a_quantized_base_matches_each_task_alone(quantization, tolerance):
+    model = trained_lora(quantization, seed=0, task="a")
     model.add_task(deltatune.Adapter(bottleneck=8), "b")
     with torch.no_grad():
         for tensor in model.task_parameters("b").values():
@@ -283,7 +290,7 @@ def test_a_mixed_task_batch_over_a_quantized_base_matches_each_task_alone():
     mixed = logits(model.eval(), {**inputs, "tasks": tasks})
     for row, task in enumerate(tasks):
         alone = logits(model.use(task), {k: v[row : row + 1] for k, v in inputs.items()})
-        torch.testing.assert_close(mixed[row : row + 1], alone, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mixed[row : row + 1], alone, atol=tolerance, rtol=tolerance)
 
 
 def test_bad_quantization_settings_are_refused_before_loading():

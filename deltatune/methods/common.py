@@ -74,9 +74,13 @@ def float_reference(module: nn.Module) -> torch.Tensor:
     """A floating-point tensor of `module` (parameter, else buffer) whose dtype and device new delta parameters
     take. A quantized base weight packed into bytes (bitsandbytes' NF4) is skipped: deltas stay in full precision
     beside it (Dettmers et al. 2023 §3)."""
-    for tensor in (*module.parameters(), *module.buffers()):
-        if tensor.is_floating_point():
-            return tensor
+    for sub in module.modules():
+        sample = getattr(sub, "weight_sample", None)  # a QuantizedLinear: its full-precision weight's first values
+        if isinstance(sample, torch.Tensor):
+            return sample
+        for tensor in (*sub.parameters(recurse=False), *sub.buffers(recurse=False)):
+            if tensor.is_floating_point():
+                return tensor
     raise TypeError(f"{type(module).__name__} has no floating-point parameter or buffer to take a dtype from")
 
 
