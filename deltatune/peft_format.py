@@ -438,9 +438,9 @@ def _lora_from_peft(tensors: dict[str, torch.Tensor], peft_config: dict, path: P
             delta[f"{match[1]}.{match[2]}"] = tensor
         elif magnitude:
             delta[magnitude[1] + DORA_MAGNITUDE] = tensor
-        elif key.startswith(LORA_PREFIX) and _in_modules(key[len(LORA_PREFIX) :], peft_config):
-            head_keys.append(key[len(LORA_PREFIX) :])
-            delta[head_keys[-1]] = tensor
+        elif (head := _head_name(key, LORA_PREFIX, peft_config)) is not None:
+            head_keys.append(head)
+            delta[head] = tensor
         else:
             raise DeltaError(f"{path}: peft key {key!r} is neither LoRA A/B of a linear layer nor a "
                              f"modules_to_save head; deltatune cannot load it exactly")
@@ -478,9 +478,9 @@ def _ia3_from_peft(tensors: dict[str, torch.Tensor], peft_config: dict, path: Pa
                                  f"for feedforward modules and (d_out, 1) for the others")
             (inputs if is_input else outputs).append(module)
             delta[f"{module}.ia3.{'l_ff' if is_input else 'l'}"] = tensor.reshape(-1)
-        elif key.startswith(LORA_PREFIX) and _in_modules(key[len(LORA_PREFIX) :], peft_config):
-            head_keys.append(key[len(LORA_PREFIX) :])
-            delta[head_keys[-1]] = tensor
+        elif (head := _head_name(key, LORA_PREFIX, peft_config)) is not None:
+            head_keys.append(head)
+            delta[head] = tensor
         else:
             raise DeltaError(f"{path}: peft key {key!r} is neither an (IA)³ vector of a linear layer nor a "
                              f"modules_to_save head; deltatune cannot load it exactly")
@@ -498,11 +498,15 @@ def _config(method: str, values: dict[str, Any], source) -> Any:
         raise DeltaError(str(error)) from None
 
 
-def _in_modules(name: str, peft_config: dict) -> bool:
-    """A parameter of a modules_to_save module (peft matches them as name suffixes)."""
+def _head_name(key: str, prefix: str, peft_config: dict) -> str | None:
+    """The deltatune name of a peft key under `prefix` that is a parameter of a modules_to_save module (peft matches
+    them as name suffixes), else None."""
+    if not key.startswith(prefix):
+        return None
+    name = key[len(prefix) :]
     modules = peft_config.get("modules_to_save") or []
     module = name.rsplit(".", 1)[0]
-    return any(re.fullmatch(rf"(.*\.)?{re.escape(m)}(\..*)?", module) for m in modules)
+    return name if any(re.fullmatch(rf"(.*\.)?{re.escape(m)}(\..*)?", module) for m in modules) else None
 
 
 def _prompt_from_peft(tensors: dict[str, torch.Tensor], peft_config: dict, path: Path):
@@ -513,9 +517,9 @@ def _prompt_from_peft(tensors: dict[str, torch.Tensor], peft_config: dict, path:
     for key, tensor in tensors.items():
         if key == "prompt_embeddings":
             delta[key] = tensor
-        elif key.startswith(PROMPT_HEAD_PREFIX) and _in_modules(key[len(PROMPT_HEAD_PREFIX) :], peft_config):
-            head_keys.append(key[len(PROMPT_HEAD_PREFIX) :])
-            delta[head_keys[-1]] = tensor
+        elif (head := _head_name(key, PROMPT_HEAD_PREFIX, peft_config)) is not None:
+            head_keys.append(head)
+            delta[head] = tensor
         else:
             raise DeltaError(f"{path}: unexpected key {key!r} in a peft prompt-tuning adapter")
     if "prompt_embeddings" not in delta:
