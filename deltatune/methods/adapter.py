@@ -162,8 +162,8 @@ class BottleneckAdapter(DeltaComponent):
             h = normalised * norm_w[rows].unsqueeze(1) + norm_b[rows].unsqueeze(1)
         stacked_tasks, m_max = down_w.shape[0], down_w.shape[2]
         if self.dense_mixed(h.shape[1], stacked_tasks):  # decode steps: every task's adapter, the others' masked
-            down_side, up_side = self.stacked("adapter-dense", params, lambda: (
-                down_w.permute(1, 0, 2).reshape(self.width, -1), up_w.reshape(-1, self.width)))
+            down_side = down_w.permute(1, 0, 2).reshape(self.width, -1)  # (d, (T+1)*m_max): a view (_stack_for_mixed)
+            up_side = up_w.reshape(-1, self.width)  # ((T+1)*m_max, d): a view
             pre = (h @ down_side).view(batch, h.shape[1], stacked_tasks, m_max) + down_b  # (B, L, T+1, m_max)
             if len(uses) == 1:
                 bottleneck = ACTIVATIONS[next(iter(uses))](pre)
@@ -194,7 +194,9 @@ class BottleneckAdapter(DeltaComponent):
         tasks = self.tasks
         m_max = max(self.adapter_down[task].out_features for task in tasks)
         reference = self.adapter_down[tasks[0]].weight
-        down_w = reference.new_zeros(len(tasks) + 1, self.width, m_max)
+        # W_down^T stored (d, T+1, m_max) and used as its (T+1, d, m_max) view: the dense mixed path's (d, (T+1)*m_max)
+        # is a view of the same storage (one copy of the stack, not two)
+        down_w = reference.new_zeros(self.width, len(tasks) + 1, m_max).permute(1, 0, 2)
         down_b = reference.new_zeros(len(tasks) + 1, m_max)
         up_w = reference.new_zeros(len(tasks) + 1, m_max, self.width)
         up_b = reference.new_zeros(len(tasks) + 1, self.width)

@@ -286,9 +286,8 @@ class LoRALinear(DeltaComponent):
         x = x.reshape(batch, -1, self.in_features).to(A_all.dtype)  # (B, L, d_in)
         stacked_tasks, width = A_all.shape[0], A_all.shape[2]
         if self.dense_mixed(x.shape[1], stacked_tasks):  # decode steps: all tasks' updates, the others' masked
-            A_side, B_side = self.stacked("lora-dense", tensors, lambda: (
-                A_all.permute(1, 0, 2).reshape(self.in_features, -1),  # (d_in, (T+1)*G*r_max)
-                B_all.reshape(-1, self.out_features)))  # ((T+1)*G*r_max, d_out)
+            A_side = A_all.permute(1, 0, 2).reshape(self.in_features, -1)  # (d_in, (T+1)*G*r_max): a view
+            B_side = B_all.reshape(-1, self.out_features)  # ((T+1)*G*r_max, d_out): a view
             after_A = (x @ A_side).view(batch, x.shape[1], stacked_tasks, width)
             after_A = (after_A * self.task_mask(rows, stacked_tasks, after_A.dtype)).to(result.dtype)
             out = result.reshape(-1, self.out_features)
@@ -320,7 +319,9 @@ class LoRALinear(DeltaComponent):
                 A_all[t, g * r_max : g * r_max + r] = A[g * r : (g + 1) * r]
                 B_all[t, g * r_max : g * r_max + r, rows.to(B.device)] = B_g.T  # (r, w_g)
         dropout = torch.tensor([getattr(self.lora_dropout[task], "p", 0.0) for task in tasks] + [0.0])
-        return A_all.transpose(1, 2).contiguous(), B_all, dropout
+        # stored (d_in, T+1, G*r_max), returned as the (T+1, d_in, G*r_max) view the gather path indexes: the dense
+        # path's (d_in, (T+1)*G*r_max) is then a view of the same storage (one copy of the stack, not two)
+        return A_all.permute(2, 0, 1).contiguous().permute(1, 0, 2), B_all, dropout
 
     def merge(self, task: str) -> None:
         """W <- W + (alpha/r) B A; the forward pass then skips the LoRA path.
