@@ -258,15 +258,46 @@ def _compare_config(args: argparse.Namespace):
         data_dir = "../shared/data"  # the offline data folder beside the repo
     if data_dir is not None:  # one spelling per folder in the cells' configs, so finished cells are reused
         data_dir = str(Path(data_dir).expanduser().resolve())
-    try:
-        lr = {method: float(value) for method, value in key_values(args.lr).items()}
-    except ValueError as error:
-        raise ConfigError(f"--lr takes METHOD=NUMBER (e.g. --lr lora=5e-4): {error}") from None
+    lr = {label: _number(f"--lr {label}={value}", value, float, "a learning rate (e.g. --lr lora=5e-4)")
+          for label, value in _method_values(args, "lr").items()}
+    method_seeds = {label: _number(f"--method-seeds {label}={value}", value, int, "a whole number >= 1 of seeds")
+                    for label, value in _method_values(args, "method_seeds").items()}
     if getattr(args, "tasks", None) and args.task:
         raise ConfigError("give --task NAME or --tasks A,B,... (several tasks, one column each), not both")
     return config_from_args(
         CompareConfig, args, data_dir=data_dir, task_options=task_options(args) if args.task else {}, lr=lr,
-        method_options=compare_method_options(args.methods, args.option))
+        method_seeds=method_seeds, method_options=compare_method_options(args.methods, args.option))
+
+
+def _method_values(args: argparse.Namespace, name: str) -> dict[str, str]:
+    """--lr / --method-seeds METHOD=VALUE pairs, each naming a method or variant the command runs (a typo would
+    otherwise leave that row on its default without a word). Variant names keep their dashes (`adapter@lin-small`)."""
+    from deltatune.compare import base_method
+
+    flag = "--" + name.replace("_", "-")
+    labels = getattr(args, "methods", None) or [args.method]
+    known = {*labels, *(base_method(label) for label in labels)}
+    values = {}
+    for pair in getattr(args, name, None) or []:
+        label, sep, value = pair.partition("=")
+        if not sep or not value:
+            raise ConfigError(f"{flag} {pair!r} must look like METHOD=VALUE (e.g. {flag} lora=...)")
+        if label not in known:
+            raise ConfigError(f"{flag} {pair}: {label!r} is not one of the methods run here ({', '.join(labels)}); "
+                              f"name one of them")
+        values[label] = value
+    return values
+
+
+def _number(what: str, value: str, kind: type, expected: str):
+    """`value` read as `kind` (and >= 1 for a count), or a ConfigError that says what was expected."""
+    try:
+        number = kind(value)
+    except ValueError:
+        number = None
+    if number is None or (kind is int and number < 1):
+        raise ConfigError(f"{what}: expected {expected}")
+    return number
 
 
 def compare_method_options(labels: list[str], pairs: list[str] | None) -> dict[str, dict]:
@@ -463,6 +494,10 @@ def _add_training_commands(commands) -> None:
             sub.add_argument("--method", required=True)
             sub.add_argument("--param", required=True, help="NAME=V1,V2,... e.g. length=1,5,10,20,50")
         sub.add_argument("--lr", action="append", metavar="METHOD=LR", help="per-method learning rate")
+        if name == "compare":
+            sub.add_argument("--method-seeds", action="append", metavar="METHOD=N",
+                             help="seeds for one method or variant, over --seeds (e.g. --method-seeds lora=3: "
+                                  "LoRA's row over 3 seeds, the others over --seeds)")
         sub.add_argument("-o", "--option", action="append", metavar="METHOD:KEY=VALUE",
                          help="method option, e.g. -o lora:r=16 -o prompt:length=10; for a variant of --methods "
                               "adapter@small: -o adapter@small:bottleneck=8")

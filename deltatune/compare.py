@@ -49,6 +49,7 @@ class CompareConfig:
         "help": "comma-separated; also zero-shot, few-shot (a causal LM: --model smollm2; -o few-shot:shots=4); "
                 "METHOD@NAME is a variant, its own row with its own options (-o adapter@small:bottleneck=8)"})
     seeds: int = field(default=1, metadata={"help": "seeds per method (mean and std over them)"})
+    method_seeds: dict[str, int] = field(default_factory=dict, metadata={"cli": False})  # --method-seeds M=N
     budget: str = field(default="auto", metadata={
         "help": "per cell: steps=N | epochs=E | seconds=S | auto (the task's, compare.TASK_SETTINGS)"})
     out: str = field(default="runs/compare", metadata={"help": "folder of the cells, report.md and plots"})
@@ -276,7 +277,7 @@ def plan_cells(config: CompareConfig, variants: list[tuple[str, str, dict]] | No
     for task in tasks:
         settings = task_settings(config, task)
         for label, method, options in variants:
-            for seed in range(1 if method == "zero-shot" else config.seeds):  # zero-shot draws nothing: one cell
+            for seed in range(1 if method == "zero-shot" else seeds_of(config, label)):  # zero-shot draws nothing
                 name = cell_name(method, seed, label, task if len(tasks) > 1 else None)
                 cells.append(Cell(name, label, TrainConfig(
                     model=config.model, task=task, method=method, out=str(out / "runs" / name),
@@ -287,6 +288,12 @@ def plan_cells(config: CompareConfig, variants: list[tuple[str, str, dict]] | No
                     quantize=config.quantize, progress=False, **parse_budget(settings.budget),
                 )))
     return cells
+
+
+def seeds_of(config: CompareConfig, label: str) -> int:
+    """--method-seeds for this variant, else for its method, else --seeds (a table with LoRA over 3 seeds and the
+    slower rows over 1, as Hu et al. 2021 report their GLUE rows)."""
+    return config.method_seeds.get(label, config.method_seeds.get(base_method(label), config.seeds))
 
 
 def _finished(cell_file: Path, train_config: TrainConfig) -> dict | None:

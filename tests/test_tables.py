@@ -67,6 +67,30 @@ def test_variant_options_are_typed_and_a_stray_variant_is_refused():
         parse("--task", "sst2", "--tasks", "rte,mrpc")
 
 
+def test_method_seeds_give_one_row_more_seeds_than_the_others(tmp_path):
+    """--method-seeds lora=3 with --seeds 1: LoRA over seeds 0-2, every other row over seed 0 (a variant's count
+    over its method's); zero-shot still one cell. --lr reaches a variant whose name has a dash."""
+    config = parse("--task", "e2e", "--methods", "lora,adapter@lin-small,adapter@lin-big,zero-shot",
+                   "--method-seeds", "lora=3", "--method-seeds", "adapter=2", "--method-seeds", "adapter@lin-big=1",
+                   "--lr", "adapter@lin-small=3e-3", "--model", "smollm2", "--out", str(tmp_path), "--data-dir", ".")
+    names = [cell.name for cell in plan_cells(config)]
+    assert names == ["lora-seed0", "lora-seed1", "lora-seed2", "adapter@lin-small-seed0", "adapter@lin-small-seed1",
+                     "adapter@lin-big-seed0", "zero-shot-seed0"]
+    assert {cell.config.lr for cell in plan_cells(config) if cell.label == "adapter@lin-small"} == {3e-3}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method-seeds", "prefix=3"], "'prefix' is not one of the methods run here"),
+    (["--method-seeds", "lora=0"], "whole number >= 1"),
+    (["--method-seeds", "lora"], "METHOD=VALUE"),
+    (["--lr", "adapter@lin_small=1e-3"], "'adapter@lin_small' is not one of the methods"),  # was silently unused
+    (["--lr", "lora=fast"], "a learning rate"),
+])
+def test_per_method_values_name_a_method_that_runs(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse("--methods", "lora,adapter@lin-small", *argv)
+
+
 def test_jobs_times_threads_fit_the_cores(monkeypatch):
     import torch
 
