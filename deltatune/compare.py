@@ -296,11 +296,28 @@ def seeds_of(config: CompareConfig, label: str) -> int:
     return config.method_seeds.get(label, config.method_seeds.get(base_method(label), config.seeds))
 
 
+# The metrics of classification and regression tasks (GLUE, BBC News, csv/jsonl): what a task head scores.
+HEAD_METRICS = frozenset({"accuracy", "f1", "macro_f1", "matthews_corrcoef", "pearson", "spearman"})
+
+
+def _trained_with_a_frozen_pooler(finished: dict) -> bool:
+    """A classification cell of a method that keeps the base frozen, trained before the head took in the layers
+    that feed it (BERT's pooler, `targets.HEAD_INPUT_NAMES`; its summary has no head_parameters): trained again,
+    since the frozen pooler starved it (MiniLM LoRA on STS-B: Pearson 0.14 frozen, 0.82 trained)."""
+    summary = finished.get("summary") or {}
+    method = summary.get("method")
+    return (bool(summary.get("trainable_parameters")) and "head_parameters" not in summary
+            and method in METHODS and not METHODS[method].updates_base  # full, top_layers: trained it anyway
+            and bool(summary.get("final")) and set(summary["final"]) <= HEAD_METRICS)
+
+
 def _finished(cell_file: Path, train_config: TrainConfig) -> dict | None:
     """The cell's saved result if it ran with exactly these settings (else None: train it again)."""
     if not cell_file.is_file():
         return None
     finished = json.loads(cell_file.read_text())
+    if _trained_with_a_frozen_pooler(finished):
+        return None
     # a setting added to TrainConfig after the cell ran (`quantize`...): the cell ran with its default
     added = {f.name: f.default for f in fields(TrainConfig)
              if f.name not in finished["config"] and f.default is not MISSING}

@@ -28,7 +28,7 @@ from deltatune.peft_format import PEFT_FORMAT, check_peft_fits, read_saved_delta
 from deltatune.quantize import check_trainable, logical_parameters, quantization_info
 from deltatune.registry import build_config, method_entry, method_of
 from deltatune.shared_lower import share_lower_blocks
-from deltatune.targets import head_names, model_type
+from deltatune.targets import HEAD_INPUT_NAMES, head_names, model_type
 
 
 @dataclass
@@ -430,8 +430,14 @@ class DeltaModel(nn.Module):
             )
 
     def _fill_task(self, task: str, tensors: dict[str, torch.Tensor], meta: dict, path) -> None:
+        own_head = self.task_parameters(task, roles=("head",))
         if meta.get("format") == PEFT_FORMAT:  # without modules_to_save, peft runs the model's own head
-            tensors = {**self.task_parameters(task, roles=("head",)), **tensors}
+            tensors = {**own_head, **tensors}
+        for name in self.head_modules:  # a pooler the delta did not train (saved before it was a head, or by
+            if name.rsplit(".", 1)[-1] in HEAD_INPUT_NAMES:  # peft): it ran with the model's own, as it was trained
+                keys = [key for key in own_head if key.startswith(name + ".")]
+                if not any(key in tensors for key in keys):
+                    tensors = {**{key: own_head[key] for key in keys}, **tensors}
         head_keys = set(meta["head_keys"])
         current = {key: tensor.shape for key, tensor in self.task_parameters(task, roles=("head",)).items()}
         strange = sorted(head_keys - (set(current) & set(tensors)))

@@ -93,7 +93,9 @@ def _cell(row: dict | None, metric: str) -> tuple[float | None, str]:
 
 
 def _parameters(rows: list[dict]) -> str:
-    counts = sorted({r["trainable_parameters"] for r in rows if r.get("trainable_parameters") is not None})
+    """The method's own trainable parameters, without the task head (as the published tables count them)."""
+    counts = sorted({r["trainable_parameters"] - (r.get("head_parameters") or 0)
+                     for r in rows if r.get("trainable_parameters") is not None})
     if not counts:
         return "-"
     # task heads differ (STS-B: one output); a difference below the rounding shows as one number
@@ -159,6 +161,11 @@ def task_table_lines(rows: list[dict], tasks: list[str], majority: dict[str, dic
         lines.append("| " + " | ".join([label, row["seeds"], row["parameters"], *texts,
                                         *([f"**{avg}**" if row["avg"] == best_avg and avg != "-" else avg]
                                           if several else [])]) + " |")
+    heads = sorted({r["head_parameters"] for r in rows if r.get("head_parameters")})
+    if heads:
+        lines += ["", f"# trainable parameters: the method's own; each task's head (the classifier and the layers that "
+                      f"feed it, e.g. BERT's pooler) trains too: {heads[0]:,}"
+                      + (f"-{heads[-1]:,}" if len(heads) > 1 else "") + " parameters."]
     if majority:
         texts = [f"{scaled(m, majority[t][m]):.1f}" if majority.get(t) else "-" for t, m in columns]
         firsts = [majority[t][m] for t, m in columns if majority.get(t) and m == next(x for s, x in columns if s == t)]

@@ -68,8 +68,15 @@ IA3_TARGETS: dict[str, tuple[list[str], list[str] | str]] = {
     "gpt2": (["c_attn[1/3]", "c_attn[2/3]"], ["mlp.c_proj"]),  # c_attn computes [q | k | v]
 }
 
+# The layers between the last block and a classifier that `...ForSequenceClassification` reads: BERT/ALBERT's
+# `pooler` and DeBERTa's (a dense + tanh over the first token) and DistilBERT's `pre_classifier`. They train with
+# the task head: RoBERTa's classification head has the same dense + tanh inside `classifier`, trained with every
+# method in Hu et al. 2021 (Table 2); frozen, a pooler that was never trained for the task (all-MiniLM-L6-v2's is
+# not: it was trained with mean pooling) starves the methods that keep the base frozen (LoRA on CoLA: MCC 0.00 with
+# it frozen, 0.18 trained; STS-B: Pearson 0.14 vs 0.82; docs/results/glue_minilm.md).
+HEAD_INPUT_NAMES = ("pooler", "pre_classifier")
 # Names of task heads trained along with every method (the `...ForSequenceClassification` heads).
-DEFAULT_HEAD_NAMES = ("classifier", "score", "classification_head", "qa_outputs")
+DEFAULT_HEAD_NAMES = ("classifier", "score", "classification_head", "qa_outputs", *HEAD_INPUT_NAMES)
 
 # model_type -> (after attention, after FFN), for adapters (Houlsby et al. 2019 §2.1): regexes for the
 # module whose output is the sub-layer's output just before its residual add. BERT-like models and GPT-2

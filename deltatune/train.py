@@ -530,12 +530,13 @@ def evaluate_and_keep_best(run: Run) -> None:
 def write_summary(run: Run) -> dict[str, Any]:
     """OUT/summary.json (rank 0), returned on every rank once the run folder is complete."""
     state = run.state
+    counts = run.model.report(print_table=False)
     summary = {
         "task": run.task.name, "method": run.config.method, "model": run.config.model, "steps": state.step,
         "examples_seen": state.examples, "train_seconds": round(state.train_seconds, 2),
         "examples_per_s": round(state.examples / max(state.train_seconds, 1e-9), 2),
         "final": run.last_metrics, "best": {run.main_metric: state.best, "step": state.best_step},
-        "trainable_parameters": run.model.report(print_table=False).trainable, "learning_rate": run.lr,
+        "trainable_parameters": counts.trainable, "head_parameters": counts.head_parameters, "learning_rate": run.lr,
         "lr_ratio": run.config.lr_ratio,
         "delta": str(run.out / "delta"), "peak_memory_mb": round(peak_memory_mb(), 1),
         "device": str(run.device), "threads": torch.get_num_threads(), "processes": run.world,

@@ -69,7 +69,8 @@ def test_bitfit_subset_trains_only_named_biases():
 def test_full_counts_every_weight_and_the_head():
     base = make_model("bert")
     total = sum(p.numel() for p in base.parameters())
-    head = sum(p.numel() for p in base.classifier.parameters())
+    # the task head: the classifier and BERT's pooler that feeds it (D x D + D)
+    head = sum(p.numel() for p in base.classifier.parameters()) + D * D + D
     model = deltatune.attach(base, deltatune.FullFineTune())
     report = model.report(print_table=False)
     assert (report.method_parameters, report.head_parameters) == (total - head, head)
@@ -167,7 +168,7 @@ def test_delta_json_describes_the_delta(tmp_path):
                               "init": "default", "pissa_niter": 0}
     assert meta["label_names"] == ["negative", "positive"]
     assert meta["base"]["model_type"] == "bert" and len(meta["base"]["shape_fingerprint"]) == 16
-    assert meta["num_parameters"] == LORA_COUNTS["bert"] + D * 2 + 2
+    assert meta["num_parameters"] == LORA_COUNTS["bert"] + D * 2 + 2 + D * D + D  # LoRA, classifier, pooler
 
 
 def test_loading_under_another_name_and_refusing_duplicates(tmp_path):
@@ -228,3 +229,48 @@ def test_params_cli_gpt2_counts_the_q_v_slices(capsys):
 def test_bad_task_names_are_refused(name):
     with pytest.raises(deltatune.TaskError):
         deltatune.attach(make_model("bert"), deltatune.LoRA(), task=name)
+
+
+# ---- the task head takes in BERT's pooler ------------------------------------------------------------------
+def test_bert_head_trains_its_own_pooler_and_the_base_keeps_its():
+    """BERT's classifier reads the pooler (dense + tanh over [CLS]); each task trains its own copy with the
+    classifier, as RoBERTa's classification head (dense + tanh + out_proj) trains with every method."""
+    base = make_model("bert")
+    frozen = base.bert.pooler.dense.weight.detach().clone()
+    model = deltatune.attach(base, deltatune.LoRA(r=R), task="t")
+    assert {k for k in model.head_keys("t") if "pooler" in k} == {"bert.pooler.dense.weight", "bert.pooler.dense.bias"}
+    optimizer = torch.optim.SGD(model.task_parameters("t").values(), lr=1.0)
+    model(**make_inputs("bert"), labels=torch.tensor([0, 1, 1])).loss.backward()
+    pooler = model.task_parameters("t")["bert.pooler.dense.weight"]
+    assert pooler.grad is not None and pooler.grad.abs().sum() > 0
+    optimizer.step()
+    assert not torch.equal(pooler.detach(), frozen)  # the task's copy trained ...
+    base_pooler = model.base_model.bert.pooler.base_layer.dense.weight  # ... not the base's
+    torch.testing.assert_close(base_pooler, frozen, atol=0, rtol=0)
+
+
+def test_a_delta_saved_without_the_pooler_runs_with_the_models_own(tmp_path):
+    """A delta from before the pooler was part of the head (or a peft adapter with modules_to_save=["classifier"])
+    trained with the base's pooler: loaded, it runs with that pooler and gives the outputs it gave."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = deltatune.attach(make_model("bert"), deltatune.LoRA(r=R), task="t")
+    with torch.no_grad():  # a trained LoRA and classifier; the pooler copy left as the base's
+        for key, tensor in model.task_parameters("t").items():
+            if "pooler" not in key:
+                tensor.normal_(0, 0.3)
+    inputs = make_inputs("bert")
+    expected = model.eval()(**inputs).logits
+    model.save_delta(tmp_path / "d")
+    tensors = load_file(tmp_path / "d" / "delta.safetensors")
+    save_file({k: v for k, v in tensors.items() if "pooler" not in k}, tmp_path / "d" / "delta.safetensors")
+    meta = json.loads((tmp_path / "d" / "delta.json").read_text())
+    meta["head_keys"] = [k for k in meta["head_keys"] if "pooler" not in k]
+    (tmp_path / "d" / "delta.json").write_text(json.dumps(meta))
+    loaded = deltatune.load_delta(make_model("bert"), tmp_path / "d")
+    torch.testing.assert_close(loaded.eval()(**inputs).logits, expected, atol=1e-6, rtol=0)
+    # the classifier is not filled in that way: a delta without it does not fit
+    save_file({k: v for k, v in tensors.items() if "classifier" not in k}, tmp_path / "d" / "delta.safetensors")
+    with pytest.raises(deltatune.DeltaError):
+        deltatune.load_delta(make_model("bert"), tmp_path / "d")

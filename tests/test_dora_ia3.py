@@ -104,7 +104,7 @@ def test_dora_gradients_equal_peft_s():
     config = deltatune.DoRA(r=2, alpha=4)
     ours = deltatune.attach(make_model("bert"), config, task="t")
     randomise(ours.task_parameters("t").values())
-    theirs = get_peft_model(make_model("bert"), LoraConfig(r=2, lora_alpha=4, use_dora=True,
+    theirs = get_peft_model(make_model("bert"), LoraConfig(r=2, lora_alpha=4, use_dora=True, modules_to_save=["pooler"],
                                                            target_modules=["query", "value"], task_type="SEQ_CLS"))
     state = theirs.state_dict()
     with torch.no_grad():
@@ -112,8 +112,9 @@ def test_dora_gradients_equal_peft_s():
             module, _, name = key.rpartition(".")
             peft_key = {"lora_A": f"{module}.lora_A.default.weight", "lora_B": f"{module}.lora_B.default.weight",
                         "magnitude": f"{module.removesuffix('.dora')}.lora_magnitude_vector.default.weight"}.get(name)
-            if peft_key is None:  # the head
-                peft_key = f"{module}.modules_to_save.default.{name}"
+            if peft_key is None:  # the head: the classifier and the pooler
+                head = next(h for h in ("classifier", "bert.pooler") if key.startswith(h + "."))
+                peft_key = f"{head}.modules_to_save.default.{key[len(head) + 1:]}"
             state[f"base_model.model.{peft_key}"].copy_(tensor)
     inputs, labels = make_inputs("bert"), torch.tensor([0, 1, 1])
     for model in (ours.eval(), theirs.eval()):  # no dropout: the same function in both
@@ -257,9 +258,11 @@ def peft_configs(arch: str) -> dict[str, object]:
     ia3 = {"bert": (["key", "value", "output.dense"], ["output.dense"]),  # peft's: attention.output.dense too
            "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
            "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"])}
+    heads = ["pooler"] if arch == "bert" else None  # SEQ_CLS adds the classifier; BERT's pooler feeds it
     return {"dora": LoraConfig(r=2, lora_alpha=6, use_dora=True, target_modules=lora_targets[arch],
-                               task_type="SEQ_CLS"),
-            "ia3": IA3Config(target_modules=ia3[arch][0], feedforward_modules=ia3[arch][1], task_type="SEQ_CLS")}
+                               task_type="SEQ_CLS", modules_to_save=heads),
+            "ia3": IA3Config(target_modules=ia3[arch][0], feedforward_modules=ia3[arch][1], task_type="SEQ_CLS",
+                             modules_to_save=heads)}
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama", "gpt2"])

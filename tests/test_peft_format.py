@@ -67,7 +67,8 @@ def test_export_key_names_are_peft_s(tmp_path):
     """Exactly the keys peft's own save_pretrained writes for the same LoRA + head."""
     export_peft(trained_delta("bert", deltatune.LoRA(r=4)), tmp_path / "ours")
     reference = get_peft_model(
-        make_model("bert"), LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS")
+        make_model("bert"), LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS",
+                                       modules_to_save=["pooler"])  # SEQ_CLS adds the classifier
     )
     reference.save_pretrained(tmp_path / "theirs")
     ours = load_safetensors(tmp_path / "ours")
@@ -223,8 +224,9 @@ def test_lora_training_step_matches_peft(arch, targets, tmp_path):
     theirs = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
     for key, grad in ours.items():
         name = key.replace(".lora_A", ".lora_A.default.weight").replace(".lora_B", ".lora_B.default.weight")
-        if key.startswith("score.") or key.startswith("classifier."):
-            name = key.replace(".", ".modules_to_save.default.", 1)
+        head = next((h for h in ("score", "classifier", "bert.pooler") if key.startswith(h + ".")), None)
+        if head:  # the task head (BERT: the classifier and the pooler that feeds it)
+            name = f"{head}.modules_to_save.default.{key[len(head) + 1:]}"
         reference = theirs["base_model.model." + name]
         if reference.shape != grad.shape:  # GPT-2 q, v slices: the diagonal blocks of peft's (3d, 2r) B
             reference = torch.cat([reference[:32, :4], reference[64:, 4:]])

@@ -120,7 +120,7 @@ def test_majority_class_scores_are_the_constant_predictions(tmp_path):
 
 
 # ---- the report, from hand-built cells (no training) ---------------------------------------------------------
-def cell(tmp_path, task, label, seed, metrics, trainable=100):
+def cell(tmp_path, task, label, seed, metrics, trainable=100, head=None):
     method = label.split("@")[0]
     out = tmp_path / "runs" / f"{task}-{label}-seed{seed}"
     config = asdict(TrainConfig(model="tiny", task=task, method=method, out=str(out), seed=seed, max_length=128))
@@ -128,7 +128,8 @@ def cell(tmp_path, task, label, seed, metrics, trainable=100):
     delta.mkdir(parents=True)
     (delta / "delta.json").write_text(json.dumps({"base": {"num_parameters": 10_000}}))
     summary = {"final": metrics, "trainable_parameters": trainable, "delta": str(delta), "train_seconds": 1.0,
-               "examples_per_s": 10.0, "peak_memory_mb": 50.0, "steps": 3, "precision": "fp32"}
+               "examples_per_s": 10.0, "peak_memory_mb": 50.0, "steps": 3, "precision": "fp32",
+               **({} if head is None else {"head_parameters": head})}
     return {"config": config, "summary": summary, "label": label}
 
 
@@ -144,8 +145,9 @@ def test_task_table_bold_avg_majority_and_published_orderings(tmp_path):
     for seed, (rte, acc, f1) in enumerate([(0.60, 0.80, 0.86), (0.62, 0.84, 0.88)]):  # LoRA over two seeds
         cells[f"rte-lora-{seed}"] = cell(tmp_path, "rte", "lora", seed, {"accuracy": rte})
         cells[f"mrpc-lora-{seed}"] = cell(tmp_path, "mrpc", "lora", seed, {"accuracy": acc, "f1": f1})
-    cells["rte-full"] = cell(tmp_path, "rte", "full", 0, {"accuracy": 0.624}, trainable=9_000)
-    cells["mrpc-full"] = cell(tmp_path, "mrpc", "full", 0, {"accuracy": 0.69, "f1": 0.90}, trainable=9_000)
+    # full: 9,000 trainable of which 1,056 (RTE) / 1,056 (MRPC) are the task head: 7,944 its own
+    cells["rte-full"] = cell(tmp_path, "rte", "full", 0, {"accuracy": 0.624}, trainable=9_000, head=1_056)
+    cells["mrpc-full"] = cell(tmp_path, "mrpc", "full", 0, {"accuracy": 0.69, "f1": 0.90}, trainable=9_000, head=1_056)
     majority = {"rte": {"accuracy": 0.53}, "mrpc": {"accuracy": 0.684, "f1": 0.812}}
     config = CompareConfig(tasks=["rte", "mrpc"], seeds=2, out=str(tmp_path / "out"))
     write_report(config, cells, None, "deltatune compare", "compare",
@@ -157,7 +159,8 @@ def test_task_table_bold_avg_majority_and_published_orderings(tmp_path):
     assert line(report, "lora") == "| lora | 2/2 | 100 | 61.0 ± 1.4 | **82.0 ± 2.8** | 87.0 ± 1.4 | **71.5** |"
     # FT, one seed: values alone; RTE 62.4 bold, F1 90.0 bold; Avg. (62.4 + 69.0) / 2 = 65.7
     # FT's MRPC accuracy 69.0 is within 1 point of the constant prediction's 68.4: flagged
-    assert line(report, "full") == "| full | 1/1 | 9,000 | **62.4** | 69.0 ⚠ | **90.0** | 65.7 |"
+    assert line(report, "full") == "| full | 1/1 | 7,944 | **62.4** | 69.0 ⚠ | **90.0** | 65.7 |"
+    assert "the layers that feed it, e.g. BERT's pooler) trains too: 1,056 parameters" in report
     assert "| *majority class* | - | 0 | 53.0 | 68.4 | 81.2 | 60.7 |" in report
     assert "- full on MRPC acc: 69.0, the majority class scores 68.4" in report
     assert "⚠" not in line(report, "lora")
@@ -213,3 +216,25 @@ def test_jobs_two_gives_the_cells_of_jobs_one(tiny_model_dir, sentiment_csv, tmp
         assert one[name]["summary"]["trainable_parameters"] == two[name]["summary"]["trainable_parameters"]
         first, second = (Path(o) / "runs" / name / "delta" / "delta.safetensors" for o in (out1, out2))
         assert first.read_bytes() == second.read_bytes(), name  # the very same trained weights
+
+
+def test_a_classification_cell_trained_with_a_frozen_pooler_is_trained_again(tmp_path):
+    """Cells from before BERT's pooler trained with the head (no head_parameters in their summary) are not reused
+    for the methods that keep the base frozen; full fine-tuning (it trained the pooler anyway) and generation
+    cells (no pooler) are."""
+    from deltatune.compare import _finished
+
+    def cell(method, final, **summary):
+        config = TrainConfig(model="minilm", task="cola", method=method, out=str(tmp_path / method))
+        path = tmp_path / f"{method}-{len(final)}-{len(summary)}.json"
+        path.write_text(json.dumps({"config": asdict(config), "summary": {
+            "method": method, "trainable_parameters": 1000, "final": final, **summary}}))
+        return path, config
+
+    for method, final, extra, reused in [
+            ("lora", {"matthews_corrcoef": 0.0}, {}, False), ("bitfit", {"pearson": 0.1, "spearman": 0.1}, {}, False),
+            ("lora", {"matthews_corrcoef": 0.2}, {"head_parameters": 148_610}, True),
+            ("full", {"matthews_corrcoef": 0.3}, {}, True), ("top_layers", {"accuracy": 0.8}, {}, True),
+            ("lora", {"bleu": 0.5, "nist": 7.0}, {}, True)]:
+        path, config = cell(method, final, **extra)
+        assert (_finished(path, config) is not None) == reused, (method, final, extra)

@@ -89,7 +89,7 @@ class TopLayerWeights(DeltaComponent):
             raise DeltaTuneError(f"top_layers k={config.k} is more than the model's {len(stack)} blocks "
                                  f"({stack_name}); choose k between 1 and {len(stack)}")
         names = [f"{stack_name}.{i}" for i in range(len(stack) - config.k, len(stack))]
-        names += final_modules(self.model)
+        names += [name for name in final_modules(self.model) if name not in self.exclude]  # a pooler: a task head
         layout, weights = {}, nn.ParameterDict()
         for name in names:
             self._route(name)
@@ -292,4 +292,5 @@ def inject(model: nn.Module, config: TopLayers, task: str, state: TaskState, exc
     if component is None:
         component = TopLayerWeights(model, state)
         model.deltatune_top_layers = component
+    component.__dict__["exclude"] = list(exclude)  # the task heads: trained as heads, not as top-layer weights
     component.add_task(task, config)
