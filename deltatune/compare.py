@@ -71,6 +71,9 @@ class CompareConfig:
         "help": "cells trained at once (default: one per core, or 1 on a GPU); jobs x threads <= cores"})
     threads_per_job: int | None = field(default=None, metadata={
         "help": "CPU threads per cell (default: cores // jobs)"})
+    report_only: bool = field(default=False, metadata={
+        "help": "write the report from the cells already finished in --out and train none (the others show as "
+                "not run): a table read while its cells still run, or after some were left for later"})
     latency: bool = field(default=True, metadata={"help": "time inference of the base model and each delta"})
     latency_repeats: int = field(default=20, metadata={"help": "timed rounds per latency variant"})
     precision: str = field(default="fp32", metadata={
@@ -339,6 +342,8 @@ def run_cells(config: CompareConfig, cells: list[Cell]) -> dict[str, dict]:
         finished = _finished(out / "cells" / f"{cell.name}.json", cell.config)
         if finished is not None:
             results[cell.name] = finished
+        elif config.report_only:
+            results[cell.name] = {"config": asdict(cell.config), "error": "not run yet (--report-only)"}
         else:
             todo.append(cell)
     jobs, threads = jobs_and_threads(config, len(todo))
@@ -535,13 +540,13 @@ def compare(config: CompareConfig, command: str = "") -> dict[str, Any]:
         latency_file = Path(config.out) / "latency.json"
         settings = latency_settings(config, results)
         rows = reusable_latency(latency_file, settings)
-        if rows is None:
+        if rows is None and not config.report_only:
             rows = measure_latency(config, results, settings["sequence_length"])
             latency_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = latency_file.with_suffix(".tmp")
             tmp.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
             os.replace(tmp, latency_file)
-        latency = {"settings": settings, "rows": rows}
+        latency = None if rows is None else {"settings": settings, "rows": rows}  # --report-only: none measured
     return write_report(config, results, latency, command=command, kind="compare", tables=tables)
 
 

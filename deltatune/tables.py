@@ -161,11 +161,6 @@ def task_table_lines(rows: list[dict], tasks: list[str], majority: dict[str, dic
         lines.append("| " + " | ".join([label, row["seeds"], row["parameters"], *texts,
                                         *([f"**{avg}**" if row["avg"] == best_avg and avg != "-" else avg]
                                           if several else [])]) + " |")
-    heads = sorted({r["head_parameters"] for r in rows if r.get("head_parameters")})
-    if heads:
-        lines += ["", f"# trainable parameters: the method's own; each task's head (the classifier and the layers that "
-                      f"feed it, e.g. BERT's pooler) trains too: {heads[0]:,}"
-                      + (f"-{heads[-1]:,}" if len(heads) > 1 else "") + " parameters."]
     if majority:
         texts = [f"{scaled(m, majority[t][m]):.1f}" if majority.get(t) else "-" for t, m in columns]
         firsts = [majority[t][m] for t, m in columns if majority.get(t) and m == next(x for s, x in columns if s == t)]
@@ -177,6 +172,11 @@ def task_table_lines(rows: list[dict], tasks: list[str], majority: dict[str, dic
         if flags:
             lines += ["", f"⚠ At the majority-class level (within {AT_MAJORITY:g} point): the cell learned next to "
                           "nothing: a finding to fix (budget, learning rate, max length), not a result.", *flags]
+    heads = sorted({r["head_parameters"] for r in rows if r.get("head_parameters")})
+    if heads:
+        lines += ["", f"# trainable parameters: the method's own; each task's head (the classifier and the layers that "
+                      f"feed it, e.g. BERT's pooler) trains too: {heads[0]:,}"
+                      + (f"-{heads[-1]:,}" if len(heads) > 1 else "") + " parameters."]
     if published:
         lines += published_lines(published, table)
     return lines

@@ -238,3 +238,21 @@ def test_a_classification_cell_trained_with_a_frozen_pooler_is_trained_again(tmp
             ("lora", {"bleu": 0.5, "nist": 7.0}, {}, True)]:
         path, config = cell(method, final, **extra)
         assert (_finished(path, config) is not None) == reused, (method, final, extra)
+
+
+def test_report_only_writes_the_table_from_finished_cells_and_trains_none(tmp_path, monkeypatch):
+    """--report-only: the finished cell's row, the unfinished one listed as not run, no cell started."""
+    import deltatune.compare as compare_module
+
+    monkeypatch.setattr(compare_module, "run_cell", lambda *a, **k: pytest.fail("--report-only started a cell"))
+    config = parse("--tasks", "rte", "--methods", "lora,bitfit", "--no-latency", "--report-only",
+                   "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path))
+    lora, bitfit = plan_cells(config)
+    done = cell(tmp_path, "rte", "lora", 0, {"accuracy": 0.61}, head=66)
+    done["config"] = asdict(lora.config)
+    (tmp_path / "out" / "cells").mkdir(parents=True)
+    (tmp_path / "out" / "cells" / f"{lora.name}.json").write_text(json.dumps(done))
+    compare_module.compare(config)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| lora | 1/1 | 34 | **61.0** |\n| bitfit | 0/1 | - | - |\n| *majority class*" in report  # 66: the head
+    assert "bitfit" in report and "not run yet (--report-only)" in report
