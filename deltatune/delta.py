@@ -417,7 +417,7 @@ class DeltaModel(nn.Module):
         trained_on, here = base.get("quantization"), self.base_identity["quantization"]
         if trained_on != here:
             warnings.warn(
-                f"{path} was trained on a {_precision(trained_on)} base and is loaded onto a {_precision(here)} base "
+                f"{path} was trained on {_precision(trained_on)} base and is loaded onto {_precision(here)} base "
                 f"of the same model: it runs as it is, but its outputs differ by the quantization error of the base",
                 stacklevel=3)
         mine = self.base_identity["weights_fingerprint"]
@@ -615,7 +615,8 @@ def load_delta(model: nn.Module, path: str | Path, task: str | None = None, trus
 
 
 def _precision(quantization: dict[str, Any] | None) -> str:
-    return "full-precision" if not isinstance(quantization, dict) else f"{quantization.get('scheme')}-quantized"
+    """"a full-precision", "an int8-quantized" (int8, int4, nf4: each read with a vowel first)."""
+    return "a full-precision" if not isinstance(quantization, dict) else f"an {quantization.get('scheme')}-quantized"
 
 
 def _label_names(model: nn.Module) -> list[str] | None:

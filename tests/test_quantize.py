@@ -215,14 +215,14 @@ def test_a_delta_moves_between_precisions_with_a_note(tmp_path):
     inputs = make_inputs("llama")
     quantized = trained_lora("int8")
     path = quantized.save_delta(tmp_path / "int8")
-    with pytest.warns(UserWarning, match="trained on a int8-quantized base and is loaded onto a full-precision"):
+    with pytest.warns(UserWarning, match="trained on an int8-quantized base and is loaded onto a full-precision"):
         on_fp32 = deltatune.load_delta(make_model("llama", kind="causal-lm"), path)
     # the same delta on the fp32 base differs as the two bases differ, no more
     base_gap = (logits(quantized.use(None), inputs) - logits(on_fp32.use(None), inputs)).abs().max()
     delta_gap = (logits(quantized.use("t"), inputs) - logits(on_fp32.use("t"), inputs)).abs().max()
     assert 0 < delta_gap < 3 * base_gap + 1e-3, (delta_gap, base_gap)
     fp32 = trained_lora(None, seed=1)
-    with pytest.warns(UserWarning, match="trained on a full-precision base and is loaded onto a nf4-quantized"):
+    with pytest.warns(UserWarning, match="trained on a full-precision base and is loaded onto an nf4-quantized"):
         deltatune.load_delta(quantize_model(make_model("llama", kind="causal-lm"), "nf4"),
                              fp32.save_delta(tmp_path / "fp32"))
     assert on_fp32.base_identity["shape_fingerprint"] == quantized.base_identity["shape_fingerprint"]
