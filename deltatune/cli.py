@@ -167,7 +167,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     predictions = []
     for split in args.split or [s for s in task.splits if s != "train"]:
         examples = task.load(split, args.data_dir, limit=args.limit)
-        if task.prompt_format is None:
+        if task.kind != "generation":
             results[split] = evaluate(model, tokenizer, task, examples, max_length=args.max_length)
             continue
         from deltatune.evaluate import generation_predictions

@@ -378,3 +378,22 @@ def test_mixed_generate_refuses_top_layers_rows_instead_of_crashing():
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
                          pad_token_id=0)
     assert out.shape == (2, 7)
+
+
+def test_eval_of_an_e2e_delta_writes_the_outputs_it_scored(tmp_path, tiny_chat_model, capsys, data_dir):
+    """Built-in E2E: `eval --out` writes predictions.jsonl (each MR, its output, its references), and the
+    printed metrics are those outputs' scores against those references."""
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.cli import main
+    from deltatune.tasks import get_task
+
+    model = deltatune.attach(AutoModelForCausalLM.from_pretrained(tiny_chat_model), deltatune.LoRA(r=2), task="e2e")
+    model.save_delta(tmp_path / "delta")
+    assert main(["eval", "--model", str(tiny_chat_model), "--delta", str(tmp_path / "delta"), "--task", "e2e",
+                 "--split", "test", "--limit", "3", "--data-dir", str(data_dir), "--out", str(tmp_path / "out")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["split"] == "test" and r["references"] for r in rows)
+    expected = get_task("e2e").compute_metrics([r["prediction"] for r in rows], [r["references"] for r in rows])
+    assert printed["test"] == pytest.approx(expected)
