@@ -161,7 +161,7 @@ def task_table_lines(rows: list[dict], tasks: list[str], majority: dict[str, dic
         lines.append("| " + " | ".join([label, row["seeds"], row["parameters"], *texts,
                                         *([f"**{avg}**" if row["avg"] == best_avg and avg != "-" else avg]
                                           if several else [])]) + " |")
-    if majority:
+    if majority and any(majority.values()):  # generation tasks have none: their floor is zero-shot prompting
         texts = [f"{scaled(m, majority[t][m]):.1f}" if majority.get(t) else "-" for t, m in columns]
         firsts = [majority[t][m] for t, m in columns if majority.get(t) and m == next(x for s, x in columns if s == t)]
         avg = [f"{statistics.fmean(scaled('accuracy', v) for v in firsts):.1f}"] if several and firsts else (

@@ -254,5 +254,17 @@ def test_report_only_writes_the_table_from_finished_cells_and_trains_none(tmp_pa
     (tmp_path / "out" / "cells" / f"{lora.name}.json").write_text(json.dumps(done))
     compare_module.compare(config)
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "| lora | 1/1 | 34 | **61.0** |\n| bitfit | 0/1 | - | - |\n| *majority class*" in report  # 66: the head
+    # 100 trainable, 66 of them the head; no data folder here, so no majority row
+    assert "| lora | 1/1 | 34 | **61.0** |\n| bitfit | 0/1 | - | - |\n\n# trainable parameters: the method" in report
     assert "bitfit" in report and "not run yet (--report-only)" in report
+
+
+def test_a_generation_table_has_no_majority_row(tmp_path):
+    """E2E has no majority class (its floor is the zero-shot row): no row of dashes, no note about one."""
+    from deltatune.report import aggregate
+    from deltatune.tables import task_table_lines
+
+    rows = aggregate({"e2e-lora": cell(tmp_path, "e2e", "lora", 0, {"bleu": 0.53, "nist": 7.2})})
+    text = "\n".join(task_table_lines(rows, ["e2e"], majority={"e2e": None}))
+    assert "| lora | 1/1 | 100 | **53.0** | **7.20** |" in text
+    assert "majority" not in text
