@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from deltatune.tables import RAW_METRICS
+
 
 def environment() -> dict[str, str]:
     import transformers
@@ -84,7 +86,9 @@ def _fmt_metric(row: dict, metric: str) -> str:
     mean, std = row.get(f"{metric}_mean"), row.get(f"{metric}_std")
     if mean is None:
         return "-"
-    scale, digits = (100, 2) if abs(mean) <= 1.0 else (1, 3)
+    name = metric.removeprefix("batch_calibrated_").removeprefix("calibrated_")
+    raw = name in RAW_METRICS or abs(mean) > 1.0  # NIST, CIDEr (a CIDEr of 0.56 is not 56%)
+    scale, digits = (1, 3) if raw else (100, 2)
     text = f"{scale * mean:.{digits}f}"
     return text if std is None else f"{text} ± {scale * std:.{digits}f}"
 

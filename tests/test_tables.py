@@ -268,3 +268,10 @@ def test_a_generation_table_has_no_majority_row(tmp_path):
     text = "\n".join(task_table_lines(rows, ["e2e"], majority={"e2e": None}))
     assert "| lora | 1/1 | 100 | **53.0** | **7.20** |" in text
     assert "majority" not in text
+
+
+def test_cell_table_prints_cider_and_nist_as_they_are_even_below_one():
+    from deltatune.report import _fmt_metric
+
+    assert _fmt_metric({"cider_mean": 0.5588, "cider_std": None}, "cider") == "0.559"  # not "55.88" (%)
+    assert _fmt_metric({"accuracy_mean": 0.8, "accuracy_std": 0.01}, "accuracy") == "80.00 ± 1.00"
