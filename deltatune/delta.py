@@ -439,7 +439,7 @@ class DeltaModel(nn.Module):
                 if not any(key in tensors for key in keys):
                     tensors = {**{key: own_head[key] for key in keys}, **tensors}
         head_keys = set(meta["head_keys"])
-        current = {key: tensor.shape for key, tensor in self.task_parameters(task, roles=("head",)).items()}
+        current = {key: tensor.shape for key, tensor in own_head.items()}
         strange = sorted(head_keys - (set(current) & set(tensors)))
         if strange:
             raise DeltaError(f"{path}: head_keys {strange[:3]} are not head parameters of both the file and this model")
