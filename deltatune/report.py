@@ -48,7 +48,8 @@ def _dir_size(path: Path) -> int:
 
 def aggregate(results: dict[str, dict]) -> list[dict[str, Any]]:
     """One row per method (or sweep value): mean and std over the seeds that finished, how many of the
-    planned seeds that is (`seeds` of `seeds_planned`), and each failed seed with its error."""
+    planned seeds that is (`seeds` of `seeds_planned`), each failed seed with its error, and the seeds a
+    --report-only run found not trained yet (`not_run`)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for result in results.values():  # in the order the cells were planned
         label = result.get("label") or result["config"]["method"]
@@ -59,6 +60,7 @@ def aggregate(results: dict[str, dict]) -> list[dict[str, Any]]:
         failed = [{"seed": c["config"]["seed"], "error": c["error"]} for c in cells if "error" in c]
         row: dict[str, Any] = {"label": label, "task": task, "method": cells[0]["config"]["method"], "seeds": len(done),
                                "seeds_planned": len(cells), "failed": failed,
+                               "not_run": [c["config"]["seed"] for c in cells if c.get("not_run")],
                                "sweep_value": cells[0].get("sweep_value"),
                                "error": failed[0]["error"] if failed else None}
         if done:
@@ -105,11 +107,15 @@ def _seeds_line(rows: list[dict]) -> str:
 
 
 def _failures(rows: list[dict]) -> list[str]:
-    """One line per failed (method, seed) cell with its error: the table's means leave them out."""
+    """One line per failed (method, seed) cell with its error, and one line for the cells not trained yet
+    (--report-only): the table's means leave both out."""
     several = len({row.get("task") for row in rows}) > 1
-    failed = [f"- {row['task'] + ' ' if several else ''}{row['label']}, seed {f['seed']}: {f['error']}"
-              for row in rows for f in row["failed"]]
-    return ["", "Failed seeds (not in the means above):", *failed] if failed else []
+    name = {id(row): f"{row['task'] + ' ' if several else ''}{row['label']}" for row in rows}
+    failed = [f"- {name[id(row)]}, seed {f['seed']}: {f['error']}" for row in rows for f in row["failed"]]
+    lines = ["", "Failed seeds (not in the means above):", *failed] if failed else []
+    not_run = [f"{name[id(row)]} seed {', '.join(map(str, row['not_run']))}" for row in rows if row["not_run"]]
+    return lines + (["", f"Not run yet (--report-only; not in the means above): {'; '.join(not_run)}."]
+                    if not_run else [])
 
 
 def write_report(config, results: dict[str, dict], latency: dict[str, Any] | None, command: str, kind: str,
@@ -188,7 +194,8 @@ def _cell_table_lines(rows: list[dict], metrics: list[str], base_params: int | N
         seeds = f"{row['seeds']}/{row['seeds_planned']}"
         first = [row["task"]] if several else []
         if row.get("trainable_parameters") is None:
-            lines.append("| " + " | ".join([*first, row["label"], seeds, f"failed: {row['error']} |"])
+            why = f"failed: {row['error']}" if row["error"] else "not run yet (--report-only)"
+            lines.append("| " + " | ".join([*first, row["label"], seeds, f"{why} |"])
                          + " |" * (len(header) - 3 - len(first)))
             continue
         percent = 100 * row["trainable_parameters"] / base_params if base_params else float("nan")
@@ -281,12 +288,13 @@ def _base_parameters(results: dict[str, dict]) -> int | None:
 def _write_csv(path: Path, rows: list[dict], metrics: list[str]) -> None:
     columns = ["label", "method", "sweep_value", "seeds", "seeds_planned", "trainable_parameters", "delta_bytes",
                *[f"{m}_{s}" for m in metrics for s in ("mean", "std")], "train_seconds", "examples_per_s",
-               "peak_memory_mb", "steps", "failed_seeds", "error"]
+               "peak_memory_mb", "steps", "failed_seeds", "error", "not_run_seeds"]
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for row in rows:  # the failed seeds as "1: error; 2: error", in the row they are missing from
-        writer.writerow({**row, "failed_seeds": "; ".join(f"{f['seed']}: {f['error']}" for f in row["failed"])})
+        writer.writerow({**row, "failed_seeds": "; ".join(f"{f['seed']}: {f['error']}" for f in row["failed"]),
+                         "not_run_seeds": " ".join(map(str, row["not_run"]))})
     _write_text(path, text.getvalue())
 
 

@@ -3,6 +3,7 @@ task x method table (bold best, Avg., majority-class floor, a published table an
 
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -256,7 +257,12 @@ def test_report_only_writes_the_table_from_finished_cells_and_trains_none(tmp_pa
     report = (tmp_path / "out" / "report.md").read_text()
     # 100 trainable, 66 of them the head; no data folder here, so no majority row
     assert "| lora | 1/1 | 34 | **61.0** |\n| bitfit | 0/1 | - | - |\n\n# trainable parameters: the method" in report
-    assert "bitfit" in report and "not run yet (--report-only)" in report
+    assert "| bitfit | 0/1 | not run yet (--report-only) |" in report and "Failed seeds" not in report
+    assert "Not run yet (--report-only; not in the means above): bitfit seed 0." in report
+    with open(tmp_path / "out" / "results.csv", newline="") as f:
+        csv_rows = {row["label"]: row for row in csv.DictReader(f)}
+    assert (csv_rows["bitfit"]["not_run_seeds"], csv_rows["bitfit"]["failed_seeds"]) == ("0", "")
+    assert csv_rows["lora"]["not_run_seeds"] == "" and "failed" not in report
 
 
 def test_a_generation_table_has_no_majority_row(tmp_path):
