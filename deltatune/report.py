@@ -66,7 +66,9 @@ def aggregate(results: dict[str, dict]) -> list[dict[str, Any]]:
         if done:
             first = done[0]
             row["trainable_parameters"] = first["trainable_parameters"]
-            row["head_parameters"] = first.get("head_parameters")  # None: a cell from before summaries had it
+            row["head_parameters"] = next(  # None: only cells from before summaries had it (their seeds share it)
+                (s["head_parameters"] for s in done if s.get("head_parameters") is not None
+                 and s["trainable_parameters"] == first["trainable_parameters"]), None)
             row["delta_bytes"] = _dir_size(Path(first["delta"])) if first["delta"] else 0  # prompting: no delta
             for metric in first["final"]:
                 mean, std = _mean_std([s["final"].get(metric) for s in done])

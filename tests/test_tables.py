@@ -281,3 +281,16 @@ def test_cell_table_prints_cider_and_nist_as_they_are_even_below_one():
 
     assert _fmt_metric({"cider_mean": 0.5588, "cider_std": None}, "cider") == "0.559"  # not "55.88" (%)
     assert _fmt_metric({"accuracy_mean": 0.8, "accuracy_std": 0.01}, "accuracy") == "80.00 ± 1.00"
+
+
+def test_a_row_takes_its_head_size_from_any_seed_that_recorded_it(tmp_path):
+    """Full fine-tuning's seeds 0-1 ran before summaries had head_parameters, seed 2 after: the row counts the
+    method's own parameters from seed 2's head size, not the total with the head."""
+    from deltatune.report import aggregate
+
+    old = [cell(tmp_path, "rte", "full", seed, {"accuracy": 0.6}, trainable=100) for seed in (0, 1)]
+    new = cell(tmp_path, "rte", "full", 2, {"accuracy": 0.6}, trainable=100, head=30)
+    other = cell(tmp_path, "rte", "lora", 0, {"accuracy": 0.6}, trainable=50, head=30)  # another row's head
+    (row,) = [r for r in aggregate({f"c{i}": c for i, c in enumerate([*old, new])}) if r["label"] == "full"]
+    assert row["head_parameters"] == 30 and row["seeds"] == 3
+    assert aggregate({"a": old[0], "b": other})[0]["head_parameters"] is None
