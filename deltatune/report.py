@@ -288,9 +288,9 @@ def _base_parameters(results: dict[str, dict]) -> int | None:
 
 
 def _write_csv(path: Path, rows: list[dict], metrics: list[str]) -> None:
-    columns = ["label", "method", "sweep_value", "seeds", "seeds_planned", "trainable_parameters", "delta_bytes",
-               *[f"{m}_{s}" for m in metrics for s in ("mean", "std")], "train_seconds", "examples_per_s",
-               "peak_memory_mb", "steps", "failed_seeds", "error", "not_run_seeds"]
+    columns = ["task", "label", "method", "sweep_value", "seeds", "seeds_planned", "trainable_parameters",
+               "delta_bytes", *[f"{m}_{s}" for m in metrics for s in ("mean", "std")], "train_seconds",
+               "examples_per_s", "peak_memory_mb", "steps", "failed_seeds", "error", "not_run_seeds"]
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()

@@ -173,6 +173,10 @@ def test_task_table_bold_avg_majority_and_published_orderings(tmp_path):
     assert "(1 of 3 hold)" in report
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["majority"] == majority and {r["task"] for r in results["rows"]} == {"rte", "mrpc"}
+    with open(tmp_path / "out" / "results.csv", newline="") as f:  # one row per (task, method), the task named
+        csv_rows = {(row["task"], row["label"]): row for row in csv.DictReader(f)}
+    assert set(csv_rows) == {(task, label) for task in ("rte", "mrpc") for label in ("lora", "full")}
+    assert (csv_rows["rte", "full"]["accuracy_mean"], csv_rows["mrpc", "full"]["f1_mean"]) == ("0.624", "0.9")
 
 
 def test_published_tables_are_package_data_with_their_source():
