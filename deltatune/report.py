@@ -103,6 +103,13 @@ def _seeds_line(rows: list[dict]) -> str:
     if len(counts) == 1 and all(done == planned for done, planned in counts):
         done = counts.pop()[0]
         return "1 seed" if done == 1 else f"{done} seeds, each finished"
+    if all(done == planned for done, planned in counts):  # --method-seeds: each method its own count, all done
+        labels: dict[int, list[str]] = {}
+        for row in rows:
+            if row["label"] not in labels.setdefault(row["seeds"], []):
+                labels[row["seeds"]].append(row["label"])
+        return "seeds, each finished: " + "; ".join(
+            f"{n} for {', '.join(names)}" for n, names in sorted(labels.items(), reverse=True))
     several = len({row.get("task") for row in rows}) > 1
     return "seeds finished per method: " + ", ".join(
         f"{r['task'] + ' ' if several else ''}{r['label']} {r['seeds']}/{r['seeds_planned']}" for r in rows)

@@ -298,3 +298,17 @@ def test_a_row_takes_its_head_size_from_any_seed_that_recorded_it(tmp_path):
     (row,) = [r for r in aggregate({f"c{i}": c for i, c in enumerate([*old, new])}) if r["label"] == "full"]
     assert row["head_parameters"] == 30 and row["seeds"] == 3
     assert aggregate({"a": old[0], "b": other})[0]["head_parameters"] is None
+
+
+def test_the_budget_line_groups_methods_by_their_finished_seed_count(tmp_path):
+    """--method-seeds lora=3 with --seeds 1, every cell finished: one clause per count, not one per (task, row)."""
+    from deltatune.report import _seeds_line, aggregate
+
+    cells = {f"{task}-lora-{seed}": cell(tmp_path, task, "lora", seed, {"accuracy": 0.6})
+             for task in ("rte", "mrpc") for seed in range(3)}
+    cells |= {f"{task}-bitfit": cell(tmp_path, task, "bitfit", 0, {"accuracy": 0.6}) for task in ("rte", "mrpc")}
+    cells["rte-adapter"] = cell(tmp_path, "rte", "adapter", 0, {"accuracy": 0.6})
+    cells["mrpc-adapter"] = cell(tmp_path, "mrpc", "adapter", 0, {"accuracy": 0.6})
+    assert _seeds_line(aggregate(cells)) == "seeds, each finished: 3 for lora; 1 for bitfit, adapter"
+    cells["mrpc-lora-2"] = {"config": cells["mrpc-lora-2"]["config"], "not_run": True}  # a seed short: each row
+    assert _seeds_line(aggregate(cells)).startswith("seeds finished per method: rte lora 3/3, mrpc lora 2/3, ")
