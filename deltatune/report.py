@@ -104,12 +104,9 @@ def _seeds_line(rows: list[dict]) -> str:
         done = counts.pop()[0]
         return "1 seed" if done == 1 else f"{done} seeds, each finished"
     if all(done == planned for done, planned in counts):  # --method-seeds: each method its own count, all done
-        labels: dict[int, list[str]] = {}
-        for row in rows:
-            if row["label"] not in labels.setdefault(row["seeds"], []):
-                labels[row["seeds"]].append(row["label"])
         return "seeds, each finished: " + "; ".join(
-            f"{n} for {', '.join(names)}" for n, names in sorted(labels.items(), reverse=True))
+            f"{n} for {', '.join(dict.fromkeys(r['label'] for r in rows if r['seeds'] == n))}"
+            for n in sorted({done for done, _ in counts}, reverse=True))
     several = len({row.get("task") for row in rows}) > 1
     return "seeds finished per method: " + ", ".join(
         f"{r['task'] + ' ' if several else ''}{r['label']} {r['seeds']}/{r['seeds_planned']}" for r in rows)
@@ -119,10 +116,13 @@ def _failures(rows: list[dict]) -> list[str]:
     """One line per failed (method, seed) cell with its error, and one line for the cells not trained yet
     (--report-only): the table's means leave both out."""
     several = len({row.get("task") for row in rows}) > 1
-    name = {id(row): f"{row['task'] + ' ' if several else ''}{row['label']}" for row in rows}
-    failed = [f"- {name[id(row)]}, seed {f['seed']}: {f['error']}" for row in rows for f in row["failed"]]
+
+    def name(row: dict) -> str:
+        return f"{row['task'] + ' ' if several else ''}{row['label']}"
+
+    failed = [f"- {name(row)}, seed {f['seed']}: {f['error']}" for row in rows for f in row["failed"]]
     lines = ["", "Failed seeds (not in the means above):", *failed] if failed else []
-    not_run = [f"{name[id(row)]} seed {', '.join(map(str, row['not_run']))}" for row in rows if row["not_run"]]
+    not_run = [f"{name(row)} seed {', '.join(map(str, row['not_run']))}" for row in rows if row["not_run"]]
     return lines + (["", f"Not run yet (--report-only; not in the means above): {'; '.join(not_run)}."]
                     if not_run else [])
 
