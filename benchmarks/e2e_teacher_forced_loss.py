@@ -14,21 +14,23 @@ from pathlib import Path
 
 import torch
 
-from deltatune.data import _encode_generation, collate
+from deltatune.data import IGNORE_INDEX, collate, encode
 from deltatune.delta import load_delta
+from deltatune.lm_loss import target_only_loss
 from deltatune.models import load_model, load_tokenizer
-from deltatune.tasks.e2e import load_e2e
+from deltatune.tasks.e2e import e2e_task, load_e2e
 
 
 def mean_token_loss(model, tokenizer, examples: list[dict], batch_size: int = 16) -> float:
-    """The mean cross-entropy over every target token (the training objective), bf16 autocast."""
+    """The training objective (`lm_loss.target_only_loss`) as a mean over every target token, bf16 autocast."""
+    items = encode(e2e_task(), examples, tokenizer, max_length=128, for_training=True)
     total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = collate([_encode_generation(e, tokenizer, 128, True) for e in examples[start:start + batch_size]],
-                        tokenizer.pad_token_id)
+    for start in range(0, len(items), batch_size):
+        batch = collate(items[start:start + batch_size], tokenizer.pad_token_id)
+        labels = batch.pop("labels")
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(**batch).loss.item()
-        tokens = int((batch["labels"][:, 1:] != -100).sum())
+            loss = target_only_loss(model, batch, labels).item()
+        tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
         total, count = total + loss * tokens, count + tokens
     return total / count
 
