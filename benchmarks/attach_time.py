@@ -21,8 +21,8 @@ import time
 import torch
 
 import deltatune
+from deltatune.methods.registry import METHODS
 from deltatune.models import load_model
-from deltatune.registry import METHODS
 
 
 def attach_ms(model: torch.nn.Module, config, runs: int) -> list[float]:

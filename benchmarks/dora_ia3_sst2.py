@@ -39,9 +39,9 @@ import transformers  # noqa: E402
 from new_methods_sst2 import DATA, accuracy, batches, read_tsv  # noqa: E402
 
 import deltatune  # noqa: E402
+from deltatune.methods.registry import METHODS  # noqa: E402
 from deltatune.models import load_model, load_tokenizer  # noqa: E402
-from deltatune.registry import METHODS  # noqa: E402
-from deltatune.train import _optimizer  # noqa: E402
+from deltatune.training.loop import _optimizer  # noqa: E402
 
 CONFIGS = {"lora": deltatune.LoRA(r=8, alpha=16), "dora": deltatune.DoRA(r=8, alpha=16), "ia3": deltatune.IA3()}
 

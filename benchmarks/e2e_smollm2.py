@@ -32,7 +32,7 @@ from deltatune.evaluate import evaluate
 from deltatune.models import load_model, load_tokenizer
 from deltatune.prompting.fewshot import evaluate_fewshot
 from deltatune.tasks import get_task
-from deltatune.train import TrainConfig, train
+from deltatune.training.loop import TrainConfig, train
 
 METRICS = ["bleu", "nist", "meteor", "rouge_l", "cider"]
 

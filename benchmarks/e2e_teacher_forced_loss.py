@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from deltatune.data import IGNORE_INDEX, collate, encode
+from deltatune.core.lm_loss import target_only_loss
 from deltatune.delta import load_delta
-from deltatune.lm_loss import target_only_loss
 from deltatune.models import load_model, load_tokenizer
 from deltatune.tasks.e2e import e2e_task, load_e2e
+from deltatune.tasks.encoding import IGNORE_INDEX, collate, encode
 
 
 def mean_token_loss(model, tokenizer, examples: list[dict], batch_size: int = 16) -> float:

@@ -14,9 +14,9 @@ Modes:
 - full:    logits at every position, then the loss on the target positions (`task_loss`; what
            `deltatune train` did before the target-only loss);
 - targets: hidden states gathered at the target positions first, LM head + cross-entropy on those only
-           (`deltatune.lm_loss`);
+           (`deltatune.core.lm_loss`);
 - targets-eager: as targets, with attention as plain matrix products instead of PyTorch's CPU flash-attention
-           kernel (`deltatune.train.use_eager_attention`): what `deltatune train` does on a CPU now.
+           kernel (`deltatune.training.loop.use_eager_attention`): what `deltatune train` does on a CPU now.
 The first two use transformers' default attention (sdpa), as `deltatune train` did before.
 """
 
@@ -35,11 +35,11 @@ from pathlib import Path
 import torch
 
 import deltatune
-from deltatune.data import collate, encode, epoch_batches
 from deltatune.evaluate import task_loss
 from deltatune.models import load_model, load_tokenizer
 from deltatune.tasks import get_task
-from deltatune.train import resolve_precision
+from deltatune.tasks.encoding import collate, encode, epoch_batches
+from deltatune.training.loop import resolve_precision
 
 
 def full_loss(model, task, batch, labels):

@@ -24,9 +24,9 @@ import time
 import torch
 
 import deltatune
-from deltatune.data import Encoded, collate
 from deltatune.models import load_model, load_tokenizer
 from deltatune.tasks import get_task
+from deltatune.tasks.encoding import Encoded, collate
 from deltatune.tasks.generation import generation_prompt
 
 CONFIGS = {

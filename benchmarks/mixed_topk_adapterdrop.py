@@ -14,7 +14,7 @@ Two workloads of 16 rows, each timed as one mixed pass (`model(**batch, tasks=[.
 `use(task)` + one forward per task over its rows:
 - "different inputs": 16 sentences, 4 per task (padded to the longest of the 16);
 - "one input, 4 tasks": 4 sentences, each asked of all 4 tasks (the mixed pass runs the blocks no task of
-  the batch changes once per sentence: `deltatune.shared_lower`; also timed with that sharing turned off).
+  the batch changes once per sentence: `deltatune.core.shared_lower`; also timed with that sharing turned off).
 
 Plus one task alone at batch 1 and 16: AdapterDrop against Houlsby (fewer adapters: less added time).
 Variants run interleaved, medians over the rounds; CPU time of the one thread is the cost quoted (the

@@ -78,8 +78,8 @@ def _step(model, optimizer, batch, precision: str) -> None:
 
 
 def memory_child(name: str, precision: str) -> dict:
-    from deltatune.quantize import linear_weight_bytes
-    from deltatune.train import resolve_precision
+    from deltatune.testing import linear_weight_bytes
+    from deltatune.training.loop import resolve_precision
 
     started = time.perf_counter()
     model = _lora_model(name, precision)
@@ -97,8 +97,9 @@ def memory_child(name: str, precision: str) -> dict:
 
 
 def weights(models: list[str]) -> list[dict]:
+    from deltatune.core.quantize import quantization_info
     from deltatune.models import load_model
-    from deltatune.quantize import linear_weight_bytes, quantization_info
+    from deltatune.testing import linear_weight_bytes
 
     rows = []
     for name in models:
@@ -132,7 +133,7 @@ def memory(models: list[str]) -> list[dict]:
 
 
 def steps(models: list[str], rounds: int = 5, warmup: int = 1) -> list[dict]:
-    from deltatune.train import resolve_precision
+    from deltatune.training.loop import resolve_precision
 
     autocast = resolve_precision("auto")
     rows = []
@@ -161,12 +162,12 @@ def steps(models: list[str], rounds: int = 5, warmup: int = 1) -> list[dict]:
 
 
 def sst2(out: Path) -> list[dict]:
-    from deltatune.compare import TASK_SETTINGS
     from deltatune.delta import DeltaModel
     from deltatune.evaluate import evaluate
     from deltatune.models import load_model, load_tokenizer
+    from deltatune.results.compare import TASK_SETTINGS
     from deltatune.tasks import get_task
-    from deltatune.train import TrainConfig, train
+    from deltatune.training.loop import TrainConfig, train
 
     settings = TASK_SETTINGS["sst2"]
     steps_budget = int(settings.budget.split("=")[1])

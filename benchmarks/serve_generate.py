@@ -78,7 +78,7 @@ def make_deltas(method: str, folder: Path, model_name: str = "smollm2") -> dict[
 
 
 def tiny_folder(folder: Path) -> Path:
-    from deltatune.models import tiny_model, tiny_tokenizer
+    from deltatune.testing import tiny_model, tiny_tokenizer
 
     torch.manual_seed(0)
     tiny_model("llama", "causal-lm").save_pretrained(folder)

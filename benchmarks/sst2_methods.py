@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from deltatune.train import TrainConfig, train
+from deltatune.training.loop import TrainConfig, train
 
 
 def main() -> None:

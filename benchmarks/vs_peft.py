@@ -388,7 +388,7 @@ def quality_check(data_dir: str) -> str:
 def quality_run(data_dir: str, precision: str) -> dict:
     import tempfile
 
-    from deltatune.train import TrainConfig, train
+    from deltatune.training.loop import TrainConfig, train
 
     with tempfile.TemporaryDirectory() as out:
         summary = train(TrainConfig(model="minilm", task="sst2", method="lora", out=out, data_dir=data_dir,

@@ -14,7 +14,6 @@ for _logger in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_logger).setLevel(logging.ERROR)
 
 from deltatune._version import __version__  # noqa: E402
-from deltatune.combine import CombineConfig, combine_deltas  # noqa: E402
 from deltatune.delta import DeltaModel, ParameterReport, attach, load_delta  # noqa: E402
 from deltatune.errors import (  # noqa: E402
     ConfigError,
@@ -26,6 +25,7 @@ from deltatune.errors import (  # noqa: E402
     TargetError,
     TaskError,
 )
+from deltatune.formats.combine import CombineConfig, combine_deltas  # noqa: E402
 from deltatune.methods.adapter import Adapter  # noqa: E402
 from deltatune.methods.bitfit import BitFit  # noqa: E402
 from deltatune.methods.dora import DoRA  # noqa: E402
@@ -34,8 +34,8 @@ from deltatune.methods.ia3 import IA3  # noqa: E402
 from deltatune.methods.lora import LoRA  # noqa: E402
 from deltatune.methods.prefix import PrefixTuning  # noqa: E402
 from deltatune.methods.prompt import PromptTuning  # noqa: E402
+from deltatune.methods.registry import build_config  # noqa: E402
 from deltatune.methods.top_layers import TopLayers  # noqa: E402
-from deltatune.registry import build_config  # noqa: E402
 
 __all__ = [
     "__version__",

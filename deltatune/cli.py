@@ -11,13 +11,13 @@ import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from deltatune.combine import CombineConfig
-from deltatune.compare import PROMPTING_METHODS, CompareConfig
 from deltatune.errors import ConfigError, DeltaTuneError
-from deltatune.registry import METHODS, options_from_strings
-from deltatune.serve_config import ServeConfig
+from deltatune.formats.combine import CombineConfig
+from deltatune.methods.registry import METHODS, options_from_strings
+from deltatune.results.compare import PROMPTING_METHODS, CompareConfig
+from deltatune.serving.config import ServeConfig
 from deltatune.tasks.generation import GenerationFileOptions
-from deltatune.train import QUANTIZE_CHOICES, TrainConfig
+from deltatune.training.loop import QUANTIZE_CHOICES, TrainConfig
 
 
 # ---- options generated from config dataclasses (HfArgumentParser-style: one declaration per option) ----
@@ -71,7 +71,7 @@ def _comma_list(item_type: type):
 
 
 def cmd_params(args: argparse.Namespace) -> int:
-    from deltatune.params import format_table, parameter_table
+    from deltatune.results.params import format_table, parameter_table
 
     rows, config = parameter_table(args.arch)
     print(format_table(rows, args.arch, config))
@@ -123,7 +123,7 @@ def task_options(args: argparse.Namespace, prompt_format: dict | None = None) ->
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from deltatune.train import train
+    from deltatune.training.loop import train
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise DeltaTuneError(f"--out {args.out} is a file; the run folder must be a folder (new or existing)")
@@ -272,7 +272,7 @@ def _compare_config(args: argparse.Namespace):
 def _method_values(args: argparse.Namespace, name: str) -> dict[str, str]:
     """--lr / --method-seeds METHOD=VALUE pairs, each naming a method or variant the command runs (a typo would
     otherwise leave that row on its default without a word). Variant names keep their dashes (`adapter@lin-small`)."""
-    from deltatune.compare import base_method
+    from deltatune.results.compare import base_method
 
     flag = "--" + name.replace("_", "-")
     labels = getattr(args, "methods", None) or [args.method]
@@ -303,7 +303,7 @@ def _number(what: str, value: str, kind: type, expected: str):
 def compare_method_options(labels: list[str], pairs: list[str] | None) -> dict[str, dict]:
     """`-o METHOD:KEY=VALUE` per method and `-o METHOD@NAME:KEY=VALUE` per variant, typed by the method's config
     (a variant's options go over its method's). Unknown methods get none: they fail as their own cells."""
-    from deltatune.compare import base_method
+    from deltatune.results.compare import base_method
 
     options = {}
     for label in dict.fromkeys([*labels, *(base_method(label) for label in labels)]):
@@ -320,7 +320,7 @@ def compare_method_options(labels: list[str], pairs: list[str] | None) -> dict[s
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from deltatune.compare import compare
+    from deltatune.results.compare import compare
 
     payload = compare(_compare_config(args), command=args.command_line)
     print((Path(args.out) / "report.md").read_text())
@@ -328,7 +328,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from deltatune.compare import sweep
+    from deltatune.results.compare import sweep
 
     name, _, values = args.param.partition("=")
     if not values:
@@ -346,7 +346,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from deltatune.serve import serve
+    from deltatune.serving.app import serve
 
     deltas: dict[str | None, str] = {}
     for spec in args.delta or []:
@@ -357,14 +357,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from deltatune.peft_format import export_peft
+    from deltatune.formats.peft import export_peft
 
     print(f"wrote {export_peft(args.delta, args.out)} (Hugging Face peft adapter: PeftModel.from_pretrained)")
     return 0
 
 
 def cmd_combine(args: argparse.Namespace) -> int:
-    from deltatune.combine import combine_deltas
+    from deltatune.formats.combine import combine_deltas
 
     deltas = []
     for spec in args.delta:

@@ -20,15 +20,15 @@ import torch
 from torch import nn
 
 from deltatune._version import __version__
+from deltatune.core.architectures import HEAD_INPUT_NAMES, head_names, model_type
+from deltatune.core.component import BASE_TASK, DeltaComponent, TaskState, check_task_name, strip_wrappers
+from deltatune.core.heads import TaskHeads
+from deltatune.core.quantize import check_trainable, logical_parameters, quantization_info
+from deltatune.core.shared_lower import share_lower_blocks
 from deltatune.errors import ConfigError, DeltaError, MergeError, TaskError
-from deltatune.io import FORMAT, FORMAT_VERSION, shape_fingerprint, weights_fingerprint, write_delta
-from deltatune.methods.common import BASE_TASK, DeltaComponent, TaskState, check_task_name, strip_wrappers
-from deltatune.methods.head import TaskHeads
-from deltatune.peft_format import PEFT_FORMAT, check_peft_fits, read_saved_delta
-from deltatune.quantize import check_trainable, logical_parameters, quantization_info
-from deltatune.registry import build_config, method_entry, method_of
-from deltatune.shared_lower import share_lower_blocks
-from deltatune.targets import HEAD_INPUT_NAMES, head_names, model_type
+from deltatune.formats.native import FORMAT, FORMAT_VERSION, shape_fingerprint, weights_fingerprint, write_delta
+from deltatune.formats.peft import PEFT_FORMAT, check_peft_fits, read_saved_delta
+from deltatune.methods.registry import build_config, method_entry, method_of
 
 
 @dataclass
@@ -351,10 +351,10 @@ class DeltaModel(nn.Module):
 
     def combine(self, tasks: list[str], task: str = "combined", **settings) -> DeltaModel:
         """Combine loaded LoRA tasks into a new task `task` and make it active: `settings` are those of
-        `deltatune.combine.CombineConfig` (how="linear"|"svd"|"ties"|"dare", weights, rank, density, seed,
+        `deltatune.formats.combine.CombineConfig` (how="linear"|"svd"|"ties"|"dare", weights, rank, density, seed,
         head: the task whose head it carries, default the first). The same result as saving the tasks and
         running `deltatune combine` on the folders, then loading that."""
-        from deltatune.combine import CombineConfig, Source, combine
+        from deltatune.formats.combine import CombineConfig, Source, combine
 
         for name in tasks:
             if name not in self.task_info:
@@ -494,7 +494,7 @@ class DeltaModel(nn.Module):
 
         With `target_labels=` (a causal LM's token labels, -100 where no loss is) it returns the mean
         next-token loss instead of the outputs, running the LM head on the target positions only
-        (`deltatune.lm_loss`): equal to the loss from the full logits, with a fraction of the work."""
+        (`deltatune.core.lm_loss`): equal to the loss from the full logits, with a fraction of the work."""
         if target_labels is not None:
             kwargs["labels"] = target_labels  # prompt tuning extends them over its virtual tokens
         if tasks is not None:
@@ -506,7 +506,7 @@ class DeltaModel(nn.Module):
 
     def _run_base(self, args, kwargs, target_loss: bool):
         if target_loss:
-            from deltatune.lm_loss import target_only_loss
+            from deltatune.core.lm_loss import target_only_loss
 
             labels = kwargs.pop("labels")
             return target_only_loss(self.base_model, kwargs, labels)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from deltatune.data import Encoded, collate, encode, max_model_length
 from deltatune.errors import DeltaTuneError
 from deltatune.tasks import Task
+from deltatune.tasks.encoding import Encoded, collate, encode, max_model_length
 from deltatune.tasks.generation import generation_prompt
 
 

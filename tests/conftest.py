@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import settings
 
-from deltatune.models import tiny_model, tiny_tokenizer
+from deltatune.testing import tiny_model, tiny_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

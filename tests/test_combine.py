@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 import deltatune
 from deltatune.cli import main as cli_main
-from deltatune.combine import CombineConfig, combine_deltas, dare, keep_largest, ties
 from deltatune.errors import ConfigError, DeltaError
+from deltatune.formats.combine import CombineConfig, combine_deltas, dare, keep_largest, ties
 from deltatune.methods.lora import LoRALinear
 
 
@@ -188,7 +188,7 @@ def test_mismatches_are_refused_by_name(two_deltas, tmp_path):
 
 def test_a_peft_adapter_folder_is_refused_with_the_way_round(two_deltas, tmp_path):
     sst2, rte = two_deltas
-    from deltatune.peft_format import export_peft
+    from deltatune.formats.peft import export_peft
 
     export_peft(rte, tmp_path / "peft")
     with pytest.raises(DeltaError, match="peft adapter folder, which does not record its base model; load it"):
@@ -198,7 +198,7 @@ def test_a_peft_adapter_folder_is_refused_with_the_way_round(two_deltas, tmp_pat
 def test_a_delta_with_extra_tensors_is_refused(two_deltas, tmp_path):
     """A LoRA-family delta with more than A, B and a head (DoRA's magnitude vector) is not plain LoRA."""
     sst2, _ = two_deltas
-    from deltatune.combine import Source, combine
+    from deltatune.formats.combine import Source, combine
 
     tensors, meta = load_file(sst2 / "delta.safetensors"), json.loads((sst2 / "delta.json").read_text())
     layer = next(k for k in tensors if k.endswith(".lora_A"))[: -len(".lora_A")]

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from deltatune.cli import main as cli_main
-from deltatune.models import tiny_tokenizer
-from deltatune.train import TrainConfig
+from deltatune.testing import tiny_tokenizer
+from deltatune.training.loop import TrainConfig
 
 
 def compare_args(model_dir, data_file, out, methods="lora,bitfit", seeds=2):
@@ -133,7 +133,7 @@ def tiny_model_dir_for(tmp_path):
 
 
 def test_prompting_cells_refuse_unknown_options():
-    from deltatune.compare import prompting_summary
+    from deltatune.results.compare import prompting_summary
 
     for method, options in [("few-shot", {"shot": "4"}), ("zero-shot", {"shots": "2"})]:
         config = TrainConfig(model="smollm2", task="sst2", method=method, out="unused", method_options=options)
@@ -183,8 +183,8 @@ def table_line(report, label):
 def test_report_means_only_the_seeds_that_finished_and_lists_the_failed_ones(tmp_path):
     """2 of LoRA's 3 seeds failed: its row is 1/3 with the one value (no "± 0.00"), the header claims no
     "3 seeds", and each failed seed is listed with its error under the table, in results.json and the csv."""
-    from deltatune.compare import CompareConfig
-    from deltatune.report import write_report
+    from deltatune.results.compare import CompareConfig
+    from deltatune.results.report import write_report
 
     cells = [hand_cell(tmp_path, "lora", 0, 0.91), hand_cell(tmp_path, "lora", 1, error="RuntimeError: out of memory"),
              hand_cell(tmp_path, "lora", 2, error="ValueError: loss is nan"),
@@ -220,8 +220,8 @@ def test_report_means_only_the_seeds_that_finished_and_lists_the_failed_ones(tmp
 
 
 def test_one_seed_is_a_value_without_a_spread(tmp_path):
-    from deltatune.compare import CompareConfig
-    from deltatune.report import write_report
+    from deltatune.results.compare import CompareConfig
+    from deltatune.results.report import write_report
 
     config = CompareConfig(seeds=1, out=str(tmp_path / "out"))
     write_report(config, {"c": hand_cell(tmp_path, "lora", 0, 0.9624)}, None, "deltatune compare", "compare")
@@ -231,8 +231,8 @@ def test_one_seed_is_a_value_without_a_spread(tmp_path):
 
 
 def test_sweep_rows_say_how_many_seeds_finished(tmp_path):
-    from deltatune.compare import CompareConfig
-    from deltatune.report import write_report
+    from deltatune.results.compare import CompareConfig
+    from deltatune.results.report import write_report
 
     cells = [hand_cell(tmp_path, "lora", 0, 0.80, label="lora-r=4", sweep_value=4),
              hand_cell(tmp_path, "lora", 1, 0.90, label="lora-r=4", sweep_value=4),
@@ -249,7 +249,7 @@ def test_sweep_rows_say_how_many_seeds_finished(tmp_path):
 
 def test_latency_sequence_fits_the_positions_beside_the_longest_prompt(tiny_model_dir, tmp_path):
     """128 tokens, or fewer on a model whose 128 positions must also hold a 20-token prompt."""
-    from deltatune.compare import LATENCY_SEQ_LEN, latency_sequence_length
+    from deltatune.results.compare import LATENCY_SEQ_LEN, latency_sequence_length
 
     lora = {"lora": hand_cell(tmp_path / "a", "lora", 0, 0.9, options={"r": 8})}
     prompt = {**lora, "prompt": hand_cell(tmp_path / "b", "prompt", 0, 0.7, options={"length": 20})}
@@ -262,8 +262,8 @@ def test_latency_is_reused_only_under_the_settings_it_was_measured_with(tmp_path
     measure again; --no-latency leaves no latency section in report.md or results.json."""
     import torch
 
-    from deltatune import compare as compare_module
-    from deltatune.compare import CompareConfig, compare
+    from deltatune.results import compare as compare_module
+    from deltatune.results.compare import CompareConfig, compare
 
     measured = []
 

@@ -19,7 +19,7 @@ from conftest import make_model
 import deltatune
 from deltatune.cli import method_settings
 from deltatune.errors import ConfigError, DeltaError
-from deltatune.registry import METHODS, build_config
+from deltatune.methods.registry import METHODS, build_config
 
 NUMBER_TYPES = (int, float)
 

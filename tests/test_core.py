@@ -13,7 +13,7 @@ from torch import nn
 import deltatune
 from deltatune.cli import main as cli_main
 
-D, FF, L, R = 32, 64, 2, 4  # tiny models: hidden, FFN width, layers (see deltatune.models.tiny_model)
+D, FF, L, R = 32, 64, 2, 4  # tiny models: hidden, FFN width, layers (see deltatune.testing.tiny_model)
 
 
 def lora_pair(d_in: int, d_out: int, r: int = R) -> int:
@@ -193,7 +193,7 @@ def test_interrupted_save_keeps_the_previous_delta(tmp_path, monkeypatch):
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("deltatune.io.save_file", broken_save)
+    monkeypatch.setattr("deltatune.formats.native.save_file", broken_save)
     with pytest.raises(OSError, match="disk full"):
         model.save_delta(tmp_path / "d")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no temp folder left behind

@@ -1,5 +1,5 @@
 """The coverage matrix: every registered method, with its defaults, on a tiny random model of every popular
-`transformers` model type (`models.TINY_ZOO`: encoders, decoders, encoder-decoders).
+`transformers` model type (`testing.TINY_ZOO`: encoders, decoders, encoder-decoders).
 
 Each cell attaches the method to the type's `...ForSequenceClassification` model and checks: the output is
 unchanged at init (prompt and prefix tuning excepted: their inserted vectors change it; `use("base")` must
@@ -25,8 +25,8 @@ import torch
 import deltatune
 from deltatune.errors import DeltaTuneError
 from deltatune.methods.lora import LoRALinear
-from deltatune.models import TINY_ZOO, tiny_model_of_type
-from deltatune.registry import METHODS
+from deltatune.methods.registry import METHODS
+from deltatune.testing import TINY_ZOO, tiny_model_of_type
 
 
 def method_configs() -> dict[str, object]:

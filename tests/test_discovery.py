@@ -1,5 +1,5 @@
 """Structural discovery (targets.py): W_q and W_v found by name, the q and v rows of fused projections, and
-`targets="all-linear"`, on the tiny models of `models.TINY_ZOO`.
+`targets="all-linear"`, on the tiny models of `testing.TINY_ZOO`.
 
 The fused layouts are checked two ways, neither through the code under test: the output rows that a LoRA
 update changes are compared with row numbers written out by hand from each model's attention code, and the
@@ -15,10 +15,7 @@ import pytest
 import torch
 
 import deltatune
-from deltatune.errors import TargetError
-from deltatune.methods.lora import LoRALinear
-from deltatune.models import TINY_ZOO, tiny_model_of_type
-from deltatune.targets import (
+from deltatune.core.architectures import (
     ADAPTER_SITES,
     DEFAULT_LORA_TARGETS,
     FINAL_MODULES,
@@ -29,6 +26,9 @@ from deltatune.targets import (
     is_norm,
     resolve_lora_targets,
 )
+from deltatune.errors import TargetError
+from deltatune.methods.lora import LoRALinear
+from deltatune.testing import TINY_ZOO, tiny_model_of_type
 
 
 def spans(*ranges: tuple[int, int]) -> list[int]:

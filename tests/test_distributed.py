@@ -25,9 +25,9 @@ from conftest import WORDS_NEGATIVE, WORDS_POSITIVE, make_model
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from deltatune.models import tiny_model, tiny_tokenizer
-from deltatune.registry import METHODS
-from deltatune.train import TrainConfig, train
+from deltatune.methods.registry import METHODS
+from deltatune.testing import tiny_model, tiny_tokenizer
+from deltatune.training.loop import TrainConfig, train
 
 STEPS, BATCH = 6, 7
 COMMON = ["--max-steps", str(STEPS), "--batch-size", str(BATCH), "--lr", "5e-3", "--seed", "3", "--no-progress",
@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from deltatune.cli import main
-from deltatune.train import train
+from deltatune.training.loop import train
 from test_distributed import gradient_runs, optimizer_steps, recorded_gradients
 
 common, runs, data, out = json.loads(sys.argv[1])

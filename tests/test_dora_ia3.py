@@ -13,9 +13,9 @@ from conftest import make_inputs, make_model
 from safetensors.torch import load_file
 
 import deltatune
+from deltatune.core.architectures import unwrap
 from deltatune.errors import DeltaError, TargetError
-from deltatune.peft_format import export_peft
-from deltatune.targets import unwrap
+from deltatune.formats.peft import export_peft
 
 peft = pytest.importorskip("peft")
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model  # noqa: E402

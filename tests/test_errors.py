@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 
 import deltatune
 from deltatune.cli import main as cli_main
-from deltatune.io import META_FILE, WEIGHTS_FILE
-from deltatune.models import tiny_tokenizer
+from deltatune.formats.native import META_FILE, WEIGHTS_FILE
+from deltatune.testing import tiny_tokenizer
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 

@@ -7,8 +7,8 @@ from conftest import make_model
 
 from deltatune.delta import DeltaModel
 from deltatune.evaluate import generate_texts
-from deltatune.models import tiny_tokenizer
 from deltatune.tasks.generation import generation_prompt
+from deltatune.testing import tiny_tokenizer
 
 
 def greedy_by_hand(model, tokenizer, source: str, max_new_tokens: int) -> str:

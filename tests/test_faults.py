@@ -35,14 +35,14 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import deltatune
-import deltatune.io as io
-import deltatune.train as train_module
+import deltatune.formats.native as io
+import deltatune.training.loop as train_module
 from deltatune.cli import main as cli_main
+from deltatune.core.component import TASK_NAME
 from deltatune.errors import DeltaError, TrainingError
-from deltatune.io import FORMAT, META_FILE, WEIGHTS_FILE, read_delta, write_delta
-from deltatune.methods.common import TASK_NAME
-from deltatune.models import tiny_tokenizer
-from deltatune.train import TrainConfig, train
+from deltatune.formats.native import FORMAT, META_FILE, WEIGHTS_FILE, read_delta, write_delta
+from deltatune.testing import tiny_tokenizer
+from deltatune.training.loop import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAD_KEYS = {"classifier.weight", "classifier.bias"}  # the tiny BERT's head

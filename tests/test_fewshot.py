@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from deltatune.errors import FewShotError
-from deltatune.models import tiny_model, tiny_tokenizer
 from deltatune.prompting.calibration import CONTENT_FREE_INPUTS, calibrate
 from deltatune.prompting.demonstrations import (
     best_draw,
@@ -25,6 +24,7 @@ from deltatune.prompting.demonstrations import (
 from deltatune.prompting.fewshot import TEMPLATES, PromptTemplate, evaluate_fewshot
 from deltatune.prompting.prefix_cache import complete, generate_greedy, prefix_token_ids, score_labels
 from deltatune.tasks.task import Task
+from deltatune.testing import tiny_model, tiny_tokenizer
 
 PREFIX = (
     "Review: a moving film\nSentiment: positive\n\nReview: the acting was terrible\nSentiment: negative\n\n"

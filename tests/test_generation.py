@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import deltatune
-from deltatune.data import IGNORE_INDEX, collate
 from deltatune.evaluate import task_loss
-from deltatune.models import tiny_model, tiny_tokenizer
 from deltatune.tasks import DataError, get_task
+from deltatune.tasks.encoding import IGNORE_INDEX, collate
 from deltatune.tasks.generation import ChatTemplateError, LengthWarning, PromptFormat, encode_examples
+from deltatune.testing import tiny_model, tiny_tokenizer
 
 # ChatML as SmolLM2-Instruct writes it, with the default system turn left out
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -200,7 +200,7 @@ def lm_batch(seed: int = 0) -> tuple[dict, torch.Tensor]:
     """Right-padded sequences whose first tokens are a prompt (label -100), then targets."""
     generator = torch.Generator().manual_seed(seed)
     items = []
-    from deltatune.data import Encoded
+    from deltatune.tasks.encoding import Encoded
 
     for prompt_length, target_length in [(5, 3), (2, 7), (6, 1)]:
         ids = torch.randint(4, 400, (prompt_length + target_length,), generator=generator).tolist()

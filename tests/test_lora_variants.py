@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 import deltatune
 from deltatune.errors import ConfigError, TrainingError
 from deltatune.methods.lora import LoRALinear
-from deltatune.registry import build_config
-from deltatune.train import TrainConfig, setup, train
+from deltatune.methods.registry import build_config
+from deltatune.training.loop import TrainConfig, setup, train
 
 
 def logits(model, inputs) -> torch.Tensor:

@@ -17,8 +17,8 @@ import torch
 from conftest import ARCHS, make_inputs, make_model
 
 import deltatune
-from deltatune.methods.common import DeltaComponent
-from deltatune.registry import METHODS
+from deltatune.core.component import DeltaComponent
+from deltatune.methods.registry import METHODS
 
 BIASLESS = {"llama", "t5"}  # no bias terms: a method with an `add_missing` setting (BitFit) must add them
 

@@ -12,9 +12,9 @@ import torch
 
 import deltatune
 from deltatune.errors import DeltaTuneError, TaskError
-from deltatune.methods import common
-from deltatune.models import tiny_model
-from deltatune.registry import METHODS
+from deltatune.core import component as common
+from deltatune.methods.registry import METHODS
+from deltatune.testing import tiny_model
 
 ARCHS = ["bert", "gpt2", "llama", "t5"]
 BIASLESS = {"llama", "t5"}

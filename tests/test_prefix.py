@@ -17,7 +17,7 @@ from test_mixed import alone, padded_batch
 
 import deltatune
 from deltatune.errors import MergeError, PrefixError
-from deltatune.models import TINY_MAX_POSITIONS, tiny_model
+from deltatune.testing import TINY_MAX_POSITIONS, tiny_model
 
 ARCHS = ["bert", "roberta", "gpt2", "llama", "t5"]
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -59,7 +59,7 @@ def test_delta_file_holds_only_the_folded_prefixes(arch, tmp_path):
     prefix_numbers = 5 * 2 * kv_width * layers  # length x (K, V) x d_kv x layers (Li & Liang's count)
     head_numbers = sum(t.numel() for t in model.task_parameters("t", roles=("head",)).values())
     model.save_delta(tmp_path / "d")
-    saved = deltatune.io.read_delta(tmp_path / "d")[0]
+    saved = deltatune.formats.native.read_delta(tmp_path / "d")[0]
     assert sorted(saved) == sorted(["prefix_key_values", *model.head_keys("t")])
     assert saved["prefix_key_values"].numel() == prefix_numbers
     size = (tmp_path / "d" / "delta.safetensors").stat().st_size
@@ -301,7 +301,7 @@ def test_calls_that_would_lose_the_prefix_are_refused():
 
 
 def test_training_with_gradient_checkpointing_is_refused_by_name(tiny_model_dir, sentiment_csv, tmp_path):
-    from deltatune.train import TrainConfig, train
+    from deltatune.training.loop import TrainConfig, train
 
     with pytest.raises(PrefixError, match="train without --grad-checkpointing"):
         train(TrainConfig(model=str(tiny_model_dir), task="csv", method="prefix", out=str(tmp_path / "run"),
@@ -343,7 +343,8 @@ def test_serve_runs_prefix_and_lora_requests_as_one_mixed_batch(tiny_model_dir, 
     from test_serve import TEXTS, held, wait_for_queue
 
     from deltatune.models import load_model, load_tokenizer
-    from deltatune.serve import BackgroundServer, ServeConfig, build_engine
+    from deltatune.serving.app import ServeConfig, build_engine
+    from deltatune.testing import BackgroundServer
 
     paths = {}
     for index, (task, config) in enumerate({"pfx": deltatune.PrefixTuning(length=4, hidden=16),

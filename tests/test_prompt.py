@@ -11,7 +11,7 @@ from conftest import make_inputs, make_model
 
 import deltatune
 from deltatune.cli import main as cli_main
-from deltatune.models import tiny_tokenizer
+from deltatune.testing import tiny_tokenizer
 
 P = 4  # prompt length in these tests
 

@@ -1,4 +1,4 @@
-"""A quantized frozen base (deltatune.quantize, QLoRA's recipe): the layers against hand-derived error bounds and
+"""A quantized frozen base (deltatune.core.quantize, QLoRA's recipe): the layers against hand-derived error bounds and
 a dequantized fp32 copy, every delta method trained over them, refusals, and deltas moving between precisions."""
 
 from __future__ import annotations
@@ -14,17 +14,11 @@ from conftest import make_inputs, make_model
 
 import deltatune
 from deltatune.cli import main as cli_main
+from deltatune.core.architectures import in_transformer_block, linear_layers
+from deltatune.core.quantize import SCHEMES, QuantizedLinear, quantization_info, quantize_model, quantized_layers
 from deltatune.errors import QuantizationError
 from deltatune.models import load_model, load_tokenizer
-from deltatune.quantize import (
-    SCHEMES,
-    QuantizedLinear,
-    linear_weight_bytes,
-    quantization_info,
-    quantize_model,
-    quantized_layers,
-)
-from deltatune.targets import in_transformer_block, linear_layers
+from deltatune.testing import linear_weight_bytes
 
 # The 16 NormalFloat values (Dettmers et al. 2023, appendix E): the widest gap, -1 .. -0.6962, bounds the rounding.
 NF4_HALF_GAP = (1 - 0.6961928) / 2
@@ -317,7 +311,7 @@ def test_cli_train_eval_and_serve_over_a_quantized_base(tiny_model_dir, sentimen
     assert cli_main(["train", "--model", str(tiny_model_dir), *data, "--method", "full", "--out", str(tmp_path / "f"),
                      "--max-steps", "1", "--quantize", "nf4", "--no-progress"]) == 2
     assert "full trains the base model's own weights" in capsys.readouterr().err.strip().splitlines()[-1]
-    from deltatune.serve import ServeConfig, build_engine
+    from deltatune.serving.app import ServeConfig, build_engine
 
     engine = build_engine(str(tiny_model_dir), {"csv": out / "delta"}, ServeConfig(quantize="int8"))
     try:
@@ -331,8 +325,8 @@ def test_compare_reuses_cells_finished_before_the_quantize_setting_existed(tmp_p
     asked with --quantize is not the same cell."""
     from dataclasses import asdict
 
-    from deltatune.compare import _finished
-    from deltatune.train import TrainConfig
+    from deltatune.results.compare import _finished
+    from deltatune.training.loop import TrainConfig
 
     config = TrainConfig(model="m", task="sst2", method="lora", out=str(tmp_path / "run"))
     old = {k: v for k, v in json.loads(json.dumps(asdict(config))).items() if k != "quantize"}

@@ -18,7 +18,8 @@ from conftest import make_model
 
 import deltatune
 from deltatune.models import load_model, load_tokenizer
-from deltatune.serve import BackgroundServer, ServeConfig, build_engine
+from deltatune.serving.app import ServeConfig, build_engine
+from deltatune.testing import BackgroundServer
 
 TEXTS = ["the movie was great .", "a bleak and weak plot", "funny"]
 

@@ -23,8 +23,8 @@ from test_generation import chat_tokenizer
 
 import deltatune
 from deltatune.errors import DeltaTuneError
-from deltatune.models import tiny_model
-from deltatune.serve import BackgroundServer, ServeConfig, build_engine
+from deltatune.serving.app import ServeConfig, build_engine
+from deltatune.testing import BackgroundServer, tiny_model
 
 CONFIGS = {
     "lora": deltatune.LoRA(r=2, alpha=4),

@@ -12,9 +12,9 @@ import pytest
 
 from deltatune.cli import _compare_config, build_parser
 from deltatune.cli import main as cli_main
-from deltatune.compare import CompareConfig, TaskSettings, jobs_and_threads, plan_cells
 from deltatune.errors import ConfigError
-from deltatune.train import TrainConfig
+from deltatune.results.compare import CompareConfig, TaskSettings, jobs_and_threads, plan_cells
+from deltatune.training.loop import TrainConfig
 
 
 def parse(*argv):
@@ -107,7 +107,7 @@ def test_jobs_times_threads_fit_the_cores(monkeypatch):
 
 # ---- the majority-class floor --------------------------------------------------------------------------------
 def test_majority_class_scores_are_the_constant_predictions(tmp_path):
-    from deltatune.tables import majority_scores
+    from deltatune.results.tables import majority_scores
 
     path = tmp_path / "labels.csv"
     path.write_text("text,label\n" + "".join(f"t{i},{'yes' if i < 7 else 'no'}\n" for i in range(10)))
@@ -139,8 +139,8 @@ def line(report, label):
 
 
 def test_task_table_bold_avg_majority_and_published_orderings(tmp_path):
-    from deltatune.report import write_report
-    from deltatune.tables import load_published
+    from deltatune.results.report import write_report
+    from deltatune.results.tables import load_published
 
     cells = {}
     for seed, (rte, acc, f1) in enumerate([(0.60, 0.80, 0.86), (0.62, 0.84, 0.88)]):  # LoRA over two seeds
@@ -180,7 +180,7 @@ def test_task_table_bold_avg_majority_and_published_orderings(tmp_path):
 
 
 def test_published_tables_are_package_data_with_their_source():
-    from deltatune.tables import load_published, matching_published
+    from deltatune.results.tables import load_published, matching_published
 
     glue, e2e = load_published("roberta-base"), load_published("gpt2-medium")
     assert "Table 2" in glue["source"] and "Table 3" in e2e["source"]
@@ -195,7 +195,7 @@ def test_published_tables_are_package_data_with_their_source():
 
 
 def test_task_settings_table_has_the_glue_tasks():
-    from deltatune.compare import TASK_SETTINGS
+    from deltatune.results.compare import TASK_SETTINGS
 
     assert TASK_SETTINGS["sst2"] == TaskSettings("steps=300", 64)  # what compare ran before per-task settings
     assert {"sst2", "mrpc", "cola", "rte", "stsb", "e2e"} <= set(TASK_SETTINGS)
@@ -227,7 +227,7 @@ def test_a_classification_cell_trained_with_a_frozen_pooler_is_trained_again(tmp
     """Cells from before BERT's pooler trained with the head (no head_parameters in their summary) are not reused
     for the methods that keep the base frozen; full fine-tuning (it trained the pooler anyway) and generation
     cells (no pooler) are."""
-    from deltatune.compare import _finished
+    from deltatune.results.compare import _finished
 
     def cell(method, final, **summary):
         config = TrainConfig(model="minilm", task="cola", method=method, out=str(tmp_path / method))
@@ -247,7 +247,7 @@ def test_a_classification_cell_trained_with_a_frozen_pooler_is_trained_again(tmp
 
 def test_report_only_writes_the_table_from_finished_cells_and_trains_none(tmp_path, monkeypatch):
     """--report-only: the finished cell's row, the unfinished one listed as not run, no cell started."""
-    import deltatune.compare as compare_module
+    import deltatune.results.compare as compare_module
 
     monkeypatch.setattr(compare_module, "run_cell", lambda *a, **k: pytest.fail("--report-only started a cell"))
     config = parse("--tasks", "rte", "--methods", "lora,bitfit", "--no-latency", "--report-only",
@@ -271,8 +271,8 @@ def test_report_only_writes_the_table_from_finished_cells_and_trains_none(tmp_pa
 
 def test_a_generation_table_has_no_majority_row(tmp_path):
     """E2E has no majority class (its floor is the zero-shot row): no row of dashes, no note about one."""
-    from deltatune.report import aggregate
-    from deltatune.tables import task_table_lines
+    from deltatune.results.report import aggregate
+    from deltatune.results.tables import task_table_lines
 
     rows = aggregate({"e2e-lora": cell(tmp_path, "e2e", "lora", 0, {"bleu": 0.53, "nist": 7.2})})
     text = "\n".join(task_table_lines(rows, ["e2e"], majority={"e2e": None}))
@@ -281,7 +281,7 @@ def test_a_generation_table_has_no_majority_row(tmp_path):
 
 
 def test_cell_table_prints_cider_and_nist_as_they_are_even_below_one():
-    from deltatune.report import _fmt_metric
+    from deltatune.results.report import _fmt_metric
 
     assert _fmt_metric({"cider_mean": 0.5588, "cider_std": None}, "cider") == "0.559"  # not "55.88" (%)
     assert _fmt_metric({"accuracy_mean": 0.8, "accuracy_std": 0.01}, "accuracy") == "80.00 ± 1.00"
@@ -290,7 +290,7 @@ def test_cell_table_prints_cider_and_nist_as_they_are_even_below_one():
 def test_a_row_takes_its_head_size_from_any_seed_that_recorded_it(tmp_path):
     """Full fine-tuning's seeds 0-1 ran before summaries had head_parameters, seed 2 after: the row counts the
     method's own parameters from seed 2's head size, not the total with the head."""
-    from deltatune.report import aggregate
+    from deltatune.results.report import aggregate
 
     old = [cell(tmp_path, "rte", "full", seed, {"accuracy": 0.6}, trainable=100) for seed in (0, 1)]
     new = cell(tmp_path, "rte", "full", 2, {"accuracy": 0.6}, trainable=100, head=30)
@@ -302,7 +302,7 @@ def test_a_row_takes_its_head_size_from_any_seed_that_recorded_it(tmp_path):
 
 def test_the_budget_line_groups_methods_by_their_finished_seed_count(tmp_path):
     """--method-seeds lora=3 with --seeds 1, every cell finished: one clause per count, not one per (task, row)."""
-    from deltatune.report import _seeds_line, aggregate
+    from deltatune.results.report import _seeds_line, aggregate
 
     cells = {f"{task}-lora-{seed}": cell(tmp_path, task, "lora", seed, {"accuracy": 0.6})
              for task in ("rte", "mrpc") for seed in range(3)}

@@ -14,9 +14,9 @@ from test_mixed import alone, build, padded_batch
 
 import deltatune
 from deltatune.cli import main as cli_main
+from deltatune.core.component import DeltaComponent
+from deltatune.core.shared_lower import untouched_blocks
 from deltatune.errors import DeltaTuneError, MergeError
-from deltatune.methods.common import DeltaComponent
-from deltatune.shared_lower import untouched_blocks
 
 # tiny GPT-2: hidden 32, inner 64, 2 blocks, 2-label score head without bias
 GPT2_BLOCK = (2 * 32) + (32 * 96 + 96) + (32 * 32 + 32) + (2 * 32) + (32 * 64 + 64) + (64 * 32 + 32)  # 8,544
@@ -228,7 +228,7 @@ def test_train_compare_and_serve_accept_the_new_methods(tiny_model_dir, sentimen
     import json
 
     from deltatune.models import load_model, load_tokenizer
-    from deltatune.serve import ServeConfig, build_engine
+    from deltatune.serving.app import ServeConfig, build_engine
 
     data = ["--task", "csv", "--data-file", str(sentiment_csv), "--text-columns", "review",
             "--label-column", "sentiment"]
@@ -264,8 +264,8 @@ def test_train_compare_and_serve_accept_the_new_methods(tiny_model_dir, sentimen
 
 def test_fsdp_is_refused_for_top_layers():
     """Its component keeps the base parameters that sharding would replace (as full fine-tuning's does)."""
-    from deltatune.distributed import shard_model
     from deltatune.errors import TrainingError
+    from deltatune.training.distributed import shard_model
 
     model = deltatune.attach(make_model("bert"), deltatune.TopLayers(k=1), task="t")
     with pytest.raises(TrainingError, match="--fsdp does not work with --method top_layers"):

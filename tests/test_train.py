@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-import deltatune.train as train_module
+import deltatune.training.loop as train_module
 from deltatune.cli import main as cli_main
 from deltatune.errors import TrainingError
-from deltatune.train import TrainConfig, train
+from deltatune.training.loop import TrainConfig, train
 
 
 def config(model_dir, data_file, out, **overrides) -> TrainConfig:
@@ -160,7 +160,7 @@ def test_cli_train_eval_predict(tiny_model_dir, sentiment_csv, tmp_path, capsys)
 
 
 def test_precision_auto_picks_bf16_only_with_native_support(monkeypatch):
-    from deltatune.train import resolve_precision
+    from deltatune.training.loop import resolve_precision
 
     assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -175,7 +175,7 @@ def test_precision_auto_picks_bf16_only_with_native_support(monkeypatch):
 def test_cli_train_defaults_to_auto_precision_and_records_what_ran(tiny_model_dir, sentiment_csv, tmp_path):
     """The CLI's default is the fast path where the hardware has it; the summary says which precision ran,
     and the bf16 run's delta gives outputs close to the fp32 run's (same seed, same data)."""
-    from deltatune.train import resolve_precision
+    from deltatune.training.loop import resolve_precision
 
     runs = {}
     for precision in ("auto", "fp32"):

@@ -27,7 +27,7 @@ Lin et al. freeze the whole base model (ReLU as f): `Adapter(placement="lin", tr
 activation="relu")`. `skip_layers=n` is AdapterDrop (Rücklé et al. 2021, "AdapterDrop: On the
 Efficiency of Adapters in Transformers", §3): no adapters, and no trained norms, in the lowest n blocks
 of each stack (nor in the embeddings), so those blocks compute exactly the base model's function for
-every task: a mixed batch, or one input for several tasks, runs them once (`deltatune.shared_lower`).
+every task: a mixed batch, or one input for several tasks, runs them once (`deltatune.core.shared_lower`).
 """
 
 from __future__ import annotations
@@ -39,9 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.errors import DeltaTuneError, MergeError, TargetError
-from deltatune.methods.common import DeltaComponent, TaskState, float_reference
-from deltatune.targets import (
+from deltatune.core.architectures import (
     ADAPTER_SITES,
     block_index,
     block_lists,
@@ -51,6 +49,8 @@ from deltatune.targets import (
     model_type,
     unwrap,
 )
+from deltatune.core.component import DeltaComponent, TaskState, float_reference
+from deltatune.errors import DeltaTuneError, MergeError, TargetError
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh, "silu": F.silu, "swish": F.silu}
 

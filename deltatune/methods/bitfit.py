@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from deltatune.core.architectures import LINEAR_TYPES, in_transformer_block, output_features, unwrap
+from deltatune.core.component import DeltaComponent, TaskState, float_reference
 from deltatune.errors import TargetError
-from deltatune.methods.common import DeltaComponent, TaskState, float_reference
-from deltatune.targets import LINEAR_TYPES, in_transformer_block, output_features, unwrap
 
 
 @dataclass

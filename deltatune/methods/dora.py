@@ -35,10 +35,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from deltatune.core.architectures import resolve_lora_targets, unwrap
+from deltatune.core.component import DeltaComponent, TaskState
+from deltatune.core.quantize import QuantizedLinear
 from deltatune.methods import lora
-from deltatune.methods.common import DeltaComponent, TaskState
-from deltatune.quantize import QuantizedLinear
-from deltatune.targets import resolve_lora_targets, unwrap
 
 
 @dataclass

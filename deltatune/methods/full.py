@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from deltatune.core.component import DeltaComponent, TaskState, strip_wrappers
 from deltatune.errors import DeltaTuneError
-from deltatune.methods.common import DeltaComponent, TaskState, strip_wrappers
 
 
 @dataclass

@@ -29,10 +29,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from deltatune.core.architectures import (
+    IA3_TARGETS,
+    input_features,
+    model_type,
+    output_features,
+    resolve_lora_targets,
+    unwrap,
+)
+from deltatune.core.component import DeltaComponent, TaskState, float_reference
+from deltatune.core.quantize import QuantizedLinear
 from deltatune.errors import QuantizationError, TargetError
-from deltatune.methods.common import DeltaComponent, TaskState, float_reference
-from deltatune.quantize import QuantizedLinear
-from deltatune.targets import IA3_TARGETS, input_features, model_type, output_features, resolve_lora_targets, unwrap
 
 
 @dataclass

@@ -37,10 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltatune.core.architectures import LINEAR_TYPES, RowGroups, input_features, output_features, resolve_lora_targets
+from deltatune.core.component import DeltaComponent, TaskState, float_reference
+from deltatune.core.quantize import QuantizedLinear
 from deltatune.errors import QuantizationError
-from deltatune.methods.common import DeltaComponent, TaskState, float_reference
-from deltatune.quantize import QuantizedLinear
-from deltatune.targets import LINEAR_TYPES, RowGroups, input_features, output_features, resolve_lora_targets
 
 INITS = ["default", "pissa"]
 

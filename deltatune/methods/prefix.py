@@ -36,10 +36,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from deltatune.core.architectures import (
+    PREFIX_ARCHITECTURES,
+    ROBERTA_LIKE,
+    attention_shape,
+    model_type,
+    prefix_kind,
+    top_blocks,
+)
+from deltatune.core.component import DeltaComponent, TaskState
 from deltatune.errors import MergeError, PrefixError
-from deltatune.methods.common import DeltaComponent, TaskState
 from deltatune.methods.prompt import position_limit
-from deltatune.targets import PREFIX_ARCHITECTURES, ROBERTA_LIKE, attention_shape, model_type, prefix_kind, top_blocks
 
 
 @dataclass

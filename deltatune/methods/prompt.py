@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from deltatune.core.architectures import ROBERTA_LIKE, model_type
+from deltatune.core.component import DeltaComponent, TaskState
 from deltatune.errors import DeltaTuneError, MergeError
-from deltatune.methods.common import DeltaComponent, TaskState
-from deltatune.targets import ROBERTA_LIKE, model_type
 
 INITS = ("random", "text", "vocab")
 IGNORE_INDEX = -100  # labels the loss skips

@@ -33,10 +33,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from deltatune.core.architectures import final_modules, top_blocks, unwrap
+from deltatune.core.component import DeltaComponent, TaskState, strip_wrappers
 from deltatune.errors import DeltaTuneError
-from deltatune.methods.common import DeltaComponent, TaskState, strip_wrappers
 from deltatune.methods.full import component_parameter_ids
-from deltatune.targets import final_modules, top_blocks, unwrap
 
 try:  # transformers >= 4.52 checkpoints a block's class forward (see `_run`)
     from transformers.modeling_layers import GradientCheckpointingLayer

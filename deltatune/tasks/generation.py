@@ -34,7 +34,7 @@ from deltatune.tasks.task import DataError, Example, Task
 FORMATS = ("prompt-completion", "alpaca", "messages")
 ROLES = ("system", "user", "assistant")
 DEV_FRACTION = 0.1
-IGNORE_INDEX = -100  # labels the loss skips (as deltatune.data)
+IGNORE_INDEX = -100  # labels the loss skips (as deltatune.tasks.encoding)
 GENERATION_METRICS = ["chrf", "sacrebleu", "rougeL", "exact_match"]  # the first picks the best checkpoint
 # Stanford Alpaca's prompts (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT)
 ALPACA_PROMPT = (

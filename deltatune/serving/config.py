@@ -1,0 +1,89 @@
+"""What `deltatune serve` accepts (`ServeConfig`, from which the CLI's options are generated), its refusals, and
+where deltas may be loaded from over HTTP; shared by the classification server (`deltatune.serving.app`), the decode
+loop (`deltatune.serving.decode_loop`) and the OpenAI routes (`deltatune.serving.openai_routes`), which import nothing of each other
+at module level."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deltatune.core.quantize import SCHEMES
+from deltatune.errors import DeltaTuneError
+
+KINDS = ("auto", "classification", "generation")
+API_KEY_VARIABLE = "DELTATUNE_API_KEY"
+
+
+@dataclass
+class ServeConfig:
+    """What the server serves, how it batches and how much it accepts."""
+
+    kind: str = field(default="auto", metadata={
+        "help": "classification (/v1/predict) or generation (OpenAI-compatible /v1/completions and "
+                "/v1/chat/completions); auto: from the model's architecture (a causal LM generates)",
+        "choices": list(KINDS)})
+    max_batch_size: int = field(default=32, metadata={
+        "help": "inputs in one forward pass; generation: sequences decoding together (at most)"})
+    max_wait_ms: float = field(default=5.0, metadata={"help": "how long the oldest request waits for company"})
+    queue_size: int = field(default=256, metadata={
+        "help": "requests waiting at most; more get 429 with Retry-After"})
+    max_inputs: int = field(default=64, metadata={"help": "inputs in one request at most (more: 422)"})
+    max_length: int = field(default=128, metadata={"help": "tokens per input (longer ones are cut)"})
+    max_prompt_tokens: int = field(default=2048, metadata={"help": "generation: prompt tokens at most (more: 400)"})
+    max_tokens: int = field(default=512, metadata={"help": "generation: the max_tokens a request may ask for"})
+    max_n: int = field(default=8, metadata={"help": "generation: choices (n) per request at most"})
+    max_body_bytes: int = field(default=1 << 20, metadata={"help": "larger request bodies get 413"})
+    api_key: str | None = field(default=None, repr=False, metadata={
+        "help": f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_VARIABLE}; "
+                f"the variable keeps the key out of the process list)"})
+    allow_loading: bool = field(default=False, metadata={
+        "help": "allow loading (POST /v1/tasks) and removing deltas over HTTP, from folders under --delta-root only"})
+    delta_root: str | None = field(default=None, metadata={"help": "the folder deltas may be loaded from over HTTP"})
+    trust_pickle: bool = field(default=False, metadata={"help": "also load deltas stored as pickles"})
+    quantize: str | None = field(default=None, metadata={
+        "help": "the base's block linear weights quantized: int8 | int4 | nf4 (deltas trained at any precision "
+                "load onto it)", "choices": list(SCHEMES)})
+
+    def __post_init__(self) -> None:
+        counts = (self.max_batch_size, self.queue_size, self.max_inputs, self.max_prompt_tokens, self.max_tokens,
+                  self.max_n, self.max_body_bytes)
+        if min(counts) < 1 or self.max_wait_ms < 0:
+            raise DeltaTuneError(f"serve settings must be positive: {self}")
+        if self.kind not in KINDS:
+            raise DeltaTuneError(f"unknown serve kind {self.kind!r}; choose one of {list(KINDS)}")
+        if self.allow_loading and not self.delta_root:
+            raise DeltaTuneError("--allow-loading needs --delta-root DIR: deltas are loaded over HTTP only from "
+                                 "folders under it")
+        if self.api_key is None:
+            self.api_key = os.environ.get(API_KEY_VARIABLE) or None
+
+
+class Overloaded(DeltaTuneError):
+    """The request queue is full: try again later (HTTP 429 with Retry-After, on every route)."""
+
+    status = 429
+
+
+class ShuttingDown(Overloaded):
+    """The server is closing and takes no more requests (HTTP 503)."""
+
+    status = 503
+
+
+class LoadingRefused(DeltaTuneError):
+    """Loading deltas over HTTP is off, or the path lies outside --delta-root (HTTP 403 / 400)."""
+
+
+def delta_under_root(root: str | Path, path: str) -> Path:
+    """The delta folder `path` (relative to `root`) if it lies inside `root` once every symlink is followed; a path
+    with `..`, an absolute path elsewhere, or a symlink pointing out of the root is refused."""
+    root_path = Path(root).resolve()
+    if ".." in Path(path).parts:
+        raise LoadingRefused(f"delta path {path!r} contains '..'; give a folder under the delta root")
+    candidate = (root_path / path).resolve()
+    if not candidate.is_relative_to(root_path):
+        raise LoadingRefused(f"delta path {path!r} lies outside the delta root (after following symlinks); "
+                             f"deltas are loaded only from folders under --delta-root")
+    return candidate
