@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import deltatune
-from deltatune.errors import DeltaTuneError, TaskError
 from deltatune.core import component as common
+from deltatune.errors import DeltaTuneError, TaskError
 from deltatune.methods.registry import METHODS
 from deltatune.testing import tiny_model
 

@@ -238,7 +238,8 @@ def run_cell(config: TrainConfig, cell_file: Path, log_file: Path, threads: int 
     """Run one cell in a subprocess (with `threads` CPU threads); record its summary (or its error) in `cell_file`."""
     started = time.perf_counter()
     code = (
-        "import json, sys, torch; from deltatune.results.compare import run_method; from deltatune.training.loop import TrainConfig; "
+        "import json, sys, torch; from deltatune.results.compare import run_method; "
+        "from deltatune.training.loop import TrainConfig; "
         "threads = int(sys.argv[2]); threads and torch.set_num_threads(threads); "
         "print(json.dumps(run_method(TrainConfig(**json.loads(sys.argv[1])))))"
     )

@@ -1,7 +1,6 @@
 """What `deltatune serve` accepts (`ServeConfig`, from which the CLI's options are generated), its refusals, and
-where deltas may be loaded from over HTTP; shared by the classification server (`deltatune.serving.app`), the decode
-loop (`deltatune.serving.decode_loop`) and the OpenAI routes (`deltatune.serving.openai_routes`), which import nothing of each other
-at module level."""
+where deltas may be loaded from over HTTP; shared by the classification server (`app.py`), the decode loop
+(`decode_loop.py`) and the OpenAI routes (`openai_routes.py`)."""
 
 from __future__ import annotations
 
