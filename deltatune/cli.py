@@ -8,9 +8,10 @@ import os
 import sys
 import types
 import typing
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
+from deltatune.config_file import config_path, read_config, write_config
 from deltatune.errors import ConfigError, DeltaTuneError
 from deltatune.formats.combine import CombineConfig
 from deltatune.methods.registry import METHODS, options_from_strings
@@ -127,8 +128,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise DeltaTuneError(f"--out {args.out} is a file; the run folder must be a folder (new or existing)")
-    config = config_from_args(TrainConfig, args, method_options=method_settings(args.method, args.option),
-                              task_options=task_options(args))
+    saved = getattr(args, "config_values", {})  # --config FILE: its method_options / task_options, under the options
+    method_options = {**options_from_strings(args.method, saved.get("method_options", {}), "--config method_options"),
+                      **method_settings(args.method, args.option)}  # -o KEY=VALUE over the file's KEY
+    files = saved["task_options"] if "task_options" in saved and not args.data_file else task_options(args)
+    config = config_from_args(TrainConfig, args, method_options=method_options, task_options=files)
     summary = train(config)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun/accelerate launch: one summary, not one per rank
         print(json.dumps(summary, indent=2))
@@ -253,6 +257,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _compare_config(args: argparse.Namespace):
+    from deltatune.results.compare import base_method
+
     data_dir = args.data_dir or os.environ.get("DELTATUNE_DATA")
     if data_dir is None and Path("../shared/data").is_dir():
         data_dir = "../shared/data"  # the offline data folder beside the repo
@@ -264,9 +270,17 @@ def _compare_config(args: argparse.Namespace):
                     for label, value in _method_values(args, "method_seeds").items()}
     if getattr(args, "tasks", None) and args.task:
         raise ConfigError("give --task NAME or --tasks A,B,... (several tasks, one column each), not both")
+    saved = getattr(args, "config_values", {})  # --config FILE: the settings without an option of their own
+    files = saved["task_options"] if "task_options" in saved and not args.data_file else \
+        task_options(args) if args.task else {}
+    options = compare_method_options(args.methods, args.option)
+    for label, settings in saved.get("method_options", {}).items():  # -o METHOD:KEY=VALUE over the file's KEY
+        if base_method(label) in METHODS:
+            settings = options_from_strings(base_method(label), settings, f"--config method_options.{label}")
+        options[label] = {**settings, **options.get(label, {})}
     return config_from_args(
-        CompareConfig, args, data_dir=data_dir, task_options=task_options(args) if args.task else {}, lr=lr,
-        method_seeds=method_seeds, method_options=compare_method_options(args.methods, args.option))
+        CompareConfig, args, data_dir=data_dir, task_options=files, lr={**saved.get("lr", {}), **lr},
+        method_seeds={**saved.get("method_seeds", {}), **method_seeds}, method_options=options)
 
 
 def _method_values(args: argparse.Namespace, name: str) -> dict[str, str]:
@@ -322,7 +336,10 @@ def compare_method_options(labels: list[str], pairs: list[str] | None) -> dict[s
 def cmd_compare(args: argparse.Namespace) -> int:
     from deltatune.results.compare import compare
 
-    payload = compare(_compare_config(args), command=args.command_line)
+    config = _compare_config(args)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    write_config(asdict(config), Path(args.out) / "config.yaml")  # `compare --config OUT/config.yaml` reruns it
+    payload = compare(config, command=args.command_line)
     print((Path(args.out) / "report.md").read_text())
     return 0 if payload["rows"] else 1
 
@@ -349,7 +366,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from deltatune.serving.app import serve
 
     deltas: dict[str | None, str] = {}
-    for spec in args.delta or []:
+    saved = getattr(args, "config_values", {}).get("delta", {})  # --config FILE: `delta: {NAME: DIR}`
+    for spec in args.delta or [f"{name}={path}" for name, path in saved.items()]:
         name, sep, path = spec.partition("=")
         deltas[name if sep else None] = path if sep else spec  # DIR alone: the task name saved in the delta
     serve(args.model, deltas, host=args.host, port=args.port, config=config_from_args(ServeConfig, args))
@@ -453,6 +471,33 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=128, help="tokens per input (longer ones are cut)")
 
 
+# ---- --config FILE (deltatune/config_file.py): the file's settings are the defaults the options override ----
+CONFIG_CLASSES = {"train": TrainConfig, "compare": CompareConfig, "serve": ServeConfig}
+SERVE_KEYS = {"model": str, "delta": dict[str, str], "host": str, "port": int}  # serve's options beside ServeConfig
+
+
+def _add_config_argument(parser: argparse.ArgumentParser, keys: str) -> None:
+    parser.add_argument("--config", metavar="FILE.yaml",
+                        help=f"settings from a YAML file ({keys}); options given here override it")
+
+
+def apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """With `--config FILE`, the file's settings become the defaults of the command's options (so an option given
+    on the command line wins) and `args.config_values` (for the settings without an option of their own: the
+    method's and task's options, per-method learning rates, serve's deltas)."""
+    path = config_path(argv)
+    if path is None or not argv or argv[0] not in CONFIG_CLASSES:
+        return
+    values = read_config(path, CONFIG_CLASSES[argv[0]], SERVE_KEYS if argv[0] == "serve" else None)
+    command = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[argv[0]]
+    defaults = {"config_values": values}
+    for action in command._actions:
+        if action.dest in values and not isinstance(action, argparse._AppendAction):  # -o, --lr, --delta: merged
+            defaults[action.dest] = values[action.dest]
+            action.required = False
+    command.set_defaults(**defaults)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deltatune",
@@ -478,6 +523,7 @@ def _add_training_commands(commands) -> None:
     params.set_defaults(handler=cmd_params)
 
     train = commands.add_parser("train", help="train one method on one task; saves the best delta in OUT/delta")
+    _add_config_argument(train, "OUT/config.yaml of a run: the same run again")
     add_options(train, TrainConfig)
     train.add_argument("-o", "--option", action="append", metavar="KEY=VALUE",
                        help="method option, repeatable: -o r=8 -o alpha=16 -o targets=query,value -o use_rslora=yes")
@@ -488,6 +534,7 @@ def _add_training_commands(commands) -> None:
                                      ("sweep", cmd_sweep, "one method, one parameter over several values")]:
         sub = commands.add_parser(name, help=help_text)
         if name == "compare":
+            _add_config_argument(sub, "CompareConfig fields and method_options: {METHOD: {KEY: VALUE}}")
             add_options(sub, CompareConfig)
         else:
             add_options(sub, CompareConfig, skip=("methods",), defaults={"seeds": 3, "out": "runs/sweep"})
@@ -577,8 +624,13 @@ def _add_inference_commands(commands) -> None:
     add_options(combine, CombineConfig)
     combine.set_defaults(handler=cmd_combine)
 
+    _add_serve_command(commands)
+
+
+def _add_serve_command(commands) -> None:
     serve = commands.add_parser("serve", help="an HTTP service for many task deltas on one base model, "
                                               "batching requests across tasks")
+    _add_config_argument(serve, "ServeConfig fields, model, host, port and delta: {NAME: DIR}")
     serve.add_argument("--model", required=True, help="the base model: minilm | a local folder | a hub name")
     serve.add_argument("--delta", action="append", metavar="NAME=DIR",
                        help="a delta to serve as task NAME, repeatable (DIR alone: its saved task name)")
@@ -590,9 +642,11 @@ def _add_inference_commands(commands) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
-    args.command_line = "deltatune " + " ".join(argv)
+    parser = build_parser()
     try:
+        apply_config_file(parser, argv)
+        args = parser.parse_args(argv)
+        args.command_line = "deltatune " + " ".join(argv)
         return args.handler(args)
     except DeltaTuneError as error:
         message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())  # one line

@@ -124,6 +124,15 @@ def options_from_strings(method: str, pairs: dict[str, str], source: str = "-o")
     return {name: getattr(config, name) for name in pairs}
 
 
+def typed_value(value: Any, hint: Any, what: str) -> Any:
+    """`value` (from a config file, or a string as typed) checked against the type annotation `hint`, strings parsed
+    as `build_config(strings=True)` does; a `ConfigError` naming `what` and the type expected otherwise."""
+    try:
+        return _parse(value, hint, strings=True)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{what} must be {_type_name(hint)}, not {value!r:.80}") from None
+
+
 def _parse(value: Any, hint: Any, strings: bool) -> Any:
     """`value` as the type `hint` (parsed from a string if `strings`); ValueError/TypeError if it is not one."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):

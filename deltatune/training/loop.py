@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import signal
 import time
@@ -33,13 +34,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from deltatune.config_file import write_config
 from deltatune.core.quantize import SCHEMES
 from deltatune.delta import DeltaModel, attach
 from deltatune.errors import TrainingError
 from deltatune.evaluate import task_loss
 from deltatune.formats.native import atomic_folder, recover
 from deltatune.methods.registry import build_config, method_entry
-from deltatune.tasks import Task, get_task
+from deltatune.tasks import DATA_DIR_ENV, Task, get_task
 from deltatune.tasks.encoding import IGNORE_INDEX, Encoded, collate, encode, epoch_batches, max_model_length
 from deltatune.training.distributed import evaluate_sharded, full_parameters, launched, max_over_ranks, shard_model
 
@@ -409,7 +411,10 @@ def _start_or_resume(run: Run) -> RunState:
     if run.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / "metrics.jsonl").write_text("")
-        (run.out / "config.json").write_text(json.dumps(asdict(run.config), indent=2) + "\n")
+        # the settings as this run used them: `deltatune train --config OUT/config.yaml` trains the same delta
+        resolved = {**asdict(run.config), "lr": run.lr, "precision": run.precision,
+                    "data_dir": run.config.data_dir or os.environ.get(DATA_DIR_ENV)}
+        write_config(resolved, run.out / "config.yaml")
     return RunState()
 
 
