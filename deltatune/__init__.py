@@ -24,6 +24,7 @@ from deltatune.errors import (  # noqa: E402
     QuantizationError,
     TargetError,
     TaskError,
+    UnknownTaskError,
 )
 from deltatune.formats.combine import CombineConfig, combine_deltas  # noqa: E402
 from deltatune.methods.adapter import Adapter  # noqa: E402
@@ -59,6 +60,7 @@ __all__ = [
     "TargetError",
     "TaskError",
     "TopLayers",
+    "UnknownTaskError",
     "attach",
     "build_config",
     "combine_deltas",

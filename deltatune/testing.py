@@ -19,7 +19,8 @@ from transformers import (
 
 from deltatune.core.architectures import in_transformer_block, linear_layers
 from deltatune.core.quantize import QuantizedLinear
-from deltatune.models import ModelError, ModelKind
+from deltatune.errors import ModelError
+from deltatune.models import ModelKind
 
 # Tiny random models for tests and benchmarks
 

@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 
 import deltatune
+from deltatune.errors import DataError
 from deltatune.evaluate import task_loss
 from deltatune.models import load_model, load_tokenizer
-from deltatune.tasks import DataError, get_task
+from deltatune.tasks import get_task
 from deltatune.tasks.encoding import collate, encode, epoch_batches
 
 

@@ -171,3 +171,25 @@ def test_api_error(error, call, exception, message, inputs, capsys):
         eval(call, namespace)
     assert message in str(raised.value)
     assert "this must never run" not in capsys.readouterr().out
+
+
+def test_every_error_type_is_defined_in_errors_py():
+    """deltatune/errors.py holds every exception and warning class of the package: a class deriving from an
+    exception (a builtin one, or one of errors.py's) anywhere else is listed here."""
+    import ast
+    import builtins
+
+    import deltatune.errors as errors
+
+    known = {name for module in (builtins, errors) for name, value in vars(module).items()
+             if isinstance(value, type) and issubclass(value, BaseException)}
+    package = Path(deltatune.__file__).parent
+    elsewhere = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "errors.py" and path.parent == package:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            bases = [ast.unparse(base).rpartition(".")[2] for base in getattr(node, "bases", [])]
+            if isinstance(node, ast.ClassDef) and any(base in known for base in bases):
+                elsewhere.append(f"{path.relative_to(package)}: {node.name}")
+    assert elsewhere == [], "error types defined outside deltatune/errors.py"

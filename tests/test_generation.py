@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import deltatune
+from deltatune.errors import ChatTemplateError, DataError, LengthWarning
 from deltatune.evaluate import task_loss
-from deltatune.tasks import DataError, get_task
+from deltatune.tasks import get_task
 from deltatune.tasks.encoding import IGNORE_INDEX, collate
-from deltatune.tasks.generation import ChatTemplateError, LengthWarning, PromptFormat, encode_examples
+from deltatune.tasks.generation import PromptFormat, encode_examples
 from deltatune.testing import tiny_model, tiny_tokenizer
 
 # ChatML as SmolLM2-Instruct writes it, with the default system turn left out

@@ -13,7 +13,8 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-from deltatune.models import ModelError, load_model, load_tokenizer, resolve_model_path
+from deltatune.errors import ModelError
+from deltatune.models import load_model, load_tokenizer, resolve_model_path
 from deltatune.testing import TINY_ARCHS, TINY_VOCAB, tiny_model, tiny_tokenizer
 
 needs_minilm = pytest.mark.skipif(

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from deltatune.tasks import TASK_NAMES, DataError, get_task, sources
+from deltatune.errors import DataError
+from deltatune.tasks import TASK_NAMES, get_task, sources
 
 
 @pytest.fixture(autouse=True)

@@ -96,7 +96,8 @@ def parse_budget(budget: str) -> dict[str, float]:
 
 def default_task(data_dir: str | None) -> str:
     """SST-2 when the data folder holds it, else BBC News (shipped by a PyPI package)."""
-    from deltatune.tasks import DataError, get_task
+    from deltatune.errors import DataError
+    from deltatune.tasks import get_task
 
     try:
         get_task("sst2").load("dev", data_dir, limit=1)
@@ -553,8 +554,8 @@ def compare(config: CompareConfig, command: str = "") -> dict[str, Any]:
 
 def majority(config: CompareConfig, cells: list[Cell]) -> dict[str, dict | None]:
     """Each task's majority-class scores on the split its cells evaluate (None: a generation task, or no data)."""
+    from deltatune.errors import DataError
     from deltatune.results.tables import majority_scores
-    from deltatune.tasks import DataError
 
     scores = {}
     for cell in cells:

@@ -8,12 +8,8 @@ predict` prints them), `GET /v1/tasks`, `POST /v1/tasks` ({"name", "path"}: load
 `DELETE /v1/tasks/{name}`, `GET /health`, `GET /metrics` (counters: batches, mixed batches, rejections);
 the OpenAPI schema at `/openapi.json` (browsable at `/docs`).
 
-How requests become batches: a request handler only puts a job (task + texts) in a bounded queue and awaits
-it. One worker thread owns the model. It takes the oldest job, waits up to `max_wait_ms` after that job
-arrived for others (until `max_batch_size` inputs), and runs them all, whatever their tasks, as ONE
-mixed-task forward pass: `model(**batch, tasks=[one task per input])`. Loading and removing deltas run on the
-same thread, between batches, so the model is never changed under a running pass. When `queue_size`
-requests wait already, a new one is answered 429 with Retry-After: memory stays bounded under overload.
+How /v1/predict requests become mixed-task batches: `serving/classify.py`. How each error is answered (its
+HTTP status): `serving/http_errors.py`.
 
 Errors: an unknown task is 404 with the list of tasks; a malformed body 422; a delta that cannot be loaded
 400 with the reason (the tasks already loaded keep serving); a name taken 409. Full fine-tuning deltas are
@@ -32,183 +28,18 @@ or a symlink leading out of it: 400).
 from __future__ import annotations
 
 import asyncio
-import collections
 import hmac
 import socket
-import time
-from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Annotated, Any
 
-import torch
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field
 
-from deltatune.core.component import BASE_TASK
 from deltatune.delta import DeltaModel
-from deltatune.errors import DeltaTuneError, TaskError
-from deltatune.evaluate import encode_inputs, label_prediction
-from deltatune.serving.config import API_KEY_VARIABLE, Overloaded, ServeConfig, ShuttingDown, delta_under_root
-from deltatune.serving.worker import ModelWorker
-from deltatune.tasks.encoding import Encoded, collate, max_model_length
-
-
-@dataclass
-class _Job:
-    task: str
-    inputs: list[str | tuple[str, str]]
-    future: Future = field(default_factory=Future)
-    arrived: float = field(default_factory=time.monotonic)
-
-
-class Engine(ModelWorker):
-    """One DeltaModel, its tokenizer and the worker thread that alone runs the model (`ModelWorker`)."""
-
-    thread_name = "deltatune-serve-worker"
-
-    def __init__(self, model: DeltaModel, tokenizer, config: ServeConfig | None = None):
-        self._pending: collections.deque[_Job] = collections.deque()
-        self._pending_inputs = 0
-        super().__init__(model, tokenizer, config or ServeConfig(), stat_keys=(
-            "requests", "inputs", "batches", "mixed_batches", "max_tasks_in_batch", "max_batch_inputs", "rejected",
-            "failed"))
-
-    # ---- for the HTTP side (any thread) --------------------------------------------------------------
-    def check_task(self, task: str) -> None:
-        if task != BASE_TASK and task not in self._tasks:
-            raise TaskError(f"unknown task {task!r}; tasks loaded: {sorted(self._tasks)} (or 'base')")
-
-    def submit(self, task: str, inputs: list[str | tuple[str, str]]) -> Future:
-        """Queue a prediction; its future gives one result dict per input. Raises TaskError, Overloaded."""
-        self.check_task(task)
-        job = _Job(task, list(inputs))
-        with self._condition:
-            if self._closing:
-                raise ShuttingDown("the server is shutting down")
-            if len(self._pending) >= self.config.queue_size:
-                self.stats["rejected"] += 1
-                raise Overloaded(f"{len(self._pending)} requests are waiting already (queue_size); retry shortly")
-            self._pending.append(job)
-            self._pending_inputs += len(job.inputs)
-            self.stats["requests"] += 1
-            self._condition.notify_all()
-        return job.future
-
-    def metrics(self) -> dict[str, Any]:
-        with self._condition:
-            waiting = len(self._pending)
-        return {**self.stats, "queue": waiting, "tasks": len(self._tasks)}
-
-    # ---- on the worker thread -------------------------------------------------------------------------
-    def _task_entry(self, name: str, info: dict[str, Any]) -> dict[str, Any]:
-        return {"method": info["method"], "labels": info["label_names"], "path": info.get("path")}
-
-    def _run(self) -> None:
-        with torch.inference_mode():
-            while True:
-                work = self._next_work()
-                if work is None:
-                    return
-                if isinstance(work, tuple):
-                    self._run_control(*work)
-                else:
-                    self._run_batch(work)
-                self._release_memory()
-
-    def _next_work(self):
-        """A control call, or the jobs of the next batch (None: closing). Waits for company up to max_wait."""
-        config = self.config
-        with self._condition:
-            while not (self._pending or self._control or self._closing):
-                self._condition.wait()
-            if self._control:
-                return self._control.popleft()
-            if not self._pending:
-                return None  # closing
-            deadline = self._pending[0].arrived + config.max_wait_ms / 1000
-            while self._pending_inputs < config.max_batch_size and not (self._control or self._closing):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._condition.wait(remaining)
-            jobs, count = [], 0
-            while self._pending and (not jobs or count + len(self._pending[0].inputs) <= config.max_batch_size):
-                job = self._pending.popleft()
-                jobs.append(job)
-                count += len(job.inputs)
-            self._pending_inputs -= count
-            return jobs
-
-    def _run_batch(self, jobs: list[_Job]) -> None:
-        examples: list[tuple[_Job, Encoded]] = []
-        max_length = max_model_length(self.model, self.tokenizer, self.config.max_length)
-        for job in jobs:
-            try:
-                self.check_task(job.task)  # it may have been removed while the job waited
-                examples += [(job, item) for item in encode_inputs(self.tokenizer, job.inputs, max_length)]
-            except Exception as error:  # noqa: BLE001 - this job fails, the others run
-                self.stats["failed"] += 1
-                job.future.set_exception(error)
-        live = [job for job in jobs if not job.future.done()]
-        try:
-            rows = self._forward(examples)
-        except Exception as error:  # noqa: BLE001
-            self.stats["failed"] += len(live)
-            for job in live:
-                job.future.set_exception(error)
-            return
-        self.stats["inputs"] += len(examples)  # counted before any caller can read the metrics
-        start = 0
-        for job in live:
-            job.future.set_result([self._prediction(job.task, text, row) for text, row in
-                                   zip(job.inputs, rows[start : start + len(job.inputs)])])
-            start += len(job.inputs)
-
-    def _forward(self, examples: list[tuple[_Job, Encoded]]) -> list[torch.Tensor]:
-        """Logits of every example, in order: mixed-task passes of at most max_batch_size inputs."""
-        rows: list[torch.Tensor] = []
-        device = next(self.model.parameters()).device
-        size = self.config.max_batch_size
-        for start in range(0, len(examples), size):
-            chunk = examples[start : start + size]
-            batch = collate([item for _, item in chunk], self.tokenizer.pad_token_id)
-            tasks = [job.task for job, _ in chunk]
-            logits = self.model(**{k: v.to(device) for k, v in batch.items()}, tasks=tasks).logits.float().cpu()
-            rows += list(logits)
-            self.stats["batches"] += 1
-            distinct = len(set(tasks))
-            self.stats["mixed_batches"] += distinct > 1
-            self.stats["max_tasks_in_batch"] = max(self.stats["max_tasks_in_batch"], distinct)
-            self.stats["max_batch_inputs"] = max(self.stats["max_batch_inputs"], len(chunk))
-        return rows
-
-    def _prediction(self, task: str, text, row: torch.Tensor) -> dict[str, Any]:
-        """As `deltatune predict` prints it: a label and each label's probability (or a score)."""
-        return label_prediction(text, row, self._tasks[task]["labels"] if task in self._tasks else None)
-
-
-# ---- HTTP ----------------------------------------------------------------------------------------------
-Text = Annotated[str, StringConstraints(max_length=100_000)]
-
-
-class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    task: str = Field(description="a loaded task's name, or 'base' for the base model without a delta")
-    inputs: list[Text | tuple[Text, Text]] = Field(
-        min_length=1, description="texts to classify (at most --max-inputs); a sentence pair as [first, second]")
-
-
-class Prediction(BaseModel):
-    input: str | list[str]
-    label: str | None = None
-    probabilities: dict[str, float] | None = None
-    score: float | None = None
-
-
-class PredictResponse(BaseModel):
-    task: str
-    predictions: list[Prediction]
+from deltatune.errors import DeltaTuneError, LoadingOff, UnknownTaskError
+from deltatune.serving.classify import ClassificationEngine, add_classification_routes
+from deltatune.serving.config import API_KEY_VARIABLE, ServeConfig, delta_under_root
+from deltatune.serving.http_errors import error_response, openai_error
 
 
 class LoadRequest(BaseModel):
@@ -226,8 +57,6 @@ class _Guard:
 
     def _refuse(self, path: str, status: int, message: str, code: str, headers: dict | None = None) -> JSONResponse:
         if path.startswith(self.openai_paths):
-            from deltatune.serving.openai_routes import openai_error
-
             return openai_error(status, message, code=code, headers=headers)
         return JSONResponse({"detail": message}, status_code=status, headers=headers)
 
@@ -276,94 +105,22 @@ class _Guard:
 
 
 def create_app(engine) -> FastAPI:
-    """The FastAPI application around an engine (started by the caller): a classification `Engine` (/v1/predict)
+    """The FastAPI application around an engine (started by the caller): a `ClassificationEngine` (/v1/predict)
     or a generation `DecodeLoop` (the OpenAI-compatible routes of `deltatune.serving.openai_routes`)."""
     from deltatune._version import __version__
 
-    generation = not isinstance(engine, Engine)
     app = FastAPI(title="deltatune serve", version=__version__,
                   description="Many task deltas on one base model; requests are batched across tasks.")
-    config: ServeConfig = engine.config
     openai_paths: tuple[str, ...] = ()
-    if generation:
-        from fastapi.exceptions import RequestValidationError
+    if isinstance(engine, ClassificationEngine):
+        add_classification_routes(app, engine)
+    else:
+        from deltatune.serving.openai_routes import OPENAI_ROUTES, add_openai_routes
 
-        from deltatune.serving.openai_routes import OPENAI_ROUTES, add_openai_routes, validation_error
-
-        openai_paths = OPENAI_ROUTES
         add_openai_routes(app, engine)
-        default_handler = app.exception_handlers[RequestValidationError]
-
-        @app.exception_handler(RequestValidationError)
-        async def invalid(request, error: RequestValidationError):
-            if request.url.path.startswith(OPENAI_ROUTES):
-                return validation_error(error)
-            return await default_handler(request, error)
-    app.add_middleware(_Guard, config=config, openai_paths=openai_paths)
-
-    def unknown(error: TaskError) -> JSONResponse:
-        return JSONResponse({"detail": error.args[0], "tasks": sorted(engine.tasks)}, status_code=404)
-
-    def overloaded(error: Overloaded) -> JSONResponse:
-        return JSONResponse({"detail": str(error)}, status_code=error.status, headers={"Retry-After": "1"})
-
-    if not generation:
-        @app.post("/v1/predict", response_model=PredictResponse, response_model_exclude_none=True,
-                  responses={404: {"description": "unknown task"}, 429: {"description": "the queue is full"}})
-        async def predict(request: PredictRequest):
-            if len(request.inputs) > engine.config.max_inputs:
-                return JSONResponse({"detail": f"{len(request.inputs)} inputs in one request; at most "
-                                               f"{engine.config.max_inputs} (--max-inputs)"}, status_code=422)
-            try:
-                future = engine.submit(request.task, request.inputs)
-            except TaskError as error:
-                return unknown(error)
-            except Overloaded as error:
-                return overloaded(error)
-            try:
-                predictions = await asyncio.wrap_future(future)
-            except TaskError as error:  # removed while the request waited
-                return unknown(error)
-            except DeltaTuneError as error:
-                return JSONResponse({"detail": str(error)}, status_code=400)
-            return {"task": request.task, "predictions": predictions}
-
-    @app.get("/v1/tasks")
-    async def list_tasks():
-        return {"tasks": [{"name": name, **{k: v for k, v in info.items() if k != "prompt_format"}}
-                          for name, info in engine.tasks.items()]}
-
-    def loading_refused() -> JSONResponse | None:
-        if config.allow_loading:
-            return None
-        return JSONResponse({"detail": "loading and removing deltas over HTTP is off; start the server with "
-                                       "--allow-loading --delta-root DIR"}, status_code=403)
-
-    @app.post("/v1/tasks", status_code=201, responses={400: {"description": "the delta cannot be loaded"},
-                                                       403: {"description": "loading over HTTP is off"},
-                                                       409: {"description": "the name is taken"}})
-    async def load_task(request: LoadRequest):
-        refused = loading_refused()
-        if refused:
-            return refused
-        if request.name in engine.tasks:
-            return JSONResponse({"detail": f"task {request.name!r} is loaded already; DELETE it first"}, 409)
-        try:
-            path = delta_under_root(config.delta_root, request.path)
-            return await asyncio.wrap_future(engine.load(request.name, path))
-        except DeltaTuneError as error:  # DeltaError (bad files, another base model...), TaskError (bad name)
-            return JSONResponse({"detail": str(error)}, status_code=400)
-
-    @app.delete("/v1/tasks/{name}", responses={403: {"description": "loading over HTTP is off"},
-                                               404: {"description": "unknown task"}})
-    async def delete_task(name: str):
-        refused = loading_refused()
-        if refused:
-            return refused
-        if name not in engine.tasks:
-            return unknown(TaskError(f"unknown task {name!r}; tasks loaded: {sorted(engine.tasks)}"))
-        await asyncio.wrap_future(engine.remove(name))
-        return {"deleted": name}
+        openai_paths = OPENAI_ROUTES
+    app.add_middleware(_Guard, config=engine.config, openai_paths=openai_paths)
+    _add_task_routes(app, engine)
 
     @app.get("/health")
     async def health():
@@ -376,6 +133,46 @@ def create_app(engine) -> FastAPI:
         return engine.metrics()
 
     return app
+
+
+def _add_task_routes(app: FastAPI, engine) -> None:
+    """GET /v1/tasks; POST /v1/tasks and DELETE /v1/tasks/{name} (loading and removing deltas while serving)."""
+    config: ServeConfig = engine.config
+
+    @app.get("/v1/tasks")
+    async def list_tasks():
+        return {"tasks": [{"name": name, **{k: v for k, v in info.items() if k != "prompt_format"}}
+                          for name, info in engine.tasks.items()]}
+
+    def check_loading() -> None:
+        if not config.allow_loading:
+            raise LoadingOff("loading and removing deltas over HTTP is off; start the server with --allow-loading "
+                             "--delta-root DIR")
+
+    @app.post("/v1/tasks", status_code=201, responses={400: {"description": "the delta cannot be loaded"},
+                                                       403: {"description": "loading over HTTP is off"},
+                                                       409: {"description": "the name is taken"}})
+    async def load_task(request: LoadRequest):
+        try:
+            check_loading()
+            if request.name in engine.tasks:
+                return JSONResponse({"detail": f"task {request.name!r} is loaded already; DELETE it first"}, 409)
+            path = delta_under_root(config.delta_root, request.path)
+            return await asyncio.wrap_future(engine.load(request.name, path))
+        except DeltaTuneError as error:  # DeltaError (bad files, another base model...), TaskError (bad name)
+            return error_response(error)
+
+    @app.delete("/v1/tasks/{name}", responses={403: {"description": "loading over HTTP is off"},
+                                               404: {"description": "unknown task"}})
+    async def delete_task(name: str):
+        try:
+            check_loading()
+            if name not in engine.tasks:
+                raise UnknownTaskError(f"unknown task {name!r}; tasks loaded: {sorted(engine.tasks)}")
+        except DeltaTuneError as error:
+            return error_response(error, tasks=sorted(engine.tasks))
+        await asyncio.wrap_future(engine.remove(name))
+        return {"deleted": name}
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -402,7 +199,7 @@ def serve_kind(model_name: str, config: ServeConfig) -> str:
 
 
 def build_engine(model_name: str, deltas: dict[str | None, str], config: ServeConfig | None = None):
-    """Load the base model and its tokenizer, and every delta given: a classification `Engine` (the model with a
+    """Load the base model and its tokenizer, and every delta given: a `ClassificationEngine` (the model with a
     classification head) or, for a causal LM, a generation `DecodeLoop` (see `serve_kind`).
 
     `deltas`: {task name (None: the name saved in the delta): delta folder}."""
@@ -415,7 +212,7 @@ def build_engine(model_name: str, deltas: dict[str | None, str], config: ServeCo
         engine = DecodeLoop(DeltaModel(load_model(model_name, "causal-lm", quantize=config.quantize)),
                             load_tokenizer(model_name), config)
     else:
-        engine = Engine(DeltaModel(load_model(model_name, "classification", quantize=config.quantize)),
+        engine = ClassificationEngine(DeltaModel(load_model(model_name, "classification", quantize=config.quantize)),
                         load_tokenizer(model_name), config)
     for name, path in deltas.items():
         try:
@@ -432,7 +229,8 @@ def serve(model_name: str, deltas: dict[str | None, str], host: str = "127.0.0.1
 
     engine = build_engine(model_name, deltas, config).start()
     sock = bind(host, port)
-    routes = "/v1/predict" if isinstance(engine, Engine) else "/v1/completions, /v1/chat/completions, /v1/models"
+    routes = ("/v1/predict" if isinstance(engine, ClassificationEngine)
+              else "/v1/completions, /v1/chat/completions, /v1/models")
     print(f"deltatune serve: http://{host}:{sock.getsockname()[1]} ({routes}; tasks: "
           f"{', '.join(engine.tasks) or 'none'}; API key {'required' if engine.config.api_key else 'off'}; "
           f"API schema at /docs)", flush=True)

@@ -1,6 +1,7 @@
-"""What `deltatune serve` accepts (`ServeConfig`, from which the CLI's options are generated), its refusals, and
-where deltas may be loaded from over HTTP; shared by the classification server (`app.py`), the decode loop
-(`decode_loop.py`) and the OpenAI routes (`openai_routes.py`)."""
+"""What `deltatune serve` accepts (`ServeConfig`, from which the CLI's options are generated) and where deltas may
+be loaded from over HTTP; read by the app (`app.py`), both engines (`classify.py`, `decode_loop.py`) and the model's
+thread (`worker.py`). It imports nothing of the server's other modules; its refusals are `deltatune.errors` types,
+answered by `http_errors.py`'s table."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deltatune.core.quantize import SCHEMES
-from deltatune.errors import DeltaTuneError
+from deltatune.errors import DeltaTuneError, LoadingRefused
 
 KINDS = ("auto", "classification", "generation")
 API_KEY_VARIABLE = "DELTATUNE_API_KEY"
@@ -57,22 +58,6 @@ class ServeConfig:
                                  "folders under it")
         if self.api_key is None:
             self.api_key = os.environ.get(API_KEY_VARIABLE) or None
-
-
-class Overloaded(DeltaTuneError):
-    """The request queue is full: try again later (HTTP 429 with Retry-After, on every route)."""
-
-    status = 429
-
-
-class ShuttingDown(Overloaded):
-    """The server is closing and takes no more requests (HTTP 503)."""
-
-    status = 503
-
-
-class LoadingRefused(DeltaTuneError):
-    """Loading deltas over HTTP is off, or the path lies outside --delta-root (HTTP 403 / 400)."""
 
 
 def delta_under_root(root: str | Path, path: str) -> Path:

@@ -37,16 +37,12 @@ from torch import nn
 
 from deltatune.core.component import BASE_TASK
 from deltatune.delta import DeltaModel
-from deltatune.errors import DeltaTuneError, TaskError
+from deltatune.errors import DeltaTuneError, LimitError, Overloaded, ShuttingDown, UnknownTaskError
 from deltatune.evaluate import stop_token_ids
 from deltatune.methods.prompt import position_limit
 from deltatune.methods.registry import METHODS
-from deltatune.serving.config import Overloaded, ServeConfig, ShuttingDown
+from deltatune.serving.config import ServeConfig
 from deltatune.serving.worker import ModelWorker
-
-
-class LimitError(DeltaTuneError):
-    """A request asks for more than the server allows (prompt tokens, max_tokens, n): HTTP 400."""
 
 
 @dataclass
@@ -115,15 +111,16 @@ class DecodeLoop(ModelWorker):
 
     # ---- any thread ------------------------------------------------------------------------------------
     def check_task(self, task: str) -> str | None:
-        """The task's name as the model routes it (None: the base model); TaskError if none is loaded by that name."""
+        """The task's name as the model routes it (None: the base model); UnknownTaskError if none is loaded by that
+        name."""
         if task == BASE_TASK:
             return None
         if task not in self._tasks:
-            raise TaskError(f"unknown model {task!r}; loaded: {[BASE_TASK, *sorted(self._tasks)]}")
+            raise UnknownTaskError(f"unknown model {task!r}; loaded: {[BASE_TASK, *sorted(self._tasks)]}")
         return task
 
     def submit(self, task: str, prompt_ids: list[int], sampling: Sampling, emit: Callable[[Event], None]) -> Request:
-        """Queue a generation. Raises TaskError (unknown task), LimitError (too long, too many), Overloaded."""
+        """Queue a generation. Raises UnknownTaskError, LimitError (too long, too many), Overloaded."""
         routed = self.check_task(task)
         self.check_limits(task, len(prompt_ids), sampling)
         request = Request(routed, list(prompt_ids), sampling, emit)
@@ -183,7 +180,7 @@ class DecodeLoop(ModelWorker):
         self.model.remove_task(name)
         leaving = [row for row in self._rows if row.request.task == name]
         for request in {row.request for row in leaving}:
-            self._fail(request, TaskError(f"task {name!r} was removed while this request ran"))
+            self._fail(request, UnknownTaskError(f"task {name!r} was removed while this request ran"))
         self._drop([row for row in self._rows if row.request.task != name])
         self._refresh_tasks()
 
@@ -239,7 +236,7 @@ class DecodeLoop(ModelWorker):
     def _join(self, request: Request) -> None:
         """Prefill the prompt alone under its task, sample each choice's first token, splice its cache in."""
         if request.task is not None and request.task not in self.model.task_info:
-            self._fail(request, TaskError(f"task {request.task!r} was removed while this request waited"))
+            self._fail(request, UnknownTaskError(f"task {request.task!r} was removed while this request waited"))
             return
         count = request.sampling.n
         seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(62)

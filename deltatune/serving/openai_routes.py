@@ -29,9 +29,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from deltatune.core.component import BASE_TASK
-from deltatune.errors import DeltaTuneError, TaskError
-from deltatune.serving.config import Overloaded
-from deltatune.serving.decode_loop import DecodeLoop, Event, LimitError, Sampling
+from deltatune.errors import ClientGone, DeltaTuneError, UnknownTaskError
+from deltatune.serving.decode_loop import DecodeLoop, Event, Sampling
+from deltatune.serving.http_errors import error_response, openai_error
 from deltatune.tasks.generation import chat_prompt_ids
 
 OPENAI_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models")
@@ -39,26 +39,9 @@ Text = Annotated[str, StringConstraints(max_length=1_000_000)]
 
 
 # ---- errors ------------------------------------------------------------------------------------------------
-def openai_error(status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> JSONResponse:
-    kind = {401: "authentication_error", 404: "invalid_request_error", 429: "rate_limit_error"}.get(
-        status, "invalid_request_error" if status < 500 else "server_error")
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
 def error_for(error: BaseException) -> JSONResponse:
-    """The HTTP answer to an error raised while a request was queued or ran."""
-    if isinstance(error, TaskError):
-        return openai_error(404, error.args[0] if error.args else str(error), "model", "model_not_found")
-    if isinstance(error, Overloaded):
-        code = "queue_full" if error.status == 429 else "shutting_down"
-        return openai_error(error.status, str(error), code=code, headers={"Retry-After": "1"})
-    if isinstance(error, LimitError):
-        return openai_error(400, str(error), code="limit_exceeded")
-    if isinstance(error, DeltaTuneError):
-        return openai_error(400, str(error))
-    return openai_error(500, f"internal error: {type(error).__name__}: {error}")
+    """The HTTP answer to an error raised while a request was checked, queued or ran (`http_errors.ANSWERS`)."""
+    return error_response(error, openai=True)
 
 
 def validation_error(error: RequestValidationError) -> JSONResponse:
@@ -197,6 +180,13 @@ def add_openai_routes(app: FastAPI, loop: DecodeLoop) -> None:
     """/v1/models, /v1/completions and /v1/chat/completions on `app`, served by `loop`."""
     started = int(time.time())
     tokenizer = loop.tokenizer
+    default_invalid = app.exception_handlers[RequestValidationError]
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError):
+        if request.url.path.startswith(OPENAI_ROUTES):
+            return validation_error(error)
+        return await default_invalid(request, error)
 
     def model_card(name: str) -> dict[str, Any]:
         info = loop.tasks.get(name, {})
@@ -210,11 +200,11 @@ def add_openai_routes(app: FastAPI, loop: DecodeLoop) -> None:
     @app.get("/v1/models/{name}")
     async def get_model(name: str):
         if name != BASE_TASK and name not in loop.tasks:
-            return error_for(TaskError(f"unknown model {name!r}; loaded: {[BASE_TASK, *sorted(loop.tasks)]}"))
+            return error_for(UnknownTaskError(f"unknown model {name!r}; loaded: {[BASE_TASK, *sorted(loop.tasks)]}"))
         return model_card(name)
 
     def task_of(model: str) -> tuple[dict | None, bool]:
-        """(the task's saved prompt format, whether it is a delta); TaskError if no such model is loaded."""
+        """(the task's saved prompt format, whether it is a delta); UnknownTaskError if no such model is loaded."""
         loop.check_task(model)
         return loop.tasks.get(model, {}).get("prompt_format"), model != BASE_TASK
 
@@ -302,10 +292,6 @@ async def _respond(loop: DecodeLoop, request: _Common, prompts: list[list[int]],
         choices.append({"index": index, **content, "logprobs": None, "finish_reason": finish[index]})
     return {"id": identifier, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": request.model, "choices": choices, "usage": generation.usage()}
-
-
-class ClientGone(DeltaTuneError):
-    """The client closed its connection before its answer (nobody reads this one)."""
 
 
 async def _cancel_when_gone(http: Request, generation: _Generation) -> None:

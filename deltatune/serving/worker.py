@@ -1,11 +1,11 @@
 """The thread that alone runs a served model: its lifecycle, its control channel and its deltas.
 
 Both servers keep the model on one worker thread, so a forward pass never sees the model change under it: the
-classification engine (`deltatune.serving.app.Engine`, batches of /v1/predict requests) and the generation decode loop
-(`deltatune.serving.decode_loop.DecodeLoop`, continuous batching). What they share lives here: starting and closing the
-thread, running control calls (loading or removing a delta) between two passes, refusing a delta whose rows
-cannot share a pass with other tasks, the snapshot of loaded tasks the HTTP threads read, and handing freed
-memory back to the operating system. Each subclass writes its own loop (`_run`) and task entry (`_task_entry`).
+classification engine (`deltatune.serving.classify.ClassificationEngine`, batches of /v1/predict requests) and the
+generation decode loop (`deltatune.serving.decode_loop.DecodeLoop`, continuous batching). What they share lives here:
+starting and closing the thread, running control calls (loading or removing a delta) between two passes, refusing a
+delta whose rows cannot share a pass with other tasks, the snapshot of loaded tasks the HTTP threads read, and handing
+freed memory back to the operating system. Each subclass writes its own loop (`_run`) and task entry (`_task_entry`).
 """
 
 from __future__ import annotations

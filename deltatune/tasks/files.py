@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deltatune.errors import DataError
 from deltatune.tasks.sources import read_json_lines, read_table, seeded_holdout
-from deltatune.tasks.task import DataError, Task
+from deltatune.tasks.task import Task
 
 DEV_FRACTION = 0.1
 INTEGER = re.compile(r"^[+-]?\d+$")

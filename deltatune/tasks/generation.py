@@ -28,8 +28,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from deltatune.errors import ChatTemplateError, DataError, LengthWarning
 from deltatune.tasks.sources import read_json_lines, read_table, seeded_holdout
-from deltatune.tasks.task import DataError, Example, Task
+from deltatune.tasks.task import Example, Task
 
 FORMATS = ("prompt-completion", "alpaca", "messages")
 ROLES = ("system", "user", "assistant")
@@ -89,14 +90,6 @@ class GenerationFileOptions:
                 raise ChatTemplateError(f"--chat-template {self.chat_template}: no such file (a Jinja chat template)")
             options["chat_template"] = template_file.read_text()
         return options
-
-
-class ChatTemplateError(DataError):
-    """A chat file needs a chat template that the tokenizer does not have, or the template is unusable."""
-
-
-class LengthWarning(UserWarning):
-    """Training rows longer than --max-length were cut or dropped (how many, and which)."""
 
 
 @dataclass

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from deltatune.errors import DataError
 from deltatune.tasks.sources import (
     Table,
     hub_split,
@@ -32,7 +33,7 @@ from deltatune.tasks.sources import (
     read_table,
     seeded_holdout,
 )
-from deltatune.tasks.task import DataError, Example, Loader, Task
+from deltatune.tasks.task import Example, Loader, Task
 
 MRPC_DEV_SIZE = 408  # GLUE's MRPC dev set: 408 pairs taken out of the Microsoft train file
 STSB_COLUMNS = ("genre", "file", "year", "id", "score", "sentence1", "sentence2")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deltatune.tasks.task import DataError
+from deltatune.errors import DataError
 
 DATA_DIR_ENV = "DELTATUNE_DATA"
 

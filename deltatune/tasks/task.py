@@ -14,16 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from deltatune.errors import DeltaTuneError
+from deltatune.errors import DataError
 
 TaskKind = Literal["classification", "regression", "generation"]
 Example = dict[str, Any]
 # (split, data_dir) -> examples; data_dir None means "DELTATUNE_DATA, else the dataset hub".
 Loader = Callable[[str, Path | None], list[Example]]
-
-
-class DataError(DeltaTuneError):
-    """Task data cannot be found or read: the message names the file (and line) and how to fix it."""
 
 
 @dataclass(frozen=True)
