@@ -167,6 +167,40 @@ def test_csv_with_string_labels(tmp_path):
     assert example == {"text": "review, number 3", "text_pair": None, "label": 0}
 
 
+@pytest.mark.parametrize("task_name,options,row", [
+    ("csv", {"text_columns": ["review"]}, "review {i},{label}"),
+    ("jsonl", {"format": "prompt-completion"}, '{{"prompt": "review {i}", "completion": "{label}"}}'),
+])
+def test_a_file_too_small_for_a_dev_split_is_refused_when_read(tmp_path, task_name, options, row):
+    """One holdout for every file task: 10% rounded, at least one row in each part; 5 rows round to 0 held out
+    (round(0.5) == 0), so 6 is the least. A too-small file is refused when it is read, before any training."""
+    def task_of(rows: int, **extra):
+        lines = [row.format(i=i, label="pos" if i % 2 else "neg") for i in range(rows)]
+        path = tmp_path / f"{rows}.{task_name}"
+        path.write_text(("review,label\n" if task_name == "csv" else "") + "\n".join(lines) + "\n")
+        return get_task(task_name, path=path, **options, **extra)
+
+    for rows in (1, 4, 5):
+        with pytest.raises(DataError, match=rf"{rows} rows?: too few to hold out a dev set \(10%\); pass --dev-file "
+                                            r"or at least 6 rows"):
+            task_of(rows)
+    six = task_of(6)
+    assert (len(six.load("train")), len(six.load("dev"))) == (5, 1)
+    with_dev_file = task_of(4, dev_path=tmp_path / f"6.{task_name}")
+    assert (len(with_dev_file.load("train")), len(with_dev_file.load("dev"))) == (4, 6)
+
+
+def test_holdout_helper_splits_by_share_or_size():
+    rows = list(range(50))
+    train, dev = sources.split_off_dev(rows, "x")
+    assert len(dev) == 5 and sorted(train + dev) == rows and train == sorted(train) and dev == sorted(dev)
+    assert sources.split_off_dev(rows, "x") == (train, dev)  # seeded: the same rows every time
+    assert len(sources.split_off_dev(rows, "x", size=12)[1]) == 12
+    with pytest.raises(DataError, match=r"x: 12 rows: too few to hold out a dev set \(12 rows\); it needs at least "
+                                        r"13 rows"):
+        sources.split_off_dev(rows[:12], "x", size=12, dev_option=None)
+
+
 def test_tsv_pairs_with_scores_is_regression(tmp_path):
     path = tmp_path / "pairs.tsv"
     path.write_text("a\tb\tscore\nx\ty\t0.5\nu\tv\t3\n")

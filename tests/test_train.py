@@ -116,6 +116,35 @@ def test_nonfinite_loss_stops_with_the_step(tiny_model_dir, sentiment_csv, tmp_p
         train(config(tiny_model_dir, sentiment_csv, tmp_path / "run"))
 
 
+@pytest.mark.parametrize("failing_evaluation", [1, 2])
+def test_an_evaluation_error_never_loses_the_trained_delta(tiny_model_dir, sentiment_csv, tmp_path, monkeypatch,
+                                                           failing_evaluation):
+    """Evaluation fails at step 8 (the first evaluation, or the second after step 4 scored): the step-8 delta is
+    saved (in OUT/delta, or beside the best scored one in OUT/last-delta) and the error names the cause and the
+    folder."""
+    scored = train_module.evaluate_sharded
+    calls = []
+
+    def evaluate_or_fail(*args):
+        calls.append(1)
+        if len(calls) == failing_evaluation:
+            raise ValueError("no predictions to score")
+        return scored(*args)
+
+    monkeypatch.setattr(train_module, "evaluate_sharded", evaluate_or_fail)
+    out = tmp_path / "run"
+    kept = out / ("delta" if failing_evaluation == 1 else "last-delta")
+    with pytest.raises(TrainingError, match=rf"evaluating step 8 failed \(ValueError: no predictions to score\); "
+                                            rf"the delta of step 8, not scored, is saved in {kept}"):
+        train(config(tiny_model_dir, sentiment_csv, out, eval_every=8 // failing_evaluation))
+    step_8 = load_file(kept / "delta.safetensors")
+    lora_B = [key for key in step_8 if key.endswith("lora_B")]
+    assert lora_B and all(step_8[key].abs().sum() > 0 for key in lora_B)  # trained (B starts at zero)
+    if failing_evaluation == 2:  # the step-4 delta, scored, stays where it was
+        step_4 = load_file(out / "delta" / "delta.safetensors")
+        assert set(step_4) == set(step_8) and not all(torch.equal(step_4[k], step_8[k]) for k in lora_B)
+
+
 def test_cli_train_eval_predict(tiny_model_dir, sentiment_csv, tmp_path, capsys):
     """`eval` and `predict` give what the saved delta on a fresh transformers model gives, example by example
     (reviews of different lengths: batching sorts them by length, and must put every score back in place)."""

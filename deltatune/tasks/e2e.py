@@ -17,10 +17,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from deltatune.tasks.sources import hub_split, local_data_root, local_file, read_table, seeded_holdout
+from deltatune.tasks.sources import hub_split, local_data_root, local_file, read_table, split_off_dev
 from deltatune.tasks.task import Example, Task
 
-DEV_FRACTION = 0.1
 HUB_DATASET = "tuetschek/e2e_nlg"
 HUB_SPLIT_NAMES = {"train": "train", "dev": "validation", "test": "test"}
 # The official scorer repairs these mis-encoded characters when it reads reference files.
@@ -61,9 +60,9 @@ def load_e2e(split: str, data_dir: Path | None) -> list[Example]:
     elif split == "test":
         grouped = group_by_source(read_pairs(root, "testset_w_refs.csv"))
     else:
-        all_dev = group_by_source(read_pairs(root, "devset.csv"))
-        held_out = seeded_holdout(len(all_dev), round(len(all_dev) * DEV_FRACTION), seed=0)
-        grouped = [group for i, group in enumerate(all_dev) if (i in held_out) == (split == "dev")]
+        train, dev = split_off_dev(group_by_source(read_pairs(root, "devset.csv")), root / "e2e/devset.csv",
+                                   dev_option=None)
+        grouped = dev if split == "dev" else train
     if split == "train":
         return [{"source": source, "target": ref} for source, refs in grouped for ref in refs]
     return [{"source": source, "references": refs} for source, refs in grouped]

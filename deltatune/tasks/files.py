@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from deltatune.errors import DataError
-from deltatune.tasks.sources import read_json_lines, read_table, seeded_holdout
+from deltatune.tasks.sources import read_json_lines, read_table, split_off_dev
 from deltatune.tasks.task import Task
 
-DEV_FRACTION = 0.1
 INTEGER = re.compile(r"^[+-]?\d+$")
 
 
@@ -156,15 +155,7 @@ def file_task(
         return read_csv_records(file, columns, label_column, separator)
 
     train = read(path)
-    if dev_path is not None:
-        dev = read(dev_path)
-    else:
-        held_out = seeded_holdout(len(train), round(len(train) * DEV_FRACTION), seed=0)
-        train, dev = (
-            [r for i, r in enumerate(train) if i not in held_out],
-            [r for i, r in enumerate(train) if i in held_out],
-        )
-    records = train + dev
+    records = train + (read(dev_path) if dev_path is not None else [])  # labels are checked before the holdout
     kind = label_kind(records)
     if kind == "float":
         if label_names is not None:
@@ -180,7 +171,10 @@ def file_task(
         {"text": r.texts[0], "text_pair": r.texts[1] if len(r.texts) == 2 else None, "label": label}
         for r, label in zip(records, labels, strict=True)
     ]
-    splits = {"train": examples[: len(train)], "dev": examples[len(train) :]}
+    if dev_path is None:
+        splits = dict(zip(("train", "dev"), split_off_dev(examples, path), strict=True))
+    else:
+        splits = {"train": examples[: len(train)], "dev": examples[len(train) :]}
     return Task(
         name=name or file_format,
         kind="regression" if kind == "float" else "classification",

@@ -29,12 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from deltatune.errors import ChatTemplateError, DataError, LengthWarning
-from deltatune.tasks.sources import read_json_lines, read_table, seeded_holdout
+from deltatune.tasks.sources import read_json_lines, read_table, split_off_dev
 from deltatune.tasks.task import Example, Task
 
 FORMATS = ("prompt-completion", "alpaca", "messages")
 ROLES = ("system", "user", "assistant")
-DEV_FRACTION = 0.1
 IGNORE_INDEX = -100  # labels the loss skips (as deltatune.tasks.encoding)
 GENERATION_METRICS = ["chrf", "sacrebleu", "rougeL", "exact_match"]  # the first picks the best checkpoint
 # Stanford Alpaca's prompts (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT)
@@ -417,11 +416,7 @@ def generation_file_task(
     if dev_path is not None:
         dev = read(dev_path)
     else:
-        held_out = seeded_holdout(len(train), max(1, round(len(train) * DEV_FRACTION)), seed=0)
-        train, dev = ([e for i, e in enumerate(train) if i not in held_out],
-                      [e for i, e in enumerate(train) if i in held_out])
-    if not train:
-        raise DataError(f"{path}: no training rows left after holding out the dev split; add rows or --dev-file")
+        train, dev = split_off_dev(train, path)
     splits = {"train": train, "dev": [evaluation_example(e) for e in dev]}
     return Task(
         name=name or file_format,

@@ -31,7 +31,7 @@ from deltatune.tasks.sources import (
     local_file,
     parse_class_id,
     read_table,
-    seeded_holdout,
+    split_off_dev,
 )
 from deltatune.tasks.task import Example, Loader, Task
 
@@ -105,10 +105,8 @@ def read_mrpc(root: Path, split: str) -> list[Example]:
     examples = labelled_examples(table, "#1 String", "#2 String", "Quality", 2)
     if split == "test":
         return examples
-    if len(examples) <= MRPC_DEV_SIZE:
-        raise DataError(f"{table.path}: {len(examples)} pairs, too few to hold out {MRPC_DEV_SIZE} as dev")
-    dev_indices = seeded_holdout(len(examples), MRPC_DEV_SIZE, seed=0)
-    return [example for i, example in enumerate(examples) if (i in dev_indices) == (split == "dev")]
+    train, dev = split_off_dev(examples, table.path, size=MRPC_DEV_SIZE, dev_option=None)
+    return dev if split == "dev" else train
 
 
 def read_stsb(root: Path, split: str) -> list[Example]:

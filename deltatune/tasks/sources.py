@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import itertools
 import json
 import os
 import random
@@ -17,11 +18,13 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from deltatune.errors import DataError
 
 DATA_DIR_ENV = "DELTATUNE_DATA"
+DEV_FRACTION = 0.1  # the share of a task's rows held out as "dev" when it has no dev split of its own
+T = TypeVar("T")
 
 
 def local_data_root(data_dir: Path | None) -> Path | None:
@@ -160,9 +163,22 @@ def parse_class_id(table: Table, line: int, text: str, num_labels: int) -> int:
     return label
 
 
-def seeded_holdout(num_items: int, num_held_out: int, seed: int = 0) -> set[int]:
-    """A fixed random set of `num_held_out` indices out of `num_items` (same on every run and machine)."""
-    return set(random.Random(seed).sample(range(num_items), num_held_out))
+def split_off_dev(rows: list[T], source: str | Path, fraction: float = DEV_FRACTION, size: int | None = None,
+                  dev_option: str | None = "--dev-file", seed: int = 0) -> tuple[list[T], list[T]]:
+    """``(train, dev)``: a fixed seeded `fraction` of `rows` (rounded), or `size` rows, held out as "dev" (the same
+    rows on every run and machine), both parts in file order. Rows too few to leave a row in each part are a
+    `DataError` when the task is read, before any training (an empty dev set has nothing to score); it names
+    `dev_option`, the option that gives a dev file instead, where there is one."""
+    held = size if size is not None else round(len(rows) * fraction)
+    if not 0 < held < len(rows):
+        enough = size + 1 if size is not None else next(n for n in itertools.count(2) if 0 < round(n * fraction) < n)
+        share = f"{size} rows" if size is not None else f"{fraction:.0%}"
+        fix = f"pass {dev_option} or at least {enough} rows" if dev_option else f"it needs at least {enough} rows"
+        raise DataError(f"{source}: {len(rows)} row{'s' * (len(rows) != 1)}: too few to hold out a dev set "
+                        f"({share}); {fix}")
+    held_out = set(random.Random(seed).sample(range(len(rows)), held))
+    return ([row for i, row in enumerate(rows) if i not in held_out],
+            [row for i, row in enumerate(rows) if i in held_out])
 
 
 def stratified_holdout(labels: Sequence[Any], fraction: float, seed: int = 0) -> set[int]:

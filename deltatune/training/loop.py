@@ -517,8 +517,12 @@ def evaluate_and_keep_best(run: Run) -> None:
     step = run.evaluated_at = run.state.step
     eval_started = time.perf_counter()
     with full_parameters(run.model):  # FSDP: the whole model on every rank while it evaluates and saves
-        metrics = evaluate_sharded(run.model, run.tokenizer, run.task, run.eval_examples, run.max_length,
-                                   run.rank, run.world)
+        try:
+            metrics = evaluate_sharded(run.model, run.tokenizer, run.task, run.eval_examples, run.max_length,
+                                       run.rank, run.world)
+        except Exception as error:  # the trained delta is saved first: an evaluation error must not lose it
+            raise TrainingError(f"evaluating step {step} failed ({type(error).__name__}: {error}); "
+                                f"{_save_unscored_delta(run)}") from error
         run.state.eval_seconds += time.perf_counter() - eval_started
         # seconds: since training started, evaluations included; eval_seconds: the evaluations' share
         run.log({"step": step, "eval": metrics, "seconds": round(time.perf_counter() - run.started, 2),
@@ -530,6 +534,17 @@ def evaluate_and_keep_best(run: Run) -> None:
             if run.is_main:
                 run.model.save_delta(run.out / "delta")
     run.last_metrics = metrics
+
+
+def _save_unscored_delta(run: Run) -> str:
+    """Save the current delta, which could not be scored: in OUT/delta when no scored delta is there, else in
+    OUT/last-delta (OUT/delta keeps the best scored one). Returns where, as a sentence."""
+    kept = run.out / ("delta" if run.state.best_step is None else "last-delta")
+    if run.is_main:
+        run.model.save_delta(kept)
+    best = f"; the best scored delta (step {run.state.best_step}) is in {run.out / 'delta'}" \
+        if run.state.best_step is not None else ""
+    return f"the delta of step {run.state.step}, not scored, is saved in {kept}{best}"
 
 
 def write_summary(run: Run) -> dict[str, Any]:
