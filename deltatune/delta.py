@@ -20,7 +20,13 @@ import torch
 from torch import nn
 
 from deltatune._version import __version__
-from deltatune.core.architectures import HEAD_INPUT_NAMES, head_names, model_type
+from deltatune.core.architectures import (
+    HEAD_INPUT_NAMES,
+    head_names,
+    model_type,
+    replace_module,
+    wrapped_module,
+)
 from deltatune.core.component import BASE_TASK, DeltaComponent, TaskState, check_task_name, strip_wrappers
 from deltatune.core.heads import TaskHeads
 from deltatune.core.quantize import check_trainable, logical_parameters, quantization_info
@@ -152,13 +158,7 @@ class DeltaModel(nn.Module):
 
     def _task_heads(self, name: str) -> TaskHeads:
         """The TaskHeads wrapping head module `name` (wrapping it the first time)."""
-        parent_name, _, child = name.rpartition(".")
-        parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
-        head = getattr(parent, child)
-        if not isinstance(head, TaskHeads):
-            head = TaskHeads(head, self.task_state)
-            setattr(parent, child, head)
-        return head
+        return wrapped_module(self.base_model, name, TaskHeads, lambda head: TaskHeads(head, self.task_state))
 
     def use(self, task: str | None) -> DeltaModel:
         """Make `task` the active one (`None` or "base": the plain base model). Exact: no weights change
@@ -200,12 +200,7 @@ class DeltaModel(nn.Module):
 
     def _replace_component(self, name: str, replacement: nn.Module | None) -> None:
         self._structure_changed()
-        parent_name, _, child = name.rpartition(".")
-        parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
-        if replacement is None:
-            delattr(parent, child)
-        else:
-            setattr(parent, child, replacement)
+        replace_module(self.base_model, name, replacement)
 
     # ---- parameters ---------------------------------------------------------------------------------
     def task_parameters(

@@ -16,7 +16,8 @@ after the last block. Tables win where both exist.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ try:  # GPT-2's fused projections are Conv1D (a Linear with a transposed weight)
 except ImportError:  # pragma: no cover - transformers is a hard dependency
     Conv1D = ()
 
+Wrapper = TypeVar("Wrapper", bound=nn.Module)
 LINEAR_TYPES: tuple[type, ...] = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
 
 # model_type -> default LoRA targets (W_q and W_v). A target "name[i/n]" means: slice i of n equal
@@ -232,6 +234,27 @@ def unwrap(module: nn.Module) -> nn.Module:
     """The plain layer inside deltatune's wrappers (they keep it as `base_layer`)."""
     while hasattr(module, "base_layer") and isinstance(module.base_layer, nn.Module):
         module = module.base_layer
+    return module
+
+
+def replace_module(model: nn.Module, name: str, replacement: nn.Module | None) -> None:
+    """Put `replacement` where the submodule with dotted name `name` is (``"encoder.layer.0.attention.self.query"``);
+    None removes it."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)  # "" is the model itself
+    if replacement is None:
+        delattr(parent, child)
+    else:
+        setattr(parent, child, replacement)
+
+
+def wrapped_module(model: nn.Module, name: str, wrapper: type[Wrapper],
+                   wrap: Callable[[nn.Module], Wrapper]) -> Wrapper:
+    """The submodule `name` as a `wrapper`: `wrap(module)` put in its place the first time, the same wrapper after."""
+    module = model.get_submodule(name)
+    if not isinstance(module, wrapper):
+        module = wrap(module)
+        replace_module(model, name, module)
     return module
 
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.core.architectures import in_transformer_block, linear_layers
+from deltatune.core.architectures import in_transformer_block, linear_layers, replace_module
 from deltatune.errors import QuantizationError
 
 SCHEMES: tuple[str, ...] = ("int8", "int4", "nf4")
@@ -224,9 +224,7 @@ def quantize_model(model: nn.Module, scheme: str | None) -> nn.Module:
             if group is None:
                 kept += 1
                 continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantizedLinear(layer, scheme, group))
+        replace_module(model, name, QuantizedLinear(layer, scheme, group))
     info = quantization_info(model)
     if info is None:
         raise QuantizationError(f"no linear layer inside the transformer blocks of this "

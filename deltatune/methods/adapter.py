@@ -48,6 +48,7 @@ from deltatune.core.architectures import (
     is_norm,
     model_type,
     unwrap,
+    wrapped_module,
 )
 from deltatune.core.component import DeltaComponent, TaskState, float_reference
 from deltatune.errors import DeltaTuneError, MergeError, TargetError
@@ -403,9 +404,4 @@ def inject(model: nn.Module, config: Adapter, task: str, state: TaskState, exclu
     if not config.train_norms:
         return
     for name in trained_norms(model, config, exclude):
-        module = model.get_submodule(name)
-        if not isinstance(module, NormDelta):
-            parent_name, _, child = name.rpartition(".")
-            module = NormDelta(module, state)
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-        module.add_task(task, config)
+        wrapped_module(model, name, NormDelta, lambda norm: NormDelta(norm, state)).add_task(task, config)

@@ -37,7 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.core.architectures import LINEAR_TYPES, RowGroups, input_features, output_features, resolve_lora_targets
+from deltatune.core.architectures import (
+    LINEAR_TYPES,
+    RowGroups,
+    input_features,
+    output_features,
+    replace_module,
+    resolve_lora_targets,
+)
 from deltatune.core.component import DeltaComponent, TaskState, float_reference
 from deltatune.core.quantize import QuantizedLinear
 from deltatune.errors import QuantizationError
@@ -363,12 +370,10 @@ class LoRALinear(DeltaComponent):
 def inject(model: nn.Module, config: LoRA, task: str, state: TaskState, exclude: list[str]) -> None:
     """Wrap every target layer in a LoRALinear (once) and give it fresh A, B for `task`."""
     for name, groups in resolve_lora_targets(model, config.targets).items():
-        parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = getattr(parent, child_name)
+        layer = model.get_submodule(name)
         if not isinstance(layer, LoRALinear):
             layer = LoRALinear(layer, groups, state)
-            setattr(parent, child_name, layer)
+            replace_module(model, name, layer)
         elif (groups or [[(0, layer.out_features)]]) != layer.groups:
             raise ValueError(
                 f"{name} already carries LoRA on output rows {layer.groups}; a second LoRA task must "
