@@ -157,7 +157,7 @@ def _load_for_inference(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from deltatune.evaluate import evaluate
+    from deltatune.evaluate import task_predictions, task_references
 
     if args.method in {"zero-shot", "few-shot"}:
         if not args.task:
@@ -171,15 +171,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     predictions = []
     for split in args.split or [s for s in task.splits if s != "train"]:
         examples = task.load(split, args.data_dir, limit=args.limit)
-        if task.kind != "generation":
-            results[split] = evaluate(model, tokenizer, task, examples, max_length=args.max_length)
-            continue
-        from deltatune.evaluate import generation_predictions
-
-        outputs = generation_predictions(model, tokenizer, task, examples, args.max_length)
-        results[split] = task.compute_metrics(outputs, [e["references"] for e in examples])
-        predictions += [{"split": split, **{k: v for k, v in e.items() if k != "references"}, "prediction": output,
-                         "references": e["references"]} for e, output in zip(examples, outputs, strict=True)]
+        outputs = task_predictions(model, tokenizer, task, examples, args.max_length)
+        results[split] = task.compute_metrics(outputs, task_references(task, examples))
+        if task.kind == "generation":  # the texts it scored, for reading
+            predictions += [{"split": split, **{k: v for k, v in e.items() if k != "references"},
+                             "prediction": output, "references": e["references"]}
+                            for e, output in zip(examples, outputs, strict=True)]
     if predictions:
         out = Path(args.out or Path(args.delta).parent)
         out.mkdir(parents=True, exist_ok=True)

@@ -148,17 +148,26 @@ def generation_predictions(model, tokenizer, task: Task, examples: list[dict], m
     return generate_completions(model, tokenizer, prompts, batch_size, max_new_tokens=int(1.5 * longest) + 16)
 
 
+def task_predictions(model, tokenizer, task: Task, examples: list[dict], max_length: int = 128,
+                     batch_size: int = 64) -> list:
+    """The model's prediction for each example under its active delta, as the task's metrics take them: a class
+    id, a score, or (generation) a text, generated `batch_size // 4` prompts at a time (generation holds more
+    memory per example). One entry for `evaluate`, `deltatune eval` and the ranks of a distributed evaluation."""
+    if task.kind == "generation":
+        return generation_predictions(model, tokenizer, task, examples, max_length, max(1, batch_size // 4))
+    scores = predict_scores(model, encode(task, examples, tokenizer, max_length), tokenizer.pad_token_id, batch_size)
+    return scores.squeeze(-1).tolist() if task.kind == "regression" else scores.argmax(-1).tolist()
+
+
+def task_references(task: Task, examples: list[dict]) -> list:
+    """What each example's prediction is scored against: its label, or its reference texts (generation)."""
+    return [e["references"] if task.kind == "generation" else e["label"] for e in examples]
+
+
 def evaluate(
     model, tokenizer, task: Task, examples: list[dict], max_length: int = 128, batch_size: int = 64,
     metrics: list[str] | None = None,
 ) -> dict[str, float]:
     """The task's metrics for `examples` (an evaluation split) under the model's active delta."""
-    if task.kind == "generation":
-        predictions = generation_predictions(model, tokenizer, task, examples, max_length, max(1, batch_size // 4))
-        return task.compute_metrics(predictions, [e["references"] for e in examples], metrics=metrics)
-    items = encode(task, examples, tokenizer, max_length)
-    scores = predict_scores(model, items, tokenizer.pad_token_id, batch_size)
-    references = [e["label"] for e in examples]
-    if task.kind == "regression":
-        return task.compute_metrics(scores.squeeze(-1).tolist(), references, metrics=metrics)
-    return task.compute_metrics(scores.argmax(-1).tolist(), references, metrics=metrics)
+    predictions = task_predictions(model, tokenizer, task, examples, max_length, batch_size)
+    return task.compute_metrics(predictions, task_references(task, examples), metrics=metrics)

@@ -16,9 +16,8 @@ import torch
 
 from deltatune.delta import DeltaModel
 from deltatune.errors import TrainingError
-from deltatune.evaluate import generation_predictions, predict_scores
+from deltatune.evaluate import task_predictions, task_references
 from deltatune.methods.registry import method_entry
-from deltatune.tasks.encoding import encode
 
 
 def launched() -> bool:
@@ -79,16 +78,9 @@ def evaluate_sharded(model, tokenizer, task, examples: list[dict], max_length: i
     predictions are gathered, and every rank computes the same metrics from all of them."""
     from accelerate.utils import gather_object
 
-    mine = examples[rank::world]
-    if task.kind == "generation":
-        predictions = generation_predictions(model, tokenizer, task, mine, max_length, batch_size=16) if mine else []
-    elif mine:
-        scores = predict_scores(model, encode(task, mine, tokenizer, max_length), tokenizer.pad_token_id)
-        predictions = scores.squeeze(-1).tolist() if task.kind == "regression" else scores.argmax(-1).tolist()
-    else:  # fewer examples than ranks
-        predictions = []
+    mine = examples[rank::world]  # none where there are fewer examples than ranks
+    predictions = task_predictions(model, tokenizer, task, mine, max_length) if mine else []
     ordered: list = [None] * len(examples)
     for source_rank, part in enumerate(gather_object([predictions])):
         ordered[source_rank::world] = part
-    references = [e["references"] if task.kind == "generation" else e["label"] for e in examples]
-    return task.compute_metrics(ordered, references)
+    return task.compute_metrics(ordered, task_references(task, examples))
