@@ -294,21 +294,11 @@ class PromptEmbedding(DeltaComponent):
         if self.layout != "prepend":  # T5: the encoder sees the prompt; its output is passed in
             return model.generate(**self.prepare_inputs({"input_ids": input_ids, **kwargs}))
         task = self.active_task
-        mask = kwargs.pop("attention_mask", None)
-        mask = torch.ones_like(input_ids) if mask is None else mask
-        keep = self._fit(task, input_ids.shape[1], reserve=kwargs.get("max_new_tokens") or 0)
-        ids, mask = input_ids[:, -keep:], mask[:, -keep:]  # keep the context nearest the new tokens
-        embeds = model.get_input_embeddings()(ids)
-        prompt = self.prompt_embeddings[task].to(embeds.dtype).expand(ids.shape[0], -1, -1)
+        embeds, mask = self._kept_tokens(model, input_ids, kwargs, [task])
+        prompt = self.prompt_embeddings[task].to(embeds.dtype).expand(input_ids.shape[0], -1, -1)
         embeds = torch.cat([prompt, embeds], dim=1)
         mask = torch.cat([mask.new_ones(prompt.shape[:2]), mask], dim=1)
-        order = torch.argsort(mask, dim=1, stable=True)  # left padding, as generation needs
-        embeds, mask = embeds.gather(1, order[..., None].expand_as(embeds)), mask.gather(1, order)
-        output = model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)  # new tokens only
-        if isinstance(output, torch.Tensor):
-            return torch.cat([input_ids, output.to(input_ids.device)], dim=1)
-        output.sequences = torch.cat([input_ids, output.sequences.to(input_ids.device)], dim=1)
-        return output
+        return _generate_left_padded(model, input_ids, embeds, mask, kwargs)
 
     def generate_mixed(self, model: nn.Module, inputs: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """`generate` for a mixed-task batch of a decoder: each row gets its own task's prompt (none for
@@ -317,14 +307,9 @@ class PromptEmbedding(DeltaComponent):
         if self.layout != "prepend":
             raise DeltaTuneError("mixed-task generation with prompt tuning needs a decoder-only model")
         input_ids = kwargs.pop("input_ids", inputs)
-        mask = kwargs.pop("attention_mask", None)
-        mask = torch.ones_like(input_ids) if mask is None else mask
         per_example = self.task_state.per_example
         present = {task for task in per_example if task in self.prompt_embeddings}
-        reserve = kwargs.get("max_new_tokens") or 0
-        keep = min(self._fit(task, input_ids.shape[1], reserve=reserve) for task in present)
-        ids, mask = input_ids[:, -keep:], mask[:, -keep:]
-        embeds = model.get_input_embeddings()(ids)  # (B, n, d)
+        embeds, mask = self._kept_tokens(model, input_ids, kwargs, present)  # (B, n, d)
         longest = max(self.prompt_embeddings[task].shape[0] for task in present)
         rows, masks = [], []
         for row, task in enumerate(per_example):
@@ -334,13 +319,18 @@ class PromptEmbedding(DeltaComponent):
             rows.append(torch.cat([embeds.new_zeros(gap, embeds.shape[-1]), prompt, embeds[row]]))
             masks.append(torch.cat([mask.new_zeros(gap), mask.new_ones(prompt.shape[0]), mask[row]]))
         embeds, mask = torch.stack(rows), torch.stack(masks)  # (B, P_max + n, d)
-        order = torch.argsort(mask, dim=1, stable=True)  # every row's padding to the left, as generation needs
-        embeds, mask = embeds.gather(1, order[..., None].expand_as(embeds)), mask.gather(1, order)
-        output = model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)  # new tokens only
-        if isinstance(output, torch.Tensor):
-            return torch.cat([input_ids, output.to(input_ids.device)], dim=1)
-        output.sequences = torch.cat([input_ids, output.sequences.to(input_ids.device)], dim=1)
-        return output
+        return _generate_left_padded(model, input_ids, embeds, mask, kwargs)
+
+    def _kept_tokens(self, model: nn.Module, input_ids: torch.Tensor, kwargs: dict,
+                     tasks) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embeddings (B, n, d) and attention mask (B, n) of the last n input tokens: those that leave room
+        for the longest of `tasks`' prompts and the new tokens (the context nearest them). Takes the mask out of
+        `kwargs`."""
+        mask = kwargs.pop("attention_mask", None)
+        mask = torch.ones_like(input_ids) if mask is None else mask
+        reserve = kwargs.get("max_new_tokens") or 0
+        keep = min(self._fit(task, input_ids.shape[1], reserve=reserve) for task in tasks)
+        return model.get_input_embeddings()(input_ids[:, -keep:]), mask[:, -keep:]
 
     def merge(self, task: str) -> None:
         raise MergeError("a prompt is not a weight change; prompt tuning cannot be merged into the base weights")
@@ -353,6 +343,19 @@ class PromptEmbedding(DeltaComponent):
 
     def extra_repr(self) -> str:
         return f"layout={self.layout}, tasks={self.tasks}"
+
+
+def _generate_left_padded(model: nn.Module, input_ids: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor,
+                          kwargs: dict):
+    """`model.generate` on input embeddings with every row's padding moved to the left (as generation needs);
+    it returns the new tokens only, so the caller's `input_ids` are put back in front of them."""
+    order = torch.argsort(mask, dim=1, stable=True)  # padding first, the order of the rest kept
+    embeds, mask = embeds.gather(1, order[..., None].expand_as(embeds)), mask.gather(1, order)
+    output = model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)  # new tokens only
+    if isinstance(output, torch.Tensor):
+        return torch.cat([input_ids, output.to(input_ids.device)], dim=1)
+    output.sequences = torch.cat([input_ids, output.sequences.to(input_ids.device)], dim=1)
+    return output
 
 
 def inject(model: nn.Module, config: PromptTuning, task: str, state: TaskState, exclude: list[str]) -> None:
