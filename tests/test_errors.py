@@ -95,10 +95,12 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     paths["scores_csv"] = write_csv(root / "scores.csv", [["review", "score"]] + [
         [text, "4.5" if i % 2 == 0 else "0.5"] for i, text in enumerate(texts)])
     paths["bad_csv"] = write_csv(root / "bad.csv", [["review", "sentiment"], ["good", "positive"], ["a", "b", "c"]])
+    paths["four_rows_csv"] = write_csv(root / "four-rows.csv", [["review", "sentiment"]] + [
+        [text, "positive" if i % 2 == 0 else "negative"] for i, text in enumerate(texts[:4])])
     paths["unlabelled_csv"] = write_csv(root / "unlabelled.csv", [["review", "sentiment"], ["no label", ""]])
     turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     for name, rows in {
-        "chat": [{"messages": turn}] * 4,
+        "chat": [{"messages": turn}] * 8,
         "bad_role_chat": [{"messages": turn}, {"messages": [turn[0], {"role": "asistant", "content": "x"}]}],
         "unordered_chat": [{"messages": [turn[0], turn[0], turn[1]]}],
         "empty_completion": [{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": ""}],
