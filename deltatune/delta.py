@@ -8,9 +8,13 @@ weights (no added latency) and `merge_and_unload()` returns a plain transformers
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import re
+import types
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -68,6 +72,50 @@ class ParameterReport:
         ]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v:>16}" for k, v in rows)
+
+
+class _SignedLikeBase:
+    """`DeltaModel.forward` as a descriptor: `inspect.signature(delta_model.forward)` lists the wrapped model's
+    forward parameters (then `tasks=`, `target_labels=`), not `*args, **kwargs`. transformers.Trainer keeps only
+    the dataset columns the model's forward names (`Trainer._set_signature_columns_if_needed`), and drops
+    `input_ids` and `labels` otherwise. A non-data descriptor: accelerate's or TRL's patched `forward` set on an
+    instance still wins."""
+
+    def __init__(self, function: Callable):
+        self.function = function
+        functools.update_wrapper(self, function)
+        self.signed: dict[type, Callable] = {}  # one function per wrapped model class
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self.function
+        base = instance.__dict__.get("_modules", {}).get("base_model")
+        if base is None:
+            return types.MethodType(self.function, instance)
+        signed = self.signed.get(type(base))
+        if signed is None:
+            signed = self.signed[type(base)] = self._sign(type(base))
+        return types.MethodType(signed, instance)
+
+    def _sign(self, base_class: type) -> Callable:
+        own = list(inspect.signature(self.function).parameters.values())  # self, *args, tasks, target_labels, **kw
+        ours = [p for p in own if p.kind == inspect.Parameter.KEYWORD_ONLY]
+        names = {p.name for p in ours}
+        try:
+            theirs = list(inspect.signature(base_class.forward).parameters.values())[1:]  # without self
+        except (TypeError, ValueError):  # a forward inspect cannot read: keep our own signature
+            theirs = []
+        named = [p for p in theirs if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in names]
+        parameters = (own[:1] + [p for p in named if p.kind == p.POSITIONAL_OR_KEYWORD]
+                      + [p for p in named if p.kind == p.KEYWORD_ONLY] + ours + own[-1:])
+        function = self.function
+
+        def forward(self, *args, **kwargs):
+            return function(self, *args, **kwargs)
+
+        functools.update_wrapper(forward, function)
+        forward.__signature__ = inspect.Signature(parameters)
+        return forward
 
 
 class DeltaModel(nn.Module):
@@ -478,7 +526,19 @@ class DeltaModel(nn.Module):
             if task in component.tasks:
                 component.on_load(task)
 
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside the block the model runs as the plain base (no task's delta); the active task after it.
+        The name peft's `PeftModel.disable_adapter()` has, which TRL calls for the reference model of DPO."""
+        previous = self.active_task
+        self.use(None)
+        try:
+            yield
+        finally:
+            self.use(previous)
+
     # ---- forward ------------------------------------------------------------------------------------
+    @_SignedLikeBase
     def forward(self, *args, tasks: list[str | None] | None = None, target_labels: torch.Tensor | None = None,
                 **kwargs):
         """The base model's forward with the active task's delta. With `tasks=` (one task name per example;

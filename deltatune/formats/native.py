@@ -165,6 +165,26 @@ def write_delta(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta:
     return Path(path)
 
 
+def write_delta_into(folder: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                     extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write a delta's two files (and `extra` safetensors files, {name: tensors}) into `folder`, which may hold
+    other files (a transformers.Trainer checkpoint: optimizer, scheduler, RNG). They are written complete by
+    `write_delta` in a folder beside it, then each renamed into place: a reader sees every file whole, old or new."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = folder / f".delta-{os.getpid()}"
+    write_delta(staging, tensors, meta)
+    try:
+        for name, more in (extra or {}).items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in more.items()}, staging / name)
+        for name in [*(extra or {}), WEIGHTS_FILE, META_FILE]:  # delta.json last: it describes the rest
+            os.replace(staging / name, folder / name)
+        _fsync_folder(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
 def read_delta(path: str | os.PathLike, trust_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a delta folder: (tensors, metadata). Refuses anything malformed with a `DeltaError`.
     (A peft adapter folder is read by `peft_format.read_saved_delta`, which picks this or `peft_format.read_peft`.)
