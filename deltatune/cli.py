@@ -14,9 +14,12 @@ from pathlib import Path
 from deltatune.config_file import config_path, read_config, write_config
 from deltatune.errors import ConfigError, DeltaTuneError
 from deltatune.formats.combine import CombineConfig
+from deltatune.formats.native import delta_folder
 from deltatune.methods.registry import METHODS, options_from_strings
+from deltatune.models import MODEL_HELP
 from deltatune.results.compare import PROMPTING_METHODS, CompareConfig
 from deltatune.serving.config import ServeConfig
+from deltatune.tasks.catalog import FILE_FORMATS
 from deltatune.tasks.generation import GenerationFileOptions
 from deltatune.training.loop import QUANTIZE_CHOICES, TrainConfig
 
@@ -106,21 +109,28 @@ def _json_or_text(value: str):
         return value
 
 
-def task_options(args: argparse.Namespace, prompt_format: dict | None = None) -> dict:
+def task_options(args: argparse.Namespace, prompt_format: dict | None = None, scored_whole: bool = False,
+                 label_names: list[str] | None = None) -> dict:
     """csv/jsonl: the file and its columns; generation files (--format, or the `prompt_format` a delta
-    was trained with) their format options (`GenerationFileOptions`)."""
-    if args.task not in {"csv", "jsonl"}:
+    was trained with) their format options (`GenerationFileOptions`).
+
+    `scored_whole` (eval): the file scored, --dev-file else --data-file, is the "dev" split whole, not the seeded
+    10% that training holds out of --data-file. `label_names`: a classification delta's classes in its id order,
+    so that a file holding only some of them is scored against the ids the delta learnt."""
+    if args.task not in FILE_FORMATS:
         return {}
     if not args.data_file:
         raise DeltaTuneError(f"task {args.task!r} needs --data-file PATH (and --text-columns, --label-column, "
                              f"or --format for generation)")
-    files = {"path": args.data_file, **({"dev_path": args.dev_file} if args.dev_file else {})}
+    dev_file = args.dev_file or (args.data_file if scored_whole else None)
+    files = {"path": args.data_file, **({"dev_path": dev_file} if dev_file else {})}
     if prompt_format and not args.format:  # evaluating a generation delta: the prompts it was trained with
         return {**files, "columns": key_values(args.columns),
                 **{k: prompt_format[k] for k in ("format", "template", "chat_template", "assistant_turns")}}
     if args.format:
         return {**files, **config_from_args(GenerationFileOptions, args).task_options()}
-    return {**files, "text_columns": args.text_columns.split(","), "label_column": args.label_column}
+    return {**files, "text_columns": args.text_columns.split(","), "label_column": args.label_column,
+            **({"label_names": label_names} if label_names else {})}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -147,7 +157,8 @@ def _load_for_inference(args: argparse.Namespace):
 
     _, meta = read_saved_delta(args.delta, trust_pickle=args.trust_pickle)
     args.task = args.task or meta["task"]
-    task = get_task(args.task, **task_options(args, meta.get("prompt_format")))
+    task = get_task(args.task, **task_options(args, meta.get("prompt_format"), scored_whole=args.command == "eval",
+                                              label_names=meta.get("label_names")))
     kind = {"classification": "classification", "regression": "regression", "generation": "causal-lm"}[task.kind]
     base = load_model(args.model, kind, num_labels=task.num_labels if task.kind == "classification" else None,
                       quantize=args.quantize)
@@ -157,20 +168,22 @@ def _load_for_inference(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """The task's metrics on each split (a --data-file/--dev-file scored whole), with the rows each one scored."""
     from deltatune.evaluate import task_predictions, task_references
 
-    if args.method in {"zero-shot", "few-shot"}:
+    if args.method in PROMPTING_METHODS:
         if not args.task:
-            raise DeltaTuneError(f"--method {args.method} needs --task")
+            raise DeltaTuneError(f"--method {args.method} needs --task (a task name, or csv/jsonl with --data-file)")
         return cmd_eval_prompting(args)
     if not args.delta:
         raise DeltaTuneError("eval needs --delta DIR (or --method zero-shot|few-shot --task T)")
 
+    args.delta = str(delta_folder(args.delta))  # a run folder: its delta (and predictions.jsonl beside it)
     model, tokenizer, task = _load_for_inference(args)
-    results = {}
-    predictions = []
+    results, rows, predictions = {}, {}, []
     for split in args.split or [s for s in task.splits if s != "train"]:
         examples = task.load(split, args.data_dir, limit=args.limit)
+        rows[split] = len(examples)
         outputs = task_predictions(model, tokenizer, task, examples, args.max_length)
         results[split] = task.compute_metrics(outputs, task_references(task, examples))
         if task.kind == "generation":  # the texts it scored, for reading
@@ -182,7 +195,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "predictions.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
         results["predictions"] = str(out / "predictions.jsonl")
-    print(json.dumps({"task": task.name, "delta": str(args.delta), **results}, indent=2))
+    print(json.dumps({"task": task.name, "delta": str(args.delta), "rows": rows, **results}, indent=2))
     return 0
 
 
@@ -433,18 +446,22 @@ def cmd_prompt(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_prompting(args: argparse.Namespace) -> int:
+    """The zero-/few-shot floor of a task or of the user's file (scored whole; few-shot demonstrations from
+    --data-file, never a row's own answer: `demonstrations.plan_demonstrations`)."""
     from deltatune.models import load_model, load_tokenizer
     from deltatune.prompting.fewshot import evaluate_fewshot
+    from deltatune.tasks import get_task
 
     shots = 0 if args.method == "zero-shot" else args.shots
-    model = load_model(args.model, "causal-lm", quantize=args.quantize)
+    task = get_task(args.task, **task_options(args, scored_whole=True))
+    model, tokenizer = load_model(args.model, "causal-lm", quantize=args.quantize), load_tokenizer(args.model)
     results = {}
     for split in args.split or ["dev"]:
-        results[split] = evaluate_fewshot(model, load_tokenizer(args.model), args.task, shots=shots, split=split,
-                                          data_dir=args.data_dir, limit=args.limit, seed=args.seed,
-                                          select_from=args.select_from,
+        results[split] = evaluate_fewshot(model, tokenizer, task, shots=shots, split=split, data_dir=args.data_dir,
+                                          limit=args.limit, seed=args.seed, select_from=args.select_from,
                                           calibration_inputs=args.calibration_inputs)
-    print(json.dumps({"task": args.task, "method": args.method, **results}, indent=2, default=str))
+    rows = {split: result["examples"] for split, result in results.items()}
+    print(json.dumps({"task": args.task, "method": args.method, "rows": rows, **results}, indent=2, default=str))
     return 0
 
 
@@ -458,8 +475,14 @@ def _add_task_file_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_quantize_argument(parser: argparse.ArgumentParser) -> None:
-    help_text = {f.name: f.metadata.get("help") for f in fields(TrainConfig)}["quantize"]
-    parser.add_argument("--quantize", choices=list(QUANTIZE_CHOICES), help=help_text)
+    """--quantize of the commands that run a delta (train's own, in TrainConfig, says how the delta trains)."""
+    parser.add_argument("--quantize", choices=list(QUANTIZE_CHOICES),
+                        help="load the base's block linear weights quantized (deltatune.core.quantize): less memory, "
+                             "outputs close to but not equal to the full-precision base's; the delta stays as saved")
+
+
+def _add_model_argument(parser: argparse.ArgumentParser, what: str = "the base model", **options) -> None:
+    parser.add_argument("--model", help=f"{what}: {MODEL_HELP}", **options)
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -535,7 +558,7 @@ def _add_training_commands(commands) -> None:
             add_options(sub, CompareConfig)
         else:
             add_options(sub, CompareConfig, skip=("methods",), defaults={"seeds": 3, "out": "runs/sweep"})
-            sub.add_argument("--method", required=True)
+            sub.add_argument("--method", required=True, help=f"the method swept: {' | '.join(METHODS)}")
             sub.add_argument("--param", required=True, help="NAME=V1,V2,... e.g. length=1,5,10,20,50")
         sub.add_argument("--lr", action="append", metavar="METHOD=LR", help="per-method learning rate")
         if name == "compare":
@@ -550,63 +573,83 @@ def _add_training_commands(commands) -> None:
 
 
 def _add_inference_commands(commands) -> None:
-    """prompt, eval, predict, export, serve."""
-    prompt = commands.add_parser("prompt", help="zero-/few-shot completion with a causal LM")
-    prompt.add_argument("--model", default="smollm2")
-    prompt.add_argument("text", help="the prompt (after any demonstrations)")
-    prompt.add_argument("--task", help="draw --shots demonstrations from this task's train split")
-    prompt.add_argument("--shots", type=int, default=0)
-    prompt.add_argument("--examples", help="a file of solved examples put before the text")
-    prompt.add_argument("--seed", type=int, default=0)
-    prompt.add_argument("--select-from", type=int, default=1, metavar="N",
-                        help="classification: the best of N demonstration draws on held-out train examples")
-    prompt.add_argument("--max-new-tokens", type=int, default=20)
-    prompt.add_argument("--show-prompt", action="store_true", help="print the full prompt, then the completion")
-    prompt.add_argument("--data-dir")
-    _add_quantize_argument(prompt)
-    prompt.set_defaults(handler=cmd_prompt)
-
-    for name, handler, help_text in [("eval", cmd_eval, "evaluate a saved delta on its task"),
+    """prompt, eval, predict, generate, export, combine, serve."""
+    _add_prompt_command(commands)
+    for name, handler, help_text in [("eval", cmd_eval, "score a saved delta (or a zero-/few-shot baseline) on a "
+                                                        "task or your file"),
                                      ("predict", cmd_predict, "run a saved delta on given texts")]:
         sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("--model", required=True)
-        sub.add_argument("--delta", required=name == "predict", help="delta folder (delta.safetensors + delta.json)")
+        _add_model_argument(sub, required=True)
+        sub.add_argument("--delta", required=name == "predict",
+                         help="delta folder (delta.safetensors + delta.json), or a run folder (its delta/)")
         sub.add_argument("--task", help="default: the task the delta was trained on")
         sub.add_argument("--trust-pickle", action="store_true",
                          help="also read a delta whose weights are a pickle (.bin/.pt): torch.load(weights_only=True)")
         _add_quantize_argument(sub)
         _add_data_arguments(sub)
         if name == "eval":
-            sub.add_argument("--split", action="append", help="split(s) to score (default: all but train)")
-            sub.add_argument("--out", help="generation files: where predictions.jsonl goes (default: beside --delta)")
-            sub.add_argument("--method", choices=["zero-shot", "few-shot"],
-                             help="prompting baselines of a causal LM (no delta): label-word scoring / generation")
-            sub.add_argument("--shots", type=int, default=4, help="few-shot: demonstrations from the train split")
-            sub.add_argument("--select-from", type=int, default=1, metavar="N",
-                             help="few-shot classification: the best of N demonstration draws, scored on 256 "
-                                  "held-out train examples (8 is a good choice)")
-            sub.add_argument("--seed", type=int, default=0, help="few-shot: which demonstrations are drawn")
-            sub.add_argument("--calibration-inputs", type=int, default=256, metavar="N",
-                             help="classification: batch calibration over N unlabeled train inputs (0: off)")
-            sub.add_argument("--limit", type=int)
+            _add_eval_arguments(sub)
         else:
             sub.add_argument("texts", nargs="+", help="inputs; sentence pairs as 'first ||| second'")
-            sub.add_argument("--pair-separator", default=" ||| ")
+            sub.add_argument("--pair-separator", default=" ||| ", help="what splits a text into a sentence pair")
             sub.add_argument("--max-new-tokens", type=int, default=128, help="generation deltas: tokens at most")
         sub.set_defaults(handler=handler)
+    _add_generate_command(commands)
+    _add_delta_file_commands(commands)
+    _add_serve_command(commands)
 
+
+def _add_prompt_command(commands) -> None:
+    prompt = commands.add_parser("prompt", help="zero-/few-shot completion with a causal LM")
+    _add_model_argument(prompt, "a causal LM", default="smollm2")
+    prompt.add_argument("text", help="the prompt (after any demonstrations)")
+    prompt.add_argument("--task", help="draw --shots demonstrations from this task's train split")
+    prompt.add_argument("--shots", type=int, default=0, help="demonstrations put before the text (with --task)")
+    prompt.add_argument("--examples", help="a file of solved examples put before the text")
+    prompt.add_argument("--seed", type=int, default=0, help="which demonstrations are drawn")
+    prompt.add_argument("--select-from", type=int, default=1, metavar="N",
+                        help="classification: the best of N demonstration draws on held-out train examples")
+    prompt.add_argument("--max-new-tokens", type=int, default=20, help="tokens generated at most")
+    prompt.add_argument("--show-prompt", action="store_true", help="print the full prompt, then the completion")
+    prompt.add_argument("--data-dir", help="folder laid out like shared/data (default: $DELTATUNE_DATA, then the hub)")
+    _add_quantize_argument(prompt)
+    prompt.set_defaults(handler=cmd_prompt)
+
+
+def _add_eval_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--split", action="append",
+                     help="split(s) to score (default: all but train; a --data-file or --dev-file: the whole file)")
+    sub.add_argument("--out", help="generation files: where predictions.jsonl goes (default: beside --delta)")
+    sub.add_argument("--method", choices=list(PROMPTING_METHODS),
+                     help="prompting baselines of a causal LM (no delta): label-word scoring / generation")
+    sub.add_argument("--shots", type=int, default=4, help="few-shot: demonstrations from the train split")
+    sub.add_argument("--select-from", type=int, default=1, metavar="N",
+                     help="few-shot classification: the best of N demonstration draws, scored on 256 "
+                          "held-out train examples (8 is a good choice)")
+    sub.add_argument("--seed", type=int, default=0, help="few-shot: which demonstrations are drawn")
+    sub.add_argument("--calibration-inputs", type=int, default=256, metavar="N",
+                     help="classification: batch calibration over N unlabeled train inputs (0: off)")
+    sub.add_argument("--limit", type=int, metavar="N", help="score only the first N rows of each split")
+
+
+def _add_generate_command(commands) -> None:
     generate = commands.add_parser("generate", help="stream a causal LM's completion of a prompt under a delta")
-    generate.add_argument("--model", required=True)
-    generate.add_argument("--delta", help="delta folder; its prompt format (chat template...) is applied")
+    _add_model_argument(generate, "the base causal LM", required=True)
+    generate.add_argument("--delta", help="delta folder, or a run folder (its delta/); its prompt format "
+                                          "(chat template...) is applied")
     generate.add_argument("prompt", help="the prompt, instruction or user message")
-    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated at most")
     generate.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
-    generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--trust-pickle", action="store_true")
+    generate.add_argument("--seed", type=int, default=0, help="the sampling seed (with --temperature > 0)")
+    generate.add_argument("--trust-pickle", action="store_true",
+                          help="also read a delta whose weights are a pickle (.bin/.pt): torch.load(weights_only=True)")
     _add_quantize_argument(generate)
     generate.set_defaults(handler=cmd_generate)
 
+
+def _add_delta_file_commands(commands) -> None:
+    """export, combine."""
     export = commands.add_parser("export", help="write a delta in another library's format (peft: LoRA, prompt)")
     export.add_argument("--delta", required=True, help="delta folder (delta.safetensors + delta.json)")
     export.add_argument("--format", required=True, choices=["peft"], help="peft: adapter_config.json + safetensors")
@@ -621,17 +664,15 @@ def _add_inference_commands(commands) -> None:
     add_options(combine, CombineConfig)
     combine.set_defaults(handler=cmd_combine)
 
-    _add_serve_command(commands)
-
 
 def _add_serve_command(commands) -> None:
     serve = commands.add_parser("serve", help="an HTTP service for many task deltas on one base model, "
                                               "batching requests across tasks")
     _add_config_argument(serve, "ServeConfig fields, model, host, port and delta: {NAME: DIR}")
-    serve.add_argument("--model", required=True, help="the base model: minilm | a local folder | a hub name")
+    _add_model_argument(serve, required=True)
     serve.add_argument("--delta", action="append", metavar="NAME=DIR",
                        help="a delta to serve as task NAME, repeatable (DIR alone: its saved task name)")
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=int, default=8000, help="0: any free port (printed at start)")
     add_options(serve, ServeConfig)
     serve.set_defaults(handler=cmd_serve)

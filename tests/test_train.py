@@ -3,6 +3,7 @@ CLI's train / eval / predict work end to end."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from contextlib import contextmanager
@@ -151,7 +152,6 @@ def test_cli_train_eval_predict(tiny_model_dir, sentiment_csv, tmp_path, capsys)
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     import deltatune
-    from deltatune.tasks import get_task
 
     rows = sentiment_csv.read_text().splitlines()
     sentiment_csv.write_text("\n".join([rows[0]] + [row.replace("the movie", "the movie" + " really" * (i % 4), 1)
@@ -173,11 +173,24 @@ def test_cli_train_eval_predict(tiny_model_dir, sentiment_csv, tmp_path, capsys)
         with torch.no_grad():
             return model(**tokenizer(text, return_tensors="pt")).logits[0].softmax(-1)
 
-    dev = get_task("csv", path=str(sentiment_csv), text_columns=["review"], label_column="sentiment").load("dev")
-    predictions = [int(probabilities(example["text"]).argmax()) for example in dev]
-    assert len(dev) == 13 and len(set(predictions)) == 2  # both classes predicted: the order of rows matters
-    correct = sum(p == example["label"] for p, example in zip(predictions, dev, strict=True))
-    assert evaluation["dev"]["accuracy"] == pytest.approx(correct / len(dev))
+    # a file given to eval is scored whole (not the 10% training held out of it), its rows counted
+    with open(sentiment_csv, newline="") as handle:
+        table = [(row["review"], ["negative", "positive"].index(row["sentiment"])) for row in csv.DictReader(handle)]
+    predictions = [int(probabilities(text).argmax()) for text, _ in table]
+    assert len(set(predictions)) == 2  # both classes predicted: the order of rows matters
+    correct = sum(p == label for p, (_, label) in zip(predictions, table, strict=True))
+    assert evaluation["rows"] == {"dev": 128}
+    assert evaluation["dev"]["accuracy"] == pytest.approx(correct / 128)
+    # a file holding one of the classes is scored against the ids the delta learnt (not re-numbered from 0),
+    # and the run folder stands for its delta
+    positive = tmp_path / "positive.csv"
+    positive.write_text("review,sentiment\n" + "".join(f"{text},positive\n" for text, label in table[:40] if label))
+    assert cli_main(["eval", "--model", str(tiny_model_dir), "--delta", str(tmp_path / "run"), "--task", "csv",
+                     "--data-file", str(positive), "--text-columns", "review", "--label-column", "sentiment"]) == 0
+    evaluation = json.loads(capsys.readouterr().out)
+    said_positive = [p for p, (_, label) in zip(predictions[:40], table[:40], strict=True) if label]
+    assert evaluation["rows"] == {"dev": 20} and evaluation["delta"] == str(delta)
+    assert evaluation["dev"]["accuracy"] == pytest.approx(sum(said_positive) / 20)
 
     assert cli_main(["predict", "--model", str(tiny_model_dir), "--delta", str(delta),
                      "--task", "csv", *data, "the movie was great ."]) == 0

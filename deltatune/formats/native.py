@@ -29,6 +29,7 @@ FORMAT = "deltatune-delta"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "delta.safetensors"
 META_FILE = "delta.json"
+RUN_DELTA = "delta"  # the delta's folder inside a training run's folder (training.loop saves it there)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
 
 
@@ -185,6 +186,15 @@ def write_delta_into(folder: str | os.PathLike, tensors: dict[str, torch.Tensor]
     return folder
 
 
+def delta_folder(path: str | os.PathLike) -> Path:
+    """The delta folder `path` names: itself, or the delta of a run folder (`deltatune train --out RUN` saves it
+    in RUN/delta), so that a run folder is accepted wherever a delta is."""
+    path = Path(path)
+    if not (path / META_FILE).is_file() and (path / RUN_DELTA / META_FILE).is_file():
+        return path / RUN_DELTA
+    return path
+
+
 def read_delta(path: str | os.PathLike, trust_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a delta folder: (tensors, metadata). Refuses anything malformed with a `DeltaError`.
     (A peft adapter folder is read by `peft_format.read_saved_delta`, which picks this or `peft_format.read_peft`.)
@@ -193,7 +203,7 @@ def read_delta(path: str | os.PathLike, trust_pickle: bool = False) -> tuple[dic
     `delta.safetensors`, one pickle file (.bin/.pt/.pth/.pkl) of a flat {key: tensor} dict, as
     `torch.save(model.task_parameters())` writes it, is read with `torch.load(weights_only=True)`
     (tensors and plain containers only, yet a larger surface than safetensors: use it for files you trust)."""
-    path = Path(path)
+    path = delta_folder(path)
     if not path.exists():
         recover(path)  # a save killed between its two renames left the previous folder as a backup
     if not path.is_dir():
@@ -209,7 +219,8 @@ def read_delta(path: str | os.PathLike, trust_pickle: bool = False) -> tuple[dic
             if pickles and not trust_pickle
             else ""
         )
-        raise DeltaError(f"{path} is not a deltatune delta (needs {WEIGHTS_FILE} and {META_FILE}).{hint}")
+        raise DeltaError(f"{path} is not a deltatune delta (needs {WEIGHTS_FILE} and {META_FILE}; a run folder of "
+                         f"`deltatune train --out RUN` holds its delta in RUN/{RUN_DELTA}).{hint}")
     meta = _read_meta(meta_file)
     tensors = _read_pickle(weights) if weights.suffix in PICKLE_SUFFIXES else _read_safetensors(weights)
     return tensors, meta

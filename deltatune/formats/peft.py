@@ -71,7 +71,7 @@ from deltatune.core.architectures import (
 )
 from deltatune.core.component import TASK_NAME
 from deltatune.errors import ConfigError, DeltaError
-from deltatune.formats.native import META_FILE, atomic_folder, read_delta, recover
+from deltatune.formats.native import META_FILE, atomic_folder, delta_folder, read_delta, recover
 from deltatune.methods.prompt import prompt_layout
 from deltatune.methods.registry import METHODS, build_config, method_of
 
@@ -563,8 +563,8 @@ def check_peft_fits(model, meta: dict, path) -> None:
 
 def read_saved_delta(path: str | os.PathLike, trust_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, metadata) of a deltatune delta folder (`io.read_delta`) or of a Hugging Face peft adapter
-    folder (`read_peft`: adapter_config.json and no delta.json)."""
-    path = Path(path)
+    folder (`read_peft`: adapter_config.json and no delta.json); a training run's folder stands for its delta."""
+    path = delta_folder(path)
     if not path.exists():
         recover(path)  # a save killed between its two renames left the previous folder as a backup
     if not (path / META_FILE).is_file() and (path / CONFIG_FILE).is_file():

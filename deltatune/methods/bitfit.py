@@ -72,7 +72,8 @@ def bitfit_targets(model: nn.Module, config: BitFit, exclude: list[str]) -> dict
     if not candidates:
         raise TargetError(
             "this model has no bias terms, so BitFit has nothing to train; use BitFit(add_missing=True) "
-            "to add zero-initialised biases to its linear and norm layers"
+            "(command line: -o add_missing=true; compare: -o bitfit:add_missing=true) to add zero-initialised "
+            "biases to its linear and norm layers"
         )
     return candidates
 

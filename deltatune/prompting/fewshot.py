@@ -135,6 +135,8 @@ TEMPLATES: dict[str, PromptTemplate] = {
 GENERIC_CLASSIFICATION = PromptTemplate("Text: {text}\nLabel:")
 GENERIC_PAIR_CLASSIFICATION = PromptTemplate("Text 1: {text}\nText 2: {text_pair}\nLabel:")
 GENERIC_GENERATION = PromptTemplate("Input: {source}\nOutput:")
+# a generation file's prompt is built by its own format (prompt-completion, Alpaca, chat): `file_sources`
+FILE_GENERATION = PromptTemplate("{source}")
 
 
 def template_for(task: Any, has_pair: bool = False) -> PromptTemplate:
@@ -142,12 +144,30 @@ def template_for(task: Any, has_pair: bool = False) -> PromptTemplate:
     if task.name in TEMPLATES:
         return TEMPLATES[task.name]
     if task.kind == "generation":
-        return GENERIC_GENERATION
+        return GENERIC_GENERATION if task.prompt_format is None else FILE_GENERATION
     if task.kind == "classification":
         return GENERIC_PAIR_CLASSIFICATION if has_pair else GENERIC_CLASSIFICATION
     raise FewShotError(
         f"few-shot prompting scores classes or generates text; task {task.name!r} is {task.kind}"
     )
+
+
+def file_sources(task: Any, tokenizer: PreTrainedTokenizerBase, examples: list[Example]) -> list[Example]:
+    """A generation file's examples as prompting examples: ``source`` is the prompt its format builds (the
+    Alpaca prompt; a conversation up to its last assistant turn, rendered by the chat template with the
+    assistant's header), ``target`` (train) or ``references`` (dev) what follows it."""
+    converted = []
+    for example in examples:
+        if "messages" in example:
+            messages = example["messages"] if "references" in example else example["messages"][:-1]
+            source = task.prompt_format.render(tokenizer, messages, add_generation_prompt=True)
+            answer = ({"references": example["references"]} if "references" in example
+                      else {"target": example["messages"][-1]["content"]})
+        else:
+            source = example["prompt"]
+            answer = {key: example[key] for key in ("target", "references") if key in example}
+        converted.append({"source": source, **answer})
+    return converted
 
 
 def label_words_for(task: Any, template: PromptTemplate) -> list[str]:
@@ -202,6 +222,8 @@ def evaluate_fewshot(
     classification = task.kind == "classification"
     batch_calibration = classification and calibrate and calibration_inputs > 0
     pool = task.load("train", data_dir=data_dir) if shots > 0 or batch_calibration else []
+    if task.kind == "generation" and task.prompt_format is not None:  # the user's file: its own prompts
+        examples, pool = file_sources(task, tokenizer, examples), file_sources(task, tokenizer, pool)
     template = template_for(task, has_pair=examples[0].get("text_pair") is not None)
     evaluated = {example_key(example) for example in examples}
     modes = ["raw", *CALIBRATIONS] if calibrate else ["raw"]

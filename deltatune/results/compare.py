@@ -28,6 +28,7 @@ import torch
 
 from deltatune.errors import QuantizationError
 from deltatune.methods.registry import METHODS
+from deltatune.models import MODEL_HELP
 from deltatune.training.loop import PRECISIONS, QUANTIZE_CHOICES, TrainConfig
 
 DEFAULT_METHODS = list(METHODS)  # every registered method, in the registry's order
@@ -39,14 +40,15 @@ PROMPTING_METHODS = ("zero-shot", "few-shot")
 class CompareConfig:
     """One comparison (or sweep). Each field's `help` is also its `deltatune compare --option`."""
 
-    model: str = field(default="minilm", metadata={"help": "minilm | smollm2 | a local folder | a hub name"})
+    model: str = field(default="minilm", metadata={"help": MODEL_HELP})
     task: str | None = field(
         default=None, metadata={"help": "default: sst2 if the data folder has it, else bbc-news"})
     tasks: list[str] | None = field(default=None, metadata={
         "help": "several tasks, one table column each (e.g. sst2,mrpc,cola,rte,stsb); replaces --task"})
     task_options: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})  # csv/jsonl: path, columns
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS), metadata={
-        "help": "comma-separated; also zero-shot, few-shot (a causal LM: --model smollm2; -o few-shot:shots=4); "
+        "help": f"comma-separated, of {', '.join(METHODS)}; also zero-shot, few-shot (a causal LM: --model smollm2; "
+                "-o few-shot:shots=4); "
                 "METHOD@NAME is a variant, its own row with its own options (-o adapter@small:bottleneck=8)"})
     seeds: int = field(default=1, metadata={"help": "seeds per method (mean and std over them)"})
     method_seeds: dict[str, int] = field(default_factory=dict, metadata={"cli": False})  # --method-seeds M=N

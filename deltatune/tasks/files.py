@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from deltatune.errors import DataError
+from deltatune.tasks.generation import DEFAULT_COLUMNS
 from deltatune.tasks.sources import read_json_lines, read_table, split_off_dev
 from deltatune.tasks.task import Task
 
@@ -41,6 +42,10 @@ def read_csv_records(
 ) -> list[Record]:
     """Rows of a CSV/TSV file (first line = header) with typed labels (see `typed_labels`)."""
     table = read_table(path, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL)
+    missing = [name for name in [*text_columns, label_column] if name not in table.columns]
+    if missing:
+        raise DataError(f"{path}: no column {missing}; the columns are {table.columns}"
+                        + generation_hint(table.columns))
     text_indices = [table.column(name) for name in text_columns]
     label_index = table.column(label_column)
     records = []
@@ -52,6 +57,17 @@ def read_csv_records(
     for record, label in zip(records, typed_labels([r.label for r in records]), strict=True):
         record.label = label
     return records
+
+
+def generation_hint(columns: Sequence[str]) -> str:
+    """What to add to a missing-column error when the columns are a generation file's (`generation.FORMATS`): the
+    --format to pass, which the classification reader cannot guess."""
+    for file_format, fields in DEFAULT_COLUMNS.items():
+        needed = [column for name, column in fields.items() if name != "input"]  # Alpaca's input may be absent
+        if all(column in columns for column in needed):
+            return (f". These are a generation file's columns ({file_format}): pass --format {file_format} "
+                    f"(Python: format={file_format!r})")
+    return ""
 
 
 def typed_labels(texts: list[str]) -> list[int] | list[float] | list[str]:
@@ -70,7 +86,8 @@ def read_jsonl_records(path: Path, text_columns: Sequence[str], label_column: st
     for line, row in read_json_lines(path):
         missing = [name for name in [*text_columns, label_column] if name not in row]
         if missing:
-            raise DataError(f"{path}, line {line}: no column {missing}; the columns are {list(row)}")
+            raise DataError(f"{path}, line {line}: no column {missing}; the columns are {list(row)}"
+                            + generation_hint(row))
         record = Record(path, line, [row[name] for name in text_columns], row[label_column])
         if not all(isinstance(value, str) for value in record.texts):
             raise record.error(f"text columns {list(text_columns)} must hold strings")

@@ -39,9 +39,10 @@ from deltatune.core.quantize import SCHEMES
 from deltatune.delta import DeltaModel, attach
 from deltatune.errors import TrainingError
 from deltatune.evaluate import task_loss
-from deltatune.formats.native import atomic_folder, recover
-from deltatune.methods.registry import build_config, method_entry
-from deltatune.tasks import DATA_DIR_ENV, Task, get_task
+from deltatune.formats.native import RUN_DELTA, atomic_folder, recover
+from deltatune.methods.registry import METHODS, build_config, method_entry
+from deltatune.models import MODEL_HELP
+from deltatune.tasks import DATA_DIR_ENV, TASK_NAMES, Task, get_task
 from deltatune.tasks.encoding import IGNORE_INDEX, Encoded, collate, encode, epoch_batches, max_model_length
 from deltatune.training.distributed import evaluate_sharded, full_parameters, launched, max_over_ranks, shard_model
 
@@ -54,9 +55,9 @@ class TrainConfig:
     """One training run. Each field's `help` is also its `deltatune train --option` (cli.add_options);
     `cli: False` marks the fields the command line fills from other options (-o, --data-file...)."""
 
-    model: str = field(metadata={"help": "minilm | smollm2 | a local folder | a hub name"})
-    task: str = field(metadata={"help": "sst2 rte mrpc stsb cola e2e bbc-news csv jsonl"})
-    method: str = field(metadata={"help": "lora | bitfit | adapter | prompt | full (registry.METHODS)"})
+    model: str = field(metadata={"help": MODEL_HELP})
+    task: str = field(metadata={"help": " | ".join(TASK_NAMES) + " (csv, jsonl: your own file, --data-file)"})
+    method: str = field(metadata={"help": "what trains (methods/registry.py)", "choices": list(METHODS)})
     out: str = field(metadata={"help": "run folder (delta, checkpoints, metrics.jsonl, summary.json)"})
     method_options: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})  # -o KEY=VALUE
     task_options: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})  # csv/jsonl: path, columns
@@ -532,7 +533,7 @@ def evaluate_and_keep_best(run: Run) -> None:
         if run.state.best is None or score > run.state.best:
             run.state.best, run.state.best_step = score, step
             if run.is_main:
-                run.model.save_delta(run.out / "delta")
+                run.model.save_delta(run.out / RUN_DELTA)
     run.last_metrics = metrics
 
 
@@ -558,7 +559,7 @@ def write_summary(run: Run) -> dict[str, Any]:
         "final": run.last_metrics, "best": {run.main_metric: state.best, "step": state.best_step},
         "trainable_parameters": counts.trainable, "head_parameters": counts.head_parameters, "learning_rate": run.lr,
         "lr_ratio": run.config.lr_ratio,
-        "delta": str(run.out / "delta"), "peak_memory_mb": round(peak_memory_mb(), 1),
+        "delta": str(run.out / RUN_DELTA), "peak_memory_mb": round(peak_memory_mb(), 1),
         "device": str(run.device), "threads": torch.get_num_threads(), "processes": run.world,
         "precision": run.precision,
     }
