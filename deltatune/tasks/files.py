@@ -44,7 +44,7 @@ def read_csv_records(
     table = read_table(path, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL)
     missing = [name for name in [*text_columns, label_column] if name not in table.columns]
     if missing:
-        raise DataError(f"{path}: no column {missing}; the columns are {table.columns}"
+        raise DataError(f"{path}: no column {missing[0]!r}; the columns are {table.columns}"
                         + generation_hint(table.columns))
     text_indices = [table.column(name) for name in text_columns]
     label_index = table.column(label_column)
