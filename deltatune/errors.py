@@ -51,6 +51,10 @@ class FewShotError(DeltaTuneError):
     """A prompt cannot be built or does not fit the model, or the task cannot be prompted."""
 
 
+class TrackerError(DeltaTuneError):
+    """An experiment tracker named in `--report-to` is unknown, or its package is not installed."""
+
+
 class QuantizationError(DeltaTuneError):
     """A quantized base cannot do what was asked (train its own weights, merge a delta into them), or the
     quantization asked for is unknown or its library missing."""

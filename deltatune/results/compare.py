@@ -30,6 +30,7 @@ from deltatune.errors import QuantizationError
 from deltatune.methods.registry import METHODS
 from deltatune.models import MODEL_HELP
 from deltatune.training.loop import PRECISIONS, QUANTIZE_CHOICES, TrainConfig
+from deltatune.training.trackers import share_mlflow_store
 
 DEFAULT_METHODS = list(METHODS)  # every registered method, in the registry's order
 # Baselines that train nothing: the frozen causal LM prompted with 0 or k solved examples (`prompting/fewshot.py`).
@@ -84,6 +85,9 @@ class CompareConfig:
     quantize: str | None = field(default=None, metadata={
         "help": "every cell's base with its block linear weights quantized: int8 | int4 | nf4 (methods that "
                 "train base weights, full and top_layers, are refused)", "choices": list(QUANTIZE_CHOICES)})
+    report_to: list[str] | None = field(default=None, metadata={
+        "help": "experiment trackers of every cell, any of tensorboard,mlflow,wandb (MLflow: one store, OUT/mlruns, "
+                "unless $MLFLOW_TRACKING_URI)"})
 
 
 def parse_budget(budget: str) -> dict[str, float]:
@@ -292,7 +296,8 @@ def plan_cells(config: CompareConfig, variants: list[tuple[str, str, dict]] | No
                     batch_size=config.batch_size, max_length=settings.max_length,
                     lr=config.lr.get(label, config.lr.get(method)), seed=seed, train_limit=settings.train_limit,
                     eval_limit=config.eval_limit, eval_split=settings.eval_split, precision=config.precision,
-                    quantize=config.quantize, progress=False, **parse_budget(settings.budget),
+                    quantize=config.quantize, report_to=config.report_to, progress=False,
+                    **parse_budget(settings.budget),
                 )))
     return cells
 
@@ -535,6 +540,7 @@ def compare(config: CompareConfig, command: str = "") -> dict[str, Any]:
     from deltatune.results.report import write_report
 
     check_quantizable(config)
+    share_mlflow_store(config.report_to, Path(config.out))  # also: an unknown tracker fails before any cell
     cells = plan_cells(config)
     published = published_table(config, cells)  # a wrong --published fails before any training
     results = run_cells(config, cells)

@@ -2,7 +2,7 @@
 
     summary = train(TrainConfig(model="minilm", task="sst2", method="lora", out="runs/sst2-lora"))
 
-`setup` builds a `Run` once (accelerator, model, data, optimizer, schedule, fresh or resumed state); `_train`
+`setup` builds a `Run` once (accelerator, model, data, optimizer, schedule, fresh or resumed state); `_loop`
 is the loop: `forward_backward` / `optimizer_step` / `evaluate_and_keep_best` / checkpoint / `write_summary`.
 Multi-process helpers are in `distributed.py`.
 
@@ -44,6 +44,7 @@ from deltatune.methods.registry import METHODS, build_config, method_entry
 from deltatune.models import MODEL_HELP
 from deltatune.tasks import DATA_DIR_ENV, TASK_NAMES, Task, get_task
 from deltatune.tasks.encoding import IGNORE_INDEX, Encoded, collate, encode, epoch_batches, max_model_length
+from deltatune.training import trackers
 from deltatune.training.distributed import evaluate_sharded, full_parameters, launched, max_over_ranks, shard_model
 
 PRECISIONS = ["auto", "fp32", "bf16"]
@@ -108,6 +109,9 @@ class TrainConfig:
     fsdp: bool = field(default=False, metadata={
         "help": "under torchrun / accelerate launch: shard the model over the processes (FSDP2) instead of "
                 "replicating it"})
+    report_to: list[str] | None = field(default=None, metadata={
+        "help": "experiment trackers, any of tensorboard,mlflow,wandb: loss, learning rate, evaluations, the config "
+                "and the delta (training/trackers.py; default: none)"})
 
 
 def resolve_precision(precision: str) -> str:
@@ -179,6 +183,18 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
 def _train(config: TrainConfig) -> dict[str, Any]:
     run = setup(config)
+    try:
+        summary = _loop(run)
+        if run.is_main:
+            trackers.log_delta(run.accelerator, run.out, run.task.name)
+        return summary
+    finally:  # a failed run's trackers are closed too (TensorBoard flushed, the MLflow run ended)
+        trackers.finish_trackers(run.accelerator)
+
+
+def _loop(run: Run) -> dict[str, Any]:
+    """Step, log, evaluate, checkpoint until the budget is spent; then the summary."""
+    config = run.config
     # on every rank (torchrun and accelerate pass the signal on to each): all of them stop after the same step
     if _main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -280,9 +296,11 @@ class Run:
         return self.task.metric_names[0]
 
     def log(self, record: dict) -> None:
+        """One record of metrics.jsonl (rank 0), also sent to the --report-to trackers."""
         if self.is_main:
             with open(self.out / "metrics.jsonl", "a") as handle:
                 handle.write(json.dumps(record) + "\n")
+            trackers.log_record(self.accelerator, record)
 
     def request_stop(self, signum, frame) -> None:  # the SIGINT/SIGTERM handler
         self.stop_signal = signum
@@ -293,7 +311,9 @@ def setup(config: TrainConfig) -> Run:
     the random draws: the seed, then the model's new parameters, then the data."""
     from deltatune.models import load_tokenizer
 
-    accelerator, precision = _accelerator(config.precision)
+    trackers.check_trackers(config.report_to)  # an unknown or missing tracker fails before the model loads
+    accelerator, precision = _accelerator(config.precision,
+                                          trackers.make_trackers(config.report_to, Path(config.out)))
     set_seed(config.seed)
     task = get_task(config.task, **config.task_options)
     tokenizer = load_tokenizer(config.model)
@@ -326,11 +346,12 @@ def setup(config: TrainConfig) -> Run:
               lengths, eval_examples, steps_per_epoch, total_steps, lr, trainable, optimizer, scheduler,
               out=Path(config.out))
     run.state = _start_or_resume(run)
+    trackers.start_trackers(accelerator, resolved_config(run), run.out)
     return run
 
 
-def _accelerator(precision_option: str):
-    """(accelerate.Accelerator, "fp32" | "bf16")."""
+def _accelerator(precision_option: str, trackers: list | None = None):
+    """(accelerate.Accelerator logging to `trackers`, "fp32" | "bf16")."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -344,7 +365,7 @@ def _accelerator(precision_option: str):
         # run in the same process (a notebook, a benchmark) may ask for a different one. The process group
         # (PartialState) is kept.
         AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision, cpu=not gpu), precision
+    return Accelerator(mixed_precision=mixed_precision, cpu=not gpu, log_with=trackers or None), precision
 
 
 def _enable_grad_checkpointing(model: DeltaModel) -> None:
@@ -412,11 +433,15 @@ def _start_or_resume(run: Run) -> RunState:
     if run.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / "metrics.jsonl").write_text("")
-        # the settings as this run used them: `deltatune train --config OUT/config.yaml` trains the same delta
-        resolved = {**asdict(run.config), "lr": run.lr, "precision": run.precision,
-                    "data_dir": run.config.data_dir or os.environ.get(DATA_DIR_ENV)}
-        write_config(resolved, run.out / "config.yaml")
+        write_config(resolved_config(run), run.out / "config.yaml")
     return RunState()
+
+
+def resolved_config(run: Run) -> dict[str, Any]:
+    """The settings as this run used them (learning rate, precision, data folder resolved): OUT/config.yaml, from
+    which `deltatune train --config OUT/config.yaml` trains the same delta, and what the trackers record."""
+    return {**asdict(run.config), "lr": run.lr, "precision": run.precision,
+            "data_dir": run.config.data_dir or os.environ.get(DATA_DIR_ENV)}
 
 
 # ---- one step --------------------------------------------------------------------------------------
