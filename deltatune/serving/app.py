@@ -198,22 +198,41 @@ def serve_kind(model_name: str, config: ServeConfig) -> str:
     return "generation" if causal else "classification"
 
 
+def served_model(model_name: str, kind: str, config: ServeConfig) -> DeltaModel:
+    """The base model as served: `config.precision` resolved (auto: bf16 where the hardware has native bf16 math).
+    bf16 stores the weights in bf16 (as vLLM serves them), so every matrix product runs in bf16; the deltas loaded
+    later take the base's dtype (`float_reference`). The model is wrapped in fp32 first, so the base's fingerprint
+    (which deltas are checked against) is the checkpoint's own."""
+    import torch
+
+    from deltatune.models import load_model
+    from deltatune.training.loop import resolve_precision
+
+    precision = resolve_precision(config.precision)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    if config.quantize:  # the quantized layers keep their own storage; the rest is built in the compute dtype
+        return DeltaModel(load_model(model_name, kind, quantize=config.quantize, dtype=dtype))
+    model = DeltaModel(load_model(model_name, kind))
+    model.base_model.to(dtype)
+    return model
+
+
 def build_engine(model_name: str, deltas: dict[str | None, str], config: ServeConfig | None = None):
     """Load the base model and its tokenizer, and every delta given: a `ClassificationEngine` (the model with a
     classification head) or, for a causal LM, a generation `DecodeLoop` (see `serve_kind`).
 
     `deltas`: {task name (None: the name saved in the delta): delta folder}."""
-    from deltatune.models import load_model, load_tokenizer
+    from deltatune.models import load_tokenizer
 
     config = config or ServeConfig()
-    if serve_kind(model_name, config) == "generation":
+    generation = serve_kind(model_name, config) == "generation"
+    model = served_model(model_name, "causal-lm" if generation else "classification", config)
+    if generation:
         from deltatune.serving.decode_loop import DecodeLoop
 
-        engine = DecodeLoop(DeltaModel(load_model(model_name, "causal-lm", quantize=config.quantize)),
-                            load_tokenizer(model_name), config)
+        engine = DecodeLoop(model, load_tokenizer(model_name), config)
     else:
-        engine = ClassificationEngine(DeltaModel(load_model(model_name, "classification", quantize=config.quantize)),
-                        load_tokenizer(model_name), config)
+        engine = ClassificationEngine(model, load_tokenizer(model_name), config)
     for name, path in deltas.items():
         try:
             engine._load(name, path)  # the worker has not started: this thread owns the model still

@@ -13,6 +13,7 @@ from deltatune.core.quantize import SCHEMES
 from deltatune.errors import DeltaTuneError, LoadingRefused
 
 KINDS = ("auto", "classification", "generation")
+PRECISIONS = ("auto", "fp32", "bf16")
 API_KEY_VARIABLE = "DELTATUNE_API_KEY"
 
 
@@ -42,15 +43,27 @@ class ServeConfig:
         "help": "allow loading (POST /v1/tasks) and removing deltas over HTTP, from folders under --delta-root only"})
     delta_root: str | None = field(default=None, metadata={"help": "the folder deltas may be loaded from over HTTP"})
     trust_pickle: bool = field(default=False, metadata={"help": "also load deltas stored as pickles"})
+    prefill_tokens: int = field(default=512, metadata={
+        "help": "generation: prompt tokens prefilled in one pass at most (summed over the requests prefilled "
+                "together); a longer prompt is prefilled in chunks with decode steps of the running rows between "
+                "them"})
+    # the library default is fp32 (the same numbers on every machine); the command line takes the fastest
+    # precision the hardware has, as `deltatune train` does
+    precision: str = field(default="fp32", metadata={
+        "help": "the served model's weights and activations: auto (the command's default): bf16 where the CPU/GPU "
+                "has native bf16 math (AVX512-BF16 or AMX; a bf16-capable GPU), else fp32",
+        "choices": list(PRECISIONS), "cli_default": "auto"})
     quantize: str | None = field(default=None, metadata={
         "help": "the base's block linear weights quantized: int8 | int4 | nf4 (deltas trained at any precision "
                 "load onto it)", "choices": list(SCHEMES)})
 
     def __post_init__(self) -> None:
         counts = (self.max_batch_size, self.queue_size, self.max_inputs, self.max_prompt_tokens, self.max_tokens,
-                  self.max_n, self.max_body_bytes)
+                  self.max_n, self.max_body_bytes, self.prefill_tokens)
         if min(counts) < 1 or self.max_wait_ms < 0:
             raise DeltaTuneError(f"serve settings must be positive: {self}")
+        if self.precision not in PRECISIONS:
+            raise DeltaTuneError(f"unknown precision {self.precision!r}; choose one of {list(PRECISIONS)}")
         if self.kind not in KINDS:
             raise DeltaTuneError(f"unknown serve kind {self.kind!r}; choose one of {list(KINDS)}")
         if self.allow_loading and not self.delta_root:

@@ -42,6 +42,7 @@ from deltatune.evaluate import stop_token_ids
 from deltatune.methods.prompt import position_limit
 from deltatune.methods.registry import METHODS
 from deltatune.serving.config import ServeConfig
+from deltatune.serving.slot_cache import SlotCache
 from deltatune.serving.worker import ModelWorker
 
 
@@ -82,6 +83,24 @@ class Request:
     running: int = 0  # its rows in the batch
 
 
+class _Prefill:
+    """Requests prefilled together: their prompts left-padded to one width (`ids`, `mask` (b, L)); each row's
+    positions count its real tokens (as transformers' left-padded `generate` numbers them). `done`: the columns
+    prefilled so far, into `cache` (a DynamicCache of b rows). `whole`: one request whose task puts virtual tokens
+    or a prefix before its prompt: prefilled in one pass by the model's own forward."""
+
+    def __init__(self, requests: list[Request], device: torch.device, whole: bool = False):
+        self.requests, self.whole = requests, whole
+        self.rows = sum(request.sampling.n for request in requests)
+        width = max(len(request.prompt_ids) for request in requests)
+        self.ids = torch.tensor([[0] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests], device=device)
+        self.mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests],
+                                 device=device)
+        self.positions = (self.mask.cumsum(1) - 1).clamp(min=0)
+        self.cache = None
+        self.done = 0
+
+
 @dataclass(eq=False)
 class _Row:
     request: Request
@@ -102,12 +121,13 @@ class DecodeLoop(ModelWorker):
         self.positions = position_limit(model.config)
         self._waiting: collections.deque[Request] = collections.deque()
         self._rows: list[_Row] = []
-        self._cache = None  # the batch's DynamicCache
+        self._cache: SlotCache | None = None  # the running rows' keys and values, one slot per row
+        self._prefills: list[_Prefill] = []  # admitted requests whose prompts are being prefilled, oldest first
         self._mask: torch.Tensor | None = None  # (B, L) long: 1 on real cache entries
         self._last: torch.Tensor | None = None  # (B,) the token each row feeds next
         super().__init__(model, tokenizer, config or ServeConfig(kind="generation"), stat_keys=(
-            "requests", "rejected", "cancelled", "failed", "finished", "steps", "mixed_steps", "tokens", "max_rows",
-            "max_tasks_in_step"))
+            "requests", "rejected", "cancelled", "failed", "finished", "steps", "mixed_steps", "prefill_passes",
+            "tokens", "max_rows", "max_tasks_in_step"))
 
     # ---- any thread ------------------------------------------------------------------------------------
     def check_task(self, task: str) -> str | None:
@@ -179,8 +199,10 @@ class DecodeLoop(ModelWorker):
     def _remove(self, name: str) -> None:
         self.model.remove_task(name)
         leaving = [row for row in self._rows if row.request.task == name]
-        for request in {row.request for row in leaving}:
+        prefilling = [request for group in self._prefills for request in group.requests if request.task == name]
+        for request in {row.request for row in leaving} | set(prefilling):
             self._fail(request, UnknownTaskError(f"task {name!r} was removed while this request ran"))
+        self._prefills = [group for group in self._prefills if not (group.whole and group.requests[0].failed)]
         self._drop([row for row in self._rows if row.request.task != name])
         self._refresh_tasks()
 
@@ -197,11 +219,9 @@ class DecodeLoop(ModelWorker):
                     break
                 for control in controls:
                     self._run_control(*control)
-                for request in admitted:
-                    try:
-                        self._join(request)
-                    except Exception as error:  # noqa: BLE001 - answered, never left waiting
-                        self._fail(request, error)
+                self._prefills += self._prefill_groups(admitted)
+                if self._prefills:
+                    self._prefill_chunk(self._prefills[0])
                 try:
                     self._drop_finished()
                     if self._rows:
@@ -211,19 +231,21 @@ class DecodeLoop(ModelWorker):
                         self._fail(request, error)
                     self._drop([])
                 self._release_memory()
-        for request in {row.request for row in self._rows} | set(self._waiting):
+        waiting = {request for group in self._prefills for request in group.requests}
+        for request in {row.request for row in self._rows} | waiting | set(self._waiting):
             self._fail(request, ShuttingDown("the server is shutting down"))
 
     def _next_work(self) -> tuple[list[Request] | None, list]:
         """(requests to admit now, control calls); waits while there is nothing to do. (None, []): closing."""
         with self._condition:
-            while not (self._waiting or self._control or self._rows or self._closing):
+            while not (self._waiting or self._control or self._rows or self._prefills or self._closing):
                 self._condition.wait()
             if self._closing:
                 return None, []
             controls = list(self._control)
             self._control.clear()
-            admitted, free = [], self.config.max_batch_size - len(self._rows)
+            reserved = sum(group.rows for group in self._prefills)
+            admitted, free = [], self.config.max_batch_size - len(self._rows) - reserved
             while self._waiting and (self._waiting[0].cancelled or self._waiting[0].sampling.n <= free):
                 request = self._waiting.popleft()
                 if request.cancelled:
@@ -233,50 +255,82 @@ class DecodeLoop(ModelWorker):
                 free -= request.sampling.n
             return admitted, controls
 
-    def _join(self, request: Request) -> None:
-        """Prefill the prompt alone under its task, sample each choice's first token, splice its cache in."""
-        if request.task is not None and request.task not in self.model.task_info:
-            self._fail(request, UnknownTaskError(f"task {request.task!r} was removed while this request waited"))
-            return
-        count = request.sampling.n
-        seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(62)
-        rows = [_Row(request, i, None if request.sampling.temperature == 0
-                     else torch.Generator(device="cpu").manual_seed(seed + i)) for i in range(count)]
-        ids = torch.tensor([request.prompt_ids], device=self.device)
-        try:  # nothing of the batch changes before the splice: a failing prompt fails its request alone
-            output = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), tasks=[request.task or BASE_TASK],
-                                use_cache=True, logits_to_keep=1)
-            cache = output.cache
-            length = _cache_layers(cache)[0].keys.shape[-2]  # the prompt + virtual tokens / prefix
-            first = self._sample(rows, output.logits[:, -1].float().expand(count, -1))
+    def _prefill_groups(self, requests: list[Request]) -> list[_Prefill]:
+        """The admitted requests as prefill groups: all whose task puts nothing before the prompt in ONE
+        left-padded group (decoded in chunks); a prompt- or prefix-tuning request alone (its virtual tokens or
+        prefix come first, as in `DeltaModel.generate`)."""
+        plain, groups = [], []
+        for request in requests:
+            if request.task is not None and request.task not in self.model.task_info:
+                self._fail(request, UnknownTaskError(f"task {request.task!r} was removed while this request waited"))
+            elif request.task is not None and _virtual_tokens(self.model, request.task):
+                groups.append(_Prefill([request], self.device, whole=True))
+            else:
+                plain.append(request)
+        return ([_Prefill(plain, self.device)] if plain else []) + groups
+
+    def _prefill_chunk(self, group: _Prefill) -> None:
+        """Run the next chunk of `group`'s prompts (at most --prefill-tokens tokens over its rows, so the running
+        rows decode between two chunks: chunked prefill, Agrawal et al. 2024 §4 (Sarathi)); the last chunk
+        samples each choice's first token and moves the rows into the running batch."""
+        try:
+            if group.whole:  # the model's own forward: prompt tuning prepends its virtual tokens, prefix tuning
+                request = group.requests[0]  # starts from its prefixes
+                output = self.model(input_ids=group.ids, attention_mask=group.mask, tasks=[request.task or BASE_TASK],
+                                    use_cache=True, logits_to_keep=1)
+                group.cache, group.done = output.cache, group.ids.shape[1]
+            else:
+                step = max(1, self.config.prefill_tokens // len(group.requests))
+                start, end = group.done, min(group.done + step, group.ids.shape[1])
+                tasks = [None if request.failed else request.task for request in group.requests]  # removed: base
+                with self.model._rows_routed(tasks):  # no input rewriting: no task here has virtual tokens
+                    output = self.model.base_model(
+                        input_ids=group.ids[:, start:end], attention_mask=group.mask[:, :end],
+                        position_ids=group.positions[:, start:end], cache=group.cache, use_cache=True,
+                        logits_to_keep=1)
+                group.cache, group.done = output.cache, end
+            self.stats["prefill_passes"] += 1
+            if group.done < group.ids.shape[1]:
+                return
+            self._prefills.remove(group)
+            self._join(group, output.logits[:, -1].float())
         except Exception as error:  # noqa: BLE001 - e.g. a prompt that does not fit beside its prompt-tuning prompt
-            self._fail(request, error)
-            return
-        if count > 1:
-            cache.batch_repeat_interleave(count)
-        self._splice(cache, torch.ones(count, length, dtype=torch.long, device=self.device))
-        self._rows += rows
-        self._last = first if self._last is None else torch.cat([self._last, first])
-        request.running = count
-        self._emit_tokens(rows, first.tolist())
+            if group in self._prefills:
+                self._prefills.remove(group)
+            for request in group.requests:
+                self._fail(request, error)
 
-    def _splice(self, cache, mask: torch.Tensor) -> None:
-        """Append the rows of `cache` (mask (b, l)) to the batch's, left-padding the shorter of the two."""
+    def _join(self, group: _Prefill, logits: torch.Tensor) -> None:
+        """Sample each choice's first token from the prompt's last logits (b, V), splice the rows' caches in."""
+        counts = [request.sampling.n for request in group.requests]
+        rows = []
+        for request in group.requests:
+            seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(62)
+            rows += [_Row(request, i, None if request.sampling.temperature == 0
+                          else torch.Generator(device="cpu").manual_seed(seed + i)) for i in range(request.sampling.n)]
+        cache, mask = group.cache, group.mask if not group.whole else None
+        layers = _cache_layers(cache)
+        if mask is None:  # the virtual tokens or prefix are in the cache too
+            mask = torch.ones(1, layers[0].keys.shape[-2], dtype=torch.long, device=self.device)
+        if len(rows) > len(counts):  # n > 1: each choice its own copy of its prompt's cache
+            index = torch.repeat_interleave(torch.arange(len(counts), device=self.device),
+                                            torch.tensor(counts, device=self.device))
+            for layer in layers:
+                layer.keys, layer.values = layer.keys[index], layer.values[index]
+            mask, logits = mask[index], logits[index]
+        first = self._sample(rows, logits)
         if self._cache is None:
-            self._cache, self._mask = cache, mask
-            return
-        width = max(self._mask.shape[1], mask.shape[1])
-
-        def pad(tensor: torch.Tensor, length: int) -> torch.Tensor:  # (B, H, L, hd) -> (B, H, width, hd)
-            return nn.functional.pad(tensor, (0, 0, width - length, 0)) if width > length else tensor
-
-        ours, theirs = _cache_layers(self._cache), _cache_layers(cache)
-        old, new = self._mask.shape[1], mask.shape[1]
-        for mine, other in zip(ours, theirs, strict=True):
-            mine.keys = torch.cat([pad(mine.keys, old), pad(other.keys, new)])
-            mine.values = torch.cat([pad(mine.values, old), pad(other.values, new)])
-        self._mask = torch.cat([nn.functional.pad(self._mask, (width - old, 0)),
-                                nn.functional.pad(mask, (width - new, 0))])
+            self._cache = SlotCache.like(cache, self.config.max_batch_size)
+        width = max(self._cache.width, mask.shape[1])
+        old = self._mask if self._rows else mask.new_zeros(0, width)
+        self._cache.append(cache)
+        self._mask = torch.cat([nn.functional.pad(old, (width - old.shape[1], 0)),
+                                nn.functional.pad(mask, (width - mask.shape[1], 0))])
+        self._last = torch.cat([self._last, first]) if self._rows else first
+        self._rows += rows
+        for request, count in zip(group.requests, counts, strict=True):
+            request.running = count
+        self._emit_tokens(rows, first.tolist())
 
     def _drop_finished(self) -> None:
         """Rows that finished, failed or whose client went away leave the batch."""
@@ -285,21 +339,27 @@ class DecodeLoop(ModelWorker):
         self._drop([row for row in self._rows if not row.done and not row.request.cancelled])
 
     def _drop(self, keep: list[_Row]) -> None:
-        """Keep only the rows `keep` (in batch order); cut leading columns that only padding holds now."""
+        """Keep only the rows `keep`: each leaving row's slot is taken by a kept row from the end of the batch (one
+        row copied per leaving row); leading columns that only padding holds now are cut."""
         if len(keep) == len(self._rows):
             return
-        if not keep:
-            self._rows, self._cache, self._mask, self._last = [], None, None, None
-            return
         kept = set(keep)
-        index = torch.tensor([i for i, row in enumerate(self._rows) if row in kept], device=self.device)
+        count = len(kept)
+        holes = [i for i in range(count) if self._rows[i] not in kept]
+        movers = [i for i in range(count, len(self._rows)) if self._rows[i] in kept]
+        order = list(range(count))
+        for hole, mover in zip(holes, movers, strict=True):
+            order[hole] = mover
+        if not order:
+            self._cache.keep([])
+            self._rows, self._mask, self._last = [], None, None
+            return
+        index = torch.tensor(order, device=self.device)
         mask = self._mask[index]
-        start = int((mask.sum(0) > 0).nonzero()[0])  # the first column some row still uses
-        for layer in _cache_layers(self._cache):
-            layer.keys = layer.keys[index, :, start:]
-            layer.values = layer.values[index, :, start:]
-        self._mask, self._last = mask[:, start:], self._last[index]
-        self._rows = [row for row in self._rows if row in kept]
+        cut = int((mask.sum(0) > 0).nonzero()[0])  # the first column some row still uses
+        self._cache.keep(order, cut)
+        self._mask, self._last = mask[:, cut:], self._last[index]
+        self._rows = [self._rows[i] for i in order]
 
     def _step(self) -> None:
         """One decode step for every running row, each under its own task."""
@@ -308,9 +368,9 @@ class DecodeLoop(ModelWorker):
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], dim=1)
         with self.model._rows_routed(tasks) as distinct:
             # the base model itself: the prompt / prefix components' input rewriting was done at the prefill
+            self._cache.reserve(right=1)
             output = self.model.base_model(input_ids=self._last[:, None], attention_mask=self._mask,
                                            position_ids=positions, cache=self._cache, use_cache=True)
-        self._cache = output.cache
         self.stats["steps"] += 1
         self.stats["mixed_steps"] += len(distinct) > 1
         self.stats["max_rows"] = max(self.stats["max_rows"], len(self._rows))
