@@ -3,24 +3,30 @@
 Iteration-level scheduling (Yu et al. 2022, Orca §3.1): requests join and leave the running batch between
 two decode steps instead of waiting for a whole batch to finish. S-LoRA (Sheng et al. 2023) and Punica (Chen
 et al. 2023) batch rows of different LoRA adapters in one forward pass; here every method whose rows can share a
-pass does (LoRA of any rank, BitFit, adapters, prompt and prefix tuning), through the per-row routing of
+pass does (LoRA of any rank, DoRA, (IA)³, BitFit, adapters, prompt and prefix tuning), through the per-row routing of
 `DeltaModel` (`task_state.per_example`, read by each component's mixed path).
 
 One thread owns the model. Between two decode steps it:
  1. runs control calls (loading or removing a delta) and drops cancelled requests;
- 2. admits waiting requests while rows are free (`max_batch_size`): each prompt is prefilled ALONE under its task
-    (`model(..., tasks=[task])`, so prompt tuning prepends its virtual tokens and prefix tuning starts from its
-    prefixes exactly as in `DeltaModel.generate`), its first token is sampled, and its KV cache joins the batch's;
+ 2. admits waiting requests while rows are free (`max_batch_size`) and runs one chunk of their prefill: the
+    requests admitted together are prefilled TOGETHER, left-padded to one width, each row under its own task
+    (positions counted over its real tokens, as transformers' left-padded `generate` numbers them), at most
+    `prefill_tokens` prompt tokens per pass, so a long prompt is split into chunks with decode steps of the
+    running rows between them (chunked prefill: Agrawal et al. 2024, Sarathi-Serve §4). A request whose task puts
+    tokens before the prompt (prompt tuning's virtual tokens, prefix tuning's prefix) is prefilled alone by the
+    model's own forward (`model(..., tasks=[task])`), as in `DeltaModel.generate`. After the last chunk each
+    choice's first token is sampled and its rows join the batch;
  3. runs one forward pass over the last token of every running row, each row under its own task;
  4. samples each row's next token; rows that reach an end-of-sequence token, a stop string or `max_tokens`
     leave at once, and so do rows whose client went away.
 
-The KV cache is one transformers `DynamicCache` for the whole batch, rows left-padded to a common length with
-a (B, L) attention mask of ones on real entries: a joining row (or the batch) is padded on the left, a leaving row
-is dropped by indexing dim 0, and leading columns left holding only padding are cut. Each row's next position is
-its count of real entries (its virtual tokens or prefix included): the position it has when generated alone, as
-transformers' left-padded `generate` numbers it (cumulative sum of the mask). Measured alternative: re-stacking
-per-row caches each step copies the whole cache every step; padding copies only when a row joins.
+The batch's keys and values live in a `SlotCache` (`deltatune.serving.slot_cache`): one preallocated buffer per
+layer with a slot per row, rows left-padded to a common width with a (B, L) attention mask of ones on real entries,
+so every row writes its next token into the same column and nothing is copied per step (transformers'
+`DynamicCache` concatenates, copying the whole cache of every layer at every step). A joining row is written
+right-aligned; a leaving row's slot is refilled with the last row; leading columns left holding only padding are
+cut. Each row's next position is its count of real entries (its virtual tokens or prefix included): the position
+it has when generated alone.
 """
 
 from __future__ import annotations
@@ -232,7 +238,8 @@ class DecodeLoop(ModelWorker):
                     self._drop([])
                 self._release_memory()
         waiting = {request for group in self._prefills for request in group.requests}
-        for request in {row.request for row in self._rows} | waiting | set(self._waiting):
+        running = {row.request for row in self._rows if not row.done}  # a finished request is answered already
+        for request in running | waiting | set(self._waiting):
             self._fail(request, ShuttingDown("the server is shutting down"))
 
     def _next_work(self) -> tuple[list[Request] | None, list]:

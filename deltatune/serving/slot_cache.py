@@ -124,7 +124,7 @@ class SlotCache(Cache):
 
     def keep(self, order: list[int], cut: int = 0) -> None:
         """Row i becomes the row `order[i]` was (each source after its target: no row is overwritten before it
-        moves); the window's first `cut` columns (padding for every row kept) are dropped."""
+        moves); the window's first `cut` columns (padding for every row kept) are dropped. No rows: an empty window."""
         for layer in self.layers:
             for target, source in enumerate(order):
                 if source != target:
@@ -132,3 +132,5 @@ class SlotCache(Cache):
                         buffer[target, :, layer.start : layer.end] = buffer[source, :, layer.start : layer.end]
             layer.rows = len(order)
             layer.start += cut
+            if not order:  # an empty batch: the next rows start at column 0
+                layer.start = layer.end = 0
