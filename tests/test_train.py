@@ -47,6 +47,26 @@ def test_training_learns_and_writes_its_run_folder(tiny_model_dir, sentiment_csv
 
 
 @contextmanager
+@pytest.mark.parametrize("max_steps", [4, 3])  # the last step evaluated in the loop (4), or after it (3)
+def test_train_seconds_leave_out_every_evaluation(tiny_model_dir, sentiment_csv, tmp_path, monkeypatch, max_steps):
+    """summary.json: train_seconds is the training steps' time whether the final evaluation ran inside the loop or
+    after it; eval_seconds holds every evaluation; seconds both. Each evaluation is made to take 0.6 s."""
+    import time
+
+    scoring = train_module.evaluate_sharded
+
+    def slow(*args, **kwargs):
+        time.sleep(0.6)
+        return scoring(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate_sharded", slow)
+    summary = train(config(tiny_model_dir, sentiment_csv, tmp_path / "run", max_steps=max_steps, eval_every=2))
+    evaluations = sum("eval" in json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open())
+    assert evaluations == 2  # steps 2 and 4, or 2 and 3
+    assert summary["eval_seconds"] >= 1.2 and summary["train_seconds"] < 0.6, summary
+    assert summary["seconds"] == pytest.approx(summary["train_seconds"] + summary["eval_seconds"], abs=0.02)
+
+
 def optimizer_steps(fail_at: int | None = None):
     """Counts the optimizer steps taken inside the block (torch's global step hook: independent of the loop's
     code); with `fail_at`, the process "crashes" just before that step (1-based). Steps with all-zero

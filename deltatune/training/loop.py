@@ -67,7 +67,8 @@ class TrainConfig:
     epochs: float = field(default=1.0, metadata={"help": "passes over the training data"})
     max_steps: int | None = field(default=None, metadata={"help": "optimizer steps (overrides --epochs)"})
     max_seconds: float | None = field(
-        default=None, metadata={"help": "wall-clock budget: stop after this much training time"})
+        default=None, metadata={"help": "wall-clock budget: stop after this much time in the training loop, "
+                                         "evaluations during it included"})
     batch_size: int = field(
         default=32, metadata={"help": "examples per batch (a global batch, split over the processes)"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
@@ -240,7 +241,7 @@ class RunState:
     best: float | None = None  # best score of the task's main metric so far ...
     best_step: int | None = None  # ... and the step whose delta is in OUT/delta
     examples: int = 0  # training examples seen (whole global batches)
-    train_seconds: float = 0.0  # since training started, evaluations included
+    train_seconds: float = 0.0  # since training started, evaluations included (what --max-seconds counts)
     eval_seconds: float = 0.0  # the evaluations' share of it
 
 
@@ -577,10 +578,15 @@ def write_summary(run: Run) -> dict[str, Any]:
     """OUT/summary.json (rank 0), returned on every rank once the run folder is complete."""
     state = run.state
     counts = run.model.report(print_table=False)
+    # One definition whether or not the last step fell on an evaluation: train_seconds is the time of the
+    # training steps alone, eval_seconds that of every evaluation (the final one included), seconds both.
+    seconds = time.perf_counter() - run.started
+    train_seconds = seconds - state.eval_seconds
     summary = {
         "task": run.task.name, "method": run.config.method, "model": run.config.model, "steps": state.step,
-        "examples_seen": state.examples, "train_seconds": round(state.train_seconds, 2),
-        "examples_per_s": round(state.examples / max(state.train_seconds, 1e-9), 2),
+        "examples_seen": state.examples, "train_seconds": round(train_seconds, 2),
+        "eval_seconds": round(state.eval_seconds, 2), "seconds": round(seconds, 2),
+        "examples_per_s": round(state.examples / max(train_seconds, 1e-9), 2),
         "final": run.last_metrics, "best": {run.main_metric: state.best, "step": state.best_step},
         "trainable_parameters": counts.trainable, "head_parameters": counts.head_parameters, "learning_rate": run.lr,
         "lr_ratio": run.config.lr_ratio,
