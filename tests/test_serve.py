@@ -232,3 +232,14 @@ def test_api_key_body_limit_and_loading_switch_guard_the_classification_routes(t
         assert chunked.status_code == 413
         refused = client.post("/v1/tasks", json={"name": "c", "path": str(deltas["sst2"])}, headers=key)
         assert refused.status_code == 403 and "--allow-loading" in refused.json()["detail"]
+        # /docs opens in a browser: the key as the Basic password it asks for, on the documentation pages only
+        challenge = client.get("/docs")
+        assert challenge.status_code == 401 and challenge.headers["WWW-Authenticate"].startswith("Basic realm=")
+        assert client.get("/docs", auth=("me", "nope")).status_code == 401
+        page = client.get("/docs", auth=("me", "k3y"))
+        assert page.status_code == 200 and "swagger" in page.text.lower()
+        schema = client.get("/openapi.json", auth=("", "k3y")).json()
+        assert schema["components"]["securitySchemes"]["APIKey"]["scheme"] == "bearer"  # /docs' Authorize button
+        assert client.get("/openapi.json", headers=key).status_code == 200
+        assert client.get("/v1/tasks", auth=("me", "k3y")).status_code == 401  # Basic nowhere else (CSRF)
+        assert client.post("/v1/predict", json=body, auth=("me", "k3y")).status_code == 401

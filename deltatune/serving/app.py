@@ -20,14 +20,16 @@ Generation: for a causal LM (`--kind auto` sees its architecture) the server spe
 `model`, all of them decoding in one continuously batched loop (`deltatune.serving.decode_loop`).
 
 Safe by default: it binds 127.0.0.1; with `--api-key` (or $DELTATUNE_API_KEY) every route but /health needs
-`Authorization: Bearer KEY` (401); bodies over --max-body-bytes get 413; loading and removing deltas over HTTP
-(/v1/tasks) is off (403) unless `--allow-loading --delta-root DIR`, and then only from folders under DIR (a `..`
-or a symlink leading out of it: 400).
+`Authorization: Bearer KEY` (401), the documentation pages (/docs, /openapi.json) also the key as a browser's
+Basic-authentication password (`DOCS_PATHS`); bodies over --max-body-bytes get 413; loading and removing deltas
+over HTTP (/v1/tasks) is off (403) unless `--allow-loading --delta-root DIR`, and then only from folders under DIR
+(a `..` or a symlink leading out of it: 400).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import socket
 
@@ -46,6 +48,25 @@ class LoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="the task's name in requests")
     path: str = Field(description="a delta folder (delta.json + delta.safetensors) under the server's --delta-root")
+
+
+# With --api-key the API documentation stays behind the key too (its schema names the version and every route),
+# yet opens in a browser, which cannot send a Bearer header: these pages (GET only) also take the key as the
+# password of HTTP Basic authentication, which the browser asks for. No other route takes Basic: a browser
+# sends cached Basic credentials with any request to the server, cross-site POSTs included (CSRF).
+DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+DOCS_CHALLENGE = 'Basic realm="deltatune serve: the password is the API key (any user name)", charset="UTF-8"'
+
+
+def _basic_password(authorization: str) -> str:
+    """The password of an `Authorization: Basic base64(user:password)` header; "" for anything else."""
+    scheme, _, encoded = authorization.partition(" ")
+    if scheme.lower() != "basic":
+        return ""
+    try:
+        return base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")[2]
+    except (ValueError, UnicodeDecodeError):
+        return ""
 
 
 class _Guard:
@@ -68,11 +89,13 @@ class _Guard:
         key = self.config.api_key
         if key and path != "/health":
             given = headers.get(b"authorization", b"").decode("latin-1")
-            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            docs = path in DOCS_PATHS and scope["method"] in ("GET", "HEAD")
+            if not (hmac.compare_digest(given.encode(), f"Bearer {key}".encode())
+                    or docs and hmac.compare_digest(_basic_password(given).encode(), key.encode())):
                 problem = "no API key given" if not given else "the API key is wrong"
                 response = self._refuse(path, 401, f"{problem}: send 'Authorization: Bearer <key>' (the server's "
                                                    f"--api-key / ${API_KEY_VARIABLE})", "invalid_api_key",
-                                        {"WWW-Authenticate": "Bearer"})
+                                        {"WWW-Authenticate": DOCS_CHALLENGE if docs else "Bearer"})
                 return await response(scope, receive, send)
         limit = self.config.max_body_bytes
         too_large = self._refuse(path, 413, f"the request body exceeds {limit} bytes (--max-body-bytes)",
@@ -120,6 +143,8 @@ def create_app(engine) -> FastAPI:
         add_openai_routes(app, engine)
         openai_paths = OPENAI_ROUTES
     app.add_middleware(_Guard, config=engine.config, openai_paths=openai_paths)
+    if engine.config.api_key:  # /docs' Authorize button: the key as a Bearer token on the calls it makes
+        _declare_bearer_key(app)
     _add_task_routes(app, engine)
 
     @app.get("/health")
@@ -133,6 +158,19 @@ def create_app(engine) -> FastAPI:
         return engine.metrics()
 
     return app
+
+
+def _declare_bearer_key(app: FastAPI) -> None:
+    """The OpenAPI schema says every route takes `Authorization: Bearer KEY` (so /docs offers to send it)."""
+    plain = app.openapi
+
+    def openapi() -> dict:
+        schema = plain()  # built once, then cached by FastAPI: setting the scheme again changes nothing
+        schema.setdefault("components", {})["securitySchemes"] = {"APIKey": {"type": "http", "scheme": "bearer"}}
+        schema["security"] = [{"APIKey": []}]
+        return schema
+
+    app.openapi = openapi
 
 
 def _add_task_routes(app: FastAPI, engine) -> None:
@@ -241,6 +279,13 @@ def build_engine(model_name: str, deltas: dict[str | None, str], config: ServeCo
     return engine
 
 
+def _docs_note(config: ServeConfig) -> str:
+    if not config.api_key:
+        return ""
+    return (": the browser asks for a password, give the API key (any user name); its Authorize button takes the key "
+            "for the calls")
+
+
 def serve(model_name: str, deltas: dict[str | None, str], host: str = "127.0.0.1", port: int = 8000,
           config: ServeConfig | None = None) -> None:
     """Run the server in the foreground until interrupted (what `deltatune serve` does)."""
@@ -252,7 +297,7 @@ def serve(model_name: str, deltas: dict[str | None, str], host: str = "127.0.0.1
               else "/v1/completions, /v1/chat/completions, /v1/models")
     print(f"deltatune serve: http://{host}:{sock.getsockname()[1]} ({routes}; tasks: "
           f"{', '.join(engine.tasks) or 'none'}; API key {'required' if engine.config.api_key else 'off'}; "
-          f"API schema at /docs)", flush=True)
+          f"API schema at /docs{_docs_note(engine.config)})", flush=True)
     try:
         uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning")).run(sockets=[sock])
     finally:
