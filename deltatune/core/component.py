@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from deltatune.errors import TaskError
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,63}$")
 BASE_TASK = "base"  # the name of "no delta": the plain base model
+Component = TypeVar("Component", bound=nn.Module)
 DENSE_MIXED_LIMIT = 32  # tokens per example x stacked tasks up to which a mixed pass computes every task densely
 
 
@@ -227,3 +228,13 @@ class DeltaComponent(nn.Module):
     def clear_mixed_cache(self) -> None:
         """Drop the stacked weights of mixed batches (DeltaModel calls it when a task is removed)."""
         self.__dict__.pop("_mixed_cache", None)
+
+
+def root_component(model: nn.Module, attribute: str, make: Callable[[], Component]) -> Component:
+    """The component a method keeps at the model's root as `model.<attribute>` (one for all of its tasks: a prompt
+    table, prefixes, top-layer weights), made by `make` the first time."""
+    component = getattr(model, attribute, None)
+    if component is None:
+        component = make()
+        setattr(model, attribute, component)
+    return component

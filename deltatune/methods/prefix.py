@@ -44,7 +44,7 @@ from deltatune.core.architectures import (
     prefix_kind,
     top_blocks,
 )
-from deltatune.core.component import DeltaComponent, TaskState
+from deltatune.core.component import DeltaComponent, TaskState, root_component
 from deltatune.errors import MergeError, PrefixError
 from deltatune.methods.prompt import position_limit
 
@@ -378,8 +378,4 @@ def _extend_mask(mask: torch.Tensor | None, prefix_mask: torch.Tensor, hidden: t
 
 def inject(model: nn.Module, config: PrefixTuning, task: str, state: TaskState, exclude: list[str]) -> None:
     """One PrefixKeyValues at the model's root (once) holds every task's prefixes."""
-    component = getattr(model, "deltatune_prefix", None)
-    if component is None:
-        component = PrefixKeyValues(model, state)
-        model.deltatune_prefix = component
-    component.add_task(task, config)
+    root_component(model, "deltatune_prefix", lambda: PrefixKeyValues(model, state)).add_task(task, config)

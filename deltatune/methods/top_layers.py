@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from deltatune.core.architectures import final_modules, top_blocks, unwrap
-from deltatune.core.component import DeltaComponent, TaskState, strip_wrappers
+from deltatune.core.component import DeltaComponent, TaskState, root_component, strip_wrappers
 from deltatune.errors import DeltaTuneError
 from deltatune.methods.full import component_parameter_ids
 
@@ -288,9 +288,6 @@ def _gather(outputs: list[Any], sizes: list[int], order: torch.Tensor) -> Any:
 
 def inject(model: nn.Module, config: TopLayers, task: str, state: TaskState, exclude: list[str]) -> None:
     """One TopLayerWeights at the model's root (once) keeps every task's top-block weights."""
-    component = getattr(model, "deltatune_top_layers", None)
-    if component is None:
-        component = TopLayerWeights(model, state)
-        model.deltatune_top_layers = component
+    component = root_component(model, "deltatune_top_layers", lambda: TopLayerWeights(model, state))
     component.__dict__["exclude"] = list(exclude)  # the task heads: trained as heads, not as top-layer weights
     component.add_task(task, config)
