@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from deltatune.core.architectures import ROBERTA_LIKE, model_type
-from deltatune.core.component import DeltaComponent, TaskState
+from deltatune.core.component import DeltaComponent, TaskState, root_component
 from deltatune.errors import DeltaTuneError, MergeError
 
 INITS = ("random", "text", "vocab")
@@ -180,12 +180,7 @@ class PromptEmbedding(DeltaComponent):
         inputs, input_ids, embeds, mask = self._embedded_inputs(inputs)
         batch, length = embeds.shape[:2]
         keep = self._fit(task, length)  # keep the first `keep` tokens, as a tokenizer truncates
-        per_token = {"attention_mask": mask, "token_type_ids": inputs.get("token_type_ids")}
-        labels = inputs.get("labels")
-        token_level = isinstance(labels, torch.Tensor) and labels.dim() >= 2 and labels.shape[1] == length
-        # (multi-label and regression targets are float; T5's labels are the decoder's, not the input's)
-        if token_level and not labels.is_floating_point() and self.layout != "encoder":
-            per_token["labels"] = labels  # token-level labels (causal LM): the prompt gets IGNORE_INDEX
+        per_token = self._per_token(inputs, mask, length)
         fills = {"attention_mask": 1, "token_type_ids": 0, "labels": IGNORE_INDEX}
 
         prompt = self.prompt_embeddings[task].to(embeds.dtype).expand(batch, -1, -1)  # (B, P, d)
@@ -195,21 +190,7 @@ class PromptEmbedding(DeltaComponent):
             if tensor is not None:
                 filler = tensor.new_full((batch, prompt.shape[1]), fills[name])
                 inputs[name] = torch.cat([tensor[:, :at], filler, tensor[:, at:keep]], dim=1)
-        if self.pools_last_token:  # left padding puts every example's last token at position -1
-            order = torch.argsort(inputs["attention_mask"], dim=1, stable=True)  # padding first, order kept
-            embeds = embeds.gather(1, order[..., None].expand_as(embeds))
-            for name in per_token:
-                if inputs.get(name) is not None:
-                    inputs[name] = inputs[name].gather(1, order)
-            inputs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
-        if self.layout == "encoder":  # the decoder (and T5's classification pooling) reads the plain ids
-            encoder = self.model.get_encoder()
-            inputs["encoder_outputs"] = encoder(inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
-                                                return_dict=True)
-            inputs["input_ids"] = input_ids
-        else:
-            inputs["inputs_embeds"] = embeds
-        return inputs
+        return self._model_inputs(inputs, input_ids, embeds, list(per_token), renumber=False)
 
     def _prepare_mixed(self, inputs: dict) -> dict:
         """A mixed-task batch: each example gets its own task's prompt, none for tasks without one.
@@ -250,11 +231,7 @@ class PromptEmbedding(DeltaComponent):
         source = torch.cat([embeds, table[rows].to(embeds.dtype), embeds.new_zeros(batch, 1, embeds.shape[-1])], 1)
         embeds = source.gather(1, index[..., None].expand(-1, -1, source.shape[-1]))  # (B, L, d)
 
-        per_token = {"attention_mask": mask, "token_type_ids": inputs.get("token_type_ids")}
-        labels = inputs.get("labels")
-        token_level = isinstance(labels, torch.Tensor) and labels.dim() >= 2 and labels.shape[1] == length
-        if token_level and not labels.is_floating_point() and self.layout != "encoder":
-            per_token["labels"] = labels
+        per_token = self._per_token(inputs, mask, length)
         fills = {"attention_mask": (1, 0), "token_type_ids": (0, 0), "labels": (IGNORE_INDEX, IGNORE_INDEX)}
         for name, tensor in per_token.items():
             if tensor is not None:
@@ -262,13 +239,33 @@ class PromptEmbedding(DeltaComponent):
                 source = torch.cat([tensor, tensor.new_full((batch, width), at_prompt),
                                     tensor.new_full((batch, 1), at_padding)], dim=1)
                 inputs[name] = source.gather(1, index)
-        if self.pools_last_token:  # as in prepare_inputs: all padding to the left, last token at -1
-            order = torch.argsort(inputs["attention_mask"], dim=1, stable=True)
+        renumber = self.layout == "prepend" and longest > int(prompt_length.min())  # rows start after padding
+        return self._model_inputs(inputs, input_ids, embeds, list(per_token), renumber)
+
+    def _per_token(self, inputs: dict, mask: torch.Tensor, length: int) -> dict[str, torch.Tensor | None]:
+        """The inputs with one entry per token, which the prompt's positions are inserted into: the mask, token
+        types, and token-level labels (a causal LM's; the prompt's are IGNORE_INDEX). Multi-label and regression
+        targets are float, and T5's labels are the decoder's, not the input's: neither is per input token."""
+        per_token = {"attention_mask": mask, "token_type_ids": inputs.get("token_type_ids")}
+        labels = inputs.get("labels")
+        token_level = isinstance(labels, torch.Tensor) and labels.dim() >= 2 and labels.shape[1] == length
+        if token_level and not labels.is_floating_point() and self.layout != "encoder":
+            per_token["labels"] = labels
+        return per_token
+
+    def _model_inputs(self, inputs: dict, input_ids: torch.Tensor | None, embeds: torch.Tensor,
+                      per_token: list[str], renumber: bool) -> dict:
+        """The model's inputs from the prompted embeddings (B, L, d) and per-token tensors. A model that pools its
+        last token gets all padding moved to the left (every example's last token at -1); positions count from
+        each row's first real token then, or where `renumber`; an encoder-decoder's encoder runs here on the
+        embeddings, as its decoder (and T5's classification pooling) reads the plain ids."""
+        if self.pools_last_token:
+            order = torch.argsort(inputs["attention_mask"], dim=1, stable=True)  # padding first, order kept
             embeds = embeds.gather(1, order[..., None].expand_as(embeds))
             for name in per_token:
                 if inputs.get(name) is not None:
                     inputs[name] = inputs[name].gather(1, order)
-        if self.pools_last_token or (self.layout == "prepend" and longest > int(prompt_length.min())):
+        if self.pools_last_token or renumber:
             inputs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
         if self.layout == "encoder":
             encoder = self.model.get_encoder()
@@ -360,8 +357,4 @@ def _generate_left_padded(model: nn.Module, input_ids: torch.Tensor, embeds: tor
 
 def inject(model: nn.Module, config: PromptTuning, task: str, state: TaskState, exclude: list[str]) -> None:
     """One PromptEmbedding at the model's root (once) holds every task's prompt."""
-    component = getattr(model, "deltatune_prompt", None)
-    if component is None:
-        component = PromptEmbedding(model, state)
-        model.deltatune_prompt = component
-    component.add_task(task, config)
+    root_component(model, "deltatune_prompt", lambda: PromptEmbedding(model, state)).add_task(task, config)
