@@ -108,39 +108,17 @@ def _tiny_config(arch: str):
 
     ids = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)
     common = dict(vocab_size=TINY_VOCAB, **ids)
+    sizes = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=64, **common)  # BERT's and Llama's names
     if arch == "bert":
-        config = BertConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=TINY_MAX_POSITIONS,
-            **common,
-        )
+        config = BertConfig(num_attention_heads=2, max_position_embeddings=TINY_MAX_POSITIONS, **sizes)
     elif arch == "roberta":
         # RoBERTa numbers positions from pad_token_id + 1, hence the two extra position embeddings.
-        config = RobertaConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=TINY_MAX_POSITIONS + 2,
-            **common,
-        )
+        config = RobertaConfig(num_attention_heads=2, max_position_embeddings=TINY_MAX_POSITIONS + 2, **sizes)
     elif arch == "gpt2":
-        config = GPT2Config(
-            n_embd=32, n_layer=2, n_head=2, n_inner=64, n_positions=TINY_MAX_POSITIONS, **common
-        )
+        config = GPT2Config(n_embd=32, n_layer=2, n_head=2, n_inner=64, n_positions=TINY_MAX_POSITIONS, **common)
     elif arch == "llama":
-        config = LlamaConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=TINY_MAX_POSITIONS,
-            **common,
-        )
+        config = LlamaConfig(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=TINY_MAX_POSITIONS,
+                             **sizes)
     elif arch == "t5":
         config = T5Config(
             d_model=32,
