@@ -194,78 +194,29 @@ def glue_loader(task_name: str, read_local) -> Loader:
 
 
 def glue_tasks() -> list[Task]:
-    """The five GLUE tasks, in the order papers list them."""
-    binary = ("train", "dev")
-    return [
-        Task(
-            name="sst2",
-            kind="classification",
-            metric_names=["accuracy"],
-            splits=binary,
-            loader=glue_loader("sst2", read_sst2),
-            label_names=["negative", "positive"],
-            description="SST-2 sentence sentiment (GLUE)",
-        ),
-        Task(
-            name="rte",
-            kind="classification",
-            metric_names=["accuracy"],
-            splits=binary,
-            loader=glue_loader("rte", read_rte),
-            label_names=["entailment", "not_entailment"],
-            description="RTE textual entailment, sentence pairs (GLUE)",
-        ),
-        Task(
-            name="mrpc",
-            kind="classification",
-            metric_names=["accuracy", "f1"],
-            splits=("train", "dev", "test"),
-            loader=glue_loader("mrpc", read_mrpc),
-            label_names=["not_equivalent", "equivalent"],
-            description="MRPC paraphrase, sentence pairs (GLUE); dev = seeded 408 pairs of the train file",
-        ),
-        Task(
-            name="stsb",
-            kind="regression",
-            metric_names=["pearson", "spearman"],
-            splits=("train", "dev", "test"),
-            loader=glue_loader("stsb", read_stsb),
-            description="STS-B sentence-pair similarity, scores 0-5 (GLUE)",
-        ),
-        Task(
-            name="cola",
-            kind="classification",
-            metric_names=["matthews_corrcoef"],
-            splits=binary,
-            loader=glue_loader("cola", read_cola),
-            label_names=["unacceptable", "acceptable"],
-            description="CoLA grammatical acceptability (GLUE); dev = in-domain + out-of-domain",
-        ),
-        Task(
-            name="mnli",
-            kind="classification",
-            metric_names=["accuracy"],
-            splits=("train", "dev", "dev_mismatched"),
-            loader=glue_loader("mnli", read_mnli),
-            label_names=MNLI_LABELS,
-            description="MNLI entailment, 3 classes (GLUE); dev = matched, dev_mismatched = mismatched",
-        ),
-        Task(
-            name="qnli",
-            kind="classification",
-            metric_names=["accuracy"],
-            splits=binary,
-            loader=glue_loader("qnli", read_qnli),
-            label_names=QNLI_LABELS,
-            description="QNLI question-answer entailment, from SQuAD (GLUE)",
-        ),
-        Task(
-            name="qqp",
-            kind="classification",
-            metric_names=["accuracy", "f1"],
-            splits=binary,
-            loader=glue_loader("qqp", read_qqp),
-            label_names=["not_duplicate", "duplicate"],
-            description="QQP Quora question-pair paraphrase (GLUE)",
-        ),
+    """The eight GLUE tasks, in the order papers list them (STS-B, with no label names, is the regression)."""
+
+    def glue(name: str, read_local, metric_names: list[str], label_names: list[str] | None, description: str,
+             splits: tuple[str, ...] = ("train", "dev")) -> Task:
+        return Task(name=name, kind="classification" if label_names else "regression", metric_names=metric_names,
+                    splits=splits, loader=glue_loader(name, read_local), label_names=label_names,
+                    description=description)
+
+    with_test = ("train", "dev", "test")
+    return [  # name, reader, metrics, label names, description, splits
+        glue("sst2", read_sst2, ["accuracy"], ["negative", "positive"], "SST-2 sentence sentiment (GLUE)"),
+        glue("rte", read_rte, ["accuracy"], ["entailment", "not_entailment"],
+             "RTE textual entailment, sentence pairs (GLUE)"),
+        glue("mrpc", read_mrpc, ["accuracy", "f1"], ["not_equivalent", "equivalent"],
+             "MRPC paraphrase, sentence pairs (GLUE); dev = seeded 408 pairs of the train file", with_test),
+        glue("stsb", read_stsb, ["pearson", "spearman"], None, "STS-B sentence-pair similarity, scores 0-5 (GLUE)",
+             with_test),
+        glue("cola", read_cola, ["matthews_corrcoef"], ["unacceptable", "acceptable"],
+             "CoLA grammatical acceptability (GLUE); dev = in-domain + out-of-domain"),
+        glue("mnli", read_mnli, ["accuracy"], MNLI_LABELS,
+             "MNLI entailment, 3 classes (GLUE); dev = matched, dev_mismatched = mismatched",
+             ("train", "dev", "dev_mismatched")),
+        glue("qnli", read_qnli, ["accuracy"], QNLI_LABELS, "QNLI question-answer entailment, from SQuAD (GLUE)"),
+        glue("qqp", read_qqp, ["accuracy", "f1"], ["not_duplicate", "duplicate"],
+             "QQP Quora question-pair paraphrase (GLUE)"),
     ]
