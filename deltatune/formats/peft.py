@@ -438,12 +438,9 @@ def _lora_from_peft(tensors: dict[str, torch.Tensor], peft_config: dict, path: P
             delta[f"{match[1]}.{match[2]}"] = tensor
         elif magnitude:
             delta[magnitude[1] + DORA_MAGNITUDE] = tensor
-        elif (head := _head_name(key, LORA_PREFIX, peft_config)) is not None:
-            head_keys.append(head)
-            delta[head] = tensor
         else:
-            raise DeltaError(f"{path}: peft key {key!r} is neither LoRA A/B of a linear layer nor a "
-                             f"modules_to_save head; deltatune cannot load it exactly")
+            _keep_head(key, tensor, LORA_PREFIX, peft_config, delta, head_keys, f"{path}: peft key {key!r} is neither "
+                       f"LoRA A/B of a linear layer nor a modules_to_save head; deltatune cannot load it exactly")
     modules = sorted({k.rsplit(".", 1)[0] for k in delta if k not in head_keys and not k.endswith(DORA_MAGNITUDE)})
     if not modules:
         raise DeltaError(f"{path}: the peft adapter holds no LoRA weights")
@@ -478,12 +475,10 @@ def _ia3_from_peft(tensors: dict[str, torch.Tensor], peft_config: dict, path: Pa
                                  f"for feedforward modules and (d_out, 1) for the others")
             (inputs if is_input else outputs).append(module)
             delta[f"{module}.ia3.{'l_ff' if is_input else 'l'}"] = tensor.reshape(-1)
-        elif (head := _head_name(key, LORA_PREFIX, peft_config)) is not None:
-            head_keys.append(head)
-            delta[head] = tensor
         else:
-            raise DeltaError(f"{path}: peft key {key!r} is neither an (IA)³ vector of a linear layer nor a "
-                             f"modules_to_save head; deltatune cannot load it exactly")
+            _keep_head(key, tensor, LORA_PREFIX, peft_config, delta, head_keys, f"{path}: peft key {key!r} is "
+                       f"neither an (IA)³ vector of a linear layer nor a modules_to_save head; deltatune cannot "
+                       f"load it exactly")
     if not outputs and not inputs:
         raise DeltaError(f"{path}: the peft adapter holds no (IA)³ vectors")
     config = _config("ia3", {"targets": sorted(outputs), "feedforward": sorted(inputs)}, path / CONFIG_FILE)
@@ -509,6 +504,17 @@ def _head_name(key: str, prefix: str, peft_config: dict) -> str | None:
     return name if any(re.fullmatch(rf"(.*\.)?{re.escape(m)}(\..*)?", module) for m in modules) else None
 
 
+def _keep_head(key: str, tensor: torch.Tensor, prefix: str, peft_config: dict, delta: dict[str, torch.Tensor],
+               head_keys: list[str], refusal: str) -> None:
+    """A peft key that is not the method's own: kept in `delta` as a task-head parameter (its name added to
+    `head_keys`) if it belongs to a modules_to_save module, else refused with `refusal`."""
+    head = _head_name(key, prefix, peft_config)
+    if head is None:
+        raise DeltaError(refusal)
+    head_keys.append(head)
+    delta[head] = tensor
+
+
 def _prompt_from_peft(tensors: dict[str, torch.Tensor], peft_config: dict, path: Path):
     if (peft_config.get("num_transformer_submodules") or 1) != 1:
         raise DeltaError(f"{path}: a peft prompt for an encoder-decoder (one per submodule) has no deltatune "
@@ -517,11 +523,9 @@ def _prompt_from_peft(tensors: dict[str, torch.Tensor], peft_config: dict, path:
     for key, tensor in tensors.items():
         if key == "prompt_embeddings":
             delta[key] = tensor
-        elif (head := _head_name(key, PROMPT_HEAD_PREFIX, peft_config)) is not None:
-            head_keys.append(head)
-            delta[head] = tensor
         else:
-            raise DeltaError(f"{path}: unexpected key {key!r} in a peft prompt-tuning adapter")
+            _keep_head(key, tensor, PROMPT_HEAD_PREFIX, peft_config, delta, head_keys,
+                       f"{path}: unexpected key {key!r} in a peft prompt-tuning adapter")
     if "prompt_embeddings" not in delta:
         raise DeltaError(f"{path}: the peft adapter holds no prompt_embeddings")
     config = _config("prompt", {"length": delta["prompt_embeddings"].shape[0]}, path / CONFIG_FILE)
