@@ -4,6 +4,7 @@ both libraries, in both directions. Also: deltatune's in-place LoRA forward trai
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -175,6 +176,24 @@ def test_peft_options_deltatune_cannot_compute_are_refused(tmp_path):
         get_peft_model(make_model("bert"), config).save_pretrained(tmp_path / name)
         with pytest.raises(DeltaError, match=next(iter(options)) if name == "bias" else "rank_pattern"):
             deltatune.load_delta(make_model("bert"), tmp_path / name)
+
+
+@pytest.mark.parametrize("kind, config, refusal", [
+    ("lora", LoraConfig(r=4, target_modules=["query", "value"]),
+     "is neither LoRA A/B of a linear layer nor a modules_to_save head; deltatune cannot load it exactly"),
+    ("prompt", PromptTuningConfig(num_virtual_tokens=4, task_type="SEQ_CLS"),
+     "unexpected key 'base_model.model.bert.pooler.dense.weight' in a peft prompt-tuning adapter"),
+])
+def test_a_peft_key_that_is_neither_the_method_s_nor_a_head_is_refused_by_name(kind, config, refusal, tmp_path):
+    from safetensors.torch import save_file
+
+    get_peft_model(make_model("bert"), config).save_pretrained(tmp_path / kind)
+    tensors = load_safetensors(tmp_path / kind)
+    read_peft(tmp_path / kind)  # as saved: read
+    tensors["base_model.model.bert.pooler.dense.weight"] = torch.zeros(32, 32)  # a base weight, not a head's
+    save_file(tensors, tmp_path / kind / "adapter_model.safetensors")
+    with pytest.raises(DeltaError, match=re.escape(refusal)):
+        read_peft(tmp_path / kind)
 
 
 # ---- prompt tuning ------------------------------------------------------------------------------------
