@@ -38,7 +38,7 @@ from deltatune.core.shared_lower import share_lower_blocks
 from deltatune.errors import ConfigError, DeltaError, MergeError, TaskError, UnknownTaskError
 from deltatune.formats.native import FORMAT, FORMAT_VERSION, shape_fingerprint, weights_fingerprint, write_delta
 from deltatune.formats.peft import PEFT_FORMAT, check_peft_fits, read_saved_delta
-from deltatune.methods.registry import build_config, method_entry, method_of
+from deltatune.methods.registry import build_config, method_entry, method_of, methods_that
 
 
 @dataclass
@@ -575,6 +575,8 @@ class DeltaModel(nn.Module):
         distinct = set(per_example)
         for component in self.components().values():
             component.check_mixed(distinct)
+        if len(distinct) > 1:
+            self._refuse_unmixable(distinct, "mixable", "share a mixed batch", "run them alone with use(task)")
         if self.merged_task is not None and distinct != {self.merged_task}:
             self.unmerge()
         state, active = self.task_state, self.task_state.active
@@ -627,18 +629,23 @@ class DeltaModel(nn.Module):
                 return component.generate(self.base_model, *args, **kwargs)
         return self.base_model.generate(*args, **kwargs)
 
+    def _refuse_unmixable(self, tasks: set[str | None], can: str, what: str, instead: str) -> None:
+        """A TaskError naming the tasks whose method's registry entry says it cannot (`can`, a MethodEntry flag)."""
+        by_method: dict[str, list[str]] = {}
+        for task in sorted(t for t in tasks if t in self.task_info):
+            by_method.setdefault(self.task_info[task]["method"], []).append(task)
+        for method, names in by_method.items():
+            if not getattr(method_entry(method), can):
+                raise TaskError(f"{method} tasks ({names}) cannot {what}; {instead} (the methods that can: "
+                                f"{methods_that(can)})")
+
     def _generate_mixed(self, per_example: list[str | None], args, kwargs):
         components = self.components().values()
         with self._rows_routed(per_example) as distinct:  # per_example is read at the prefill and each step
             if len(distinct) == 1:
                 return self.generate(*args, **kwargs)
-            for component in components:
-                tasks = sorted(t for t in distinct & set(component.tasks) if t is not None)
-                if tasks and (not component.mixes_in_generate
-                              or hasattr(component, "generate") and not hasattr(component, "generate_mixed")):
-                    method = self.task_info[tasks[0]]["method"]
-                    raise TaskError(f"{method} tasks ({tasks}) cannot share a mixed-task generate yet (their own "
-                                    f"generate path does not mix); generate their rows with use(task) + generate")
+            self._refuse_unmixable(distinct, "mixes_in_generate", "share a mixed-task generate yet",
+                                   "generate their rows with use(task) + generate")
             for component in components:
                 if hasattr(component, "generate_mixed") and distinct & set(component.tasks):
                     return component.generate_mixed(self.base_model, *args, **kwargs)

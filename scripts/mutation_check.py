@@ -40,7 +40,7 @@ BUGS: list[Bug] = [
         'self.base_layer.weight.copy_(self.__dict__.pop("unmerged_weight"))',
         'self.__dict__.pop("unmerged_weight")',
         ("tests/test_mixed.py::test_a_merged_task_is_unmerged_for_a_mixed_batch",)),
-    Bug("peft-export-fused-v-block-from-q", "deltatune/formats/peft.py",
+    Bug("peft-export-fused-v-block-from-q", "deltatune/formats/peft_methods.py",
         "block[rows, g * config.r : (g + 1) * config.r] = B_g",
         "block[rows, g * config.r : (g + 1) * config.r] = B.split(widths)[0]",
         ("tests/test_peft_format.py::test_gpt2_fused_slices_export_as_an_exact_block_lora",)),

@@ -264,16 +264,18 @@ def test_lora_under_bf16_autocast_stays_close_to_fp32():
 
 
 def test_the_registry_says_which_methods_export_to_peft(tmp_path):
-    """`MethodEntry.peft_export` and the translations in peft_format are one list: an exporting method has a
-    translation, and a method without one is refused by name."""
+    """`MethodEntry.peft` is the one list: every peft type deltatune reads is some entry's translation, and a method
+    without one is refused by name (the dummy method of tests/test_registry_dummy.py too)."""
     from conftest import make_model
 
     from deltatune.formats import peft as peft_format
     from deltatune.methods.registry import METHODS
 
-    assert {name for name, entry in METHODS.items() if entry.peft_export} == set(peft_format._TO_PEFT)
+    exported = {name for name, entry in METHODS.items() if entry.peft is not None}
+    assert exported == {"lora", "dora", "ia3", "prompt", "prefix"}
+    assert {METHODS[name].peft.peft_type for name in exported} == {"LORA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING"}
     for name, entry in METHODS.items():
-        if not entry.peft_export:
+        if entry.peft is None:
             delta = deltatune.attach(make_model("bert"), entry.config(), task="t").save_delta(tmp_path / name)
             with pytest.raises(deltatune.DeltaError, match=f"{name} deltas have no peft equivalent"):
                 peft_format.export_peft(delta, tmp_path / f"{name}-peft")

@@ -112,8 +112,6 @@ class DeltaComponent(nn.Module):
     # order in which components rewrite a forward call's inputs (`prepare_inputs`): components that change
     # the input sequence (prompt tuning, 0) before those that extend its attention mask (prefix tuning, 1)
     input_order: ClassVar[int] = 0
-    # False: rows of this component's tasks cannot share a mixed-task generate (refused by name, not run wrong)
-    mixes_in_generate: ClassVar[bool] = True
 
     def __init__(self, state: TaskState) -> None:
         super().__init__()

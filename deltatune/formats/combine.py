@@ -46,7 +46,7 @@ from deltatune._version import __version__
 from deltatune.errors import ConfigError, DeltaError
 from deltatune.formats.native import FORMAT, FORMAT_VERSION, write_delta
 from deltatune.formats.peft import PEFT_FORMAT, read_saved_delta
-from deltatune.formats.peft import _slices as lora_slices
+from deltatune.formats.peft_methods import _slices as lora_slices
 from deltatune.methods.lora import LoRA, alpha_for_scaling
 from deltatune.methods.registry import build_config
 

@@ -197,7 +197,7 @@ def delta_folder(path: str | os.PathLike) -> Path:
 
 def read_delta(path: str | os.PathLike, trust_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a delta folder: (tensors, metadata). Refuses anything malformed with a `DeltaError`.
-    (A peft adapter folder is read by `peft_format.read_saved_delta`, which picks this or `peft_format.read_peft`.)
+    (A peft adapter folder is read by `formats.peft.read_saved_delta`, which picks this or `formats.peft.read_peft`.)
 
     Pickle files are refused unless `trust_pickle`: then a folder holding `delta.json` and, instead of
     `delta.safetensors`, one pickle file (.bin/.pt/.pth/.pkl) of a flat {key: tensor} dict, as

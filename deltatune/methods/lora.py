@@ -269,7 +269,8 @@ class LoRALinear(DeltaComponent):
     def placed(self, B: torch.Tensor) -> torch.Tensor:
         """A task's B (sum w_g, r) over the whole output, (d_out, G*r): group g's (w_g, r) block at its rows and
         columns g*r:(g+1)*r, zeros elsewhere, so that one product updates every group. B itself for the whole
-        output. (This is also the exact form fused rows take in Hugging Face peft's format, see peft_format.py.)"""
+        output. (This is also the exact form fused rows take in Hugging Face peft's format, see
+        formats/peft_methods.py.)"""
         if self.whole:
             return B
         blocks = torch.block_diag(*B.split(self.widths))  # (sum w_g, G*r)

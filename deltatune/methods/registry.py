@@ -2,8 +2,10 @@
 
 Everything the rest of the code asks about a method is a field of its `MethodEntry`: `train` takes its
 default learning rate, `compare` its list of methods and latency variants, `serve` whether it can share a
-mixed batch, `export` whether peft can hold it, the tests their matrix. Adding a method = its own file in
-`methods/` + one line in `METHODS`.
+mixed batch (and a decode batch), `generate(tasks=...)` whether its rows mix there, `export` and the peft reader
+its translation to Hugging Face PEFT's format, the tests their matrix; every refusal that names the methods
+able to do something is built from these fields. Adding a method = its own file in `methods/` + one line in
+`METHODS` (tests/test_registry_dummy.py adds one that way).
 
 An injector has the signature `inject(model, config, task, state, exclude)`: it adds the method's
 components for `task` to `model` (skipping the `exclude`d head modules) with fresh parameters.
@@ -23,6 +25,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from deltatune.errors import ConfigError
+from deltatune.formats import peft_methods
+from deltatune.formats.peft_methods import PeftTranslation
 from deltatune.methods import adapter, bitfit, dora, full, ia3, lora, prefix, prompt, top_layers
 
 
@@ -32,43 +36,62 @@ class MethodEntry:
     config: type  # the settings dataclass; its fields' `help` metadata documents each `-o` option
     inject: Callable[..., None]
     mergeable: bool  # merge() can fold it into the base weights (and latency is timed merged too)
-    mixable: bool  # examples of its tasks can share a mixed-task batch (`tasks=`, `serve`)
+    mixable: bool  # examples of its tasks can share a mixed-task batch (`tasks=`, `serve` of a classifier)
     default_lr: float  # AdamW learning rate when none is given (--lr)
-    peft_export: bool  # `deltatune export --format peft` can write it
+    peft: PeftTranslation | None  # how `deltatune export --format peft` writes it and a peft folder reads as it
     updates_base: bool = False  # its delta is the base weights themselves (full fine-tuning): no FSDP,
     # no per-delta latency (it runs at the base model's speed), no serving beside other tasks
     identity_at_init: bool = True  # a fresh delta leaves the output unchanged (prompt tuning's tokens do not)
+    # its rows can share `serve`'s decode batch (each prompt is prefilled alone, then the rows decode together)
+    mixes_in_decode: bool | None = None  # None: as `mixable`
+    # its rows can share one `DeltaModel.generate(tasks=...)` (prefill and every cached step in one batch)
+    mixes_in_generate: bool | None = None  # None: as `mixes_in_decode`
+
+    def __post_init__(self) -> None:
+        if self.mixes_in_decode is None:
+            object.__setattr__(self, "mixes_in_decode", self.mixable)
+        if self.mixes_in_generate is None:
+            object.__setattr__(self, "mixes_in_generate", self.mixes_in_decode)
 
 
 METHODS: dict[str, MethodEntry] = {entry.name: entry for entry in [
     # learning rates as commonly used for each method, AdamW:
     # full: BERT/RoBERTa fine-tuning (Devlin et al. 2019; Liu et al. 2019)
-    MethodEntry("full", full.FullFineTune, full.inject, mergeable=True, mixable=False, default_lr=2e-5,
-                peft_export=False, updates_base=True),
+    MethodEntry("full", full.FullFineTune, full.inject, mergeable=True, mixable=False, default_lr=2e-5, peft=None,
+                updates_base=True),
     # lora: Hu et al. 2021, RoBERTa-base GLUE (appendix D): 4e-4 .. 5e-4
-    MethodEntry("lora", lora.LoRA, lora.inject, mergeable=True, mixable=True, default_lr=5e-4, peft_export=True),
+    MethodEntry("lora", lora.LoRA, lora.inject, mergeable=True, mixable=True, default_lr=5e-4,
+                peft=peft_methods.LORA),
     # adapter: Houlsby et al. 2019 §3.1 swept 3e-5 .. 3e-3; 1e-3 is the usual pick
     MethodEntry("adapter", adapter.Adapter, adapter.inject, mergeable=False, mixable=True, default_lr=1e-3,
-                peft_export=False),
+                peft=None),
     # bitfit: Zaken et al. 2021 (BitFit) used 1e-4 .. 1e-3, higher than full fine-tuning
-    MethodEntry("bitfit", bitfit.BitFit, bitfit.inject, mergeable=True, mixable=True, default_lr=1e-3,
-                peft_export=False),
+    MethodEntry("bitfit", bitfit.BitFit, bitfit.inject, mergeable=True, mixable=True, default_lr=1e-3, peft=None),
     # prompt: prompt tuning needs large rates (Lester et al. 2021 §3 used 0.3 with Adafactor)
     MethodEntry("prompt", prompt.PromptTuning, prompt.inject, mergeable=False, mixable=True, default_lr=3e-2,
-                peft_export=True, identity_at_init=False),
+                peft=peft_methods.PROMPT_TUNING, identity_at_init=False),
     # top_layers: the same pretrained weights as full fine-tuning train, so its rate (not tuned); its per-task
-    # copies of the top blocks replace base weights (FSDP cannot shard them, latency is the base model's)
+    # copies of the top blocks replace base weights (FSDP cannot shard them, latency is the base model's); a mixed
+    # pass splits the top blocks by task but does not write their keys/values into a shared cache: no mixed decoding
     MethodEntry("top_layers", top_layers.TopLayers, top_layers.inject, mergeable=True, mixable=True,
-                default_lr=2e-5, peft_export=False, updates_base=True),
+                default_lr=2e-5, peft=None, updates_base=True, mixes_in_decode=False),
     # prefix: measured on MiniLM SST-2, 300 steps of 32 (docs/results/prefix_vs_prompt.md): through the MLP
-    # (Li & Liang 2021 section 4.3) 1e-3 reaches 80.05% dev, 3e-2 stays at the majority class (50.92%)
+    # (Li & Liang 2021 section 4.3) 1e-3 reaches 80.05% dev, 3e-2 stays at the majority class (50.92%); its own
+    # generate starts the cache from one task's prefixes, so rows of several tasks do not share one generate call
     MethodEntry("prefix", prefix.PrefixTuning, prefix.inject, mergeable=False, mixable=True, default_lr=1e-3,
-                peft_export=True, identity_at_init=False),
+                peft=peft_methods.PREFIX_TUNING, identity_at_init=False, mixes_in_generate=False),
     # dora: LoRA's A, B and rate (not tuned separately here), plus a magnitude per output (Liu et al. 2024)
-    MethodEntry("dora", dora.DoRA, dora.inject, mergeable=True, mixable=True, default_lr=5e-4, peft_export=True),
+    MethodEntry("dora", dora.DoRA, dora.inject, mergeable=True, mixable=True, default_lr=5e-4,
+                peft=peft_methods.DORA),
     # ia3: the T-Few recipe trained (IA)³ at 3e-3 (Liu et al. 2022 §3.5, with Adafactor)
-    MethodEntry("ia3", ia3.IA3, ia3.inject, mergeable=True, mixable=True, default_lr=3e-3, peft_export=True),
+    MethodEntry("ia3", ia3.IA3, ia3.inject, mergeable=True, mixable=True, default_lr=3e-3, peft=peft_methods.IA3),
 ]}
+
+
+def methods_that(can: str) -> list[str]:
+    """The methods whose entry's flag `can` is true ("mixable", "mixes_in_decode", ...) or which have a `peft`
+    translation ("peft"), in the registry's order: what a refusal names as the alternatives."""
+    return [name for name, entry in METHODS.items() if getattr(entry, can)]
 
 
 def method_entry(name: str) -> MethodEntry:

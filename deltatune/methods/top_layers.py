@@ -67,8 +67,6 @@ class TopLayerWeights(DeltaComponent):
 
     method = "top_layers"
     root_level = True  # its keys are the base model's own parameter names
-    # a mixed pass splits the top blocks by task but does not write their keys/values into the shared cache
-    mixes_in_generate = False
 
     def __init__(self, model: nn.Module, state: TaskState):
         super().__init__(state)

@@ -12,8 +12,9 @@ How /v1/predict requests become mixed-task batches: `serving/classify.py`. How e
 HTTP status): `serving/http_errors.py`.
 
 Errors: an unknown task is 404 with the list of tasks; a malformed body 422; a delta that cannot be loaded
-400 with the reason (the tasks already loaded keep serving); a name taken 409. Full fine-tuning deltas are
-whole models and cannot share a batch: `serve` refuses them.
+400 with the reason (the tasks already loaded keep serving); a name taken 409. A delta whose method's rows cannot
+share a batch (its registry entry: `mixable`, for generation `mixes_in_decode`; full fine-tuning is a whole model)
+is refused by name, with the methods that can.
 
 Generation: for a causal LM (`--kind auto` sees its architecture) the server speaks OpenAI's API instead
 (`deltatune.serving.openai_routes`: /v1/completions, /v1/chat/completions, /v1/models), every request naming its task as

@@ -3,8 +3,8 @@
 Iteration-level scheduling (Yu et al. 2022, Orca §3.1): requests join and leave the running batch between
 two decode steps instead of waiting for a whole batch to finish. S-LoRA (Sheng et al. 2023) and Punica (Chen
 et al. 2023) batch rows of different LoRA adapters in one forward pass; here every method whose rows can share a
-pass does (LoRA of any rank, DoRA, (IA)³, BitFit, adapters, prompt and prefix tuning), through the per-row routing of
-`DeltaModel` (`task_state.per_example`, read by each component's mixed path).
+pass does (those with `mixes_in_decode` in methods/registry.py; the others are refused by name when loaded),
+through the per-row routing of `DeltaModel` (`task_state.per_example`, read by each component's mixed path).
 
 One thread owns the model. Between two decode steps it:
  1. runs control calls (loading or removing a delta) and drops cancelled requests;
@@ -46,7 +46,6 @@ from deltatune.delta import DeltaModel
 from deltatune.errors import DeltaTuneError, LimitError, Overloaded, ShuttingDown, UnknownTaskError
 from deltatune.evaluate import stop_token_ids
 from deltatune.methods.prompt import position_limit
-from deltatune.methods.registry import METHODS
 from deltatune.serving.config import ServeConfig
 from deltatune.serving.slot_cache import SlotCache
 from deltatune.serving.worker import ModelWorker
@@ -121,6 +120,8 @@ class DecodeLoop(ModelWorker):
     """A causal LM with its deltas, its tokenizer and the thread that alone runs them (see the module doc)."""
 
     thread_name = "deltatune-decode-loop"
+    mixes = "mixes_in_decode"  # refuses (by the registry's list) deltas whose rows cannot decode beside others
+    mixes_phrase = "decode in a batch with other tasks"
 
     def __init__(self, model: DeltaModel, tokenizer, config: ServeConfig | None = None):
         self.stop_ids = set(stop_token_ids(model, tokenizer))
@@ -194,14 +195,6 @@ class DecodeLoop(ModelWorker):
         return {**self.stats, "queue": waiting, "running": len(self._rows), "tasks": len(self._tasks)}
 
     # ---- deltas (on the decode thread, or before it starts) ----------------------------------------------
-    def _refusal(self, task: str, method: str, path) -> str | None:
-        components = [c for c in self.model.components().values() if task in c.tasks]
-        if not METHODS[method].mixable or any(not c.mixes_in_generate for c in components):
-            return (f"{path} is a {method} delta, whose rows cannot decode in a batch with other tasks; serve a "
-                    f"delta of LoRA, BitFit, adapters, prompt or prefix tuning (or merge it into its own model and "
-                    f"serve that)")
-        return None
-
     def _remove(self, name: str) -> None:
         self.model.remove_task(name)
         leaving = [row for row in self._rows if row.request.task == name]

@@ -21,7 +21,7 @@ from typing import Any
 from deltatune.core.memory import release_free_memory
 from deltatune.delta import DeltaModel
 from deltatune.errors import DeltaError
-from deltatune.methods.registry import METHODS
+from deltatune.methods.registry import method_entry, methods_that
 from deltatune.serving.config import ServeConfig
 
 # A server runs forward passes of ever new shapes. glibc then keeps freed tensor memory in its heap (it raises its
@@ -35,6 +35,8 @@ class ModelWorker:
     """One DeltaModel, its tokenizer and the worker thread that alone runs the model (subclasses: `_run`)."""
 
     thread_name = "deltatune-model-worker"
+    mixes = "mixable"  # the MethodEntry flag a delta's method needs to be served here (registry.py)
+    mixes_phrase = "share a batch with other tasks"  # what its rows could not do otherwise
 
     def __init__(self, model: DeltaModel, tokenizer, config: ServeConfig, stat_keys: tuple[str, ...]):
         self.model = model.eval()
@@ -93,12 +95,12 @@ class ModelWorker:
         raise NotImplementedError
 
     def _refusal(self, task: str, method: str, path: str | Path) -> str | None:
-        """Why this loaded delta cannot be served here (None: it can): its rows must share a pass with others."""
-        if METHODS[method].mixable:
+        """Why this loaded delta cannot be served here (None: it can): its rows must share a pass with others, as
+        its method's registry entry says (`mixes`)."""
+        if getattr(method_entry(method), self.mixes):
             return None
-        mixable = [name for name, entry in METHODS.items() if entry.mixable]
-        return (f"{path} is a {method} delta, which cannot share a batch with other tasks (a full fine-tuning "
-                f"delta is a whole model's weights); serve a delta of {mixable}")
+        return (f"{path} is a {method} delta, whose rows cannot {self.mixes_phrase}; serve a delta of one of "
+                f"{methods_that(self.mixes)} (or merge it into its own model and serve that)")
 
     def _load(self, name: str | None, path: str | Path) -> dict[str, Any]:
         task = self.model.add_delta(path, task=name, trust_pickle=self.config.trust_pickle)
