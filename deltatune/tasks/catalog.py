@@ -30,20 +30,25 @@ BUILT_IN_TASKS: dict[str, Callable[[], Task]] = {
     "e2e": e2e_task,
     "bbc-news": bbc_task,
 }
-FILE_FORMATS = ("csv", "jsonl")
+# the user's data: a file is read by its suffix (csv/tsv, jsonl, parquet, arrow), a folder as a `save_to_disk`
+# dataset, `data=` in Python as a datasets.Dataset / DatasetDict (tasks/hf_datasets.py)
+FILE_FORMATS = ("csv", "jsonl", "parquet", "arrow", "dataset")
 TASK_NAMES: tuple[str, ...] = (*BUILT_IN_TASKS, *FILE_FORMATS)
 
 
 def get_task(name: str, **options: Any) -> Task:
-    """The task called `name`; ``"csv"`` and ``"jsonl"`` take the user's file as options.
+    """The task called `name`; the `FILE_FORMATS` take the user's data as options: `path` (a file or a
+    `save_to_disk` folder) or `data` (a `datasets.Dataset` / `DatasetDict` in memory).
 
-    Example: ``get_task("csv", path="reviews.csv", text_columns=["review"], label_column="stars")``
-    (see `deltatune.tasks.files.file_task` for all options).
+    Examples: ``get_task("csv", path="reviews.csv", text_columns=["review"], label_column="stars")``,
+    ``get_task("dataset", data=load_from_disk("imdb"), text_columns="text")``
+    (see `deltatune.tasks.files.file_task` for all options, `generation.generation_file_task` with `format`).
     """
     if name in FILE_FORMATS:
-        if "path" not in options:
+        if "path" not in options and "data" not in options:
             raise DataError(
-                f"task {name!r} needs path=... (your {name} file), plus text_columns and label_column"
+                f"task {name!r} needs path=... (your {name} file) or data=... (a datasets.Dataset), plus "
+                f"text_columns and label_column"
             )
         if options.get("format"):  # generation: prompt-completion, alpaca or messages
             return generation_file_task(name, **options)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import csv
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from deltatune.errors import DataError
 from deltatune.tasks.generation import DEFAULT_COLUMNS
+from deltatune.tasks.hf_datasets import is_dataset_path, open_dataset
 from deltatune.tasks.sources import read_json_lines, read_table, split_off_dev
 from deltatune.tasks.task import Task
 
@@ -28,13 +29,14 @@ INTEGER = re.compile(r"^[+-]?\d+$")
 class Record:
     """One row of a user file: where it is, its text fields and its raw label."""
 
-    path: Path
+    path: Path | str  # a file, or a dataset ("data.parquet", "a datasets.DatasetDict (train split)")
     line: int
     texts: list[str]
     label: Any
+    unit: str = "line"  # a dataset's rows: "row"
 
     def error(self, problem: str) -> DataError:
-        return DataError(f"{self.path}, line {self.line}: {problem}")
+        return DataError(f"{self.path}, {self.unit} {self.line}: {problem}")
 
 
 def read_csv_records(
@@ -82,13 +84,22 @@ def typed_labels(texts: list[str]) -> list[int] | list[float] | list[str]:
 
 def read_jsonl_records(path: Path, text_columns: Sequence[str], label_column: str) -> list[Record]:
     """One JSON object per line; labels keep their JSON type (string, integer or number)."""
+    records = dict_records(path, read_json_lines(path), text_columns, label_column)
+    if not records:
+        raise DataError(f"{path} is empty: expected one JSON object per line")
+    return records
+
+
+def dict_records(source: Path | str, rows: Iterable[tuple[int, dict]], text_columns: Sequence[str],
+                 label_column: str, unit: str = "line") -> list[Record]:
+    """Rows as mappings (a JSON-lines file's objects, a dataset's rows), numbered; labels keep their type."""
     records = []
-    for line, row in read_json_lines(path):
+    for line, row in rows:
         missing = [name for name in [*text_columns, label_column] if name not in row]
         if missing:
-            raise DataError(f"{path}, line {line}: no column {missing}; the columns are {list(row)}"
+            raise DataError(f"{source}, {unit} {line}: no column {missing}; the columns are {list(row)}"
                             + generation_hint(row))
-        record = Record(path, line, [row[name] for name in text_columns], row[label_column])
+        record = Record(source, line, [row[name] for name in text_columns], row[label_column], unit)
         if not all(isinstance(value, str) for value in record.texts):
             raise record.error(f"text columns {list(text_columns)} must hold strings")
         if record.label is None or isinstance(record.label, list | dict):
@@ -96,8 +107,6 @@ def read_jsonl_records(path: Path, text_columns: Sequence[str], label_column: st
         if isinstance(record.label, bool):
             record.label = str(record.label).lower()
         records.append(record)
-    if not records:
-        raise DataError(f"{path} is empty: expected one JSON object per line")
     return records
 
 
@@ -138,25 +147,31 @@ def class_ids(
 
 def file_task(
     file_format: str,
-    path: str | Path,
+    path: str | Path | None = None,
     text_columns: str | Sequence[str] = ("text",),
     label_column: str = "label",
     dev_path: str | Path | None = None,
     label_names: Sequence[str] | None = None,
     delimiter: str | None = None,
     name: str | None = None,
+    data: Any = None,
 ) -> Task:
-    """A task over the user's ``csv`` (or ``.tsv``) or ``jsonl`` file(s); the files are read now.
+    """A task over the user's data, read now: a ``csv`` (or ``.tsv``) or ``jsonl`` file, a parquet or arrow file
+    or a `save_to_disk` folder (`hf_datasets`), or a `datasets.Dataset` / `DatasetDict` in memory (`data`).
 
     Args:
-        file_format: ``"csv"`` or ``"jsonl"``.
-        path: the training data (also "dev", holding out a seeded 10%, unless `dev_path` is given).
+        file_format: the task's name by default: ``"csv"``, ``"jsonl"``, ``"parquet"``, ``"arrow"``, ``"dataset"``
+            (a file is read by its suffix, a folder as a dataset).
+        path: the training data (also "dev", holding out a seeded 10%, unless `dev_path` is given or a
+            DatasetDict has a validation split).
         text_columns: one column (single text) or two (text pair).
         label_column: class names, class ids (0..K-1) or scores.
         dev_path: a separate file for the "dev" split, same columns.
-        label_names: class names in id order; fixes the id order (names) or the class count (ids).
+        label_names: class names in id order; fixes the id order (names) or the class count (ids); default: a
+            dataset's `ClassLabel` names.
         delimiter: CSV field separator; default tab for ``.tsv`` files, comma otherwise.
         name: the task name (default: `file_format`).
+        data: a `datasets.Dataset` or `DatasetDict` instead of `path`.
     """
     columns = [text_columns] if isinstance(text_columns, str) else list(text_columns)
     if len(columns) not in (1, 2):
@@ -164,19 +179,47 @@ def file_task(
 
     def read(file: str | Path) -> list[Record]:
         file = Path(file).expanduser()
+        if is_dataset_path(file):
+            return dataset_records(open_dataset(file), "train", columns, label_column)
         if not file.is_file():
             raise DataError(f"data file {file} not found (resolved to {file.resolve()})")
-        if file_format == "jsonl":
+        if file_format == "jsonl" or (file_format != "csv" and file.suffix.lower() in (".jsonl", ".json")):
             return read_jsonl_records(file, columns, label_column)
         separator = delimiter or ("\t" if file.suffix.lower() == ".tsv" else ",")
         return read_csv_records(file, columns, label_column, separator)
 
-    train = read(path)
-    records = train + (read(dev_path) if dev_path is not None else [])  # labels are checked before the holdout
+    source = data if data is not None else path
+    if source is None:
+        raise DataError(f"task {file_format!r} needs path=... (a file or dataset folder) or data=... (a "
+                        f"datasets.Dataset)")
+    splits = open_dataset(source) if data is not None or is_dataset_path(source) else None
+    train = dataset_records(splits, "train", columns, label_column) if splits else read(source)
+    dev = read(dev_path) if dev_path is not None else \
+        dataset_records(splits, "dev", columns, label_column) if splits and splits.dev is not None else None
+    if splits and label_names is None:
+        label_names = splits.class_names(label_column)
+    described = splits.source if splits else str(path)
+    return records_task(train, dev, label_names, name or file_format,
+                        f"user data from {described}" + (f" (dev: {dev_path})" if dev_path else ""), described)
+
+
+def dataset_records(splits, split: str, columns: list[str], label_column: str) -> list[Record]:
+    """The rows of a dataset's split as records, numbered from 1 ("row 3" in messages)."""
+    records = dict_records(splits.where(split), splits.rows(split), columns, label_column, unit="row")
+    if not records:
+        raise DataError(f"{splits.where(split)} has no rows")
+    return records
+
+
+def records_task(train: list[Record], dev: list[Record] | None, label_names: Sequence[str] | None, name: str,
+                 description: str, source: str) -> Task:
+    """The classification or regression task of the records (the label type decides), "dev" being `dev` or a
+    seeded share of `train`."""
+    records = train + (dev or [])  # labels are checked before the holdout
     kind = label_kind(records)
     if kind == "float":
         if label_names is not None:
-            raise DataError(f"{path}: the labels are scores (regression), so label_names does not apply")
+            raise DataError(f"{source}: the labels are scores (regression), so label_names does not apply")
         labels: list[Any] = [float(r.label) for r in records]
         names = None
         for record, score in zip(records, labels, strict=True):
@@ -188,16 +231,16 @@ def file_task(
         {"text": r.texts[0], "text_pair": r.texts[1] if len(r.texts) == 2 else None, "label": label}
         for r, label in zip(records, labels, strict=True)
     ]
-    if dev_path is None:
-        splits = dict(zip(("train", "dev"), split_off_dev(examples, path), strict=True))
+    if dev is None:
+        splits = dict(zip(("train", "dev"), split_off_dev(examples, source), strict=True))
     else:
         splits = {"train": examples[: len(train)], "dev": examples[len(train) :]}
     return Task(
-        name=name or file_format,
+        name=name,
         kind="regression" if kind == "float" else "classification",
         metric_names=["pearson", "spearman"] if kind == "float" else ["accuracy", "macro_f1"],
         splits=("train", "dev"),
         loader=lambda split, data_dir: list(splits[split]),
         label_names=names,
-        description=f"user data from {path}" + (f" (dev: {dev_path})" if dev_path else ""),
+        description=description,
     )

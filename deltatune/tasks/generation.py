@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import csv
 import warnings
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from deltatune.errors import ChatTemplateError, DataError, LengthWarning
+from deltatune.tasks.hf_datasets import is_dataset_path, open_dataset
 from deltatune.tasks.sources import read_json_lines, read_table, split_off_dev
 from deltatune.tasks.task import Example, Task
 
@@ -309,15 +311,23 @@ def read_rows(path: Path, columns: dict[str, str], delimiter: str | None) -> lis
         for line, values in table.rows:
             rows.append(Row(f"{path}, line {line}", {name: values[i] for name, i in indices.items()}))
         return rows
-    for line, value in read_json_lines(path):
-        where = f"{path}, line {line}"
+    rows = mapping_rows(path, read_json_lines(path), columns)
+    if not rows:
+        raise DataError(f"{path} is empty: expected one JSON object per line")
+    return rows
+
+
+def mapping_rows(source: Path | str, values: Iterable[tuple[int, dict]], columns: dict[str, str],
+                 unit: str = "line") -> list[Row]:
+    """Numbered mappings (a JSON-lines file's objects, a dataset's rows) as rows of the format's fields."""
+    rows = []
+    for line, value in values:
+        where = f"{source}, {unit} {line}"
         missing = [column for name, column in columns.items() if column not in value and name != "input"]
         if missing:
             raise DataError(f"{where}: missing field(s) {missing}; the fields are {list(value)} "
                             f"(name the columns with --columns FIELD=COLUMN)")
         rows.append(Row(where, {name: value[column] for name, column in columns.items() if column in value}))
-    if not rows:
-        raise DataError(f"{path} is empty: expected one JSON object per line")
     return rows
 
 
@@ -378,8 +388,8 @@ def evaluation_example(example: Example) -> Example:
 
 def generation_file_task(
     file_format: str,
-    path: str | Path,
-    format: str,
+    path: str | Path | None = None,
+    format: str = "prompt-completion",
     dev_path: str | Path | None = None,
     columns: dict[str, str] | None = None,
     chat_template: str | None = None,
@@ -388,8 +398,10 @@ def generation_file_task(
     overlong: str = "cut",
     delimiter: str | None = None,
     name: str | None = None,
+    data: Any = None,
 ) -> Task:
-    """A generation task over the user's ``jsonl`` (or ``csv``/``.tsv``) file(s); the files are read now.
+    """A generation task over the user's ``jsonl`` (or ``csv``/``.tsv``, parquet, arrow) file(s) or `save_to_disk`
+    folder, or a `datasets.Dataset` / `DatasetDict` in memory (`data`); read now.
 
     Args:
         file_format: ``"jsonl"`` or ``"csv"`` (what `--task` said; the file's suffix decides how it is read).
@@ -400,6 +412,7 @@ def generation_file_task(
         template: prompt-completion: a format string with ``{prompt}``; alpaca: the prompt with an input.
         assistant_turns: messages: loss on ``all`` assistant turns or the ``last`` one.
         overlong: training rows longer than the maximum length are ``cut`` or ``drop``ped.
+        data: a `datasets.Dataset` or `DatasetDict` instead of `path` (`hf_datasets`: its splits).
     """
     prompt_format = PromptFormat(format, **({"template": template} if template else {}),
                                  chat_template=chat_template, assistant_turns=assistant_turns, overlong=overlong)
@@ -410,13 +423,22 @@ def generation_file_task(
                         f"{list(DEFAULT_COLUMNS[format])}")
 
     def read(file: str | Path) -> list[Example]:
+        if is_dataset_path(file):
+            return dataset_examples(open_dataset(file), "train", names, prompt_format)
         return [row_example(row, prompt_format) for row in read_rows(Path(file).expanduser(), names, delimiter)]
 
-    train = read(path)
+    source = data if data is not None else path
+    if source is None:
+        raise DataError(f"task {file_format!r} needs path=... (a file or dataset folder) or data=... (a "
+                        f"datasets.Dataset)")
+    dataset = open_dataset(source) if data is not None or is_dataset_path(source) else None
+    train = dataset_examples(dataset, "train", names, prompt_format) if dataset else read(source)
     if dev_path is not None:
         dev = read(dev_path)
+    elif dataset and dataset.dev is not None:
+        dev = dataset_examples(dataset, "dev", names, prompt_format)
     else:
-        train, dev = split_off_dev(train, path)
+        train, dev = split_off_dev(train, dataset.source if dataset else path)
     splits = {"train": train, "dev": [evaluation_example(e) for e in dev]}
     return Task(
         name=name or file_format,
@@ -424,9 +446,18 @@ def generation_file_task(
         metric_names=list(GENERATION_METRICS),
         splits=("train", "dev"),
         loader=lambda split, data_dir: list(splits[split]),
-        description=f"{format} data from {path}" + (f" (dev: {dev_path})" if dev_path else ""),
+        description=f"{format} data from {dataset.source if dataset else path}"
+        + (f" (dev: {dev_path})" if dev_path else ""),
         prompt_format=prompt_format,
     )
+
+
+def dataset_examples(splits, split: str, names: dict[str, str], prompt_format: PromptFormat) -> list[Example]:
+    """A dataset split's rows (`hf_datasets.DatasetSplits`) as training examples, numbered from 1."""
+    rows = mapping_rows(splits.where(split), splits.rows(split), names, unit="row")
+    if not rows:
+        raise DataError(f"{splits.where(split)} has no rows")
+    return [row_example(row, prompt_format) for row in rows]
 
 
 # ---- prompts typed by a user (`deltatune generate`, `deltatune serve`) -----------------------------------------

@@ -26,7 +26,7 @@ import random
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -441,8 +441,11 @@ def _start_or_resume(run: Run) -> RunState:
 def resolved_config(run: Run) -> dict[str, Any]:
     """The settings as this run used them (learning rate, precision, data folder resolved): OUT/config.yaml, from
     which `deltatune train --config OUT/config.yaml` trains the same delta, and what the trackers record."""
-    return {**asdict(run.config), "lr": run.lr, "precision": run.precision,
-            "data_dir": run.config.data_dir or os.environ.get(DATA_DIR_ENV)}
+    task_options = dict(run.config.task_options)
+    if "data" in task_options:  # a datasets.Dataset in memory: named, not copied (save_to_disk it, pass path=)
+        task_options["data"] = f"<a datasets.{type(task_options['data']).__name__}, not saved>"
+    return {**asdict(replace(run.config, task_options={})), "task_options": task_options, "lr": run.lr,
+            "precision": run.precision, "data_dir": run.config.data_dir or os.environ.get(DATA_DIR_ENV)}
 
 
 # ---- one step --------------------------------------------------------------------------------------
