@@ -90,5 +90,5 @@ def test_serve_config_file(tmp_path, monkeypatch):
                                                     "port": 0, "max_batch_size": 4, "max_wait_ms": 2})
     assert cli_main(["serve", "--config", str(run_file), "--max-batch-size", "8"]) == 0
     assert served["model"] == "minilm" and served["deltas"] == {"sst2": "runs/a/delta"} and served["port"] == 0
-    assert served["config"] == ServeConfig(max_batch_size=8, max_wait_ms=2)
+    assert (served["config"].max_batch_size, served["config"].max_wait_ms, served["config"].queue_size) == (8, 2, 256)
     assert config_from_args(ServeConfig, parsed(["serve", "--config", str(run_file)])).max_batch_size == 4
