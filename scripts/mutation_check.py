@@ -190,6 +190,22 @@ BUGS: list[Bug] = [
         'sacrebleu.BLEU(tokenize="none", lowercase=False, force=True)',
         ("tests/test_metrics.py::test_bleu_of_references_is_one",
          "tests/test_metrics.py::test_e2e_scores_match_the_official_script")),
+    Bug("config-file-drops-method-options", "deltatune/cli.py",
+        '**options_from_strings(args.method, saved.get("method_options", {}), "--config method_options"),',
+        "**{},",
+        ("tests/test_config_file.py::test_saved_config_trains_the_same_delta_bit_for_bit",)),
+    Bug("saved-config-loses-the-seed", "deltatune/training/loop.py",
+        '"precision": run.precision, "data_dir"',
+        '"precision": run.precision, "seed": 0, "data_dir"',
+        ("tests/test_config_file.py::test_saved_config_trains_the_same_delta_bit_for_bit",)),
+    Bug("tracker-records-one-step-late", "deltatune/training/trackers.py",
+        'accelerator.log(values, step=record["step"])',
+        'accelerator.log(values, step=record["step"] + 1)',
+        ("tests/test_trackers.py::test_tensorboard_and_mlflow_hold_the_curves_of_metrics_jsonl",)),
+    Bug("datasetdict-validation-split-ignored", "deltatune/tasks/hf_datasets.py",
+        'DEV_SPLITS = ("validation", "dev")',
+        "DEV_SPLITS = ()",
+        ("tests/test_hf_datasets.py::test_a_dataset_dicts_validation_split_and_class_label_names",)),
 ]
 
 
