@@ -184,3 +184,16 @@ def test_a_method_that_does_not_mix_is_refused_in_a_mixed_batch_by_the_registry(
     model.add_task(deltatune.LoRA(r=2), task="lora")
     with pytest.raises(TaskError, match=r"shift tasks \(\['a'\]\) cannot share a mixed batch"):
         model(**make_inputs("bert", batch=2), tasks=["a", "lora"])
+
+
+def test_every_entry_declares_what_its_components_can_do():
+    """The mixing flags are declarations: a component that runs its own `generate` without a mixed one (prefix
+    tuning's) belongs to a method declaring mixes_in_generate=False, and each flag implies the one before it."""
+    for name, entry in registry.METHODS.items():
+        config = deltatune.BitFit(add_missing=True) if name == "bitfit" else entry.config()  # Llama has no biases
+        model = deltatune.attach(make_model("llama", kind="causal-lm"), config, task="t")
+        own_generate = [type(c).__name__ for c in model.components().values()
+                        if hasattr(c, "generate") and not hasattr(c, "generate_mixed")]
+        assert not (own_generate and entry.mixes_in_generate), (name, own_generate)
+        assert entry.mixes_in_decode or not entry.mixes_in_generate, name
+        assert entry.mixable or not entry.mixes_in_decode, name
