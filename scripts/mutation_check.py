@@ -215,6 +215,23 @@ BUGS: list[Bug] = [
         'DEV_SPLITS = ("validation", "dev")',
         "DEV_SPLITS = ()",
         ("tests/test_hf_datasets.py::test_a_dataset_dicts_validation_split_and_class_label_names",)),
+    Bug("trainer-resume-keeps-fresh-delta", "deltatune/integrations/trainer.py",
+        "        load_training_delta(self.delta_model, resume_from_checkpoint)",
+        "        pass",
+        ("tests/test_trainer_integration.py::test_checkpoints_hold_the_delta_and_resume_to_the_same_delta",)),
+    Bug("trainer-best-checkpoint-not-reloaded", "deltatune/integrations/trainer.py",
+        "        load_training_delta(self.delta_model, self.state.best_model_checkpoint)",
+        "        pass",
+        ("tests/test_trainer_integration.py::test_best_checkpoint_reloaded_and_save_model_is_a_delta_folder",)),
+    Bug("trainer-sees-args-kwargs-forward", "deltatune/delta.py",
+        "    @_SignedLikeBase\n    def forward(",
+        "    def forward(",
+        ("tests/test_trainer_integration.py::test_forward_signature_is_the_wrapped_models",
+         "tests/test_trainer_integration.py::test_checkpoints_hold_the_delta_and_resume_to_the_same_delta")),
+    Bug("dpo-reference-keeps-the-delta", "deltatune/delta.py",
+        "        self.use(None)\n        try:\n            yield",
+        "        try:\n            yield",
+        ("tests/test_trl_integration.py::test_dpo_reference_is_the_base_with_the_delta_off",)),
 ]
 
 
