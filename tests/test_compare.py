@@ -33,7 +33,7 @@ def test_compare_writes_consistent_report(tiny_model_dir, sentiment_csv, tmp_pat
     for label, row in rows.items():
         assert row["seeds"] == 2 and row["error"] is None
         line = next(line for line in report.splitlines() if line.startswith(f"| {label} |"))
-        assert f"{row['trainable_parameters']:,}" in line
+        assert f"{row['method_parameters']:,}" in line and row["method_parameters"] < row["trainable_parameters"]
         accuracy = f"{100 * row['accuracy_mean']:.2f} ± {100 * row['accuracy_std']:.2f}"
         assert accuracy in line, (accuracy, line)
     with open(out / "results.csv") as handle:

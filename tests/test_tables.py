@@ -161,7 +161,14 @@ def test_task_table_bold_avg_majority_and_published_orderings(tmp_path):
     # FT, one seed: values alone; RTE 62.4 bold, F1 90.0 bold; Avg. (62.4 + 69.0) / 2 = 65.7
     # FT's MRPC accuracy 69.0 is within 1 point of the constant prediction's 68.4: flagged
     assert line(report, "full") == "| full | 1/1 | 7,944 | **62.4** | 69.0 ⚠ | **90.0** | 65.7 |"
-    assert "the layers that feed it, e.g. BERT's pooler) trains too: 1,056 parameters" in report
+    # one convention in every table: the "Every cell" table counts full's own 7,944 too (and 7,944 / 10,000 of the
+    # base), and each table says so once
+    assert line(report.split("## Every cell")[1], "rte | full").startswith("| rte | full | 1/1 | 7,944 | 79.440% |")
+    assert "9,000" not in report
+    note = ("Trainable parameters: the method's own (what its delta adds or changes), as published tables count them; "
+            "each task's head (the classifier and the layers that feed it, e.g. BERT's pooler) trains too, alike with "
+            "every method, and is not counted: 1,056 parameters.")
+    assert report.count(note) == 2
     assert "| *majority class* | - | 0 | 53.0 | 68.4 | 81.2 | 60.7 |" in report
     assert "- full on MRPC acc: 69.0, the majority class scores 68.4" in report
     assert "⚠" not in line(report, "lora")
@@ -260,7 +267,7 @@ def test_report_only_writes_the_table_from_finished_cells_and_trains_none(tmp_pa
     compare_module.compare(config)
     report = (tmp_path / "out" / "report.md").read_text()
     # 100 trainable, 66 of them the head; no data folder here, so no majority row
-    assert "| lora | 1/1 | 34 | **61.0** |\n| bitfit | 0/1 | - | - |\n\n# trainable parameters: the method" in report
+    assert "| lora | 1/1 | 34 | **61.0** |\n| bitfit | 0/1 | - | - |\n\nTrainable parameters: the method's own" in report
     assert "| bitfit | 0/1 | not run yet (--report-only) |" in report and "Failed seeds" not in report
     assert "Not run yet (--report-only; not in the means above): bitfit seed 0." in report
     with open(tmp_path / "out" / "results.csv", newline="") as f:
@@ -312,3 +319,36 @@ def test_the_budget_line_groups_methods_by_their_finished_seed_count(tmp_path):
     assert _seeds_line(aggregate(cells)) == "seeds, each finished: 3 for lora; 1 for bitfit, adapter"
     cells["mrpc-lora-2"] = {"config": cells["mrpc-lora-2"]["config"], "not_run": True}  # a seed short: each row
     assert _seeds_line(aggregate(cells)).startswith("seeds finished per method: rte lora 3/3, mrpc lora 2/3, ")
+
+
+def test_quality_plot_names_every_method_without_overlapping_labels(tmp_path, monkeypatch):
+    """LoRA, DoRA and BitFit of about one size and score (as on MiniLM SST-2) and two prompting floors: every row is
+    named on the figure, and no two of its texts overlap (they did when each point carried its label)."""
+    from matplotlib.figure import Figure
+
+    from deltatune.results.report import write_report
+
+    drawn = []  # per figure saved: its title and (text, box on the canvas) of every text on it
+    save = Figure.savefig
+
+    def keep(figure, *args, **kwargs):
+        result = save(figure, *args, **kwargs)
+        renderer = figure.canvas.get_renderer()
+        texts = [t for axis in figure.axes for t in axis.texts]
+        texts += [t for axis in figure.axes if axis.get_legend() for t in axis.get_legend().get_texts()]
+        drawn.append((figure.axes[0].get_title(), [(t.get_text(), t.get_window_extent(renderer)) for t in texts
+                                                   if t.get_text()]))
+        return result
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    points = {"lora": (295_682, 0.893), "dora": (298_754, 0.894), "bitfit": (250_754, 0.891),
+              "adapter": (449_666, 0.899), "full": (22_861_826, 0.905), "zero-shot": (0, 0.55), "few-shot": (0, 0.56)}
+    cells = {label: cell(tmp_path, "sst2", label, 0, {"accuracy": accuracy}, trainable=trainable,
+                         head=148_226 if trainable else None) for label, (trainable, accuracy) in points.items()}
+    write_report(CompareConfig(out=str(tmp_path / "out"), task="sst2"), cells, None, "deltatune compare", "compare")
+    (texts,) = [texts for title, texts in drawn if title.startswith("Quality vs trainable")]
+    written = " ".join(text for text, _ in texts)
+    assert all(label in written for label in points), written
+    overlapping = [(texts[i][0], texts[j][0]) for i in range(len(texts)) for j in range(i + 1, len(texts))
+                   if texts[i][1].overlaps(texts[j][1])]
+    assert not overlapping

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from deltatune.results.tables import RAW_METRICS
+from deltatune.results.tables import RAW_METRICS, method_parameters, parameters_note
 
 
 def environment() -> dict[str, str]:
@@ -69,6 +69,7 @@ def aggregate(results: dict[str, dict]) -> list[dict[str, Any]]:
             row["head_parameters"] = next(  # None: only cells from before summaries had it (their seeds share it)
                 (s["head_parameters"] for s in done if s.get("head_parameters") is not None
                  and s["trainable_parameters"] == first["trainable_parameters"]), None)
+            row["method_parameters"] = method_parameters(row)
             row["delta_bytes"] = _dir_size(Path(first["delta"])) if first["delta"] else 0  # prompting: no delta
             for metric in first["final"]:
                 mean, std = _mean_std([s["final"].get(metric) for s in done])
@@ -207,14 +208,14 @@ def _cell_table_lines(rows: list[dict], metrics: list[str], base_params: int | N
             lines.append("| " + " | ".join([*first, row["label"], seeds, f"{why} |"])
                          + " |" * (len(header) - 3 - len(first)))
             continue
-        percent = 100 * row["trainable_parameters"] / base_params if base_params else float("nan")
+        percent = 100 * row["method_parameters"] / base_params if base_params else float("nan")
         lines.append("| " + " | ".join([
-            *first, row["label"], seeds, f"{row['trainable_parameters']:,}", f"{percent:.3f}%",
+            *first, row["label"], seeds, f"{row['method_parameters']:,}", f"{percent:.3f}%",
             f"{row['delta_bytes'] / 1e6:.2f} MB",
             *[_fmt_metric(row, m) for m in metrics], f"{row['train_seconds']:.0f}",
             "-" if row["examples_per_s"] is None else f"{row['examples_per_s']:.1f}", f"{row['peak_memory_mb']:.0f}",
         ]) + " |")
-    return lines
+    return lines + ["", parameters_note(rows)]
 
 
 def _calibration_lines(rows: list[dict], metrics: list[str]) -> list[str]:
@@ -295,7 +296,8 @@ def _base_parameters(results: dict[str, dict]) -> int | None:
 
 
 def _write_csv(path: Path, rows: list[dict], metrics: list[str]) -> None:
-    columns = ["task", "label", "method", "sweep_value", "seeds", "seeds_planned", "trainable_parameters",
+    columns = ["task", "label", "method", "sweep_value", "seeds", "seeds_planned", "method_parameters",
+               "head_parameters", "trainable_parameters",
                "delta_bytes", *[f"{m}_{s}" for m in metrics for s in ("mean", "std")], "train_seconds",
                "examples_per_s", "peak_memory_mb", "steps", "failed_seeds", "error", "not_run_seeds"]
     text = io.StringIO(newline="")
@@ -320,6 +322,41 @@ def _plot_label(row: dict) -> str:
     return f"{row['label']} ({row['seeds']}/{row['seeds_planned']} seeds)"
 
 
+def _quality_plot(out: Path, done: list[dict], metric: str) -> Path:
+    """Quality vs the method's own parameters (log scale), each method its own colour and marker, named in a legend
+    beside the axes: methods of similar size and score (LoRA, DoRA, BitFit) overlap as points, never as labels.
+    The prompting rows train nothing: horizontal lines, raw dashed and batch-calibrated dotted."""
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8.5, 4.2))
+    colors, markers = plt.get_cmap("tab10").colors, "osD^vP*Xph"
+    trained = sorted((r for r in done if r["method_parameters"]), key=lambda r: r["method_parameters"])
+    for i, row in enumerate(trained):
+        axis.errorbar(row["method_parameters"], 100 * row[f"{metric}_mean"], yerr=_spread(row, metric),
+                      fmt=markers[i % len(markers)], color=colors[i % len(colors)], capsize=4, markersize=7,
+                      alpha=0.85, label=f"{_plot_label(row)} ({100 * row[f'{metric}_mean']:.1f})")
+    for i, row in enumerate(r for r in done if not r["method_parameters"]):
+        for prefix, style, suffix in (("", "--", ""), ("batch_calibrated_", ":", ", batch-calibrated")):
+            value = row.get(f"{prefix}{metric}_mean")
+            if value is not None:
+                axis.axhline(100 * value, linestyle=style, color=("black", "dimgray", "darkgray")[i % 3], alpha=0.8,
+                             label=f"{_plot_label(row)}{suffix}, 0 trained ({100 * value:.1f})")
+    axis.set_xscale("log")
+    axis.set_xlabel("trainable parameters, the method's own (log scale)")
+    axis.set_ylabel(f"{metric} (%)")
+    axis.set_title("Quality vs trainable parameters (mean ± std over seeds)")
+    axis.grid(alpha=0.3)
+    handles, labels = axis.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda k: "0 trained" in labels[k])  # the methods first, by size
+    axis.legend([handles[k] for k in order], [labels[k] for k in order], loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                fontsize=8, frameon=False)
+    figure.tight_layout()
+    path = out / "quality_vs_parameters.png"
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
 def _plots(out: Path, rows: list[dict], latency: dict | None, metrics: list[str], sweep) -> list[Path]:
     import matplotlib
 
@@ -329,33 +366,7 @@ def _plots(out: Path, rows: list[dict], latency: dict | None, metrics: list[str]
     paths = []
     done = [r for r in rows if r.get(f"{metrics[0]}_mean") is not None] if metrics else []
     if done and sweep is None:
-        figure, axis = plt.subplots(figsize=(6.5, 4.2))
-        for row in [r for r in done if not r["trainable_parameters"]]:  # prompting: nothing trained, a floor
-            # raw label-word scoring dashed, labelled on the left; batch-calibrated dotted, on the right
-            floors = (("", "--", 0.01, ""), ("batch_calibrated_", ":", 0.99, ", batch-calibrated"))
-            for prefix, style, x, suffix in floors:
-                value = row.get(f"{prefix}{metrics[0]}_mean")
-                if value is None:
-                    continue
-                axis.axhline(100 * value, linestyle=style, color="gray", alpha=0.7)
-                axis.annotate(f"{_plot_label(row)}{suffix} (0 trained)", (x, 100 * value),
-                              xycoords=("axes fraction", "data"), xytext=(0, 3), textcoords="offset points",
-                              fontsize=9, ha="left" if x < 0.5 else "right")
-        for row in [r for r in done if r["trainable_parameters"]]:
-            axis.errorbar(row["trainable_parameters"], 100 * row[f"{metrics[0]}_mean"],
-                          yerr=_spread(row, metrics[0]), fmt="o", capsize=4, label=row["label"])
-            axis.annotate(_plot_label(row), (row["trainable_parameters"], 100 * row[f"{metrics[0]}_mean"]),
-                          textcoords="offset points", xytext=(6, 4), fontsize=9)
-        axis.set_xscale("log")
-        axis.margins(x=0.15)  # room for the right-most point's label
-        axis.set_xlabel("trainable parameters (log scale)")
-        axis.set_ylabel(f"{metrics[0]} (%)")
-        axis.set_title("Quality vs trainable parameters (mean ± std over seeds)")
-        axis.grid(alpha=0.3)
-        figure.tight_layout()
-        paths.append(out / "quality_vs_parameters.png")
-        figure.savefig(paths[-1], dpi=120)
-        plt.close(figure)
+        paths.append(_quality_plot(out, done, metrics[0]))
     if done and sweep is not None:
         method, parameter = sweep
         ordered = sorted(done, key=lambda r: float(r["sweep_value"]))

@@ -92,10 +92,26 @@ def _cell(row: dict | None, metric: str) -> tuple[float | None, str]:
     return mean, f"{mean:.{digits}f}" + ("" if std is None else f" ± {scaled(metric, std):.{digits}f}")
 
 
+def method_parameters(row: dict) -> int:
+    """The parameters a method trains of its own: all it trains less the task head, which every method trains
+    alike (the convention of the published tables, e.g. Hu et al. 2021 Table 2; `parameters_note` states it)."""
+    return row["trainable_parameters"] - (row.get("head_parameters") or 0)
+
+
+def parameters_note(rows: list[dict]) -> str:
+    """The one sentence under every table with a parameter column: what it counts."""
+    heads = sorted({r["head_parameters"] for r in rows if r.get("head_parameters")})
+    text = "Trainable parameters: the method's own (what its delta adds or changes), as published tables count them"
+    if not heads:
+        return text + "."
+    return (text + f"; each task's head (the classifier and the layers that feed it, e.g. BERT's pooler) trains "
+            f"too, alike with every method, and is not counted: {heads[0]:,}"
+            + (f"-{heads[-1]:,}" if len(heads) > 1 else "") + " parameters.")
+
+
 def _parameters(rows: list[dict]) -> str:
-    """The method's own trainable parameters, without the task head (as the published tables count them)."""
-    counts = sorted({r["trainable_parameters"] - (r.get("head_parameters") or 0)
-                     for r in rows if r.get("trainable_parameters") is not None})
+    """The method's own trainable parameters (`method_parameters`), rounded for the table."""
+    counts = sorted({method_parameters(r) for r in rows if r.get("trainable_parameters") is not None})
     if not counts:
         return "-"
     # task heads differ (STS-B: one output); a difference below the rounding shows as one number
@@ -172,11 +188,7 @@ def task_table_lines(rows: list[dict], tasks: list[str], majority: dict[str, dic
         if flags:
             lines += ["", f"⚠ At the majority-class level (within {AT_MAJORITY:g} point): the cell learned next to "
                           "nothing: a finding to fix (budget, learning rate, max length), not a result.", *flags]
-    heads = sorted({r["head_parameters"] for r in rows if r.get("head_parameters")})
-    if heads:
-        lines += ["", f"# trainable parameters: the method's own; each task's head (the classifier and the layers that "
-                      f"feed it, e.g. BERT's pooler) trains too: {heads[0]:,}"
-                      + (f"-{heads[-1]:,}" if len(heads) > 1 else "") + " parameters."]
+    lines += ["", parameters_note(rows)]
     if published:
         lines += published_lines(published, table)
     return lines
