@@ -267,7 +267,8 @@ def test_report_only_writes_the_table_from_finished_cells_and_trains_none(tmp_pa
     compare_module.compare(config)
     report = (tmp_path / "out" / "report.md").read_text()
     # 100 trainable, 66 of them the head; no data folder here, so no majority row
-    assert "| lora | 1/1 | 34 | **61.0** |\n| bitfit | 0/1 | - | - |\n\nTrainable parameters: the method's own" in report
+    assert ("| lora | 1/1 | 34 | **61.0** |\n| bitfit | 0/1 | - | - |\n\nTrainable parameters: the method's own"
+            in report)
     assert "| bitfit | 0/1 | not run yet (--report-only) |" in report and "Failed seeds" not in report
     assert "Not run yet (--report-only; not in the means above): bitfit seed 0." in report
     with open(tmp_path / "out" / "results.csv", newline="") as f:
