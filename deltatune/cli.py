@@ -209,7 +209,12 @@ def _predict_generation(args: argparse.Namespace, prompt_format: dict) -> int:
     tokenizer = load_tokenizer(args.model)
     model = DeltaModel(load_model(args.model, "causal-lm", quantize=args.quantize))
     model.add_delta(args.delta, trust_pickle=args.trust_pickle)
-    prompts = [typed_prompt_ids(tokenizer, text, prompt_format, delta=True)[-args.max_length:] for text in args.texts]
+    # an Alpaca delta: "INSTRUCTION ||| INPUT" (--pair-separator) is a row with an input, as chat's system + user
+    split = prompt_format.get("format") == "alpaca"
+    fields = [text.split(args.pair_separator, 1) if split and args.pair_separator in text else [text, ""]
+              for text in args.texts]
+    prompts = [typed_prompt_ids(tokenizer, instruction, prompt_format, True, context)[-args.max_length:]
+               for instruction, context in fields]
     outputs = generate_completions(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens)
     for text, output in zip(args.texts, outputs, strict=True):
         print(json.dumps({"input": text, "output": output}, ensure_ascii=False))
@@ -590,7 +595,8 @@ def _add_inference_commands(commands) -> None:
         if name == "eval":
             _add_eval_arguments(sub)
         else:
-            sub.add_argument("texts", nargs="+", help="inputs; sentence pairs as 'first ||| second'")
+            sub.add_argument("texts", nargs="+", help="inputs; sentence pairs as 'first ||| second' (an Alpaca "
+                                                                 "delta: 'instruction ||| input')")
             sub.add_argument("--pair-separator", default=" ||| ", help="what splits a text into a sentence pair")
             sub.add_argument("--max-new-tokens", type=int, default=128, help="generation deltas: tokens at most")
         sub.set_defaults(handler=handler)

@@ -24,6 +24,7 @@ from test_generation import chat_tokenizer
 import deltatune
 from deltatune.errors import DeltaTuneError
 from deltatune.serving.app import ServeConfig, build_engine
+from deltatune.tasks.generation import PromptFormat
 from deltatune.testing import BackgroundServer, tiny_model
 
 CONFIGS = {
@@ -35,6 +36,9 @@ CONFIGS = {
     "prefix": deltatune.PrefixTuning(length=2, hidden=8),
 }
 CHAT_FORMAT = {"format": "messages", "chat_template": None}  # filled with the tokenizer's (ChatML) when saved
+# Alpaca's two prompts, short: the tiny model has 128 positions (the Stanford ones take 180 tokens here)
+ALPACA_FORMAT = PromptFormat(format="alpaca", template="### Instruction:\n{instruction}\n### Input:\n{input}\n###:\n",
+                             template_no_input="### Instruction:\n{instruction}\n###:\n")
 PROMPTS = ["name[Aromi], food[Thai]", "the cat sat on", "hello", "a much longer prompt than the other ones are"]
 
 
@@ -49,11 +53,10 @@ def served(tmp_path_factory):
     tokenizer = chat_tokenizer()
     tokenizer.eos_token = "<|im_end|>"
     tokenizer.save_pretrained(folder)
-    from deltatune.tasks.generation import PromptFormat
 
     chat_format = PromptFormat.from_dict(CHAT_FORMAT).resolve(tokenizer).to_dict()
-    configs = {**CONFIGS, "chat": deltatune.LoRA(r=4), "top": deltatune.TopLayers(k=1),
-               "full": deltatune.FullFineTune()}
+    configs = {**CONFIGS, "chat": deltatune.LoRA(r=4), "alpaca": deltatune.LoRA(r=4),
+               "top": deltatune.TopLayers(k=1), "full": deltatune.FullFineTune()}
     paths = {}
     for index, (task, config) in enumerate(configs.items()):
         torch.manual_seed(0)  # the weights of the saved folder
@@ -64,6 +67,8 @@ def served(tmp_path_factory):
                 tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.3)
         if task == "chat":
             model.task_info[task]["prompt_format"] = chat_format
+        if task == "alpaca":
+            model.task_info[task]["prompt_format"] = ALPACA_FORMAT.to_dict()
         paths[task] = model.save_delta(root / "deltas" / task)
     return folder, paths
 
@@ -190,6 +195,57 @@ def test_chat_equals_deltatune_generate_and_usage_counts(served, capsys):
     assert base.choices[0].message.content == reference(served, None, plain_ids(served, conversation), 4)[0]
     # a delta without a saved format (the built-in data-to-text task): its E2E prompt
     assert single.choices[0].message.content == reference(served, "lora", plain_ids(served, "hi\nSentence:"), 4)[0]
+
+
+def test_chat_on_an_alpaca_delta_builds_its_training_prompt_as_predict_does(served, capsys):
+    """A system + user message are Alpaca's instruction and input (the "### Input:" prompt the rows with an input
+    trained on); one user message is the instruction of the no-input prompt. `deltatune predict` takes the same
+    two fields as 'instruction ||| input' and answers the same."""
+    from deltatune.cli import main
+
+    folder, paths = served
+    instruction, context = "Describe.", PROMPTS[0]
+    assert main(["predict", "--model", str(folder), "--delta", str(paths["alpaca"]), "--max-new-tokens", "6",
+                 f"{instruction} ||| {context}", instruction]) == 0
+    predicted = [json.loads(line)["output"] for line in capsys.readouterr().out.splitlines()]
+    trained = ALPACA_FORMAT  # what training made of a row with and without an input
+    with_input = plain_ids(served, trained.format_row({"instruction": instruction, "input": context}))
+    no_input = plain_ids(served, trained.format_row({"instruction": instruction}))
+    assert "### Input:\nname[Aromi]" in trained.format_row({"instruction": instruction, "input": context})
+    with server(served, tasks=("alpaca",)) as (_, url):
+        api = client(url)
+        both = api.chat.completions.create(model="alpaca", max_tokens=6, temperature=0, messages=[
+            {"role": "system", "content": instruction}, {"role": "user", "content": context}])
+        alone = api.chat.completions.create(model="alpaca", max_tokens=6, temperature=0,
+                                            messages=[{"role": "user", "content": instruction}])
+        with pytest.raises(openai.BadRequestError, match="a system message .the instruction. then a user"):
+            api.chat.completions.create(model="alpaca", messages=[{"role": "assistant", "content": "a"}])
+    assert both.usage.prompt_tokens == len(with_input) and alone.usage.prompt_tokens == len(no_input)
+    assert both.choices[0].message.content == reference(served, "alpaca", with_input, 6)[0] == predicted[0]
+    assert alone.choices[0].message.content == reference(served, "alpaca", no_input, 6)[0] == predicted[1]
+
+
+def test_bad_requests_are_400s_that_do_not_echo_them(served):
+    """A NUL byte or a 100,000-character delta path, 10,000 stop strings, a body that is not JSON: 400s (were
+    500s), whose message is short and readable."""
+    folder, paths = served
+    with server(served, tasks=("lora",), allow_loading=True, delta_root=str(paths["bitfit"].parent)) as (_, url):
+        for path, problem in [("adapter\x00x", "contains a NUL byte"), ("a" * 100_000, "too long for the file system"),
+                              ("x/" * 3000, "too long for the file system"), ("\ud800", "not valid text")]:
+            body = json.dumps({"name": "x", "path": path})  # ASCII: a lone surrogate travels as JSON's \\ud800
+            answer = httpx.post(url + "/v1/tasks", content=body, headers={"content-type": "application/json"})
+            assert answer.status_code == 400 and problem in answer.json()["detail"], path[:20]
+            assert len(answer.text) < 400, path[:20]
+        stops = [f"stop{i}" for i in range(10_000)]
+        answer = httpx.post(url + "/v1/completions", json={"model": "lora", "prompt": "hi", "stop": stops})
+        assert answer.status_code == 400 and len(answer.text) < 300
+        assert "up to 4 non-empty strings, got 10,000 string(s)" in answer.json()["error"]["message"]
+        broken = httpx.post(url + "/v1/completions", content=b'{"model": "lora", "prompt": "hi", "max_tokens": }',
+                            headers={"content-type": "application/json"})
+        assert broken.status_code == 400, broken.text
+        error = broken.json()["error"]
+        assert error["message"] == "the request body is not valid JSON: Expecting value at character 48"
+        assert error["param"] is None and error["code"] == "invalid_json"
 
 
 def test_models_sampling_stop_and_n(served):

@@ -15,6 +15,8 @@ from deltatune.errors import DeltaTuneError, LoadingRefused
 KINDS = ("auto", "classification", "generation")
 PRECISIONS = ("auto", "fp32", "bf16")
 API_KEY_VARIABLE = "DELTATUNE_API_KEY"
+# Linux's limits (limits.h): a longer name or path makes open() fail with ENAMETOOLONG
+NAME_MAX, PATH_MAX = 255, 4096
 
 
 @dataclass
@@ -73,14 +75,34 @@ class ServeConfig:
             self.api_key = os.environ.get(API_KEY_VARIABLE) or None
 
 
+def shown_path(path: str, limit: int = 80) -> str:
+    """`path` as an error message or a log line shows it: repr'd, its middle cut when it is long (a client may send
+    a path of any length; the answer and the log should not carry it whole)."""
+    if len(path) <= limit:
+        return repr(path)
+    return f"{path[:limit // 2]!r}...{path[-limit // 2:]!r} ({len(path):,} characters)"
+
+
 def delta_under_root(root: str | Path, path: str) -> Path:
     """The delta folder `path` (relative to `root`) if it lies inside `root` once every symlink is followed; a path
-    with `..`, an absolute path elsewhere, or a symlink pointing out of the root is refused."""
+    with `..`, an absolute path elsewhere, or a symlink pointing out of the root is refused, and so is a path the
+    file system cannot take (a NUL byte; a name over NAME_MAX or a path over PATH_MAX bytes), before it is used."""
     root_path = Path(root).resolve()
+    if "\x00" in path:
+        raise LoadingRefused(f"delta path {shown_path(path)} contains a NUL byte; give a folder under the delta root")
+    try:
+        longest_name = max((len(os.fsencode(part)) for part in Path(path).parts), default=0)
+        too_long = len(os.fsencode(path)) + len(os.fsencode(str(root_path))) >= PATH_MAX or longest_name > NAME_MAX
+    except UnicodeError:  # a lone surrogate (JSON's "\\ud800") has no bytes on disk
+        raise LoadingRefused(f"delta path {shown_path(path)} is not valid text (a lone surrogate); give a folder under "
+                             f"the delta root") from None
+    if too_long:
+        raise LoadingRefused(f"delta path {shown_path(path)} is too long for the file system (a name over {NAME_MAX} "
+                             f"or a path over {PATH_MAX} bytes); give a folder under the delta root")
     if ".." in Path(path).parts:
-        raise LoadingRefused(f"delta path {path!r} contains '..'; give a folder under the delta root")
+        raise LoadingRefused(f"delta path {shown_path(path)} contains '..'; give a folder under the delta root")
     candidate = (root_path / path).resolve()
     if not candidate.is_relative_to(root_path):
-        raise LoadingRefused(f"delta path {path!r} lies outside the delta root (after following symlinks); "
+        raise LoadingRefused(f"delta path {shown_path(path)} lies outside the delta root (after following symlinks); "
                              f"deltas are loaded only from folders under --delta-root")
     return candidate

@@ -6,11 +6,12 @@
 
 `model` names a loaded task (or "base": no delta). `POST /v1/completions` continues the prompt text as given;
 `POST /v1/chat/completions` builds the prompt the way the task's delta was trained (its chat template, or its
-prompt template for one user message) — as `deltatune generate` does. `GET /v1/models` lists "base" and every task.
+prompt template for one user message; an Alpaca delta also takes a system message, its instruction, before the
+user's, its input) — as `deltatune generate` / `predict` do. `GET /v1/models` lists "base" and every task.
 Fields: max_tokens (max_completion_tokens), temperature (0: greedy), top_p, stop, seed, n, stream (server-sent
 events in OpenAI's chunk format, ending with `data: [DONE]`), stream_options.include_usage; `usage` counts tokens.
 Errors come in OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 (a limit, an unsupported
-option), 401 (no or a wrong API key), 404 (unknown model), 413 (body too large), 422 (a malformed field), 429 (the
+option, a body that is not JSON), 401 (no or a wrong API key), 404 (unknown model), 413 (body too large), 422 (a malformed field), 429 (the
 queue is full; Retry-After). Requests run in `deltatune.serving.decode_loop.DecodeLoop` (continuous batching).
 """
 
@@ -48,6 +49,11 @@ def validation_error(error: RequestValidationError) -> JSONResponse:
     """FastAPI's 422 in OpenAI's shape: the first problem, with the field's path as `param`."""
     problems = error.errors()
     first = problems[0] if problems else {"loc": (), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":  # loc is ("body", character offset), not a field
+        offset = first["loc"][-1] if first.get("loc") else "?"
+        reason = (first.get("ctx") or {}).get("error", "JSON decode error")
+        return openai_error(400, f"the request body is not valid JSON: {reason} at character "
+                            f"{offset}", None, "invalid_json")
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     message = f"{'.'.join(location) or 'body'}: {first.get('msg')}"
     if len(problems) > 1:
@@ -88,8 +94,10 @@ class _Common(BaseModel):
             if value not in allowed:
                 raise DeltaTuneError(f"{name}={value!r} is not supported by this server; leave it out")
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise DeltaTuneError(f"stop takes up to 4 non-empty strings, got {stops!r}")
+        if len(stops) > 4 or any(not s for s in stops):  # the count, not the list: it may be megabytes long
+            empty = sum(not s for s in stops)
+            raise DeltaTuneError(f"stop takes up to 4 non-empty strings, got {len(stops):,} string(s)"
+                                 + (f", {empty:,} of them empty" if empty else ""))
         return Sampling(max_tokens=self.max_tokens or limit_default, temperature=self.temperature, top_p=self.top_p,
                         seed=self.seed, stop=stops, n=self.n, ignore_eos=self.ignore_eos)
 

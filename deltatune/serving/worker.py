@@ -22,7 +22,7 @@ from deltatune.core.memory import release_free_memory
 from deltatune.delta import DeltaModel
 from deltatune.errors import DeltaError
 from deltatune.methods.registry import method_entry, methods_that
-from deltatune.serving.config import ServeConfig
+from deltatune.serving.config import ServeConfig, shown_path
 
 # A server runs forward passes of ever new shapes. glibc then keeps freed tensor memory in its heap (it raises its
 # mmap threshold as large blocks are freed), and the resident set creeps up by ~100 MiB per few thousand requests.
@@ -103,7 +103,11 @@ class ModelWorker:
                 f"{methods_that(self.mixes)} (or merge it into its own model and serve that)")
 
     def _load(self, name: str | None, path: str | Path) -> dict[str, Any]:
-        task = self.model.add_delta(path, task=name, trust_pickle=self.config.trust_pickle)
+        try:
+            task = self.model.add_delta(path, task=name, trust_pickle=self.config.trust_pickle)
+        except OSError as error:  # unreadable (permissions, a name the file system refuses): the request's fault
+            problem = error.strerror or error
+            raise DeltaError(f"delta folder {shown_path(str(path))} cannot be read: {problem}") from None
         refusal = self._refusal(task, self.model.task_info[task]["method"], path)
         if refusal:
             self.model.remove_task(task)

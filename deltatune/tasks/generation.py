@@ -172,12 +172,12 @@ class PromptFormat:
             return (self.template_no_input or self.template).format(instruction=row["instruction"], input="")
         return self.template.format(prompt=row["prompt"])
 
-    def prompt_for_text(self, text: str, tokenizer=None) -> str:
+    def prompt_for_text(self, text: str, tokenizer=None, context: str = "") -> str:
         """The prompt for a text typed by a user (`deltatune generate "..."`): the prompt, the instruction or
-        the user turn of a new conversation."""
+        the user turn of a new conversation. Alpaca: `context` is the row's input (its "### Input:" section)."""
         if self.format == "messages":
             return self.render(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True)
-        return self.format_row({"prompt": text, "instruction": text, "input": ""})
+        return self.format_row({"prompt": text, "instruction": text, "input": context})
 
     def render(self, tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
         self.resolve(tokenizer)
@@ -466,13 +466,14 @@ def generation_prompt(source: str) -> str:
     return f"{source}\nSentence:"
 
 
-def typed_prompt_ids(tokenizer, text: str, prompt_format: dict | None, delta: bool) -> list[int]:
+def typed_prompt_ids(tokenizer, text: str, prompt_format: dict | None, delta: bool, context: str = "") -> list[int]:
     """The ids of the prompt a user's text becomes under a delta, built the way the delta was trained: its saved
     prompt format (a file task: template, alpaca or the user turn of a chat); a delta of the built-in
-    data-to-text task (no format saved): the E2E prompt; no delta: the text itself."""
+    data-to-text task (no format saved): the E2E prompt; no delta: the text itself. Alpaca: `text` is the
+    instruction and `context` the input (empty: the no-input prompt, as Taori et al. 2023's train.py)."""
     if prompt_format:
         fmt = PromptFormat.from_dict(prompt_format)
-        prompt = fmt.prompt_for_text(text, tokenizer)
+        prompt = fmt.prompt_for_text(text, tokenizer, context)
         if fmt.format == "messages":  # the chat template writes any BOS itself
             return tokenizer(prompt, add_special_tokens=False)["input_ids"]
         return prompt_token_ids(tokenizer, prompt)
@@ -492,8 +493,14 @@ def chat_prompt_ids(tokenizer, messages: list[dict[str, str]], prompt_format: di
             raise ChatTemplateError("the base model's tokenizer has no chat template; send the text to /v1/completions "
                                     "instead, or serve a delta trained on chat messages")
         return tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if [m["role"] for m in messages] != ["user"]:
+    roles = [m["role"] for m in messages]
+    if prompt_format and prompt_format.get("format") == "alpaca" and roles == ["system", "user"]:
+        # Alpaca's two fields: the system message is the instruction (the task), the user's the input
+        return typed_prompt_ids(tokenizer, messages[0]["content"], prompt_format, delta, messages[1]["content"])
+    if roles != ["user"]:
         trained = prompt_format.get("format") if prompt_format else "data-to-text (E2E)"
+        alpaca = ("; or a system message (the instruction) then a user message (the input)"
+                  if trained == "alpaca" else "")
         raise DataError(f"this delta was trained on single prompts ({trained} format), not conversations: send "
-                        f"exactly one user message (got roles {[m['role'] for m in messages]})")
+                        f"exactly one user message{alpaca} (got roles {roles})")
     return typed_prompt_ids(tokenizer, messages[0]["content"], prompt_format, delta)
