@@ -70,6 +70,10 @@ def test_a_dataset_dicts_validation_split_and_class_label_names(tmp_path):
         assert task.load("train") == [{"text": t, "text_pair": None, "label": y}
                                        for t, y in [("good", 0), ("bad", 1), ("fine", 0)]]
         assert task.load("dev") == [{"text": "awful", "text_pair": None, "label": 1}]
+    # `deltatune eval --data-file FOLDER` scores the file whole (dev_path = the folder): its validation split
+    scored = get_task("dataset", path=str(tmp_path / "glue-like"), dev_path=str(tmp_path / "glue-like"),
+                      text_columns="sentence")
+    assert scored.load("dev") == [{"text": "awful", "text_pair": None, "label": 1}]
 
 
 def test_generation_rows_from_a_dataset_equal_the_jsonl_files(tmp_path):

@@ -177,10 +177,12 @@ def file_task(
     if len(columns) not in (1, 2):
         raise DataError(f"text_columns must name one or two columns (text, text pair), got {columns}")
 
-    def read(file: str | Path) -> list[Record]:
+    def read(file: str | Path, role: str = "train") -> list[Record]:
         file = Path(file).expanduser()
-        if is_dataset_path(file):
-            return dataset_records(open_dataset(file), "train", columns, label_column)
+        if is_dataset_path(file):  # as the dev file: a DatasetDict's validation split, if it has one
+            dataset = open_dataset(file)
+            split = "dev" if role == "dev" and dataset.dev is not None else "train"
+            return dataset_records(dataset, split, columns, label_column)
         if not file.is_file():
             raise DataError(f"data file {file} not found (resolved to {file.resolve()})")
         if file_format == "jsonl" or (file_format != "csv" and file.suffix.lower() in (".jsonl", ".json")):
@@ -194,7 +196,7 @@ def file_task(
                         f"datasets.Dataset)")
     splits = open_dataset(source) if data is not None or is_dataset_path(source) else None
     train = dataset_records(splits, "train", columns, label_column) if splits else read(source)
-    dev = read(dev_path) if dev_path is not None else \
+    dev = read(dev_path, "dev") if dev_path is not None else \
         dataset_records(splits, "dev", columns, label_column) if splits and splits.dev is not None else None
     if splits and label_names is None:
         label_names = splits.class_names(label_column)

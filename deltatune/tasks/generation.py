@@ -422,9 +422,11 @@ def generation_file_task(
         raise DataError(f"format {format!r} has no field(s) {sorted(unknown)}; its fields are "
                         f"{list(DEFAULT_COLUMNS[format])}")
 
-    def read(file: str | Path) -> list[Example]:
-        if is_dataset_path(file):
-            return dataset_examples(open_dataset(file), "train", names, prompt_format)
+    def read(file: str | Path, role: str = "train") -> list[Example]:
+        if is_dataset_path(file):  # as the dev file: a DatasetDict's validation split, if it has one
+            dataset = open_dataset(file)
+            split = "dev" if role == "dev" and dataset.dev is not None else "train"
+            return dataset_examples(dataset, split, names, prompt_format)
         return [row_example(row, prompt_format) for row in read_rows(Path(file).expanduser(), names, delimiter)]
 
     source = data if data is not None else path
@@ -434,7 +436,7 @@ def generation_file_task(
     dataset = open_dataset(source) if data is not None or is_dataset_path(source) else None
     train = dataset_examples(dataset, "train", names, prompt_format) if dataset else read(source)
     if dev_path is not None:
-        dev = read(dev_path)
+        dev = read(dev_path, "dev")
     elif dataset and dataset.dev is not None:
         dev = dataset_examples(dataset, "dev", names, prompt_format)
     else:
