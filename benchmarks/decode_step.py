@@ -47,19 +47,27 @@ def with_tasks(configs: list, seed: int = 0) -> deltatune.DeltaModel:
     return model.eval()
 
 
-def step_function(model, tasks: list[str] | None, rows: int, context: int):
+def step_function(model, tasks: list[str] | None, rows: int, context: int, slots: bool = False):
     """A closure running one decode step of `rows` rows over a `context`-token cache, then cutting it back.
-    `model`: a DeltaModel with `tasks` (one per row), or a plain transformers model with tasks None."""
+    `model`: a DeltaModel with `tasks` (one per row), or a plain transformers model with tasks None. `slots`: the
+    serving loop's preallocated `SlotCache` (written in place) instead of transformers' DynamicCache (concatenated)."""
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 10_000, (rows, context), generator=generator)
     base = model if tasks is None else model.base_model
     with torch.inference_mode():
         cache = base(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).cache
+        if slots:
+            from deltatune.serving.slot_cache import SlotCache
+
+            prefill, cache = cache, SlotCache.like(cache, rows, capacity=2 * context)
+            cache.append(prefill)
     last = torch.randint(100, 10_000, (rows, 1), generator=generator)
     mask = torch.ones(rows, context + 1, dtype=torch.long)
     positions = torch.full((rows, 1), context)
 
     def step() -> torch.Tensor:
+        if slots:
+            cache.reserve(right=1)
         if tasks is None:
             logits = model(input_ids=last, attention_mask=mask, position_ids=positions, cache=cache,
                            use_cache=True).logits
@@ -79,7 +87,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--variants", default="base,lora-one,lora-mixed,adapter-one,adapter-mixed,prompt-mixed")
+    parser.add_argument("--variants", default="base,lora-one,lora-mixed,adapter-one,adapter-mixed,prompt-mixed",
+                        help="of those and base-slots, lora-mixed-slots (the serving loop's SlotCache)")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, deltatune {deltatune.__version__}, {torch.get_num_threads()} thread(s), "
@@ -90,6 +99,13 @@ def main() -> None:
     variants = {}
     if "base" in wanted:
         variants["base (= merged)"] = step_function(load_model("smollm2", "causal-lm"), None, args.rows, args.context)
+    if "base-slots" in wanted:
+        variants["base, slot cache"] = step_function(load_model("smollm2", "causal-lm"), None, args.rows,
+                                                     args.context, slots=True)
+    if "lora-mixed-slots" in wanted:
+        configs = [deltatune.LoRA(r=8 if i % 2 == 0 else 16, alpha=16) for i in range(args.tasks)]
+        variants[f"lora, mixed over {args.tasks}, slots"] = step_function(with_tasks(configs), spread, args.rows,
+                                                                          args.context, slots=True)
     if "lora-one" in wanted:
         variants["lora, one task unmerged"] = step_function(
             with_tasks([deltatune.LoRA(r=8, alpha=16)]), ["task0"] * args.rows, args.rows, args.context)

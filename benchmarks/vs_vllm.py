@@ -146,7 +146,8 @@ def start_vllm(python: Path, dtype: str, peft: dict[str, Path], args) -> tuple[s
     bind = environment["VLLM_CPU_OMP_THREADS_BIND"]
     args.vllm_command = " ".join(["VLLM_CPU_KVCACHE_SPACE=2", f"VLLM_CPU_OMP_THREADS_BIND={bind}", "python",
                                   *command[1:]])
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
+    # its own process group: vLLM's engine and worker processes are stopped with it (`stop`)
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + args.start_timeout
     import httpx
@@ -160,16 +161,21 @@ def start_vllm(python: Path, dtype: str, peft: dict[str, Path], args) -> tuple[s
         except httpx.HTTPError:
             pass
         time.sleep(2)
-    server.kill()
+    stop(server)
     raise RuntimeError(f"vLLM did not start in {args.start_timeout} s; see {log.name}")
 
 
 def stop(server: subprocess.Popen) -> None:
-    server.terminate()
+    """The server and, for vLLM (a session of its own), its engine and worker processes."""
+    import signal
+
+    group = os.getpgid(server.pid) if server.poll() is None else None
+    own = group is not None and group != os.getpgid(0)
+    (os.killpg(group, signal.SIGTERM) if own else server.terminate())
     try:
         server.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        server.kill()
+        (os.killpg(group, signal.SIGKILL) if own else server.kill())
         server.wait()
 
 
@@ -237,7 +243,7 @@ def run_server(server_name: str, deltas: dict, prompts: list[str], results: dict
     if engine == "vllm":
         python = ensure_vllm(Path(args.vllm_venv))
         dtype = {"fp32": "float32", "bf16": "bfloat16"}[precision]
-        groups = [(["base"], {}), (["1 LoRA", "8 LoRA mixed"], deltas["peft"])]
+        groups = [(["8 LoRA mixed", "1 LoRA"], deltas["peft"]), (["base"], {})]
         starts = [(names, lambda peft=peft: start_vllm(python, dtype, peft, args)) for names, peft in groups]
     else:  # "deltatune" or "before" (the decode loop before the slot cache and batched prefill; fp32 only)
         everything = {**deltas["lora"], **deltas["mixed"]}
@@ -377,6 +383,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "runs" / "vs_vllm" / "results.json"))
     parser.add_argument("--markdown", default=str(ROOT / "docs" / "results" / "vs_vllm.md"))
     parser.add_argument("--start-timeout", type=float, default=900)
+    parser.add_argument("--resume", action="store_true", help="keep the cells in --out, run the missing ones")
     parser.add_argument("--interop", type=int, default=0, help="N: only the interop check, N prompts per model")
     parser.add_argument("--interop-precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--interop-markdown", default=str(ROOT / "docs" / "results" / "interop.md"))
@@ -402,6 +409,11 @@ def main() -> None:
                           f"start {os.getloadavg()[0]:.1f}",
                "versions": f"torch {torch.__version__}, transformers {transformers.__version__} (deltatune), "
                            f"{VLLM_PACKAGE} (its own venv)"}
+    if args.resume and Path(args.out).exists():  # the cells of an earlier run are kept (and not run again)
+        earlier = json.loads(Path(args.out).read_text())
+        results.update({k: v for k, v in earlier.items() if k != "cells"})
+        results["cells"] = {(c.pop("server"), c.pop("scenario")): c for c in earlier["cells"]}
+        results["command"] += f" (resumed at {time.strftime('%H:%M', time.gmtime())} UTC)"
     for server_name in args.servers.split(","):
         try:
             run_server(server_name, deltas, prompts, results, args)
