@@ -164,6 +164,26 @@ TINY_ZOO: dict[str, dict] = {
     "t5": dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0),
     "bart": dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
                  encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=TINY_MAX_POSITIONS),
+    # encoders: RoBERTa-style data2vec-text, DeBERTa (v1), Funnel (pools the sequence between blocks), XLNet
+    # (hidden states length-first), EuroBERT (2025, Llama-style blocks)
+    "data2vec-text": _ROBERTA, "deberta": _BLOCKS,
+    "funnel": dict(d_model=32, n_head=4, d_head=8, d_inner=64, block_sizes=[1, 1], num_decoder_layers=1),
+    "xlnet": dict(d_model=32, n_layer=2, n_head=4, d_inner=64), "eurobert": _GQA,
+    # code models: StarCoder/SantaCoder's multi-query GPT-BigCode, StarCoder2
+    "gpt_bigcode": _GPT, "starcoder2": _GQA,
+    # decoders released 2024-26
+    "olmo2": _GQA, "olmo3": _GQA, "smollm3": _GQA, "exaone4": _GQA, "helium": dict(_GQA, head_dim=8),
+    "glm4": dict(_GQA, head_dim=8), "seed_oss": dict(_GQA, head_dim=8), "hunyuan_v1_dense": dict(_GQA, head_dim=8),
+    "ministral3": dict(_GQA, head_dim=8),
+    # mixtures of experts (experts stored as 3-D parameters in transformers 5)
+    "qwen2_moe": dict(_GQA, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=32),
+    "qwen3_moe": dict(_GQA, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
+    "phimoe": dict(_GQA, num_local_experts=4, num_experts_per_tok=2),
+    "gpt_oss": dict(_GQA, head_dim=8, num_local_experts=4, num_experts_per_tok=2),
+    "deepseek_v3": dict(_GQA, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1,
+                        q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, n_group=1,
+                        topk_group=1),  # multi-head latent attention, a dense first block
 }
 
 

@@ -211,6 +211,24 @@ def discover_final_norms(model: nn.Module) -> list[str]:
     return [name for name in outside if block is not None and seen.get(name) is block]
 
 
+def modules_not_returning_width(model: nn.Module, widths: dict[str, int]) -> list[str]:
+    """The modules of {name: width} that, in one forward pass on a dummy input, returned something other than a
+    tensor whose last dimension is that width: a bias there is not added to the output (a router returning
+    (logits, weights, experts), a model whose `bias` is its attention mask). Modules the pass never called
+    (experts no dummy token was routed to) are not listed."""
+    returned: dict[str, object] = {}
+    hooks = [model.get_submodule(name).register_forward_hook(
+        lambda m, a, out, name=name: returned.setdefault(name, out)) for name in widths]
+    try:
+        with torch.no_grad():
+            model(**dummy_inputs(model))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [name for name, out in returned.items()
+            if not (isinstance(out, torch.Tensor) and out.dim() and out.shape[-1] == widths[name])]
+
+
 def dummy_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
     """A two-token input every model accepts (ids 1 and 2 are within any vocabulary; the end token last)."""
     device = next(model.parameters()).device
@@ -379,29 +397,35 @@ def block_linear_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 # ---- structural discovery ---------------------------------------------------------------------------------
-# Names of separate query and value projections across transformers' architectures: BERT/RoBERTa/ALBERT/ELECTRA
-# `query`/`value`, Llama-style, OPT, GPT-J, BART `q_proj`/`v_proj`, DistilBERT `q_lin`/`v_lin`, DeBERTa-v2
-# `query_proj`/`value_proj`, T5 and MPNet `q`/`v`, Mosaic-style `Wq`/`Wv`, `wq`/`wv`.
-QUERY_NAMES = frozenset({"query", "q_proj", "q_lin", "query_proj", "q", "Wq", "wq"})
-VALUE_NAMES = frozenset({"value", "v_proj", "v_lin", "value_proj", "v", "Wv", "wv"})
-FUSED_QKV_NAMES = frozenset({"c_attn", "qkv_proj", "query_key_value", "Wqkv", "W_pack", "qkv"})
+# Names of separate query, key and value projections across transformers' architectures: BERT/RoBERTa/ALBERT/
+# ELECTRA `query`/`key`/`value`, Llama-style, OPT, GPT-J, BART `q_proj`/..., DistilBERT `q_lin`/..., DeBERTa-v2
+# `query_proj`/..., T5 and MPNet `q`/..., Mosaic-style `Wq`/..., `wq`/..., Funnel `q_head`/`k_head`/`v_head`.
+# DeepSeek's multi-head latent attention (DeepSeek-AI 2024, "DeepSeek-V2", §2.1.2) computes the query by an
+# up-projection `q_b_proj` (`q_proj` without a query compression) and the keys' non-rotary part and the values by
+# one up-projection `kv_b_proj`: that is W_q and W_v there, adapted whole (and (IA)³'s keys and values).
+QUERY_NAMES = frozenset({"query", "q_proj", "q_lin", "query_proj", "q", "Wq", "wq", "q_head", "q_b_proj"})
+KEY_NAMES = frozenset({"key", "k_proj", "k_lin", "key_proj", "k", "Wk", "wk", "k_head", "kv_b_proj"})
+VALUE_NAMES = frozenset({"value", "v_proj", "v_lin", "value_proj", "v", "Wv", "wv", "v_head", "kv_b_proj"})
+FUSED_QKV_NAMES = frozenset({"c_attn", "qkv_proj", "query_key_value", "Wqkv", "W_pack", "qkv", "in_proj"})
 
 # How a fused projection lays out its output rows (checked against each model's attention code in
 # transformers 5.24): "blocks" = [q | k | v] (q: heads x head_dim rows, k and v: kv_heads x head_dim each;
 # GPT-2's c_attn, Phi-3's qkv_proj, ModernBERT's Wqkv, Baichuan's W_pack); "per_head" = [q_h, k_h, v_h] for each
-# head h (GPT-NeoX's and BLOOM's query_key_value: `view(..., heads, 3 * head_dim)`); "per_group" = for each
-# key/value head, its group of query heads then k then v (Falcon's new decoder architecture:
-# `view(..., kv_heads, heads // kv_heads + 2, head_dim)`). The name alone is the layout for "blocks" names;
-# query_key_value differs by family, so it is named per model type (an unknown one is refused, not guessed).
-FUSED_QKV_LAYOUTS: dict[str, str] = {"gpt_neox": "per_head", "bloom": "per_head", "falcon": "falcon"}
+# head h (GPT-NeoX's and BLOOM's query_key_value: `view(..., heads, 3 * head_dim)`; DeBERTa's in_proj:
+# `view(..., heads, -1).chunk(3, dim=-1)`); "per_group" = for each key/value head, its group of query heads then k
+# then v (Falcon's new decoder architecture: `view(..., kv_heads, heads // kv_heads + 2, head_dim)`). The name
+# alone is the layout for "blocks" names; query_key_value and in_proj differ by family, so they are named per model
+# type (an unknown one is refused, not guessed).
+FUSED_QKV_LAYOUTS: dict[str, str] = {"gpt_neox": "per_head", "bloom": "per_head", "falcon": "falcon",
+                                     "deberta": "per_head"}
+_NAMED_LAYOUT = frozenset({"query_key_value", "in_proj"})
 
 
 def attention_shape(config) -> tuple[int, int, int]:
     """(query heads, key/value heads, head size) from a transformers config."""
     heads = next(getattr(config, name) for name in ("num_attention_heads", "n_head", "num_heads", "n_heads",
                                                      "encoder_attention_heads") if getattr(config, name, None))
-    width = next(getattr(config, name) for name in ("hidden_size", "n_embd", "d_model", "dim")
-                 if getattr(config, name, None))
+    width = model_width(config)
     head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or width // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None) or heads
     if getattr(config, "model_type", None) == "falcon" and not config.new_decoder_architecture:
@@ -409,49 +433,99 @@ def attention_shape(config) -> tuple[int, int, int]:
     return heads, kv_heads, head_dim
 
 
-def fused_query_value_rows(name: str, layer: nn.Module, config) -> RowGroups:
-    """The output rows of fused projection `name` that compute q and v: [q rows, v rows]."""
+def model_width(config) -> int:
+    """d_model: the width of the residual stream."""
+    return next(getattr(config, name) for name in ("hidden_size", "n_embd", "d_model", "dim")
+                if getattr(config, name, None))
+
+
+def fused_qkv_rows(name: str, layer: nn.Module, config) -> tuple[list[tuple[int, int]], ...]:
+    """The output rows of fused projection `name` that compute q, k and v: (q ranges, k ranges, v ranges)."""
     heads, kv_heads, d = attention_shape(config)
     kind = getattr(config, "model_type", None)
-    layout = "blocks" if name.split(".")[-1] != "query_key_value" else FUSED_QKV_LAYOUTS.get(kind)
+    layout = "blocks" if name.split(".")[-1] not in _NAMED_LAYOUT else FUSED_QKV_LAYOUTS.get(kind)
     if layout == "falcon":
         layout = "per_group" if config.new_decoder_architecture else "blocks" if config.multi_query else "per_head"
     if layout is None:
         raise TargetError(f"{name} fuses q, k and v in a layout deltatune does not know for model type {kind!r}; "
-                          f"pass LoRA(targets=[{name.split('.')[-1]!r}]) to adapt the whole fused layer, or "
+                          f"pass targets=[{name.split('.')[-1]!r}] to adapt the whole fused layer, or "
                           f"module names of separate projections")
     if layout == "blocks":  # [q (heads) | k (kv_heads) | v (kv_heads)]
-        groups = [[(0, heads * d)], [((heads + kv_heads) * d, (heads + 2 * kv_heads) * d)]]
-    elif layout == "per_head":  # head h: rows [3h d, (3h+1) d) are q, [(3h+2) d, (3h+3) d) are v
-        groups = [[(3 * h * d, (3 * h + 1) * d) for h in range(heads)],
-                  [((3 * h + 2) * d, (3 * h + 3) * d) for h in range(heads)]]
+        rows = ([(0, heads * d)], [(heads * d, (heads + kv_heads) * d)],
+                [((heads + kv_heads) * d, (heads + 2 * kv_heads) * d)])
+    elif layout == "per_head":  # head h: rows [3h d, (3h+1) d) are q, then k, then v
+        rows = tuple([((3 * h + i) * d, (3 * h + i + 1) * d) for h in range(heads)] for i in range(3))
     else:  # per_group: group g of (heads/kv_heads q, 1 k, 1 v) heads; q rows merged per group
         per = heads // kv_heads + 2
-        groups = [[(g * per * d, (g * per + per - 2) * d) for g in range(kv_heads)],
-                  [((g * per + per - 1) * d, (g + 1) * per * d) for g in range(kv_heads)]]
-    rows = output_features(layer)
-    if groups[1][-1][1] != rows:
-        raise TargetError(f"{name} has {rows} outputs, but {heads} query and {kv_heads} key/value heads of size "
-                          f"{d} in a {layout} layout make {groups[1][-1][1]}; pass LoRA(targets=[...]) explicitly")
-    return groups
+        rows = ([(g * per * d, (g * per + per - 2) * d) for g in range(kv_heads)],
+                [((g * per + per - 2) * d, (g * per + per - 1) * d) for g in range(kv_heads)],
+                [((g * per + per - 1) * d, (g + 1) * per * d) for g in range(kv_heads)])
+    width = output_features(layer)
+    if max(end for ranges in rows for _, end in ranges) != width:
+        raise TargetError(f"{name} has {width} outputs, but {heads} query and {kv_heads} key/value heads of size "
+                          f"{d} in a {layout} layout make {rows[2][-1][1]}; pass targets=[...] explicitly")
+    return rows
+
+
+def fused_query_value_rows(name: str, layer: nn.Module, config) -> RowGroups:
+    """The output rows of fused projection `name` that compute q and v: [q rows, v rows]."""
+    q_rows, _, v_rows = fused_qkv_rows(name, layer, config)
+    return [q_rows, v_rows]
+
+
+def _discover_projections(model: nn.Module, names: frozenset, fused_rows, method: str, what: str) -> dict:
+    """{layer: rows} of the projections named `names` in every attention layer (separate ones whole: None), else
+    `fused_rows(name, layer, config)` of the fused ones; the task head is never one."""
+    layers = block_linear_layers(model)
+    separate = {name: None for name in layers if name.split(".")[-1] in names}
+    if separate:
+        return separate
+    fused = {name: fused_rows(name, layer, model.config) for name, layer in layers.items()
+             if name.split(".")[-1] in FUSED_QKV_NAMES}
+    if fused:
+        return fused
+    raise TargetError(
+        f"no default {method} targets for model type {model_type(model)!r}: no {what} projections found (looked for "
+        f"{sorted(names | FUSED_QKV_NAMES)}); pass targets=[...] (module-name suffixes or a regex)"
+        f"{' or targets=' + repr('all-linear') if method == 'LoRA' else ''}. Linear layers in this model: "
+        f"{_summarise(linear_layer_names(model))}"
+    )
 
 
 def discover_query_value(model: nn.Module) -> dict[str, RowGroups | None]:
     """W_q and W_v of every attention layer, found by name: separate projections whole, or the q and v rows
     of fused ones (`fused_query_value_rows`). The task head is never a target."""
+    return _discover_projections(model, QUERY_NAMES | VALUE_NAMES, fused_query_value_rows, "LoRA", "query/value")
+
+
+def discover_key_value(model: nn.Module) -> dict[str, list[tuple[int, int]] | None]:
+    """(IA)³'s l_k and l_v sites (Liu et al. 2022 §3.3): the key and value projections of every attention layer,
+    found as LoRA's W_q and W_v are (`discover_query_value`): separate ones whole, the k and v rows of fused ones."""
+    return _discover_projections(model, KEY_NAMES | VALUE_NAMES,
+                                 lambda name, layer, config: sorted(sum(fused_qkv_rows(name, layer, config)[1:], [])),
+                                 "(IA)³", "key/value")
+
+
+def discover_ffn_outputs(model: nn.Module) -> list[str]:
+    """(IA)³'s l_ff sites: in each block, the FFN's second linear layer W_2 — the last linear layer outside the
+    attention whose output has the residual stream's width (BERT `output.dense`, `fc2`, `down_proj`, `c_proj`,
+    `dense_4h_to_h`, ModernBERT `mlp.Wo`, a shared expert's `down_proj`), the adapters' feed-forward site
+    (`discover_adapter_sites`) when that is a linear layer. A model without a block stack (ALBERT shares one
+    layer across depth) is one block. A block whose feed-forward has no linear layer (experts stored as 3-D
+    parameters) has none: (IA)³ rescales its keys and values only."""
+    width = model_width(model.config)
+    stacks = block_lists(model)
+    blocks = [(f"{stack_name}.{index}", block) for stack_name, stack in stacks.items()
+              for index, block in enumerate(stack)] if stacks else [("", model)]
     layers = block_linear_layers(model)
-    separate = {name: None for name in layers if name.split(".")[-1] in QUERY_NAMES | VALUE_NAMES}
-    if separate:
-        return separate
-    fused = {name: fused_query_value_rows(name, layer, model.config) for name, layer in layers.items()
-             if name.split(".")[-1] in FUSED_QKV_NAMES}
-    if fused:
-        return fused
-    raise TargetError(
-        f"no default LoRA targets for model type {model_type(model)!r}: no query/value projections found (looked for "
-        f"{sorted(QUERY_NAMES | VALUE_NAMES | FUSED_QKV_NAMES)}); pass targets=[...] (module-name suffixes or a "
-        f"regex) or targets='all-linear'. Linear layers in this model: {_summarise(linear_layer_names(model))}"
-    )
+    found = []
+    for prefix, block in blocks:
+        candidates = [f"{prefix}.{name}" if prefix else name for name, layer in linear_layers(block).items()
+                      if output_features(layer) == width and not _ATTENTION.search(name)
+                      and not _CROSS_ATTENTION.search(name)]
+        candidates = [name for name in candidates if name in layers]  # not the task head
+        found += candidates[-1:]
+    return found
 
 
 def output_features(module: nn.Module) -> int:

@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from deltatune.core.architectures import LINEAR_TYPES, in_transformer_block, output_features, unwrap
+from deltatune.core.architectures import (
+    LINEAR_TYPES,
+    in_transformer_block,
+    modules_not_returning_width,
+    output_features,
+    unwrap,
+)
 from deltatune.core.component import DeltaComponent, TaskState, float_reference
 from deltatune.errors import TargetError
 
@@ -58,11 +64,13 @@ def bitfit_targets(model: nn.Module, config: BitFit, exclude: list[str]) -> dict
         if any(name == e or name.startswith(e + ".") for e in exclude):
             continue
         layer = unwrap(module)
-        has_bias = isinstance(getattr(layer, "bias", None), torch.Tensor)
+        has_bias = isinstance(getattr(layer, "bias", None), nn.Parameter)  # not a buffer (GPT-BigCode's causal mask)
         if has_bias or (config.add_missing and isinstance(layer, LINEAR_TYPES)):
             width = bias_width(module)
             if width is not None and not any(name.startswith(c + ".") for c in candidates):
                 candidates[name] = width
+    returns_other = set(modules_not_returning_width(model, candidates))  # routers (their bias is the logits')
+    candidates = {n: w for n, w in candidates.items() if n not in returns_other}
     if any(in_transformer_block(name) for name in candidates):  # the transformer layers' biases (Zaken et al. 2021 §3)
         candidates = {n: w for n, w in candidates.items() if in_transformer_block(n)}
     if config.subset is not None:

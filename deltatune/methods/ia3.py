@@ -11,7 +11,9 @@ All three start at ones (§3.3), so training starts exactly from the base model;
 
 deltatune rescales the *outputs* of the key and value projections (K = W_k x + b_k: l_k ⊙ K rescales the
 bias too, as the equation does) and the *input* of the FFN's second linear layer W_2 (its input is
-γ(W_1 x)): `targets` and `feedforward`, by default the architecture's (targets.IA3_TARGETS). A hook on
+γ(W_1 x)): `targets` and `feedforward`, by default the architecture's (architectures.IA3_TARGETS), else
+found from the model's structure like LoRA's W_q and W_v (the k and v rows of a fused projection; a
+mixture of experts whose experts are 3-D parameters, not linear layers, gets l_k and l_v only). A hook on
 each such layer multiplies by the active task's vector; on GPT-2's fused `c_attn` ([q | k | v]) only the
 k and v slices carry a vector. In inference the rescaling is done in place: on the projections' outputs, and
 on the input of the architecture's own FFN second layers (their input, the intermediate activation, is made
@@ -31,6 +33,8 @@ from torch import nn
 
 from deltatune.core.architectures import (
     IA3_TARGETS,
+    discover_ffn_outputs,
+    discover_key_value,
     input_features,
     model_type,
     output_features,
@@ -44,7 +48,7 @@ from deltatune.errors import QuantizationError, TargetError
 
 @dataclass
 class IA3:
-    """(IA)³ settings. None means the architecture's layers (targets.IA3_TARGETS); [] means none."""
+    """(IA)³ settings. None means the architecture's layers (IA3_TARGETS, else found from its structure); [] none."""
 
     targets: list[str] | str | None = field(default=None, metadata={
         "help": "layers whose outputs are rescaled (keys, values: l_k, l_v): suffixes, `c_attn[1/3]` slices, a regex"})
@@ -199,16 +203,21 @@ class IA3Scales(DeltaComponent):
 
 
 def ia3_targets(model: nn.Module, config: IA3, exclude: list[str]):
-    """({layer name: output slices or None}, [layer names]) whose outputs and inputs `config` rescales."""
-    kind = model_type(model)
-    if (config.targets is None or config.feedforward is None) and kind not in IA3_TARGETS:
-        raise TargetError(f"no default (IA)³ layers for model type {kind!r}; pass targets=[...] (keys, values) "
-                          f"and feedforward=[...] (the FFN's second linear layer), or [] for none")
-    outputs_at, inputs_at = IA3_TARGETS.get(kind, (None, None))
+    """({layer name: output slices or None}, [layer names]) whose outputs and inputs `config` rescales: those
+    named, else the architecture's (IA3_TARGETS), else found from the model's structure (the key and value
+    projections as LoRA finds W_q and W_v, `discover_key_value`; the FFN's second linear layers,
+    `discover_ffn_outputs`)."""
+    outputs_at, inputs_at = IA3_TARGETS.get(model_type(model), (None, None))
     chosen = []
-    for given, default in [(config.targets, outputs_at), (config.feedforward, inputs_at)]:
+    for given, default, discover in [(config.targets, outputs_at, discover_key_value),
+                                     (config.feedforward, inputs_at, discover_ffn_outputs)]:
         targets = default if given is None else given
-        found = resolve_lora_targets(model, targets, method="(IA)³") if targets else {}
+        if targets is None:
+            found = discover(model)
+            found = {n: None if rows is None else [rows] for n, rows in found.items()} if isinstance(found, dict) \
+                else dict.fromkeys(found)
+        else:
+            found = resolve_lora_targets(model, targets, method="(IA)³") if targets else {}
         chosen.append({n: None if groups is None else sorted(r for group in groups for r in group)  # row ranges
                        for n, groups in found.items() if not any(n == e or n.startswith(e + ".") for e in exclude)})
     outputs, inputs = chosen
