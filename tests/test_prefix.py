@@ -17,7 +17,8 @@ from test_mixed import alone, padded_batch
 
 import deltatune
 from deltatune.errors import MergeError, PrefixError
-from deltatune.testing import TINY_MAX_POSITIONS, tiny_model
+from deltatune.core.architectures import ROBERTA_LIKE
+from deltatune.testing import TINY_MAX_POSITIONS, TINY_ZOO, tiny_model, tiny_model_of_type
 
 ARCHS = ["bert", "roberta", "gpt2", "llama", "t5"]
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -371,3 +372,30 @@ def test_serve_runs_prefix_and_lora_requests_as_one_mixed_batch(tiny_model_dir, 
         expected = torch.stack([alone_model(**tokenizer(t, return_tensors="pt")).logits[0].softmax(-1) for t in TEXTS])
     got = torch.tensor([[p["probabilities"][k] for k in ("0", "1")] for p in responses[0].json()["predictions"]])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+# ---- encoders that number positions from padding_idx + 1 (RoBERTa's scheme) ----------------------------------
+def positions_from_padding(model: torch.nn.Module) -> bool:
+    """What the model's own embeddings say: a position embedding with a padding_idx (RoBERTa's
+    `create_position_ids_from_input_ids` numbers tokens from padding_idx + 1)."""
+    return any(name.endswith("position_embeddings") and getattr(module, "padding_idx", None) is not None
+               for name, module in model.named_modules())
+
+
+@pytest.mark.parametrize("kind", list(TINY_ZOO))
+def test_the_roberta_like_table_is_every_zoo_type_numbering_from_padding(kind):
+    torch.manual_seed(0)
+    assert (kind in ROBERTA_LIKE) == positions_from_padding(tiny_model_of_type(kind))
+
+
+@pytest.mark.parametrize("kind", ["roberta", "xlm-roberta", "camembert", "data2vec-text"])  # MPNet takes no cache
+def test_mixed_prefix_batches_number_positions_as_roberta_does(kind):
+    """data2vec-text was numbered 0, 1, ... in a mixed batch (ROBERTA_LIKE lacked it) and differed from its rows
+    alone: each example with a prefix task, another one, or none, padded, must equal itself run alone."""
+    torch.manual_seed(0)
+    model = deltatune.attach(tiny_model_of_type(kind), deltatune.PrefixTuning(length=3, hidden=8), task="a")
+    deltatune.attach(model, deltatune.PrefixTuning(length=5, hidden=8), task="b")
+    with torch.no_grad():
+        for i, tensor in enumerate(model.task_parameters("a").values()):
+            tensor.add_(torch.randn(tensor.shape, generator=torch.Generator().manual_seed(i)) * 0.05)
+    mixed_matches_alone(model, ["a", "b", "base", "a"])

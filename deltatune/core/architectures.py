@@ -106,9 +106,12 @@ _ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
 _CROSS_ATTENTION = re.compile(r"encoder_attn|crossattention|EncDecAttention", re.IGNORECASE)
 _FEED_FORWARD_MODULES = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe")
 
-# Position ids numbered from padding_idx + 1 (RoBERTa's embeddings): such a model numbers fewer tokens than
-# its max_position_embeddings.
-ROBERTA_LIKE = frozenset({"roberta", "xlm-roberta", "camembert"})
+# Position ids numbered from padding_idx + 1 (RoBERTa's embeddings, `create_position_ids_from_input_ids`; their
+# position embedding has a padding_idx): such a model numbers fewer tokens than its max_position_embeddings, and
+# prefix tuning's mixed batches must number each example's tokens that way. Every encoder whose position
+# embedding has a padding_idx in transformers 5.24 (tests/test_prefix.py checks the zoo's against its structure).
+ROBERTA_LIKE = frozenset({"roberta", "xlm-roberta", "camembert", "data2vec-text", "roberta-prelayernorm",
+                          "xlm-roberta-xl", "xmod", "ibert", "longformer", "luke", "mpnet"})
 
 # Prefix tuning: model_type -> how the prefixes reach attention. "cache": the model's own key/value cache,
 # which BERT/RoBERTa hand to every self-attention and the decoders (GPT-2, Llama) read before the input;
