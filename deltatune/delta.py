@@ -26,6 +26,7 @@ from torch import nn
 from deltatune._version import __version__
 from deltatune.core.architectures import (
     HEAD_INPUT_NAMES,
+    LENGTH_FIRST_TYPES,
     head_names,
     model_type,
     replace_module,
@@ -127,6 +128,7 @@ class DeltaModel(nn.Module):
             raise TypeError("model is already a DeltaModel; call attach()/add_delta() on it directly")
         self.base_model = model
         self.task_state = TaskState()
+        self.task_state.batch_dim = 1 if model_type(model) in LENGTH_FIRST_TYPES else 0
         self.head_modules = head_names(model, heads)
         self.task_info: dict[str, dict[str, Any]] = {}
         self.merged_task: str | None = None
@@ -389,7 +391,7 @@ class DeltaModel(nn.Module):
         Anything wrong with the files (corrupt, malformed, made for another model) is a `DeltaError`;
         a bad or taken `task` name given here is a `TaskError`. On any error the model is left exactly
         as it was. `trust_pickle`: see `read_delta`."""
-        tensors, meta = read_saved_delta(path, trust_pickle=trust_pickle)
+        tensors, meta = read_saved_delta(path, trust_pickle=trust_pickle, model=self.base_model)
         return self._add_described(tensors, meta, path, task)
 
     def combine(self, tasks: list[str], task: str = "combined", **settings) -> DeltaModel:

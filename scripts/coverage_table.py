@@ -55,15 +55,16 @@ def peft_targets() -> dict[str, object]:
 def render(results: dict) -> str:
     methods, kinds, outcomes = results["methods"], results["types"], results["outcomes"]
     peft = peft_targets()
-    lines = ["| model type | " + " | ".join(methods) + " | LoRA targets (deltatune) | peft LoRA default |",
-             "|---" * (len(methods) + 3) + "|"]
+    lines = ["| model type | " + " | ".join(methods) + " | LoRA targets (deltatune) | (IA)³ sites (deltatune) | "
+             "peft LoRA default |", "|---" * (len(methods) + 4) + "|"]
     for kind in kinds:
         row = outcomes.get(kind, {})
         cells = ["✓" if row.get(m) == "ok" else short_reason(row[m]) if m in row else "not run" for m in methods]
         ours = row.get("lora targets", "—")
         theirs = peft.get(kind)
         theirs = "—" if theirs is None else ", ".join(theirs) if isinstance(theirs, list) else theirs
-        lines.append(f"| {kind} | " + " | ".join(cells) + f" | {ours} | {theirs} |")
+        sites = row.get("ia3 sites", "—")
+        lines.append(f"| {kind} | " + " | ".join(cells) + f" | {ours} | {sites} | {theirs} |")
     passed = sum(row.get(m) == "ok" for row in outcomes.values() for m in methods)
     lines.append("")
     lines.append(f"{passed} of {len(kinds) * len(methods)} cells ✓ ({len(kinds)} model types x {len(methods)} "

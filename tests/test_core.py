@@ -165,7 +165,7 @@ def test_delta_json_describes_the_delta(tmp_path):
     meta = json.loads((tmp_path / "d" / "delta.json").read_text())
     assert meta["method"] == "lora" and meta["task"] == "sst2"
     assert meta["config"] == {"r": R, "alpha": 8, "dropout": 0.0, "targets": None, "use_rslora": False,
-                              "init": "default", "pissa_niter": 0}
+                              "init": "default", "pissa_niter": 0, "expert_parameters": None}
     assert meta["label_names"] == ["negative", "positive"]
     assert meta["base"]["model_type"] == "bert" and len(meta["base"]["shape_fingerprint"]) == 16
     assert meta["num_parameters"] == LORA_COUNTS["bert"] + D * 2 + 2 + D * D + D  # LoRA, classifier, pooler

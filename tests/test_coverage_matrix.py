@@ -5,7 +5,8 @@ Each cell attaches the method to the type's `...ForSequenceClassification` model
 unchanged at init (prompt and prefix tuning excepted: their inserted vectors change it; `use("base")` must
 not), a randomised delta changes it, save -> load onto a fresh base gives the same logits bit for bit, and a
 mixed batch of two tasks equals each example run alone with its task. A cell may instead be refused with a
-`DeltaTuneError` — only where `REFUSALS` expects it, with the reason it names.
+`DeltaTuneError` (at attach, or at the mixed batch: "(mixed batch) ...") — only where `REFUSALS` expects it,
+with the reason it names.
 
 Each cell's outcome ("ok", or the refusal's or failure's message) is written to the JSON file named by
 $DELTATUNE_COVERAGE_JSON when set: scripts/coverage_table.py renders the README's coverage table from it.
@@ -24,6 +25,7 @@ import torch
 
 import deltatune
 from deltatune.errors import DeltaTuneError
+from deltatune.methods.ia3 import IA3Scales
 from deltatune.methods.lora import LoRALinear
 from deltatune.methods.registry import METHODS
 from deltatune.testing import TINY_ZOO, tiny_model_of_type
@@ -49,15 +51,23 @@ def refused(method: str, kinds: str, reason: str) -> dict[tuple[str, str], str]:
 # (model type, method) -> what the refusal must say. Every other cell must pass every check.
 REFUSALS: dict[tuple[str, str], str] = {
     **refused("adapter", "albert", "no stack of transformer blocks"),  # ALBERT: one layer shared across depth
-    **refused("bitfit", "modernbert llama mistral phi3 mixtral qwen3 gemma gemma2 gemma3_text t5",
+    **refused("bitfit", "modernbert llama mistral phi3 mixtral qwen3 gemma gemma2 gemma3_text t5 olmo2 olmo3 smollm3 "
+                        "exaone4 helium hunyuan_v1_dense ministral3 qwen3_moe deepseek_v3",
               "no bias terms, so BitFit has nothing to train; use BitFit(add_missing=True)"),
     **refused("top_layers", "albert", "no stack of transformer blocks found"),
-    # prefix tuning hands its prefixes over as the key/value cache: these models' forwards take none
-    **refused("prefix", "distilbert deberta-v2 mpnet modernbert bart", "prefix tuning does not support"),
+    # prefix tuning hands its prefixes over as the key/value cache: these models' forwards take none (DeepSeek's
+    # latent attention caches keys and values of other sizes than its heads)
+    **refused("prefix", "distilbert deberta-v2 mpnet modernbert bart deberta funnel xlnet eurobert deepseek_v3",
+              "prefix tuning does not support"),
     **refused("prefix", "albert", "no stack of transformer blocks"),
-    # (IA)³ knows its key, value and FFN layers from targets.IA3_TARGETS only (no structural discovery yet)
-    **refused("ia3", "albert deberta-v2 mpnet modernbert gptj gpt_neox bloom falcon phi stablelm phi3 mixtral bart",
-              "no default (IA)³ layers for model type"),
+    # XLNet's attention weights are parameters (q, k, v, o: d_model x heads x head size), not linear layers; its
+    # blocks keep hidden states length-first, masks batch-third: no sub-layer output for adapters, no grouping
+    # of examples inside a top block
+    **refused("lora", "xlnet", "no query/value projections found"),
+    **refused("dora", "xlnet", "no query/value projections found"),
+    **refused("ia3", "xlnet", "no key/value projections found"),
+    **refused("adapter", "xlnet", "no adapter placement known"),
+    **refused("top_layers", "xlnet", "cannot share a mixed batch"),
 }
 
 
@@ -111,6 +121,26 @@ def lora_targets(model) -> str:
     return ", ".join(found.values())
 
 
+IA3_SITES: dict[str, str] = {}  # model type -> the layers (IA)³'s defaults rescale (for the table)
+
+
+def ia3_sites(model) -> str:
+    """"k_proj, v_proj; in: down_proj" or "query_key_value (rows 8:16, ...)": the layers whose outputs (IA)³
+    rescales (with their rows on a fused projection), then those whose inputs it rescales."""
+    outputs: dict[str, str] = {}
+    inputs: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, IA3Scales):
+            layer = name.rsplit(".", 1)[0].split(".")[-1]
+            for slices in module.out_slices.values():
+                rows = "" if slices == [(0, module.out_features)] else \
+                    f" (rows {', '.join(f'{a}:{b}' for a, b in slices)} of {module.out_features})"
+                outputs.setdefault(layer, layer + rows)
+            if module.ia3_ff:
+                inputs.setdefault(layer, layer)
+    return ", ".join(outputs.values()) + ("; in: " + ", ".join(inputs.values()) if inputs else "")
+
+
 def check_cell(kind: str, method: str, tmp_path) -> str | None:
     """Run every check of one cell; None when they pass, the refusal's message when the method is refused."""
     config, entry = CONFIGS[method], entry_of(method)
@@ -122,6 +152,8 @@ def check_cell(kind: str, method: str, tmp_path) -> str | None:
         return str(error)
     if method == "lora":
         LORA_TARGETS[kind] = lora_targets(model)
+    if method == "ia3":
+        IA3_SITES[kind] = ia3_sites(model)
     if entry.identity_at_init:
         assert torch.equal(logits(model, inputs), expected), "a fresh delta changed the output"
     else:  # prompt/prefix vectors are attended to from the start; the base model stays exact
@@ -141,7 +173,10 @@ def check_cell(kind: str, method: str, tmp_path) -> str | None:
         deltatune.attach(model, config, task="b")
         randomise(model, "b", seed=6)
         tasks = ["a", "b", "a"]
-        mixed = logits(model, inputs, tasks=tasks)
+        try:
+            mixed = logits(model, inputs, tasks=tasks)
+        except DeltaTuneError as error:  # each task runs alone; a mixed batch of them is refused
+            return f"(mixed batch) {error}"
         for i, task in enumerate(tasks):
             model.use(task)
             alone = logits(model, {k: v[i : i + 1] for k, v in inputs.items()})[0]
@@ -158,6 +193,8 @@ def outcomes():
     if path:
         for kind, targets in LORA_TARGETS.items():
             found.setdefault(kind, {})["lora targets"] = targets
+        for kind, sites in IA3_SITES.items():
+            found.setdefault(kind, {})["ia3 sites"] = sites
         with open(path, "w") as handle:
             json.dump({"methods": list(CONFIGS), "types": list(TINY_ZOO), "outcomes": found}, handle, indent=1)
 

@@ -28,8 +28,8 @@ FUSED = {  # model type, config overrides -> (fused layer name, k rows + v rows,
     ("phi3", ()): ("qkv_proj", spans((32, 64)), 64),  # [q (4 heads) | k (2) | v (2)]
     ("falcon", ()): ("query_key_value", spans((32, 48)), 48),  # multi-query: [q (4) | k (1) | v (1)]
     # new decoder architecture, 2 key/value heads: per group [q q k v] -> k 16:24, v 24:32, k 48:56, v 56:64
-    ("falcon", (("new_decoder_architecture", True), ("num_kv_heads", 2))): ("query_key_value", spans((16, 32), (48, 64)),
-                                                                            64),
+    ("falcon", (("new_decoder_architecture", True), ("num_kv_heads", 2))):
+        ("query_key_value", spans((16, 32), (48, 64)), 64),
     ("gpt_bigcode", ()): ("c_attn", spans((32, 48)), 48),  # multi-query [q (4 heads) | k (1) | v (1)]
     ("modernbert", ()): ("Wqkv", spans((32, 96)), 96),  # [q | k | v]
 }

@@ -16,8 +16,8 @@ from conftest import make_inputs, make_model
 from test_mixed import alone, padded_batch
 
 import deltatune
-from deltatune.errors import MergeError, PrefixError
 from deltatune.core.architectures import ROBERTA_LIKE
+from deltatune.errors import MergeError, PrefixError
 from deltatune.testing import TINY_MAX_POSITIONS, TINY_ZOO, tiny_model, tiny_model_of_type
 
 ARCHS = ["bert", "roberta", "gpt2", "llama", "t5"]

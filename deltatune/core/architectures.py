@@ -113,6 +113,10 @@ _FEED_FORWARD_MODULES = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe"
 ROBERTA_LIKE = frozenset({"roberta", "xlm-roberta", "camembert", "data2vec-text", "roberta-prelayernorm",
                           "xlm-roberta-xl", "xmod", "ibert", "longformer", "luke", "mpnet"})
 
+# Models whose hidden states inside the blocks are length-first, (length, batch, d) (XLNet's, as in Transformer-XL):
+# a mixed batch's examples are along dim 1 there (TaskState.batch_dim).
+LENGTH_FIRST_TYPES = frozenset({"xlnet"})
+
 # Prefix tuning: model_type -> how the prefixes reach attention. "cache": the model's own key/value cache,
 # which BERT/RoBERTa hand to every self-attention and the decoders (GPT-2, Llama) read before the input;
 # "encoder-decoder" (T5): the decoder's cache, plus hooks on the encoder's self-attention (its stack drops
@@ -218,13 +222,18 @@ def modules_not_returning_width(model: nn.Module, widths: dict[str, int]) -> lis
     """The modules of {name: width} that, in one forward pass on a dummy input, returned something other than a
     tensor whose last dimension is that width: a bias there is not added to the output (a router returning
     (logits, weights, experts), a model whose `bias` is its attention mask). Modules the pass never called
-    (experts no dummy token was routed to) are not listed."""
+    (experts no dummy token was routed to) are not listed, nor any on a model without values (on the meta device:
+    `deltatune params` counts there) or one that a dummy input cannot run."""
+    if any(p.is_meta for p in model.parameters()):
+        return []
     returned: dict[str, object] = {}
     hooks = [model.get_submodule(name).register_forward_hook(
         lambda m, a, out, name=name: returned.setdefault(name, out)) for name in widths]
     try:
         with torch.no_grad():
             model(**dummy_inputs(model))
+    except Exception:  # noqa: BLE001 - no forward pass, nothing learnt: every module stays a candidate
+        return []
     finally:
         for hook in hooks:
             hook.remove()
@@ -233,9 +242,10 @@ def modules_not_returning_width(model: nn.Module, widths: dict[str, int]) -> lis
 
 
 def dummy_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A two-token input every model accepts (ids 1 and 2 are within any vocabulary; the end token last)."""
+    """An eight-token input every model accepts (ids 1 and 2 are within any vocabulary; the end token last;
+    long enough for Funnel's pooling between blocks)."""
     device = next(model.parameters()).device
-    input_ids = torch.tensor([[2, 1]], device=device)
+    input_ids = torch.tensor([[2] * 7 + [1]], device=device)
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
 

@@ -46,6 +46,7 @@ class TaskState:
 
     def __init__(self) -> None:
         self.active: str | None = None
+        self.batch_dim = 0  # where the examples are in the blocks' hidden states: 1 for length-first models (XLNet)
         self._per_example: list[str | None] | None = None
         self._rows: dict[tuple, torch.Tensor] = {}  # per forward pass: example rows (and masks) per task list
 
@@ -185,6 +186,17 @@ class DeltaComponent(nn.Module):
             return rows.repeat_interleave(batch // examples)  # each example's L tokens are consecutive rows
         raise ValueError(f"{type(self).__name__} got a batch of {batch} examples, but tasks= names "
                          f"{examples}; the model must keep the batch in dim 0")
+
+    def per_example(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """(B, width) values, one row per example, viewed to broadcast over `like`: (B, 1, .., width), or
+        (1, B, 1, .., width) where the examples are along dim 1 (`TaskState.batch_dim`, XLNet)."""
+        shape = [1] * like.dim()
+        shape[self.task_state.batch_dim], shape[-1] = values.shape[0], values.shape[-1]
+        return values.view(shape)
+
+    def examples_in(self, like: torch.Tensor) -> int:
+        """How many rows of a mixed batch `like` holds: its size along the examples' dim."""
+        return like.shape[self.task_state.batch_dim]
 
     @staticmethod
     def dense_mixed(tokens: int, stacked_tasks: int) -> bool:

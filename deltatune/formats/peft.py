@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from deltatune.core.component import TASK_NAME
 from deltatune.errors import ConfigError, DeltaError
 from deltatune.formats.native import META_FILE, atomic_folder, delta_folder, read_delta, recover
+from deltatune.formats.peft_methods import order_experts
 from deltatune.methods.registry import METHODS, build_config
 
 PEFT_FORMAT = "peft"  # meta["format"] of a delta read from a peft folder
@@ -59,9 +60,10 @@ def export_peft(source, out_dir: str | os.PathLike, task: str | None = None) -> 
 
 
 # ---- peft -> deltatune ---------------------------------------------------------------------------------
-def read_peft(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_peft(path: str | os.PathLike, model=None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a peft adapter folder as a deltatune delta: (tensors keyed as deltatune keys them, metadata
-    with `format` "peft"). Refuses what deltatune cannot compute exactly."""
+    with `format` "peft"). Refuses what deltatune cannot compute exactly. `model`, the base it is read for, names
+    the expert parameters of peft's nested `target_parameters` wrappers (`peft_methods.order_experts`)."""
     path = Path(path)
     if not is_peft_folder(path):
         raise DeltaError(f"{path} is not a peft adapter folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
@@ -80,6 +82,8 @@ def read_peft(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
     if kind not in readers:
         raise DeltaError(f"{path}: peft type {kind!r} has no deltatune equivalent ({', '.join(readers)} do)")
     delta, method, settings, head_keys = readers[kind](tensors, peft_config, path)
+    if model is not None and settings.get("expert_parameters"):
+        delta = order_experts(delta, settings, model)
     config = _config(method, settings, path / CONFIG_FILE)
     meta = {
         "format": PEFT_FORMAT,
@@ -111,12 +115,14 @@ def check_peft_fits(model, meta: dict, path) -> None:
         raise DeltaError(f"{path}: {refusal}")
 
 
-def read_saved_delta(path: str | os.PathLike, trust_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+def read_saved_delta(path: str | os.PathLike, trust_pickle: bool = False,
+                     model=None) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, metadata) of a deltatune delta folder (`io.read_delta`) or of a Hugging Face peft adapter
-    folder (`read_peft`: adapter_config.json and no delta.json); a training run's folder stands for its delta."""
+    folder (`read_peft`: adapter_config.json and no delta.json; `model`: the base it is read for); a training
+    run's folder stands for its delta."""
     path = delta_folder(path)
     if not path.exists():
         recover(path)  # a save killed between its two renames left the previous folder as a backup
     if not (path / META_FILE).is_file() and (path / CONFIG_FILE).is_file():
-        return read_peft(path)
+        return read_peft(path, model)
     return read_delta(path, trust_pickle=trust_pickle)

@@ -68,6 +68,7 @@ from deltatune.core.architectures import (
     parse_target,
 )
 from deltatune.errors import DeltaError
+from deltatune.methods.lora_experts import from_peft_factors, to_peft_factors
 from deltatune.methods.prompt import prompt_layout
 
 LORA_PREFIX = "base_model.model."  # peft's key prefix for LoRA (and IA3) weights and their heads
@@ -78,7 +79,7 @@ PROMPT_HEAD_PREFIX = "base_model."  # ... and for the heads of prompt-learning a
 # unset (None, False, empty) or equal to the value given here
 LORA_UNSUPPORTED = {
     "use_dora": False, "lora_bias": False, "bias": "none", "rank_pattern": {}, "alpha_pattern": {},
-    "layers_to_transform": None, "layer_replication": None, "target_parameters": None,
+    "layers_to_transform": None, "layer_replication": None,
     "trainable_token_indices": None, "alora_invocation_tokens": None, "use_qalora": False, "use_bdlora": None,
     "arrow_config": None, "kasa_config": None, "monteclora_config": None, "velora_config": None,
     "megatron_config": None,
@@ -113,7 +114,9 @@ def _lora_to_peft(tensors: Tensors, meta: dict, config) -> tuple[Tensors, dict]:
     heads = _head_modules(head_keys)
     out: dict[str, torch.Tensor] = {}
     ranks: dict[str, tuple[int, float]] = {}  # module -> (peft r, peft lora_alpha)
-    for module in sorted({k.rsplit(".", 1)[0] for k in tensors if k not in head_keys}):
+    experts = {k: t for k, t in tensors.items() if k not in head_keys and t.dim() == 3}
+    out.update(_experts_to_peft(experts, config, meta.get("output_rows") or {}))
+    for module in sorted({k.rsplit(".", 1)[0] for k in tensors if k not in head_keys and k not in experts}):
         A, B = tensors[f"{module}.lora_A"], tensors[f"{module}.lora_B"]
         if any(module == h or module.startswith(h + ".") for h in heads):
             raise DeltaError(f"LoRA on {module}, inside the trained head, has no peft equivalent (peft never "
@@ -139,7 +142,7 @@ def _lora_to_peft(tensors: Tensors, meta: dict, config) -> tuple[Tensors, dict]:
         out[f"{LORA_PREFIX}{module}.lora_B.weight"] = B
     out.update({LORA_PREFIX + k: tensors[k] for k in head_keys})
     # the most common (r, alpha) is the config's; modules that differ go to peft's rank/alpha patterns
-    (r, alpha), _ = Counter(ranks.values()).most_common(1)[0]
+    (r, alpha), _ = Counter(ranks.values()).most_common(1)[0] if ranks else ((config.r, config.alpha), 0)
     odd = {m: ra for m, ra in ranks.items() if ra != (r, alpha)}
     peft_config = {
         **_common_config(meta),
@@ -148,7 +151,8 @@ def _lora_to_peft(tensors: Tensors, meta: dict, config) -> tuple[Tensors, dict]:
         "lora_alpha": alpha,
         "lora_dropout": config.dropout,
         "use_rslora": config.use_rslora,
-        "target_modules": sorted(ranks),  # full module names: peft matches them exactly (key in target_modules)
+        "target_modules": sorted(ranks) or None,  # full module names: peft matches them exactly
+        "target_parameters": list(config.expert_parameters) if config.expert_parameters else None,
         "fan_in_fan_out": base.get("model_type") in CONV1D_MODEL_TYPES,
         "rank_pattern": {re.escape(m): ra[0] for m, ra in odd.items()},
         "alpha_pattern": {re.escape(m): ra[1] for m, ra in odd.items()},
@@ -158,6 +162,25 @@ def _lora_to_peft(tensors: Tensors, meta: dict, config) -> tuple[Tensors, dict]:
         "init_lora_weights": True,
     }
     return out, peft_config
+
+
+def _experts_to_peft(tensors: Tensors, config, layouts: dict) -> Tensors:
+    """Per-expert LoRA (methods/lora_experts.py) as peft's `target_parameters` keys: peft wraps one experts module
+    once per adapted parameter, in the module's own parameter order, the first innermost (`BaseTuner.
+    _inject_parameters` walks `named_parameters(recurse=False)`), so the i-th of n is saved under `<module>.` +
+    `base_layer.` * (n - 1 - i) + `lora_A.weight`, its factors (r E, d_in) and (d_out, r E). That order is the
+    one the delta recorded (`ExpertLoRA.saved_layout`), else the config's."""
+    configured = [name.rsplit(".", 1)[-1] for name in config.expert_parameters or []]
+    out = {}
+    for key in [k for k in tensors if k.endswith(".lora_A")]:
+        module, _, name = key.removesuffix(".lora_A").rpartition(".")
+        order = (layouts.get(module) or {}).get("expert_parameters") or configured
+        present = [n for n in order if f"{module}.{n}.lora_A" in tensors]
+        nesting = "base_layer." * (len(present) - 1 - present.index(name))
+        A, B = to_peft_factors(tensors[key], tensors[f"{module}.{name}.lora_B"])
+        out[f"{LORA_PREFIX}{module}.{nesting}lora_A.weight"] = A
+        out[f"{LORA_PREFIX}{module}.{nesting}lora_B.weight"] = B
+    return out
 
 
 def _dora_to_peft(tensors: Tensors, meta: dict, config) -> tuple[Tensors, dict]:
@@ -355,6 +378,50 @@ def _layout_refusal(model_type: str | None, layout: str) -> str:
 
 # ---- peft -> deltatune ---------------------------------------------------------------------------------
 
+def _experts_from_peft(tensors: Tensors, peft_config: dict) -> Tensors:
+    """peft's `target_parameters` keys (the reverse of `_experts_to_peft`) -> {`<module>.<param>.lora_A`: (E, r,
+    d_in), ...}; the keys read are removed from `tensors`. A nesting depth is named here by the order the adapter
+    config lists the parameters in; `order_experts` renames them by the experts module's own order once the model
+    is known (peft nests in that order)."""
+    targets = peft_config.get("target_parameters") or []
+    owners = {name.rpartition(".")[0] for name in targets}
+    found: dict[str, tuple[str, int]] = {}  # peft key -> (module, nesting depth)
+    for key in tensors:
+        match = re.fullmatch(r"base_model\.model\.(.+?)\.((?:base_layer\.)*)lora_A\.weight", key)
+        if match and any(not owner or match[1] == owner or match[1].endswith("." + owner) for owner in owners):
+            found[key] = (match[1], match[2].count("base_layer."))
+    delta = {}
+    for key, (module, depth) in found.items():
+        names = _listed_experts(module, targets)
+        A, B = tensors.pop(key), tensors.pop(key.replace("lora_A.weight", "lora_B.weight"))
+        experts = A.shape[0] // peft_config["r"]
+        name = names[len(names) - 1 - depth]
+        delta[f"{module}.{name}.lora_A"], delta[f"{module}.{name}.lora_B"] = from_peft_factors(A, B, experts)
+    return delta
+
+
+def _listed_experts(module: str, targets: list[str]) -> list[str]:
+    """The parameter names of `target_parameters` entries that name `module`, in the order listed."""
+    return [t.rsplit(".", 1)[-1] for t in targets if not t.rpartition(".")[0] or module == t.rpartition(".")[0]
+            or module.endswith("." + t.rpartition(".")[0])]
+
+
+def order_experts(delta: Tensors, settings: dict, model) -> Tensors:
+    """Rename a peft adapter's expert keys (`_experts_from_peft`) by the experts modules' own parameter order in
+    `model`, the order peft nested its wrappers in."""
+    targets = settings.get("expert_parameters") or []
+    renamed = dict(delta)
+    for module in sorted({k.rsplit(".", 2)[0] for k, t in delta.items() if t.dim() == 3 and k.endswith(".lora_A")}):
+        listed = [n for n in _listed_experts(module, targets) if f"{module}.{n}.lora_A" in delta]
+        experts = model.get_submodule(module)
+        experts = getattr(experts, "base_layer", experts)  # already wrapped by a loaded task
+        own = [n for n, _ in experts.named_parameters(recurse=False) if n in listed]
+        for was, name in zip(listed, own):
+            for part in ("lora_A", "lora_B"):
+                renamed[f"{module}.{name}.{part}"] = delta[f"{module}.{was}.{part}"]
+    return renamed
+
+
 def _lora_from_peft(tensors: dict[str, torch.Tensor], peft_config: dict, path: Path):
     dora = peft_config.get("use_dora") is True  # DoRA: LoRA plus a magnitude per layer (methods/dora.py)
     unsupported = {k: v for k, ok in LORA_UNSUPPORTED.items()
@@ -367,7 +434,9 @@ def _lora_from_peft(tensors: dict[str, torch.Tensor], peft_config: dict, path: P
         raise DeltaError(f"{path}: a peft {init} adapter applies to the residual base it was trained on, not to the "
                          f"original model; save it in peft with save_pretrained(..., path_initial_model_for_weight_"
                          f"conversion=<the initial adapter>) to get the plain LoRA of the original base, and load that")
-    delta: dict[str, torch.Tensor] = {}
+    tensors = dict(tensors)
+    experts = _experts_from_peft(tensors, peft_config) if peft_config.get("target_parameters") else {}
+    delta: dict[str, torch.Tensor] = dict(experts)
     head_keys: list[str] = []
     for key, tensor in tensors.items():
         match = re.fullmatch(r"base_model\.model\.(.+)\.(lora_A|lora_B)\.weight", key)
@@ -379,10 +448,12 @@ def _lora_from_peft(tensors: dict[str, torch.Tensor], peft_config: dict, path: P
         else:
             _keep_head(key, tensor, LORA_PREFIX, peft_config, delta, head_keys, f"{path}: peft key {key!r} is neither "
                        f"LoRA A/B of a linear layer nor a modules_to_save head; deltatune cannot load it exactly")
-    modules = sorted({k.rsplit(".", 1)[0] for k in delta if k not in head_keys and not k.endswith(DORA_MAGNITUDE)})
-    if not modules:
+    modules = sorted({k.rsplit(".", 1)[0] for k in delta if k not in head_keys and k not in experts
+                      and not k.endswith(DORA_MAGNITUDE)})
+    if not modules and not experts:
         raise DeltaError(f"{path}: the peft adapter holds no LoRA weights")
-    ranks = {delta[f"{m}.lora_A"].shape[0] for m in modules}
+    ranks = {delta[f"{m}.lora_A"].shape[0] for m in modules} | {A.shape[1] for k, A in experts.items()
+                                                                  if k.endswith(".lora_A")}
     if ranks != {peft_config.get("r")}:
         raise DeltaError(f"{path}: LoRA ranks {sorted(ranks)} differ from the config's r={peft_config.get('r')}")
     settings = {  # peft LoraConfig names -> deltatune's (None: peft's default)
@@ -391,6 +462,7 @@ def _lora_from_peft(tensors: dict[str, torch.Tensor], peft_config: dict, path: P
         "dropout": peft_config.get("lora_dropout") or 0.0,
         "targets": modules,  # the exact modules the adapter holds
         "use_rslora": peft_config.get("use_rslora") or False,
+        **({"expert_parameters": list(peft_config["target_parameters"])} if experts else {}),
     }
     return delta, "dora" if dora else "lora", settings, head_keys
 

@@ -131,9 +131,9 @@ class BiasDelta(DeltaComponent):
         stack = self.stacked(  # (T+1, width)
             "bitfit", deltas, lambda: torch.cat([torch.stack(deltas), deltas[0].new_zeros(1, self.width)])
         )
-        rows = self.example_rows(output.shape[0], output.device)
+        rows = self.example_rows(self.examples_in(output), output.device)
         # (B, width) -> (B, 1, ..., 1, width): one shift per example, broadcast over its positions
-        return output + stack[rows].view(output.shape[0], *[1] * (output.dim() - 2), self.width)
+        return output + self.per_example(stack[rows], output)
 
     def merge(self, task: str) -> None:
         """b <- b + Δb (a linear layer without a bias gets one)."""

@@ -38,6 +38,7 @@ from torch import nn
 from deltatune.core.architectures import resolve_lora_targets, unwrap
 from deltatune.core.component import DeltaComponent, TaskState
 from deltatune.core.quantize import QuantizedLinear
+from deltatune.errors import TargetError
 from deltatune.methods import lora
 
 
@@ -102,8 +103,8 @@ class DoRAMagnitude(DeltaComponent):
         tensors = [t for task in self.tasks for t in self._inputs(task)]
         ones = torch.ones_like(self.magnitude[self.tasks[0]])  # the row of examples without DoRA here
         stack = self.stacked("dora", tensors, lambda: torch.stack([self.scale(t) for t in self.tasks] + [ones]))
-        rows = self.example_rows(output.shape[0], output.device)
-        g = stack[rows].to(output.dtype).view(output.shape[0], *[1] * (output.dim() - 2), output.shape[-1])
+        rows = self.example_rows(self.examples_in(output), output.device)
+        g = self.per_example(stack[rows].to(output.dtype), output)
         return output + (g - 1) * self._without_bias(output)
 
     def _inputs(self, task: str) -> list[torch.Tensor]:
@@ -143,6 +144,9 @@ class DoRAMagnitude(DeltaComponent):
 
 def inject(model: nn.Module, config: DoRA, task: str, state: TaskState, exclude: list[str]) -> None:
     """LoRA's A, B for `task` on every target layer, then a magnitude (once per layer, one per task)."""
+    if config.expert_parameters:
+        raise TargetError("DoRA on expert_parameters is not supported (nor by peft's target_parameters): use "
+                          "LoRA(expert_parameters=[...]), or DoRA on linear layers with targets=[...]")
     lora.inject(model, config, task, state, exclude)
     for name in resolve_lora_targets(model, config.targets):
         layer = model.get_submodule(name)

@@ -156,8 +156,8 @@ class IA3Scales(DeltaComponent):
         reference = next(iter(vectors.values()))
         stack = self.stacked(key, list(vectors.values()), lambda: torch.stack(  # (T+1, width)
             [placed(t) if t in vectors else reference.new_ones(width) for t in tasks] + [reference.new_ones(width)]))
-        rows = self.example_rows(x.shape[0], x.device)
-        return stack[rows].to(x.dtype).view(x.shape[0], *[1] * (x.dim() - 2), width)
+        rows = self.example_rows(self.examples_in(x), x.device)
+        return self.per_example(stack[rows].to(x.dtype), x)
 
     # ---- merging ------------------------------------------------------------------------------------
     def merge(self, task: str) -> None:

@@ -48,6 +48,7 @@ from deltatune.core.architectures import (
 from deltatune.core.component import DeltaComponent, TaskState, float_reference
 from deltatune.core.quantize import QuantizedLinear
 from deltatune.errors import QuantizationError
+from deltatune.methods import lora_experts
 
 INITS = ["default", "pissa"]
 
@@ -71,6 +72,9 @@ class LoRA:
     pissa_niter: int = field(default=0, metadata={
         "help": "pissa: 0 = exact SVD; n > 0 = torch.svd_lowrank with n subspace iterations (fast on large W; "
                 "peft's pissa_niter_n)"})
+    expert_parameters: list[str] | None = field(default=None, metadata={
+        "help": "3-D expert parameters of a mixture of experts (e.g. experts.gate_up_proj,experts.down_proj) that "
+                "get a LoRA per expert (methods/lora_experts.py; peft's target_parameters), besides `targets`"})
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -81,6 +85,9 @@ class LoRA:
             raise ValueError(f"LoRA init must be one of {INITS}, got {self.init!r}")
         if self.pissa_niter < 0:
             raise ValueError(f"LoRA pissa_niter must be >= 0, got {self.pissa_niter}")
+        if self.expert_parameters and (self.dropout or self.init != "default"):
+            raise ValueError("LoRA on expert_parameters takes no dropout and the default init (as peft's "
+                             "target_parameters): its update is added to the experts' weights, not to an input")
 
     @property
     def scaling(self) -> float:
@@ -250,6 +257,8 @@ class LoRALinear(DeltaComponent):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.task_state.per_example is not None:
+            if self.task_state.batch_dim == 1:  # length-first hidden states (XLNet): examples in dim 1
+                return self._forward_mixed(x.transpose(0, 1)).transpose(0, 1)
             return self._forward_mixed(x)
         result = self.base_layer(x)
         task = self.active_task
@@ -381,3 +390,5 @@ def inject(model: nn.Module, config: LoRA, task: str, state: TaskState, exclude:
                 f"adapt the same rows (asked for {groups})"
             )
         layer.add_task(task, config)
+    if config.expert_parameters:
+        lora_experts.inject(model, config, task, state, exclude)

@@ -86,6 +86,8 @@ def prompt_layout(model: nn.Module) -> str:
 def position_limit(config) -> int | None:
     """How many tokens the model can number (None: relative positions, no limit)."""
     limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and limit <= 0:  # XLNet's -1: relative positions, no limit
+        return None
     if limit and getattr(config, "model_type", None) in ROBERTA_LIKE:
         limit -= (config.pad_token_id or 0) + 1
     return limit

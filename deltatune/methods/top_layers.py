@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from deltatune.core.architectures import final_modules, top_blocks, unwrap
+from deltatune.core.architectures import final_modules, model_type, top_blocks, unwrap
 from deltatune.core.component import DeltaComponent, TaskState, root_component, strip_wrappers
 from deltatune.errors import DeltaTuneError
 from deltatune.methods.full import component_parameter_ids
@@ -177,6 +177,14 @@ class TopLayerWeights(DeltaComponent):
         finally:
             for _, owner, leaf, base in slots:
                 owner._parameters[leaf] = base
+
+    def check_mixed(self, tasks: set[str | None]) -> None:
+        """Length-first hidden states (XLNet: (length, batch, d), masks with the batch in dim 2): the examples of
+        a block's arguments are not all along one dim, so a top block cannot be run per group of examples."""
+        if self.task_state.batch_dim != 0 and any(task in self.tasks for task in tasks):
+            raise DeltaTuneError(f"top_layers tasks cannot share a mixed batch on a {model_type(self.model)} model: "
+                                 f"its blocks keep hidden states length-first, so examples cannot be grouped by "
+                                 f"task inside them; run each task alone with use(task) and no tasks=")
 
     def _owner(self, task: str | None, name: str) -> str | None:
         """The task whose weights module `name` uses for `task`'s examples (None: the base weights)."""
