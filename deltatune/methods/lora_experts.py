@@ -194,7 +194,8 @@ def inject(model: nn.Module, config, task: str, state: TaskState, exclude: list[
     """Wrap every experts module holding one of `config.expert_parameters` in an ExpertLoRA (once) and give it
     fresh per-expert A, B for `task`."""
     for module_name, names in resolve_expert_parameters(model, list(config.expert_parameters)).items():
-        experts = wrapped_module(model, module_name, ExpertLoRA, lambda module: ExpertLoRA(module, names, state))
+        experts = wrapped_module(model, module_name, ExpertLoRA,
+                                 lambda module, names=names: ExpertLoRA(module, names, state))
         if sorted(names) != sorted(experts.names):
             raise TargetError(f"{module_name} already carries expert LoRA on {experts.names}; a second task must "
                               f"adapt the same parameters (asked for {names})")
