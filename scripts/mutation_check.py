@@ -232,6 +232,22 @@ BUGS: list[Bug] = [
         "        self.use(None)\n        try:\n            yield",
         "        try:\n            yield",
         ("tests/test_trl_integration.py::test_dpo_reference_is_the_base_with_the_delta_off",)),
+    Bug("expert-lora-drops-scaling", "deltatune/methods/lora_experts.py",
+        "delta = torch.bmm(B, A) * self.scaling[task]",
+        "delta = torch.bmm(B, A)",
+        ("tests/test_lora_experts.py::test_one_expert_computes_with_its_own_low_rank_update",)),
+    Bug("expert-lora-peft-b-columns-per-rank", "deltatune/methods/lora_experts.py",
+        "B.permute(1, 2, 0).reshape(B.shape[1], rank * experts)",
+        "B.permute(1, 0, 2).reshape(B.shape[1], rank * experts)",
+        ("tests/test_lora_experts.py::test_export_runs_in_peft_and_a_peft_adapter_runs_here",)),
+    Bug("data2vec-positions-from-zero", "deltatune/core/architectures.py",
+        '"camembert", "data2vec-text", ',
+        '"camembert", ',
+        ("tests/test_prefix.py::test_mixed_prefix_batches_number_positions_as_roberta_does",)),
+    Bug("ia3-fused-q-rows-for-k", "deltatune/core/architectures.py",
+        "sorted(sum(fused_qkv_rows(name, layer, config)[1:], []))",
+        "sorted(sum(fused_qkv_rows(name, layer, config)[::2], []))",
+        ("tests/test_ia3_discovery.py::test_ia3_rescales_exactly_the_k_and_v_rows_of_a_fused_projection",)),
 ]
 
 
