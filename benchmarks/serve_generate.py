@@ -139,7 +139,7 @@ async def load(url: str, prompts: list[str], tasks: list[str], requests: int, cl
         start = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
         elapsed = time.perf_counter() - start
-        metrics = (await http.get("/metrics")).json()
+        metrics = (await http.get("/stats")).json()
     return elapsed, tokens, ttfts, gaps, errors, metrics
 
 

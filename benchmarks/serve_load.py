@@ -8,7 +8,7 @@ values, so that every request of the 4 tasks runs its own delta), starts `deltat
 subprocess on a free loopback port, warms it up, then runs `--clients` concurrent clients (one event loop,
 httpx) that each send requests of one real SST-2 dev sentence for a random task until `--requests` have been
 sent (or `--max-seconds` passed). It reports latency percentiles (client side: from sending to the whole
-response), throughput, every non-200 status, the server's batching counters (/metrics) and the server
+response), throughput, every non-200 status, the server's batching counters (/stats) and the server
 process's resident memory (RSS, /proc) after the warm-up, at each quarter of the run, its peak and at the end.
 """
 
@@ -90,7 +90,7 @@ async def load(url: str, texts: list[str], tasks: list[str], requests: int, clie
         start = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
         elapsed = time.perf_counter() - start
-        metrics = (await http.get("/metrics")).json()
+        metrics = (await http.get("/stats")).json()
     return latencies, statuses, elapsed, metrics
 
 

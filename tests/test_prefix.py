@@ -360,7 +360,7 @@ def test_serve_runs_prefix_and_lora_requests_as_one_mixed_batch(tiny_model_dir, 
                 requests = [asyncio.create_task(client.post("/v1/predict", json={"task": task, "inputs": TEXTS}))
                             for task in ("pfx", "lora", "base")]
                 await asyncio.to_thread(wait_for_queue, engine, 3)
-            return [await r for r in requests], (await client.get("/metrics")).json()
+            return [await r for r in requests], (await client.get("/stats")).json()
 
     engine = build_engine(str(tiny_model_dir), paths, ServeConfig(max_wait_ms=50))
     with BackgroundServer(engine) as url:

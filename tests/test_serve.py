@@ -86,7 +86,7 @@ def test_requests_for_two_tasks_run_as_one_mixed_batch(tiny_model_dir, deltas):
                 second = asyncio.create_task(client.post("/v1/predict", json={"task": "rte", "inputs": TEXTS[:2]}))
                 base = asyncio.create_task(client.post("/v1/predict", json={"task": "base", "inputs": TEXTS[2:]}))
                 await asyncio.to_thread(wait_for_queue, engine, 3)
-            return [await first, await second, await base], (await client.get("/metrics")).json()
+            return [await first, await second, await base], (await client.get("/stats")).json()
 
     with running(tiny_model_dir, deltas, max_wait_ms=50) as (engine, url):
         responses, metrics = asyncio.run(scenario(engine, url))
@@ -151,7 +151,7 @@ def test_a_full_queue_answers_429_with_retry_after(tiny_model_dir, deltas):
                            for t in ("sst2", "rte")]
                 await asyncio.to_thread(wait_for_queue, engine, 2)
                 rejected = await client.post("/v1/predict", json={"task": "sst2", "inputs": TEXTS})
-            return rejected, [await w for w in waiting], (await client.get("/metrics")).json()
+            return rejected, [await w for w in waiting], (await client.get("/stats")).json()
 
     with running(tiny_model_dir, deltas, queue_size=2) as (engine, url):
         rejected, accepted, metrics = asyncio.run(scenario(engine, url))
@@ -188,7 +188,7 @@ def test_every_response_base_rows_batch_splits_and_each_tasks_label_names(tiny_m
                 waiting = [asyncio.create_task(client.post("/v1/predict", json={"task": task, "inputs": texts}))
                            for task, texts in requests]
                 await asyncio.to_thread(wait_for_queue, engine, len(requests))
-            return [await w for w in waiting], (await client.get("/metrics")).json()
+            return [await w for w in waiting], (await client.get("/stats")).json()
 
     engine = build_engine(str(tiny_model_dir), paths, ServeConfig(max_batch_size=2, max_wait_ms=50))
     with BackgroundServer(engine) as url:

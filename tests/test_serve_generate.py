@@ -248,6 +248,58 @@ def test_bad_requests_are_400s_that_do_not_echo_them(served):
         assert error["param"] is None and error["code"] == "invalid_json"
 
 
+def scrape(url: str, **headers) -> dict[str, dict[tuple, float]]:
+    """GET /metrics parsed by prometheus_client's own parser: {sample name: {sorted label pairs: value}}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    answer = httpx.get(url + "/metrics", headers=headers)
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain; version=")
+    samples: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(answer.text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def test_metrics_in_prometheus_format_count_known_requests(served):
+    """Two LoRA requests of 5 tokens and one prompt-tuning request of n=2 choices of 3 tokens (ignore_eos: the
+    counts are known): requests, prompt and generated tokens per task, one first token per request, one inter-token
+    gap per later token, decode steps whose rows sum to those later tokens; while the requests wait, vLLM's gauge
+    names their adapters as waiting."""
+    with server(served, tasks=("lora", "prompt"), max_batch_size=8) as (loop, url):
+        api = client(url)
+        calls = [("lora", 1, 5), ("lora", 1, 5), ("prompt", 2, 3)]
+        answers = []
+        threads = [threading.Thread(target=lambda task=task, n=n, tokens=tokens: answers.append(api.completions.create(
+            model=task, prompt=PROMPTS[1], max_tokens=tokens, n=n, temperature=0, extra_body={"ignore_eos": True})))
+            for task, n, tokens in calls]
+        with held(loop):
+            for thread in threads:
+                thread.start()
+            wait_until(lambda: loop.metrics()["queue"] == 3, "three requests queued")
+            waiting = scrape(url)
+        for thread in threads:
+            thread.join(60)
+        after = scrape(url)
+    assert len(answers) == 3 and sum(a.usage.completion_tokens for a in answers) == 16
+    info = waiting["vllm:lora_requests_info"]
+    assert list(info) == [(("max_lora", "8"), ("running_lora_adapters", ""), ("waiting_lora_adapters", "lora,prompt"))]
+    assert abs(next(iter(info.values())) - time.time()) < 60  # vLLM's value: when it was updated
+    assert waiting["deltatune_queue_depth"][()] == 3 and after["deltatune_queue_depth"][()] == 0
+    assert after["deltatune_running_requests"][()] == 0 and after["deltatune_loaded_deltas"][()] == 2
+    assert after["deltatune_requests_total"] == {(("task", "lora"),): 2, (("task", "prompt"),): 1}
+    prompt_tokens = len(plain_ids(served, PROMPTS[1]))
+    assert after["deltatune_prompt_tokens_total"] == {(("task", "lora"),): 2 * prompt_tokens,
+                                                      (("task", "prompt"),): prompt_tokens}
+    assert after["deltatune_generation_tokens_total"] == {(("task", "lora"),): 10, (("task", "prompt"),): 6}
+    assert after["deltatune_time_to_first_token_seconds_count"][()] == 3  # one per request, not per choice
+    later_tokens = 16 - 4  # every token but each choice's first (which the prefill samples)
+    assert after["deltatune_inter_token_latency_seconds_count"][()] == later_tokens
+    assert after["deltatune_batch_size_sum"][()] == later_tokens  # a decode step's rows each make one token
+    assert after["deltatune_batch_size_count"][()] == loop.metrics()["steps"]
+    assert after["deltatune_time_to_first_token_seconds_bucket"][(("le", "+Inf"),)] == 3
+
+
 def test_models_sampling_stop_and_n(served):
     with server(served, tasks=("lora", "prompt")) as (loop, url):
         api = client(url)

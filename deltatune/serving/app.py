@@ -5,7 +5,8 @@
 
 Endpoints: `POST /v1/predict` ({"task", "inputs"} -> a label and probabilities per input, as `deltatune
 predict` prints them), `GET /v1/tasks`, `POST /v1/tasks` ({"name", "path"}: load a delta while serving),
-`DELETE /v1/tasks/{name}`, `GET /health`, `GET /metrics` (counters: batches, mixed batches, rejections);
+`DELETE /v1/tasks/{name}`, `GET /health`, `GET /metrics` (Prometheus text: `serving/metrics.py`), `GET /stats` (the
+counters as JSON: batches, mixed batches, rejections);
 the OpenAPI schema at `/openapi.json` (browsable at `/docs`).
 
 How /v1/predict requests become mixed-task batches: `serving/classify.py`. How each error is answered (its
@@ -35,7 +36,7 @@ import hmac
 import socket
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from deltatune.delta import DeltaModel
@@ -43,6 +44,7 @@ from deltatune.errors import DeltaTuneError, LoadingOff, UnknownTaskError
 from deltatune.serving.classify import ClassificationEngine, add_classification_routes
 from deltatune.serving.config import API_KEY_VARIABLE, ServeConfig, delta_under_root
 from deltatune.serving.http_errors import error_response, openai_error
+from deltatune.serving.metrics import CONTENT_TYPE
 
 
 class LoadRequest(BaseModel):
@@ -154,8 +156,15 @@ def create_app(engine) -> FastAPI:
             return JSONResponse({"status": "worker stopped"}, status_code=503)
         return {"status": "ok", "tasks": sorted(engine.tasks), "queue": engine.metrics()["queue"]}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
     async def metrics():
+        """Prometheus' text format (`serving/metrics.py`): requests and tokens per task, queue depth, batch size,
+        time-to-first-token and inter-token histograms, loaded deltas, vLLM's `vllm:lora_requests_info`."""
+        return Response(engine.prometheus.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/stats")
+    async def stats():
+        """The engine's counters as JSON (batches, mixed batches, rejections...)."""
         return engine.metrics()
 
     return app

@@ -52,6 +52,7 @@ class ClassificationEngine(ModelWorker):
     def __init__(self, model: DeltaModel, tokenizer, config: ServeConfig | None = None):
         self._pending: collections.deque[_Job] = collections.deque()
         self._pending_inputs = 0
+        self._running: list[_Job] = []  # the jobs of the batch being run (read by /metrics)
         super().__init__(model, tokenizer, config or ServeConfig(), stat_keys=(
             "requests", "inputs", "batches", "mixed_batches", "max_tasks_in_batch", "max_batch_inputs", "rejected",
             "failed"))
@@ -74,6 +75,7 @@ class ClassificationEngine(ModelWorker):
             self._pending.append(job)
             self._pending_inputs += len(job.inputs)
             self.stats["requests"] += 1
+            self.prometheus.requests.labels(task).inc()
             self._condition.notify_all()
         return job.future
 
@@ -81,6 +83,11 @@ class ClassificationEngine(ModelWorker):
         with self._condition:
             waiting = len(self._pending)
         return {**self.stats, "queue": waiting, "tasks": len(self._tasks)}
+
+    def _running_and_waiting(self) -> tuple[list[str], list[str]]:
+        with self._condition:
+            waiting = [job.task for job in self._pending]
+        return [job.task for job in self._running], waiting
 
     # ---- on the worker thread -------------------------------------------------------------------------
     def _task_entry(self, name: str, info: dict[str, Any]) -> dict[str, Any]:
@@ -123,6 +130,13 @@ class ClassificationEngine(ModelWorker):
             return jobs
 
     def _run_batch(self, jobs: list[_Job]) -> None:
+        self._running = jobs
+        try:
+            self._predict(jobs)
+        finally:
+            self._running = []
+
+    def _predict(self, jobs: list[_Job]) -> None:
         examples: list[tuple[_Job, Encoded]] = []
         max_length = max_model_length(self.model, self.tokenizer, self.config.max_length)
         for job in jobs:
@@ -141,6 +155,8 @@ class ClassificationEngine(ModelWorker):
                 job.future.set_exception(error)
             return
         self.stats["inputs"] += len(examples)  # counted before any caller can read the metrics
+        for job in live:
+            self.prometheus.inputs.labels(job.task).inc(len(job.inputs))
         start = 0
         for job in live:
             job.future.set_result([self._prediction(job.task, text, row) for text, row in
@@ -163,6 +179,7 @@ class ClassificationEngine(ModelWorker):
             self.stats["mixed_batches"] += distinct > 1
             self.stats["max_tasks_in_batch"] = max(self.stats["max_tasks_in_batch"], distinct)
             self.stats["max_batch_inputs"] = max(self.stats["max_batch_inputs"], len(chunk))
+            self.prometheus.batch_size.observe(len(chunk))
         return rows
 
     def _prediction(self, task: str, text, row: torch.Tensor) -> dict[str, Any]:

@@ -114,6 +114,7 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
     sent: int = 0  # characters of the text handed to the client
     done: bool = False
+    last: float = 0.0  # time.monotonic() of its last token (the inter-token latency of /metrics)
 
 
 class DecodeLoop(ModelWorker):
@@ -159,6 +160,8 @@ class DecodeLoop(ModelWorker):
                 raise Overloaded(f"{len(self._waiting)} requests are waiting already (--queue-size); retry shortly")
             self._waiting.append(request)
             self.stats["requests"] += 1
+            self.prometheus.requests.labels(task).inc()
+            self.prometheus.prompt_tokens.labels(task).inc(len(prompt_ids))
             self._condition.notify_all()
         return request
 
@@ -193,6 +196,13 @@ class DecodeLoop(ModelWorker):
         with self._condition:
             waiting = len(self._waiting)
         return {**self.stats, "queue": waiting, "running": len(self._rows), "tasks": len(self._tasks)}
+
+    def _running_and_waiting(self) -> tuple[list[str], list[str]]:
+        with self._condition:
+            waiting = [request.task or BASE_TASK for request in self._waiting]
+        prefilling = [request for group in list(self._prefills) for request in group.requests]
+        running = {row.request for row in list(self._rows) if not row.done} | set(prefilling)
+        return [request.task or BASE_TASK for request in running], waiting
 
     # ---- deltas (on the decode thread, or before it starts) ----------------------------------------------
     def _remove(self, name: str) -> None:
@@ -375,6 +385,7 @@ class DecodeLoop(ModelWorker):
         self.stats["mixed_steps"] += len(distinct) > 1
         self.stats["max_rows"] = max(self.stats["max_rows"], len(self._rows))
         self.stats["max_tasks_in_step"] = max(self.stats["max_tasks_in_step"], len(distinct))
+        self.prometheus.batch_size.observe(len(self._rows))
         self._last = self._sample(self._rows, output.logits[:, -1].float())
         self._emit_tokens(self._rows, self._last.tolist())
 
@@ -399,9 +410,11 @@ class DecodeLoop(ModelWorker):
     def _emit_tokens(self, rows: list[_Row], tokens: list[int]) -> None:
         """Record each row's new token; hand new text to the client; finish rows that are done."""
         self.stats["tokens"] += len(rows)
+        now = time.monotonic()
         for row, token in zip(rows, tokens, strict=True):
             sampling = row.request.sampling
             row.tokens.append(token)
+            self._count_token(row, now)
             finish = None
             if token in self.stop_ids and not sampling.ignore_eos:
                 finish, text = "stop", self._text(row.tokens[:-1])
@@ -421,6 +434,16 @@ class DecodeLoop(ModelWorker):
                 row.request.running -= 1
                 self.stats["finished"] += 1
                 self._send(row.request, Event(row.index, finish_reason=finish, completion_tokens=len(row.tokens)))
+
+    def _count_token(self, row: _Row, now: float) -> None:
+        """/metrics: the row's token under its task, its latency since the last one (or since its request came)."""
+        metrics = self.prometheus
+        metrics.generation_tokens.labels(row.request.task or BASE_TASK).inc()
+        if len(row.tokens) > 1:
+            metrics.inter_token.observe(now - row.last)
+        elif row.index == 0:  # the request's first token (its choices share the prefill)
+            metrics.time_to_first_token.observe(now - row.request.arrived)
+        row.last = now
 
     def _text(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)

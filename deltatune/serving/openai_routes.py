@@ -11,8 +11,9 @@ user's, its input) — as `deltatune generate` / `predict` do. `GET /v1/models` 
 Fields: max_tokens (max_completion_tokens), temperature (0: greedy), top_p, stop, seed, n, stream (server-sent
 events in OpenAI's chunk format, ending with `data: [DONE]`), stream_options.include_usage; `usage` counts tokens.
 Errors come in OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 (a limit, an unsupported
-option, a body that is not JSON), 401 (no or a wrong API key), 404 (unknown model), 413 (body too large), 422 (a malformed field), 429 (the
-queue is full; Retry-After). Requests run in `deltatune.serving.decode_loop.DecodeLoop` (continuous batching).
+option, a body that is not JSON), 401 (no or a wrong API key), 404 (unknown model), 413 (body too large), 422 (a
+malformed field), 429 (the queue is full; Retry-After). Requests run in `deltatune.serving.decode_loop.DecodeLoop`
+(continuous batching).
 """
 
 from __future__ import annotations

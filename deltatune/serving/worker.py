@@ -23,6 +23,7 @@ from deltatune.delta import DeltaModel
 from deltatune.errors import DeltaError
 from deltatune.methods.registry import method_entry, methods_that
 from deltatune.serving.config import ServeConfig, shown_path
+from deltatune.serving.metrics import ServerMetrics
 
 # A server runs forward passes of ever new shapes. glibc then keeps freed tensor memory in its heap (it raises its
 # mmap threshold as large blocks are freed), and the resident set creeps up by ~100 MiB per few thousand requests.
@@ -46,6 +47,7 @@ class ModelWorker:
         self._control: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._closing = False
         self.stats = collections.Counter(dict.fromkeys(stat_keys, 0))  # all keys now: readers never see it grow
+        self.prometheus = ServerMetrics(self.load_state)  # GET /metrics
         self._tasks: dict[str, dict[str, Any]] = {}  # a snapshot for the HTTP threads; replaced, never mutated
         self._refresh_tasks()
         self._worker = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
@@ -71,6 +73,19 @@ class ModelWorker:
     def tasks(self) -> dict[str, dict[str, Any]]:
         """The tasks loaded now ({name: entry}, entries from `_task_entry`); a snapshot, replaced, never mutated."""
         return self._tasks
+
+    def load_state(self) -> dict[str, Any]:
+        """What the server holds now, for /metrics: queue_depth, running_requests, running_tasks and waiting_tasks
+        (the task of each), loaded_deltas, max_loaded_deltas (0: unbounded) and max_lora (`serving/metrics.py`)."""
+        running, waiting = self._running_and_waiting()
+        bound = getattr(self.config, "max_loaded_deltas", 0) or 0
+        return {"queue_depth": len(waiting), "running_requests": len(running), "running_tasks": running,
+                "waiting_tasks": waiting, "loaded_deltas": len(self._tasks), "max_loaded_deltas": bound,
+                "max_lora": bound or self.config.max_batch_size}
+
+    def _running_and_waiting(self) -> tuple[list[str], list[str]]:
+        """The task of every request running now and of every one waiting (each subclass its own queues)."""
+        raise NotImplementedError
 
     def call(self, function: Callable[[], Any]) -> Future:
         """Run `function()` on the worker thread between two passes (the model's owner); its result in a future."""
