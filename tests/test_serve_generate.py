@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
+import shutil
 import threading
 import time
+import weakref
 
 import httpx
 import openai
@@ -464,6 +467,54 @@ def test_loading_over_http_is_off_by_default_and_confined_to_the_delta_root(serv
     with server(served, tasks=("lora",), allow_loading=True, delta_root=str(root)) as (_, url):
         escape = httpx.post(url + "/v1/tasks", json={"name": "x", "path": "escape"})
         assert escape.status_code == 400 and "outside the delta root" in escape.json()["detail"]
+
+
+def test_delta_cache_evicts_the_least_recently_used_frees_it_and_reloads_it_on_request(served, tmp_path):
+    """--max-loaded-deltas 3 with one pinned --delta: loading a third delta over vLLM's endpoint evicts the least
+    recently used unpinned one (its tensors freed), a request for it loads it again (the same tokens as the delta
+    alone), evicting the next; vLLM's answers for a name taken or unknown."""
+    folder, paths = served
+    root = tmp_path / "root"
+    for name in ("d0", "d1", "d2"):
+        shutil.copytree(paths["lora"], root / name)  # the lora delta under three names
+    ids = plain_ids(served, PROMPTS[1])
+    expected = reference(served, "lora", ids, 4)[0]
+    with server(served, tasks=("adapter",), allow_loading=True, delta_root=str(root), max_loaded_deltas=3) as (
+            loop, url):
+        api = client(url)
+
+        def load(name: str, **extra) -> httpx.Response:
+            return httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": name, **extra})
+
+        def complete(name: str) -> str:
+            return api.completions.create(model=name, prompt=ids, max_tokens=4, temperature=0).choices[0].text
+
+        assert load("d0").text == "Success: LoRA adapter 'd0' added successfully."
+        assert load("d1").status_code == 200 and complete("d0") == expected  # d1 is now the least recently used
+        freed = weakref.ref(next(iter(loop.model.task_parameters("d1").values())))
+        assert load("d2").status_code == 200
+        assert set(loop.tasks) == {"adapter", "d0", "d2"} and httpx.get(url + "/v1/tasks").json()["evicted"] == ["d1"]
+        gc.collect()
+        assert freed() is None  # the evicted delta's tensors are gone
+        assert complete("d1") == expected  # loaded again from its folder; d0 (used before d2 was loaded) leaves
+        assert set(loop.tasks) == {"adapter", "d1", "d2"} and loop.cache.evicted == {"d0": str(root / "d0")}
+        assert (loop.metrics()["evicted"], loop.metrics()["reloaded"]) == (2, 1)
+        assert scrape(url)["deltatune_loaded_deltas"][()] == 3
+        taken = load("d2")
+        assert taken.status_code == 400 and taken.json()["error"]["message"] == (
+            "The lora adapter 'd2' has already been loaded.")
+        assert load("d2", load_inplace=True).status_code == 200
+        unload = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "d0"})  # evicted: forgotten
+        assert unload.text == "Success: LoRA adapter 'd0' removed successfully."
+        with pytest.raises(openai.NotFoundError):
+            complete("d0")
+        missing = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "d0"})
+        assert missing.status_code == 404 and missing.json()["error"]["message"] == (
+            "The lora adapter 'd0' cannot be found.")
+        assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "d1"}).status_code == 200
+        assert set(loop.tasks) == {"adapter", "d2"}
+    with pytest.raises(DeltaTuneError, match="--max-loaded-deltas 1 is fewer than the 2 deltas"):
+        build_engine(str(folder), {"a": paths["lora"], "b": paths["adapter"]}, ServeConfig(max_loaded_deltas=1))
 
 
 def test_top_layers_and_full_deltas_are_refused_at_start(served):

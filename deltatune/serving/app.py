@@ -36,7 +36,7 @@ import hmac
 import socket
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from deltatune.delta import DeltaModel
@@ -45,6 +45,23 @@ from deltatune.serving.classify import ClassificationEngine, add_classification_
 from deltatune.serving.config import API_KEY_VARIABLE, ServeConfig, delta_under_root
 from deltatune.serving.http_errors import error_response, openai_error
 from deltatune.serving.metrics import CONTENT_TYPE
+
+
+class LoadLoRARequest(BaseModel):
+    """vLLM's body of POST /v1/load_lora_adapter (vllm/entrypoints/openai/protocol.py, LoadLoRAAdapterRequest)."""
+
+    model_config = ConfigDict(extra="allow")  # vLLM's other fields (lora_int_id...) pass
+    lora_name: str = Field(description="the name requests give as `model`")
+    lora_path: str = Field(description="a delta folder (deltatune or peft) under the server's --delta-root")
+    load_inplace: bool = Field(default=False, description="replace a delta loaded under that name already")
+
+
+class UnloadLoRARequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    lora_name: str
+
+
+VLLM_ROUTES = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
 
 class LoadRequest(BaseModel):
@@ -137,18 +154,19 @@ def create_app(engine) -> FastAPI:
 
     app = FastAPI(title="deltatune serve", version=__version__,
                   description="Many task deltas on one base model; requests are batched across tasks.")
-    openai_paths: tuple[str, ...] = ()
+    openai_paths: tuple[str, ...] = VLLM_ROUTES
     if isinstance(engine, ClassificationEngine):
         add_classification_routes(app, engine)
     else:
         from deltatune.serving.openai_routes import OPENAI_ROUTES, add_openai_routes
 
         add_openai_routes(app, engine)
-        openai_paths = OPENAI_ROUTES
+        openai_paths += OPENAI_ROUTES
     app.add_middleware(_Guard, config=engine.config, openai_paths=openai_paths)
     if engine.config.api_key:  # /docs' Authorize button: the key as a Bearer token on the calls it makes
         _declare_bearer_key(app)
     _add_task_routes(app, engine)
+    _add_vllm_lora_routes(app, engine)
 
     @app.get("/health")
     async def health():
@@ -190,12 +208,11 @@ def _add_task_routes(app: FastAPI, engine) -> None:
     @app.get("/v1/tasks")
     async def list_tasks():
         return {"tasks": [{"name": name, **{k: v for k, v in info.items() if k != "prompt_format"}}
-                          for name, info in engine.tasks.items()]}
+                          for name, info in engine.tasks.items()],
+                "evicted": sorted(engine.cache.evicted)}  # --max-loaded-deltas: loaded again when requested
 
     def check_loading() -> None:
-        if not config.allow_loading:
-            raise LoadingOff("loading and removing deltas over HTTP is off; start the server with --allow-loading "
-                             "--delta-root DIR")
+        _check_loading(config)
 
     @app.post("/v1/tasks", status_code=201, responses={400: {"description": "the delta cannot be loaded"},
                                                        403: {"description": "loading over HTTP is off"},
@@ -215,12 +232,56 @@ def _add_task_routes(app: FastAPI, engine) -> None:
     async def delete_task(name: str):
         try:
             check_loading()
+            if name not in engine.tasks and engine.forget(name):
+                return {"deleted": name}  # evicted: it is not loaded again
             if name not in engine.tasks:
                 raise UnknownTaskError(f"unknown task {name!r}; tasks loaded: {sorted(engine.tasks)}")
         except DeltaTuneError as error:
             return error_response(error, tasks=sorted(engine.tasks))
         await asyncio.wrap_future(engine.remove(name))
         return {"deleted": name}
+
+
+def _check_loading(config: ServeConfig) -> None:
+    if not config.allow_loading:
+        raise LoadingOff("loading and removing deltas over HTTP is off; start the server with --allow-loading "
+                         "--delta-root DIR")
+
+
+def _add_vllm_lora_routes(app: FastAPI, engine) -> None:
+    """vLLM's runtime adapter endpoints (docs.vllm.ai, LoRA Adapters: "Dynamically serving LoRA Adapters"), so a
+    client or gateway written for vLLM loads and unloads deltas here: the same bodies, the same plain-text answer
+    on success, errors in OpenAI's shape (an unknown name: 404; a name taken without load_inplace: 400). Off (403)
+    without --allow-loading, and only from folders under --delta-root, as POST /v1/tasks."""
+
+    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
+    async def load_lora_adapter(request: LoadLoRARequest):
+        name = request.lora_name
+        try:
+            _check_loading(engine.config)
+            path = delta_under_root(engine.config.delta_root, request.lora_path)
+            if name in engine.tasks and not request.load_inplace:
+                raise DeltaTuneError(f"The lora adapter '{name}' has already been loaded.")
+            if name in engine.tasks:
+                await asyncio.wrap_future(engine.remove(name))
+            engine.forget(name)
+            await asyncio.wrap_future(engine.load(name, path))
+        except DeltaTuneError as error:
+            return error_response(error, openai=True)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
+    async def unload_lora_adapter(request: UnloadLoRARequest):
+        name = request.lora_name
+        try:
+            _check_loading(engine.config)
+            if name not in engine.tasks and not engine.forget(name):
+                raise UnknownTaskError(f"The lora adapter '{name}' cannot be found.")
+            if name in engine.tasks:
+                await asyncio.wrap_future(engine.remove(name))
+        except DeltaTuneError as error:
+            return error_response(error, openai=True)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -281,11 +342,15 @@ def build_engine(model_name: str, deltas: dict[str | None, str], config: ServeCo
         engine = DecodeLoop(model, load_tokenizer(model_name), config)
     else:
         engine = ClassificationEngine(model, load_tokenizer(model_name), config)
+    if config.max_loaded_deltas and len(deltas) > config.max_loaded_deltas:
+        raise DeltaTuneError(f"--max-loaded-deltas {config.max_loaded_deltas} is fewer than the {len(deltas)} deltas "
+                             f"given with --delta (which stay loaded); raise it")
     for name, path in deltas.items():
         try:
             engine._load(name, path)  # the worker has not started: this thread owns the model still
         except DeltaTuneError as error:
             raise DeltaTuneError(f"--delta {name or ''}{'=' if name else ''}{path}: {error}") from error
+    engine.cache.pinned = set(engine.tasks)  # never evicted
     return engine
 
 

@@ -32,7 +32,7 @@ from deltatune.errors import Overloaded, ShuttingDown, UnknownTaskError
 from deltatune.evaluate import encode_inputs, label_prediction
 from deltatune.serving.config import ServeConfig
 from deltatune.serving.http_errors import error_response
-from deltatune.serving.worker import ModelWorker
+from deltatune.serving.worker import ModelWorker, reload_if_evicted
 from deltatune.tasks.encoding import Encoded, collate, max_model_length
 
 
@@ -76,6 +76,7 @@ class ClassificationEngine(ModelWorker):
             self._pending_inputs += len(job.inputs)
             self.stats["requests"] += 1
             self.prometheus.requests.labels(task).inc()
+            self.cache.used(task)
             self._condition.notify_all()
         return job.future
 
@@ -220,6 +221,7 @@ def add_classification_routes(app: FastAPI, engine: ClassificationEngine) -> Non
             return JSONResponse({"detail": f"{len(request.inputs)} inputs in one request; at most "
                                            f"{engine.config.max_inputs} (--max-inputs)"}, status_code=422)
         try:  # an unknown task (or one removed while the request waited), a full queue, an input that fails
+            await reload_if_evicted(engine, request.task)
             predictions = await asyncio.wrap_future(engine.submit(request.task, request.inputs))
         except Exception as error:  # noqa: BLE001 - answered by serving/http_errors.py's table
             return error_response(error, tasks=sorted(engine.tasks))

@@ -44,6 +44,10 @@ class ServeConfig:
     allow_loading: bool = field(default=False, metadata={
         "help": "allow loading (POST /v1/tasks) and removing deltas over HTTP, from folders under --delta-root only"})
     delta_root: str | None = field(default=None, metadata={"help": "the folder deltas may be loaded from over HTTP"})
+    max_loaded_deltas: int = field(default=0, metadata={
+        "help": "deltas kept loaded at most (0: no bound): loading one more unloads the least recently used delta "
+                "no request is using (never one given with --delta), which a later request for it loads again from "
+                "its folder"})
     trust_pickle: bool = field(default=False, metadata={"help": "also load deltas stored as pickles"})
     prefill_tokens: int = field(default=512, metadata={
         "help": "generation: prompt tokens prefilled in one pass at most (summed over the requests prefilled "
@@ -62,7 +66,7 @@ class ServeConfig:
     def __post_init__(self) -> None:
         counts = (self.max_batch_size, self.queue_size, self.max_inputs, self.max_prompt_tokens, self.max_tokens,
                   self.max_n, self.max_body_bytes, self.prefill_tokens)
-        if min(counts) < 1 or self.max_wait_ms < 0:
+        if min(counts) < 1 or self.max_wait_ms < 0 or self.max_loaded_deltas < 0:
             raise DeltaTuneError(f"serve settings must be positive: {self}")
         if self.precision not in PRECISIONS:
             raise DeltaTuneError(f"unknown precision {self.precision!r}; choose one of {list(PRECISIONS)}")

@@ -161,6 +161,7 @@ class DecodeLoop(ModelWorker):
             self._waiting.append(request)
             self.stats["requests"] += 1
             self.prometheus.requests.labels(task).inc()
+            self.cache.used(task)
             self.prometheus.prompt_tokens.labels(task).inc(len(prompt_ids))
             self._condition.notify_all()
         return request

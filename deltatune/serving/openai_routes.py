@@ -34,6 +34,7 @@ from deltatune.core.component import BASE_TASK
 from deltatune.errors import ClientGone, DeltaTuneError, UnknownTaskError
 from deltatune.serving.decode_loop import DecodeLoop, Event, Sampling
 from deltatune.serving.http_errors import error_response, openai_error
+from deltatune.serving.worker import reload_if_evicted
 from deltatune.tasks.generation import chat_prompt_ids
 
 OPENAI_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models")
@@ -220,6 +221,7 @@ def add_openai_routes(app: FastAPI, loop: DecodeLoop) -> None:
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, http: Request):
         try:
+            await reload_if_evicted(loop, request.model)
             task_of(request.model)
             sampling = request.sampling(16)  # OpenAI's default for completions
             if request.best_of not in (None, request.n):
@@ -232,6 +234,7 @@ def add_openai_routes(app: FastAPI, loop: DecodeLoop) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatRequest, http: Request):
         try:
+            await reload_if_evicted(loop, request.model)
             prompt_format, delta = task_of(request.model)
             if request.max_completion_tokens is not None:
                 request.max_tokens = request.max_completion_tokens

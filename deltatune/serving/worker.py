@@ -10,6 +10,7 @@ freed memory back to the operating system. Each subclass writes its own loop (`_
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import threading
 import time
@@ -20,9 +21,10 @@ from typing import Any
 
 from deltatune.core.memory import release_free_memory
 from deltatune.delta import DeltaModel
-from deltatune.errors import DeltaError
+from deltatune.errors import DeltaError, Overloaded, UnknownTaskError
 from deltatune.methods.registry import method_entry, methods_that
-from deltatune.serving.config import ServeConfig, shown_path
+from deltatune.serving.config import ServeConfig, delta_under_root, shown_path
+from deltatune.serving.delta_cache import DeltaCache
 from deltatune.serving.metrics import ServerMetrics
 
 # A server runs forward passes of ever new shapes. glibc then keeps freed tensor memory in its heap (it raises its
@@ -30,6 +32,13 @@ from deltatune.serving.metrics import ServerMetrics
 # Handing free pages back (malloc_trim) at most every TRIM_EVERY_S seconds keeps it flat for ~2% CPU; making every
 # large block an mmap (mallopt M_MMAP_THRESHOLD) also keeps it flat, but cost 60% more CPU here (page faults).
 TRIM_EVERY_S = 0.5
+
+
+async def reload_if_evicted(engine: ModelWorker, name: str) -> None:
+    """Before a request for `name` is queued: load it again if the delta cache evicted it (`DeltaCache`)."""
+    future = engine.ensure_loaded(name)
+    if future is not None:
+        await asyncio.wrap_future(future)
 
 
 class ModelWorker:
@@ -46,7 +55,9 @@ class ModelWorker:
         self._condition = threading.Condition()
         self._control: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._closing = False
-        self.stats = collections.Counter(dict.fromkeys(stat_keys, 0))  # all keys now: readers never see it grow
+        # all keys now: readers never see it grow
+        self.stats = collections.Counter(dict.fromkeys((*stat_keys, "evicted", "reloaded"), 0))
+        self.cache = DeltaCache(config.max_loaded_deltas)  # --max-loaded-deltas: LRU eviction (delta_cache.py)
         self.prometheus = ServerMetrics(self.load_state)  # GET /metrics
         self._tasks: dict[str, dict[str, Any]] = {}  # a snapshot for the HTTP threads; replaced, never mutated
         self._refresh_tasks()
@@ -78,7 +89,7 @@ class ModelWorker:
         """What the server holds now, for /metrics: queue_depth, running_requests, running_tasks and waiting_tasks
         (the task of each), loaded_deltas, max_loaded_deltas (0: unbounded) and max_lora (`serving/metrics.py`)."""
         running, waiting = self._running_and_waiting()
-        bound = getattr(self.config, "max_loaded_deltas", 0) or 0
+        bound = self.config.max_loaded_deltas
         return {"queue_depth": len(waiting), "running_requests": len(running), "running_tasks": running,
                 "waiting_tasks": waiting, "loaded_deltas": len(self._tasks), "max_loaded_deltas": bound,
                 "max_lora": bound or self.config.max_batch_size}
@@ -101,6 +112,16 @@ class ModelWorker:
     def remove(self, name: str) -> Future:
         return self.call(lambda: self._remove(name))
 
+    def ensure_loaded(self, name: str) -> Future | None:
+        """A delta the cache evicted is loaded again, on the worker thread (its future; None: nothing to do)."""
+        if name in self._tasks or name not in self.cache.evicted:
+            return None
+        return self.call(lambda: self._reload(name))
+
+    def forget(self, name: str) -> bool:
+        """An evicted delta is not loaded again when next requested (DELETE / unload of an evicted one)."""
+        return self.cache.evicted.pop(name, None) is not None
+
     # ---- on the worker thread (or before it starts) -------------------------------------------------------
     def _run(self) -> None:
         raise NotImplementedError
@@ -118,6 +139,8 @@ class ModelWorker:
                 f"{methods_that(self.mixes)} (or merge it into its own model and serve that)")
 
     def _load(self, name: str | None, path: str | Path) -> dict[str, Any]:
+        if name not in self.model.task_info:
+            self._make_room()
         try:
             task = self.model.add_delta(path, task=name, trust_pickle=self.config.trust_pickle)
         except OSError as error:  # unreadable (permissions, a name the file system refuses): the request's fault
@@ -128,8 +151,32 @@ class ModelWorker:
             self.model.remove_task(task)
             raise DeltaError(refusal)
         self.model.task_info[task]["path"] = str(path)
+        self.cache.loaded(task)
         self._refresh_tasks()
         return {"name": task, **self._tasks[task]}
+
+    def _make_room(self) -> None:
+        """At --max-loaded-deltas, unload the least recently used delta no request is using (not a pinned one)."""
+        if not self.cache.full():
+            return
+        running, waiting = self._running_and_waiting()
+        victim = self.cache.victim(set(running) | set(waiting))
+        if victim is None:
+            raise Overloaded(f"all {self.cache.bound} loaded deltas (--max-loaded-deltas) are pinned (--delta) or "
+                             f"serving requests; retry shortly")
+        path = self.model.task_info[victim]["path"]
+        self._remove(victim)
+        self.cache.evicted[victim] = path
+        self.stats["evicted"] += 1
+
+    def _reload(self, name: str) -> None:
+        if name in self.model.task_info:  # another request loaded it first
+            return
+        path = self.cache.evicted.get(name)
+        if path is None:
+            raise UnknownTaskError(f"unknown model {name!r}: it was unloaded")
+        self._load(name, delta_under_root(self.config.delta_root, path))  # still under the root, symlinks followed
+        self.stats["reloaded"] += 1
 
     def _remove(self, name: str) -> None:
         self.model.remove_task(name)
@@ -137,6 +184,7 @@ class ModelWorker:
 
     def _refresh_tasks(self) -> None:
         self._tasks = {name: self._task_entry(name, info) for name, info in self.model.task_info.items()}
+        self.cache.keep_only(self._tasks)
 
     @staticmethod
     def _run_control(function: Callable[[], Any], future: Future) -> None:
