@@ -77,8 +77,8 @@ class ParameterReport:
 
 class _SignedLikeBase:
     """`DeltaModel.forward` as a descriptor: `inspect.signature(delta_model.forward)` lists the wrapped model's
-    forward parameters (then `tasks=`, `target_labels=`), not `*args, **kwargs`. transformers.Trainer keeps only
-    the dataset columns the model's forward names (`Trainer._set_signature_columns_if_needed`), and drops
+    forward parameters (then `tasks=`, `target_labels=`, `target_sums=`), not `*args, **kwargs`. transformers.Trainer
+    keeps only the dataset columns the model's forward names (`Trainer._set_signature_columns_if_needed`), and drops
     `input_ids` and `labels` otherwise. A non-data descriptor: accelerate's or TRL's patched `forward` set on an
     instance still wins."""
 
@@ -542,7 +542,7 @@ class DeltaModel(nn.Module):
     # ---- forward ------------------------------------------------------------------------------------
     @_SignedLikeBase
     def forward(self, *args, tasks: list[str | None] | None = None, target_labels: torch.Tensor | None = None,
-                **kwargs):
+                target_sums: bool = False, **kwargs):
         """The base model's forward with the active task's delta. With `tasks=` (one task name per example;
         "base" or None: no delta) a mixed-task batch: each example runs with its own task's delta in one
         pass, with the results of running it alone after `use(task)`. Full fine-tuning tasks cannot be
@@ -551,21 +551,25 @@ class DeltaModel(nn.Module):
 
         With `target_labels=` (a causal LM's token labels, -100 where no loss is) it returns the mean
         next-token loss instead of the outputs, running the LM head on the target positions only
-        (`deltatune.core.lm_loss`): equal to the loss from the full logits, with a fraction of the work."""
+        (`deltatune.core.lm_loss`): equal to the loss from the full logits, with a fraction of the work. With
+        `target_sums=True` as well: ((B,) each row's summed target log-probability, (B,) its target count), what
+        preference tuning compares (`lm_loss.target_log_probs`)."""
+        target_loss = "sums" if target_sums and target_labels is not None else target_labels is not None
         if target_labels is not None:
             kwargs["labels"] = target_labels  # prompt tuning extends them over its virtual tokens
         if tasks is not None:
-            return self._forward_mixed(self._example_tasks(tasks, args, kwargs), args, kwargs,
-                                       target_labels is not None)
+            return self._forward_mixed(self._example_tasks(tasks, args, kwargs), args, kwargs, target_loss)
         for component in self._input_components():
             kwargs = component.prepare_inputs(kwargs)
-        return self._run_base(args, kwargs, target_labels is not None)
+        return self._run_base(args, kwargs, target_loss)
 
-    def _run_base(self, args, kwargs, target_loss: bool):
+    def _run_base(self, args, kwargs, target_loss: bool | str):
         if target_loss:
-            from deltatune.core.lm_loss import target_only_loss
+            from deltatune.core.lm_loss import target_log_probs, target_only_loss
 
             labels = kwargs.pop("labels")
+            if target_loss == "sums":
+                return target_log_probs(self.base_model, kwargs, labels)
             return target_only_loss(self.base_model, kwargs, labels)
         return self.base_model(*args, **kwargs)
 
@@ -592,7 +596,7 @@ class DeltaModel(nn.Module):
             state.per_example = None
             state.active = active
 
-    def _forward_mixed(self, per_example: list[str | None], args, kwargs, target_loss: bool = False):
+    def _forward_mixed(self, per_example: list[str | None], args, kwargs, target_loss: bool | str = False):
         with self._rows_routed(per_example) as distinct:
             for component in self._input_components():
                 kwargs = component.prepare_inputs(kwargs)

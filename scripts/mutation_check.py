@@ -248,6 +248,15 @@ BUGS: list[Bug] = [
         "sorted(sum(fused_qkv_rows(name, layer, config)[1:], []))",
         "sorted(sum(fused_qkv_rows(name, layer, config)[::2], []))",
         ("tests/test_ia3_discovery.py::test_ia3_rescales_exactly_the_k_and_v_rows_of_a_fused_projection",)),
+    Bug("one-pass-reference-under-the-delta", "deltatune/training/preference.py",
+        "tasks=[self.policy] * rows + [reference] * rows", "tasks=[self.policy] * rows + [self.policy] * rows",
+        ("tests/test_preference.py::test_reference_log_probs_are_the_base_models_own_bit_for_bit",)),
+    Bug("second-pass-reference-under-the-delta", "deltatune/training/preference.py",
+        "delta_model.use(reference)  # full", "delta_model.use(self.policy)  # full",
+        ("tests/test_preference.py::test_reference_log_probs_are_the_base_models_own_bit_for_bit",)),
+    Bug("dpo-margin-sign", "deltatune/training/preference.py",
+        "logits = self.beta * (ratios[:n] - ratios[n:])", "logits = self.beta * (ratios[n:] - ratios[:n])",
+        ("tests/test_preference.py::test_dpo_loss_equals_eq7_computed_by_hand",)),
 ]
 
 

@@ -48,7 +48,7 @@ def test_forward_signature_is_the_wrapped_models():
     model = _model()
     names = list(inspect.signature(model.forward).parameters)
     assert names[:3] == ["input_ids", "attention_mask", "token_type_ids"] and "labels" in names
-    assert names[-3:] == ["tasks", "target_labels", "kwargs"]
+    assert names[-4:] == ["tasks", "target_labels", "target_sums", "kwargs"]
 
 
 def test_checkpoints_hold_the_delta_and_resume_to_the_same_delta(tmp_path):

@@ -46,3 +46,22 @@ def target_only_loss(model, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
         return hidden.sum() * 0.0
     logits = model.get_output_embeddings()(selected)  # (N, V)
     return F.cross_entropy(logits.float(), targets[keep])
+
+
+def target_log_probs(model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) summed log-probabilities of each row's target tokens (``labels[:, t + 1]`` at position t, where
+    not -100) and (B,) their counts: log pi(y | x) of a response, what preference losses compare (Rafailov
+    et al. 2023, eq. 7). The LM head runs on the target positions only, as in `target_only_loss`."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX  # (B, L - 1)
+    counts = keep.sum(dim=1)
+    if not splits_head(model):
+        logits = model(**inputs).logits[:, :-1].float()  # (B, L - 1, V)
+        picked = torch.gather(logits.log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return (picked * keep).sum(dim=1), counts
+    hidden = model.base_model(**inputs).last_hidden_state  # (B, L, d)
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # (N, V)
+    token_log_probs = -F.cross_entropy(logits.float(), targets[keep], reduction="none")  # (N,)
+    rows = keep.nonzero()[:, 0]  # the row of each of the N targets
+    sums = torch.zeros(labels.shape[0], dtype=token_log_probs.dtype, device=labels.device)
+    return sums.index_add(0, rows, token_log_probs), counts

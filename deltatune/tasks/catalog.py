@@ -11,6 +11,7 @@ from deltatune.tasks.e2e import e2e_task
 from deltatune.tasks.files import file_task
 from deltatune.tasks.generation import generation_file_task
 from deltatune.tasks.glue import glue_tasks
+from deltatune.tasks.preference import preference_file_task
 from deltatune.tasks.task import Task
 
 
@@ -50,6 +51,8 @@ def get_task(name: str, **options: Any) -> Task:
                 f"task {name!r} needs path=... (your {name} file) or data=... (a datasets.Dataset), plus "
                 f"text_columns and label_column"
             )
+        if options.pop("preference", False):  # DPO/SimPO pairs (training.preference)
+            return preference_file_task(name, **options)
         if options.get("format"):  # generation: prompt-completion, alpaca or messages
             return generation_file_task(name, **options)
         options.pop("format", None)

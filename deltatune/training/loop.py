@@ -44,8 +44,11 @@ from deltatune.methods.registry import METHODS, build_config, method_entry
 from deltatune.models import MODEL_HELP
 from deltatune.tasks import DATA_DIR_ENV, TASK_NAMES, Task, get_task
 from deltatune.tasks.encoding import IGNORE_INDEX, Encoded, collate, encode, epoch_batches, max_model_length
+from deltatune.tasks.preference import EncodedPair, encode_pairs
 from deltatune.training import trackers
 from deltatune.training.distributed import evaluate_sharded, full_parameters, launched, max_over_ranks, shard_model
+from deltatune.training.preference import OBJECTIVES, PreferenceObjective, prepare_policy
+from deltatune.training.preference import task_options as preference_task_options
 
 PRECISIONS = ["auto", "fp32", "bf16"]
 QUANTIZE_CHOICES = SCHEMES
@@ -110,6 +113,16 @@ class TrainConfig:
     fsdp: bool = field(default=False, metadata={
         "help": "under torchrun / accelerate launch: shard the model over the processes (FSDP2) instead of "
                 "replicating it"})
+    objective: str = field(default="sft", metadata={
+        "help": "sft: the likelihood of the targets; dpo (Rafailov et al. 2023) or simpo (Meng et al. 2024): "
+                "preference tuning on a --task jsonl file of prompt/chosen/rejected rows (training/preference.py)",
+        "choices": list(OBJECTIVES)})
+    beta: float = field(default=0.1, metadata={
+        "help": "dpo/simpo: the preference strength beta (DPO: 0.1 as in TRL; SimPO: the paper's 2.0-2.5)"})
+    reference: str | None = field(default=None, metadata={
+        "help": "dpo: the reference model's delta (e.g. the SFT delta; the policy starts as a copy of it); "
+                "default: the base with the delta off"})
+    simpo_gamma: float = field(default=0.5, metadata={"help": "simpo: the target reward margin gamma"})
     report_to: list[str] | None = field(default=None, metadata={
         "help": "experiment trackers, any of tensorboard,mlflow,wandb: loss, learning rate, evaluations, the config "
                 "and the delta (training/trackers.py; default: none)"})
@@ -275,6 +288,8 @@ class Run:
     loss_window: list[float] = field(default_factory=list)  # every step's loss, for logging and explosions
     epoch_batches: dict[int, list[list[int]]] = field(default_factory=dict)  # the current epoch's global batches
     stop_signal: int | None = None  # SIGINT/SIGTERM received: checkpoint after this step, then stop
+    objective: PreferenceObjective | None = None  # dpo/simpo (training/preference.py); None: sft
+    eval_items: list = field(default_factory=list)  # dpo/simpo: the encoded dev pairs
 
     @property
     def is_main(self) -> bool:
@@ -316,9 +331,10 @@ def setup(config: TrainConfig) -> Run:
     accelerator, precision = _accelerator(config.precision,
                                           trackers.make_trackers(config.report_to, Path(config.out)))
     set_seed(config.seed)
-    task = get_task(config.task, **config.task_options)
+    task = get_task(config.task, **preference_task_options(config.objective, config.task_options))
     tokenizer = load_tokenizer(config.model)
     model = build_model(config, task, tokenizer)
+    objective = _objective(config, model)
     if accelerator.device.type == "cpu":
         use_eager_attention(model)
     if config.grad_checkpointing:
@@ -326,7 +342,8 @@ def setup(config: TrainConfig) -> Run:
     max_length = max_model_length(model, tokenizer, config.max_length)
     train_examples = task.load("train", config.data_dir, limit=config.train_limit)
     eval_examples = task.load(config.eval_split, config.data_dir, limit=config.eval_limit)
-    train_items = encode(task, train_examples, tokenizer, max_length)
+    train_items = encode(task, train_examples, tokenizer, max_length) if objective is None else \
+        encode_pairs(task.prompt_format, train_examples, tokenizer, max_length)
     lengths = [len(item.input_ids) for item in train_items] if config.length_bucketing else None
     steps_per_epoch = math.ceil(len(train_items) / config.batch_size) // config.grad_accum
     total_steps = config.max_steps or max(1, int(steps_per_epoch * config.epochs))
@@ -345,10 +362,23 @@ def setup(config: TrainConfig) -> Run:
         prepared_model, optimizer = accelerator.prepare(model, optimizer)
     run = Run(config, accelerator, precision, task, tokenizer, model, prepared_model, max_length, train_items,
               lengths, eval_examples, steps_per_epoch, total_steps, lr, trainable, optimizer, scheduler,
-              out=Path(config.out))
+              out=Path(config.out), objective=objective)
+    if objective is not None:
+        run.eval_items = encode_pairs(task.prompt_format, eval_examples, tokenizer, max_length)
     run.state = _start_or_resume(run)
     trackers.start_trackers(accelerator, resolved_config(run), run.out)
     return run
+
+
+def _objective(config: TrainConfig, model: DeltaModel) -> PreferenceObjective | None:
+    """dpo/simpo: the preference loss, the policy made a copy of a --reference delta first; sft: None."""
+    if config.objective == "sft":
+        if config.reference:
+            raise TrainingError("--reference is DPO's reference model; pass --objective dpo, or drop --reference")
+        return None
+    policy = model.active_task
+    reference = prepare_policy(model, policy, config.reference, config.method)
+    return PreferenceObjective(config.objective, config.beta, policy, reference, simpo_gamma=config.simpo_gamma)
 
 
 def _accelerator(precision_option: str, trackers: list | None = None):
@@ -464,21 +494,28 @@ def forward_backward(run: Run) -> float:
         # it must join the gradient all-reduce anyway.
         weight = run.world * _loss_units(run.task, [run.train_items[i] for i in indices]) \
             / max(1, _loss_units(run.task, [run.train_items[i] for i in global_indices]))
-        batch = collate([run.train_items[i] for i in indices or global_indices[:1]], run.tokenizer.pad_token_id)
-        labels = batch.pop("labels").to(run.device)
+        items = [run.train_items[i] for i in indices or global_indices[:1]]
         last_micro = micro == config.grad_accum - 1  # DDP all-reduces the accumulated gradients once
         with nullcontext() if last_micro else accelerator.no_sync(run.prepared_model):
             with accelerator.autocast():
-                inputs = {k: v.to(run.device) for k, v in batch.items()}
-                if run.task.kind == "generation":  # the LM head runs on the target positions only
-                    loss = run.prepared_model(**inputs, target_labels=labels)
-                else:
-                    loss = task_loss(run.task, run.prepared_model(**inputs), labels)
-                loss = loss * weight / config.grad_accum
+                loss = _batch_loss(run, items) * weight / config.grad_accum
             accelerator.backward(loss)
         step_loss += loss.detach()
         run.state.examples += len(global_indices)
     return accelerator.reduce(step_loss, reduction="mean").item()  # the global batch's loss, on every rank
+
+
+def _batch_loss(run: Run, items: list) -> torch.Tensor:
+    """The mean loss of one (micro-)batch: a preference objective's, the targets' (generation: the LM head on
+    the target positions only) or the task's."""
+    if run.objective is not None:
+        return run.objective.loss(run.prepared_model, run.model, items, run.tokenizer.pad_token_id, run.device)
+    batch = collate(items, run.tokenizer.pad_token_id)
+    labels = batch.pop("labels").to(run.device)
+    inputs = {k: v.to(run.device) for k, v in batch.items()}
+    if run.task.kind == "generation":
+        return run.prepared_model(**inputs, target_labels=labels)
+    return task_loss(run.task, run.prepared_model(**inputs), labels)
 
 
 def _global_batch(run: Run, number: int) -> list[int]:
@@ -493,7 +530,7 @@ def _global_batch(run: Run, number: int) -> list[int]:
 def _loss_units(task, items: list[Encoded]) -> int:
     """What the task's loss is a mean over: examples, or for generation the target tokens (labels
     after the first position, as `task_loss` shifts them, that are not IGNORE_INDEX)."""
-    if task.kind != "generation":
+    if task.kind != "generation" or isinstance(items[0], EncodedPair):  # preference pairs: a mean over pairs
         return len(items)
     return sum(label != IGNORE_INDEX for item in items for label in item.label[1:])
 
@@ -532,7 +569,8 @@ def log_step(run: Run, loss: float, progress: _Progress) -> None:
     if state.step % every == 0 or state.step == run.total_steps:
         recent = run.loss_window[-every:]
         run.log({"step": state.step, "loss": sum(recent) / len(recent), "lr": run.scheduler.get_last_lr()[0],
-                 "examples_per_s": state.examples / elapsed, "seconds": elapsed})
+                 "examples_per_s": state.examples / elapsed, "seconds": elapsed,
+                 **(run.objective.logged if run.objective else {})})
 
 
 # ---- evaluation, summary -------------------------------------------------------------------------------
@@ -549,7 +587,9 @@ def evaluate_and_keep_best(run: Run) -> None:
     with full_parameters(run.model):  # FSDP: the whole model on every rank while it evaluates and saves
         try:
             metrics = evaluate_sharded(run.model, run.tokenizer, run.task, run.eval_examples, run.max_length,
-                                       run.rank, run.world)
+                                       run.rank, run.world) if run.objective is None else run.objective.evaluate(
+                run.prepared_model, run.model, run.eval_items, run.tokenizer.pad_token_id, run.device,
+                run.config.batch_size)
         except Exception as error:  # the trained delta is saved first: an evaluation error must not lose it
             raise TrainingError(f"evaluating step {step} failed ({type(error).__name__}: {error}); "
                                 f"{_save_unscored_delta(run)}") from error
