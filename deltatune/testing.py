@@ -181,6 +181,7 @@ TINY_ZOO: dict[str, dict] = {
     "qwen3_moe": dict(_GQA, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
     "phimoe": dict(_GQA, num_local_experts=4, num_experts_per_tok=2),
     "gpt_oss": dict(_GQA, head_dim=8, num_local_experts=4, num_experts_per_tok=2),
+    "minimax": dict(_GQA, num_local_experts=4, num_experts_per_tok=2),  # lightning (linear) attention blocks too
     "deepseek_v3": dict(_GQA, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                         first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4,
                         qk_nope_head_dim=4, v_head_dim=8, n_group=1, topk_group=1),  # latent attention, dense block 0

@@ -52,12 +52,12 @@ def refused(method: str, kinds: str, reason: str) -> dict[tuple[str, str], str]:
 REFUSALS: dict[tuple[str, str], str] = {
     **refused("adapter", "albert", "no stack of transformer blocks"),  # ALBERT: one layer shared across depth
     **refused("bitfit", "modernbert llama mistral phi3 mixtral qwen3 gemma gemma2 gemma3_text t5 olmo2 olmo3 smollm3 "
-                        "exaone4 helium hunyuan_v1_dense ministral3 qwen3_moe deepseek_v3",
+                        "exaone4 helium hunyuan_v1_dense ministral3 qwen3_moe deepseek_v3 minimax",
               "no bias terms, so BitFit has nothing to train; use BitFit(add_missing=True)"),
     **refused("top_layers", "albert", "no stack of transformer blocks found"),
     # prefix tuning hands its prefixes over as the key/value cache: these models' forwards take none (DeepSeek's
     # latent attention caches keys and values of other sizes than its heads)
-    **refused("prefix", "distilbert deberta-v2 mpnet modernbert bart deberta funnel xlnet eurobert deepseek_v3",
+    **refused("prefix", "distilbert deberta-v2 mpnet modernbert bart deberta funnel xlnet eurobert deepseek_v3 minimax",
               "prefix tuning does not support"),
     **refused("prefix", "albert", "no stack of transformer blocks"),
     # XLNet's attention weights are parameters (q, k, v, o: d_model x heads x head size), not linear layers; its

@@ -266,7 +266,10 @@ def _take(value: Any, index: torch.Tensor, batch: int, layer: int | None = None)
     if type(value).__name__.endswith("Cache"):
         from transformers import DynamicCache
 
-        rows = DynamicCache()
+        try:  # the model's own cache class: MiniMax's lightning-attention layers read its linear cache
+            rows = type(value)()
+        except TypeError:  # one that needs a config: a plain cache of keys and values
+            rows = DynamicCache()
         held = value.layers[layer] if layer is not None and layer < len(getattr(value, "layers", [])) else None
         if held is not None and getattr(held, "keys", None) is not None and held.keys.numel():
             rows.update(held.keys.index_select(0, index), held.values.index_select(0, index), layer)
