@@ -115,14 +115,15 @@ def task_options(args: argparse.Namespace, prompt_format: dict | None = None, sc
     was trained with) their format options (`GenerationFileOptions`).
 
     `scored_whole` (eval): the file scored, --dev-file else --data-file, is the "dev" split whole, not the seeded
-    10% that training holds out of --data-file. `label_names`: a classification delta's classes in its id order,
-    so that a file holding only some of them is scored against the ids the delta learnt."""
+    10% that training holds out of --data-file (a dataset folder keeps its own validation split). `label_names`: a
+    classification delta's classes in its id order, so that a file holding only some of them is scored against the
+    ids the delta learnt."""
     if args.task not in FILE_FORMATS:
         return {}
     if not args.data_file:
         raise DeltaTuneError(f"task {args.task!r} needs --data-file PATH (and --text-columns, --label-column, "
                              f"or --format for generation)")
-    dev_file = args.dev_file or (args.data_file if scored_whole else None)
+    dev_file = args.dev_file or (args.data_file if scored_whole and Path(args.data_file).is_file() else None)
     files = {"path": args.data_file, **({"dev_path": dev_file} if dev_file else {})}
     if prompt_format and not args.format:  # evaluating a generation delta: the prompts it was trained with
         return {**files, "columns": key_values(args.columns),

@@ -43,6 +43,7 @@ from deltatune.formats.native import RUN_DELTA, atomic_folder, recover
 from deltatune.methods.registry import METHODS, build_config, method_entry
 from deltatune.models import MODEL_HELP
 from deltatune.tasks import DATA_DIR_ENV, TASK_NAMES, Task, get_task
+from deltatune.tasks.catalog import FILE_FORMATS
 from deltatune.tasks.encoding import IGNORE_INDEX, Encoded, collate, encode, epoch_batches, max_model_length
 from deltatune.tasks.preference import EncodedPair, encode_pairs
 from deltatune.training import trackers
@@ -60,7 +61,8 @@ class TrainConfig:
     `cli: False` marks the fields the command line fills from other options (-o, --data-file...)."""
 
     model: str = field(metadata={"help": MODEL_HELP})
-    task: str = field(metadata={"help": " | ".join(TASK_NAMES) + " (csv, jsonl: your own file, --data-file)"})
+    task: str = field(metadata={"help": " | ".join(TASK_NAMES) + f" ({', '.join(FILE_FORMATS)}: your own data, "
+                                                                  f"--data-file)"})
     method: str = field(metadata={"help": "what trains (methods/registry.py)", "choices": list(METHODS)})
     out: str = field(metadata={"help": "run folder (delta, checkpoints, metrics.jsonl, summary.json)"})
     method_options: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})  # -o KEY=VALUE
