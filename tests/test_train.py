@@ -42,11 +42,11 @@ def test_training_learns_and_writes_its_run_folder(tiny_model_dir, sentiment_csv
     assert summary["final"]["accuracy"] > 0.9  # the sentiment word decides the label
     evals = [r for r in records if "eval" in r]  # time-to-quality: when each evaluation happened
     assert [r["step"] for r in evals] == [15 * e for e in range(1, 7)]  # once per epoch
-    assert all(0 < r["eval_seconds"] < r["seconds"] <= summary["train_seconds"] for r in evals)
+    assert all(0 < r["eval_seconds"] < r["seconds"] <= summary["seconds"] for r in evals)
+    assert summary["seconds"] == pytest.approx(summary["train_seconds"] + summary["eval_seconds"], abs=0.02)
     assert [r["seconds"] for r in evals] == sorted(r["seconds"] for r in evals)
 
 
-@contextmanager
 @pytest.mark.parametrize("max_steps", [4, 3])  # the last step evaluated in the loop (4), or after it (3)
 def test_train_seconds_leave_out_every_evaluation(tiny_model_dir, sentiment_csv, tmp_path, monkeypatch, max_steps):
     """summary.json: train_seconds is the training steps' time whether the final evaluation ran inside the loop or
@@ -67,6 +67,7 @@ def test_train_seconds_leave_out_every_evaluation(tiny_model_dir, sentiment_csv,
     assert summary["seconds"] == pytest.approx(summary["train_seconds"] + summary["eval_seconds"], abs=0.02)
 
 
+@contextmanager
 def optimizer_steps(fail_at: int | None = None):
     """Counts the optimizer steps taken inside the block (torch's global step hook: independent of the loop's
     code); with `fail_at`, the process "crashes" just before that step (1-based). Steps with all-zero
