@@ -87,8 +87,8 @@ def make_deltas(folder: Path) -> dict[str, dict[str, Path]]:
 
     index_file = folder / "deltas.json"
     if index_file.exists():
-        return {kind: {task: Path(p) for task, p in paths.items()} for kind, paths in
-                json.loads(index_file.read_text()).items()}
+        return {kind: {task: (ROOT / p).resolve() for task, p in paths.items()} for kind, paths in
+                json.loads(index_file.read_text()).items()}  # absolute: a server may run in another folder
     made: dict[str, dict[str, Path]] = {"lora": {}, "peft": {}, "mixed": {}}
     model = load_model("smollm2", "causal-lm")
     for index in range(LORA_DELTAS):
@@ -105,8 +105,9 @@ def make_deltas(folder: Path) -> dict[str, dict[str, Path]]:
         if kind != "prompt":  # prompts start from random embeddings already
             randomised(model, task, 100 + index, 0.02)
         made["mixed"][task] = model.save_delta(folder / "native" / task, task=task)
-    index_file.write_text(json.dumps({k: {t: str(p) for t, p in v.items()} for k, v in made.items()}, indent=1))
-    return made
+    index_file.write_text(json.dumps({k: {t: str(Path(p).resolve()) for t, p in v.items()} for k, v in made.items()},
+                                     indent=1))
+    return make_deltas(folder)
 
 
 # ---- servers ---------------------------------------------------------------------------------------------------
