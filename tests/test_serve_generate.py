@@ -504,6 +504,10 @@ def test_delta_cache_evicts_the_least_recently_used_frees_it_and_reloads_it_on_r
         assert taken.status_code == 400 and taken.json()["error"]["message"] == (
             "The lora adapter 'd2' has already been loaded.")
         assert load("d2", load_inplace=True).status_code == 200
+        shutil.rmtree(root / "d0")
+        os.symlink(paths["adapter"], root / "d0")  # the evicted delta's folder now leads out of the root
+        with pytest.raises(openai.BadRequestError, match="outside the delta root"):
+            complete("d0")
         unload = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "d0"})  # evicted: forgotten
         assert unload.text == "Success: LoRA adapter 'd0' removed successfully."
         with pytest.raises(openai.NotFoundError):
