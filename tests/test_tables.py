@@ -256,7 +256,7 @@ def test_report_only_writes_the_table_from_finished_cells_and_trains_none(tmp_pa
     """--report-only: the finished cell's row, the unfinished one listed as not run, no cell started."""
     import deltatune.results.compare as compare_module
 
-    monkeypatch.setattr(compare_module, "run_cell", lambda *a, **k: pytest.fail("--report-only started a cell"))
+    monkeypatch.setattr(compare_module, "start_cell", lambda *a, **k: pytest.fail("--report-only started a cell"))
     config = parse("--tasks", "rte", "--methods", "lora,bitfit", "--no-latency", "--report-only",
                    "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path))
     lora, bitfit = plan_cells(config)

@@ -130,6 +130,7 @@ TEMPLATES: dict[str, PromptTemplate] = {
     ),
     # five topics (business, entertainment, politics, sport, tech): words are the label names
     "bbc-news": PromptTemplate("Article: {text}\nTopic:", max_chars=600),
+    "bbc-headlines": PromptTemplate("Headline: {text}\nTopic:"),
     "e2e": PromptTemplate("MR: {source}\nSentence:"),
 }
 GENERIC_CLASSIFICATION = PromptTemplate("Text: {text}\nLabel:")

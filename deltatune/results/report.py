@@ -249,6 +249,13 @@ def _splits(results: dict[str, dict]) -> str:
     return "/".join(dict.fromkeys(r["config"].get("eval_split", "dev") for r in results.values())) or "dev"
 
 
+def _stopped_early(results: dict[str, dict]) -> str:
+    """" (the time came first: prompt-seed0 at 61 steps)" for the cells that ran out of time before their steps."""
+    early = [f"{name} at {r['summary']['steps']} steps" for name, r in results.items()
+             if "summary" in r and r["summary"].get("steps", 0) < (r["config"].get("max_steps") or 0)]
+    return f" (the time came first: {', '.join(early)})" if early else ""
+
+
 def _budgets(results: dict[str, dict]) -> str:
     """Each task's budget as its cells ran ("sst2 300 steps, mrpc 2 epochs"; one task: "300 steps"), max length
     and training examples."""
@@ -257,6 +264,8 @@ def _budgets(results: dict[str, dict]) -> str:
         c = result["config"]
         budget = (f"{c['max_steps']} steps" if c.get("max_steps") else f"{c['max_seconds']:g} s"
                   if c.get("max_seconds") else f"{c['epochs']:g} epochs")
+        if c.get("max_steps") and c.get("max_seconds"):  # --budget auto's share of a whole-comparison time limit
+            budget += f" or {c['max_seconds']:g} s of training, whichever came first{_stopped_early(results)}"
         limit = f", first {c['train_limit']} training examples" if c.get("train_limit") else ""
         seen.setdefault(c["task"], f"{budget}, max length {c['max_length']}{limit}")
     if len(seen) == 1:

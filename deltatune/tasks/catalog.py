@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from deltatune.errors import DataError
-from deltatune.tasks.bbc import bbc_task
+from deltatune.tasks.bbc import bbc_headlines_task, bbc_task
 from deltatune.tasks.e2e import e2e_task
 from deltatune.tasks.files import file_task
 from deltatune.tasks.generation import generation_file_task
@@ -30,6 +30,7 @@ BUILT_IN_TASKS: dict[str, Callable[[], Task]] = {
     "qqp": _glue("qqp"),
     "e2e": e2e_task,
     "bbc-news": bbc_task,
+    "bbc-headlines": bbc_headlines_task,
 }
 # the user's data: a file is read by its suffix (csv/tsv, jsonl, parquet, arrow), a folder as a `save_to_disk`
 # dataset, `data=` in Python as a datasets.Dataset / DatasetDict (tasks/hf_datasets.py)

@@ -50,6 +50,7 @@ from deltatune.training import trackers
 from deltatune.training.distributed import evaluate_sharded, full_parameters, launched, max_over_ranks, shard_model
 from deltatune.training.preference import OBJECTIVES, PreferenceObjective, prepare_policy
 from deltatune.training.preference import task_options as preference_task_options
+from deltatune.training.progress import ProgressDisplay
 
 PRECISIONS = ["auto", "fp32", "bf16"]
 QUANTIZE_CHOICES = SCHEMES
@@ -731,23 +732,16 @@ def _as_tuple(value):
 
 
 class _Progress:
-    """A rich progress bar with loss, learning rate, examples/s and ETA (off when not interactive)."""
+    """Steps with loss, learning rate, examples/s and ETA: a bar on a terminal, plain lines elsewhere
+    (`progress.ProgressDisplay`); nothing when `enabled` is False (compare's cells, other ranks)."""
 
     def __init__(self, total: int, enabled: bool, start: int = 0):
-        self.bar = None
-        if enabled:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
-                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                                TimeRemainingColumn())
-            self.bar.start()
-            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+        self.display = ProgressDisplay("step", total, start=start) if enabled else None
 
     def update(self, step: int, loss: float, lr: float, speed: float) -> None:
-        if self.bar:
-            self.bar.update(self.task, completed=step, info=f"loss {loss:.4f} lr {lr:.2e} {speed:.1f} ex/s")
+        if self.display:
+            self.display.update(step, f"loss {loss:.4f} lr {lr:.2e} {speed:.1f} ex/s")
 
     def close(self) -> None:
-        if self.bar:
-            self.bar.stop()
+        if self.display:
+            self.display.close()
