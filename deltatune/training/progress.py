@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 PLAIN_EVERY_SECONDS = 30.0
@@ -36,10 +37,11 @@ class ProgressDisplay:
     """
 
     def __init__(self, label: str, total: float, start: float = 0, live: bool | None = None,
-                 stream: TextIO | None = None, every: float = PLAIN_EVERY_SECONDS):
+                 stream: TextIO | None = None, every: float = PLAIN_EVERY_SECONDS,
+                 clock: Callable[[], float] = time.perf_counter):
         self.label, self.total, self.completed, self.info = label, total, start, ""
-        self.stream = stream or sys.stdout
-        self.every, self.started, self.printed_at = every, time.perf_counter(), -float("inf")
+        self.stream, self.clock = stream or sys.stdout, clock
+        self.every, self.started, self.printed_at = every, clock(), -float("inf")
         self.start = start
         self.bar = None
         if live if live is not None else self.stream.isatty():
@@ -53,7 +55,7 @@ class ProgressDisplay:
             self.task = self.bar.add_task(label, total=total, completed=start, info="", count="", eta="")
 
     def eta(self) -> float | None:
-        elapsed = time.perf_counter() - self.started
+        elapsed = self.clock() - self.started
         return eta_seconds(elapsed, (self.completed - self.start) / max(self.total - self.start, 1e-9))
 
     def line(self) -> str:
@@ -61,17 +63,17 @@ class ProgressDisplay:
         eta = self.eta()
         count = f"{self.completed:g}/{self.total:g}" if self.completed == int(self.completed) \
             else f"{self.completed:.1f}/{self.total:g}"
-        return (f"{self.label} {count} {self.info} | {format_seconds(time.perf_counter() - self.started)} elapsed"
+        return (f"{self.label} {count} {self.info} | {format_seconds(self.clock() - self.started)} elapsed"
                 + ("" if eta is None else f", ETA {format_seconds(eta)}"))
 
-    def update(self, completed: float, info: str = "", force: bool = False) -> None:
-        """Record progress; the plain display prints at most every `every` seconds (or now, `force`)."""
+    def update(self, completed: float, info: str = "") -> None:
+        """Record progress; the plain display prints at most every `every` seconds."""
         self.completed, self.info = completed, info
         if self.bar is not None:
             eta = self.eta()
             self.bar.update(self.task, completed=completed, info=info, count=f"{int(completed)}/{self.total:g}",
                             eta="" if eta is None else f"ETA {format_seconds(eta)}")
-        elif force or time.perf_counter() - self.printed_at >= self.every:
+        elif self.clock() - self.printed_at >= self.every:
             self.print_line()
 
     def note(self, text: str) -> None:
@@ -82,7 +84,7 @@ class ProgressDisplay:
             print(text, file=self.stream, flush=True)
 
     def print_line(self) -> None:
-        self.printed_at = time.perf_counter()
+        self.printed_at = self.clock()
         print(self.line(), file=self.stream, flush=True)
 
     def close(self) -> None:
