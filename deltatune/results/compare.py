@@ -167,7 +167,7 @@ TASK_SETTINGS: dict[str, TaskSettings] = {
     "e2e": TaskSettings("epochs=1", 128, train_limit=2000, eval_split="test"),
     # The default task on a machine without GLUE data: `deltatune compare` as the Quickstart runs it, which must
     # finish in 10 minutes on 2 cores, install included (issue 32). Headlines are at most 17 MiniLM tokens; 100
-    # steps at batch 32 are ~1.9 epochs of the 1,702 training headlines; the nine cells share 300 s of training
+    # steps at batch 32 are ~1.9 epochs of the 1,701 training headlines; the nine cells share 300 s of training
     # on the cores found (2 cores: 67 s each).
     "bbc-headlines": TaskSettings("steps=100", 24, whole_seconds=300),
 }
