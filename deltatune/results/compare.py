@@ -435,15 +435,15 @@ def estimated_cost(cell: Cell) -> float:
 
 
 def fraction_done(cell: Cell) -> float:
-    """How far a running cell's training is (from the last line of its metrics.jsonl), 0 before it logs."""
+    """How far a running cell's training is (the furthest step and time its metrics.jsonl logged), 0 before it logs."""
     metrics = Path(cell.config.out) / "metrics.jsonl"
     try:
-        last = json.loads(metrics.read_text().splitlines()[-1])
-    except (OSError, IndexError, json.JSONDecodeError):
+        lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError):  # not there yet, or a line half written
         return 0.0
     c = cell.config
-    done = max(last.get("step", 0) / c.max_steps if c.max_steps else 0.0,
-               last.get("seconds", 0) / c.max_seconds if c.max_seconds else 0.0)
+    done = max([0.0, *(line.get("step", 0) / c.max_steps for line in lines if c.max_steps),
+                *(line.get("seconds", 0) / c.max_seconds for line in lines if c.max_seconds)])
     return min(done, 0.95)  # the final evaluation and the save are still to come
 
 
