@@ -145,7 +145,7 @@ BUGS: list[Bug] = [
         "weight = _loss_units(run.task, [run.train_items[i] for i in indices])",
         ("tests/test_distributed.py::test_two_processes_compute_the_one_process_gradients[grad-classification]",)),
     Bug("ddp-generation-weighted-by-examples", "deltatune/training/loop.py",
-        'if task.kind != "generation" or isinstance(items[0], EncodedPair):',
+        'if task.kind != "generation" or (items and isinstance(items[0], EncodedPair)):',
         'if True:',
         ("tests/test_distributed.py::test_two_processes_compute_the_one_process_gradients[grad-generation]",)),
     Bug("ddp-eval-gathered-out-of-order", "deltatune/training/distributed.py",

@@ -533,7 +533,7 @@ def _global_batch(run: Run, number: int) -> list[int]:
 def _loss_units(task, items: list[Encoded]) -> int:
     """What the task's loss is a mean over: examples, or for generation the target tokens (labels
     after the first position, as `task_loss` shifts them, that are not IGNORE_INDEX)."""
-    if task.kind != "generation" or isinstance(items[0], EncodedPair):  # preference pairs: a mean over pairs
+    if task.kind != "generation" or (items and isinstance(items[0], EncodedPair)):  # pairs: a mean over pairs
         return len(items)
     return sum(label != IGNORE_INDEX for item in items for label in item.label[1:])
 
