@@ -248,3 +248,20 @@ def test_one_pass_over_a_quantized_base_gives_the_quantized_base_own_log_probs(s
         base_own, _ = model.use(None)(**batch, target_labels=labels, target_sums=True)
     torch.testing.assert_close(reference, base_own, atol=1e-5, rtol=1e-5)
     assert (policy - reference).abs().max() > 1e-4
+
+
+def test_the_second_pass_option_gives_the_one_pass_log_probs():
+    from deltatune.tasks.encoding import Encoded, collate
+
+    tokenizer, model = chat_tokenizer(), policy_model("lora")
+    pairs = encoded_pairs(tokenizer)
+    batch = collate([Encoded(p.chosen[0], None, p.chosen[1]) for p in pairs]
+                    + [Encoded(p.rejected[0], None, p.rejected[1]) for p in pairs], tokenizer.pad_token_id)
+    labels = batch.pop("labels")
+    second = PreferenceObjective("dpo", beta=0.1, policy="policy", one_pass=False)
+    assert not second.mixes(model)
+    with torch.no_grad():
+        one = PreferenceObjective("dpo", beta=0.1, policy="policy").log_probs(model, model, batch, labels)
+        two = second.log_probs(model, model, batch, labels)
+    torch.testing.assert_close(one[0], two[0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(one[1], two[1])  # the base's rows: the same numbers either way

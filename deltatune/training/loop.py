@@ -126,6 +126,10 @@ class TrainConfig:
         "help": "dpo: the reference model's delta (e.g. the SFT delta; the policy starts as a copy of it); "
                 "default: the base with the delta off"})
     simpo_gamma: float = field(default=0.5, metadata={"help": "simpo: the target reward margin gamma"})
+    reference_pass: str = field(default="same", metadata={
+        "help": "dpo: the reference's log-probs in the same mixed forward as the policy's (mixable methods), or in "
+                "a second forward without gradients (faster on a CPU: docs/results/dpo_e2e.md)",
+        "choices": ["same", "second"]})
     report_to: list[str] | None = field(default=None, metadata={
         "help": "experiment trackers, any of tensorboard,mlflow,wandb: loss, learning rate, evaluations, the config "
                 "and the delta (training/trackers.py; default: none)"})
@@ -381,7 +385,8 @@ def _objective(config: TrainConfig, model: DeltaModel) -> PreferenceObjective | 
         return None
     policy = model.active_task
     reference = prepare_policy(model, policy, config.reference, config.method)
-    return PreferenceObjective(config.objective, config.beta, policy, reference, simpo_gamma=config.simpo_gamma)
+    return PreferenceObjective(config.objective, config.beta, policy, reference,
+                               one_pass=config.reference_pass == "same", simpo_gamma=config.simpo_gamma)
 
 
 def _accelerator(precision_option: str, trackers: list | None = None):
