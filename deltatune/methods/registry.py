@@ -120,7 +120,7 @@ def build_config(method: str, values: dict[str, Any], source: str = "settings", 
     also none/null. A wrong name or type is a `ConfigError` naming `source`, the field, the value and the
     type expected."""
     if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; the methods are {sorted(METHODS)}")
+        raise ConfigError(f"{source}: unknown method {method!r}; the methods are {sorted(METHODS)}")
     config_class = METHODS[method].config
     hints = typing.get_type_hints(config_class)
     known = [f.name for f in fields(config_class)]
