@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from deltatune.core.component import BASE_TASK
 from deltatune.delta import DeltaModel
-from deltatune.errors import Overloaded, ShuttingDown, UnknownTaskError
+from deltatune.errors import UnknownTaskError
 from deltatune.evaluate import encode_inputs, label_prediction
 from deltatune.serving.config import ServeConfig
 from deltatune.serving.http_errors import error_response
@@ -67,11 +67,7 @@ class ClassificationEngine(ModelWorker):
         self.check_task(task)
         job = _Job(task, list(inputs))
         with self._condition:
-            if self._closing:
-                raise ShuttingDown("the server is shutting down")
-            if len(self._pending) >= self.config.queue_size:
-                self.stats["rejected"] += 1
-                raise Overloaded(f"{len(self._pending)} requests are waiting already (queue_size); retry shortly")
+            self._admit(len(self._pending))
             self._pending.append(job)
             self._pending_inputs += len(job.inputs)
             self.stats["requests"] += 1

@@ -43,7 +43,7 @@ from torch import nn
 
 from deltatune.core.component import BASE_TASK
 from deltatune.delta import DeltaModel
-from deltatune.errors import DeltaTuneError, LimitError, Overloaded, ShuttingDown, UnknownTaskError
+from deltatune.errors import DeltaTuneError, LimitError, ShuttingDown, UnknownTaskError
 from deltatune.evaluate import stop_token_ids
 from deltatune.methods.prompt import position_limit
 from deltatune.serving.config import ServeConfig
@@ -153,11 +153,7 @@ class DecodeLoop(ModelWorker):
         self.check_limits(task, len(prompt_ids), sampling)
         request = Request(routed, list(prompt_ids), sampling, emit)
         with self._condition:
-            if self._closing:
-                raise ShuttingDown("the server is shutting down")
-            if len(self._waiting) >= self.config.queue_size:
-                self.stats["rejected"] += 1
-                raise Overloaded(f"{len(self._waiting)} requests are waiting already (--queue-size); retry shortly")
+            self._admit(len(self._waiting))
             self._waiting.append(request)
             self.stats["requests"] += 1
             self.prometheus.requests.labels(task).inc()

@@ -21,7 +21,7 @@ from typing import Any
 
 from deltatune.core.memory import release_free_memory
 from deltatune.delta import DeltaModel
-from deltatune.errors import DeltaError, Overloaded, UnknownTaskError
+from deltatune.errors import DeltaError, Overloaded, ShuttingDown, UnknownTaskError
 from deltatune.methods.registry import method_entry, methods_that
 from deltatune.serving.config import ServeConfig, delta_under_root, shown_path
 from deltatune.serving.delta_cache import DeltaCache
@@ -75,6 +75,15 @@ class ModelWorker:
             self._condition.notify_all()
         if self._worker.is_alive():
             self._worker.join(timeout=30)
+
+    def _admit(self, waiting: int) -> None:
+        """Refuse a new request while the server closes or `waiting` requests fill the queue; call it holding
+        `self._condition`. Raises ShuttingDown, Overloaded."""
+        if self._closing:
+            raise ShuttingDown("the server is shutting down")
+        if waiting >= self.config.queue_size:
+            self.stats["rejected"] += 1
+            raise Overloaded(f"{waiting} requests are waiting already (--queue-size); retry shortly")
 
     @property
     def alive(self) -> bool:

@@ -18,7 +18,7 @@ from typing import Any
 
 from deltatune.errors import DataError
 from deltatune.tasks.generation import DEFAULT_COLUMNS
-from deltatune.tasks.hf_datasets import is_dataset_path, open_dataset
+from deltatune.tasks.hf_datasets import file_task_source, is_dataset_path, open_dataset
 from deltatune.tasks.sources import read_json_lines, read_table, split_off_dev
 from deltatune.tasks.task import Task
 
@@ -190,11 +190,7 @@ def file_task(
         separator = delimiter or ("\t" if file.suffix.lower() == ".tsv" else ",")
         return read_csv_records(file, columns, label_column, separator)
 
-    source = data if data is not None else path
-    if source is None:
-        raise DataError(f"task {file_format!r} needs path=... (a file or dataset folder) or data=... (a "
-                        f"datasets.Dataset)")
-    splits = open_dataset(source) if data is not None or is_dataset_path(source) else None
+    source, splits = file_task_source(file_format, path, data)
     train = dataset_records(splits, "train", columns, label_column) if splits else read(source)
     dev = read(dev_path, "dev") if dev_path is not None else \
         dataset_records(splits, "dev", columns, label_column) if splits and splits.dev is not None else None

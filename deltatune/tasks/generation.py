@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from deltatune.errors import ChatTemplateError, DataError, LengthWarning
-from deltatune.tasks.hf_datasets import is_dataset_path, open_dataset
+from deltatune.tasks.hf_datasets import file_task_source, is_dataset_path, open_dataset
 from deltatune.tasks.sources import read_json_lines, read_table, split_off_dev
 from deltatune.tasks.task import Example, Task
 
@@ -429,11 +429,7 @@ def generation_file_task(
             return dataset_examples(dataset, split, names, prompt_format)
         return [row_example(row, prompt_format) for row in read_rows(Path(file).expanduser(), names, delimiter)]
 
-    source = data if data is not None else path
-    if source is None:
-        raise DataError(f"task {file_format!r} needs path=... (a file or dataset folder) or data=... (a "
-                        f"datasets.Dataset)")
-    dataset = open_dataset(source) if data is not None or is_dataset_path(source) else None
+    source, dataset = file_task_source(file_format, path, data)
     train = dataset_examples(dataset, "train", names, prompt_format) if dataset else read(source)
     if dev_path is not None:
         dev = read(dev_path, "dev")

@@ -61,6 +61,16 @@ def open_dataset(data: Any) -> DatasetSplits:
     return _splits(data, f"a datasets.{type(data).__name__}")
 
 
+def file_task_source(file_format: str, path: Any, data: Any) -> tuple[Any, DatasetSplits | None]:
+    """What a csv/jsonl/parquet/arrow/dataset task reads: `data` (in memory) or `path`, and its splits when it is
+    a dataset (None: a csv/jsonl file, read row by row). Neither given is a `DataError`."""
+    source = data if data is not None else path
+    if source is None:
+        raise DataError(f"task {file_format!r} needs path=... (a file or dataset folder) or data=... (a "
+                        f"datasets.Dataset)")
+    return source, open_dataset(source) if data is not None or is_dataset_path(source) else None
+
+
 def read_dataset_path(path: Path) -> Any:
     """A parquet file, an arrow file (the IPC stream `datasets` writes, or an IPC file) or a `save_to_disk` folder,
     read into a `datasets.Dataset` / `DatasetDict` (arrow files memory-mapped, as `datasets` does)."""
