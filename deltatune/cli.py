@@ -170,7 +170,7 @@ def _load_for_inference(args: argparse.Namespace):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """The task's metrics on each split (a --data-file/--dev-file scored whole), with the rows each one scored."""
-    from deltatune.evaluate import task_predictions, task_references
+    from deltatune.evaluate import score_predictions, task_predictions
 
     if args.method in PROMPTING_METHODS:
         if not args.task:
@@ -186,7 +186,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         examples = task.load(split, args.data_dir, limit=args.limit)
         rows[split] = len(examples)
         outputs = task_predictions(model, tokenizer, task, examples, args.max_length)
-        results[split] = task.compute_metrics(outputs, task_references(task, examples))
+        results[split] = score_predictions(task, examples, outputs)
         if task.kind == "generation":  # the texts it scored, for reading
             predictions += [{"split": split, **{k: v for k, v in e.items() if k != "references"},
                              "prediction": output, "references": e["references"]}

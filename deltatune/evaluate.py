@@ -164,10 +164,18 @@ def task_references(task: Task, examples: list[dict]) -> list:
     return [e["references"] if task.kind == "generation" else e["label"] for e in examples]
 
 
+def score_predictions(task: Task, examples: list[dict], predictions: list, metrics: list[str] | None = None
+                      ) -> dict[str, float]:
+    """The task's metrics of `predictions` (one per example): against the references, and (E2E's slot error
+    rate) against each example's source."""
+    sources = [e.get("source") for e in examples] if task.kind == "generation" else None
+    return task.compute_metrics(predictions, task_references(task, examples), metrics=metrics, sources=sources)
+
+
 def evaluate(
     model, tokenizer, task: Task, examples: list[dict], max_length: int = 128, batch_size: int = 64,
     metrics: list[str] | None = None,
 ) -> dict[str, float]:
     """The task's metrics for `examples` (an evaluation split) under the model's active delta."""
     predictions = task_predictions(model, tokenizer, task, examples, max_length, batch_size)
-    return task.compute_metrics(predictions, task_references(task, examples), metrics=metrics)
+    return score_predictions(task, examples, predictions, metrics)

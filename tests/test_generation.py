@@ -399,5 +399,7 @@ def test_eval_of_an_e2e_delta_writes_the_outputs_it_scored(tmp_path, tiny_chat_m
     printed = json.loads(capsys.readouterr().out)
     rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(r["split"] == "test" and r["references"] for r in rows)
-    expected = get_task("e2e").compute_metrics([r["prediction"] for r in rows], [r["references"] for r in rows])
+    expected = get_task("e2e").compute_metrics([r["prediction"] for r in rows], [r["references"] for r in rows],
+                                               sources=[r["source"] for r in rows])
+    assert "ser" in printed["test"]
     assert printed["test"] == pytest.approx(expected)

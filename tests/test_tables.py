@@ -288,6 +288,17 @@ def test_a_generation_table_has_no_majority_row(tmp_path):
     assert "majority" not in text
 
 
+def test_the_best_slot_error_rate_is_the_lowest(tmp_path):
+    """SER (lower is better) is bolded at its minimum, BLEU at its maximum."""
+    from deltatune.results.report import aggregate
+    from deltatune.results.tables import task_table_lines
+
+    rows = aggregate({"e2e-lora": cell(tmp_path, "e2e", "lora", 0, {"bleu": 0.53, "ser": 0.04}),
+                      "e2e-adapter": cell(tmp_path, "e2e", "adapter", 0, {"bleu": 0.55, "ser": 0.09})})
+    text = "\n".join(task_table_lines(rows, ["e2e"], majority={"e2e": None}))
+    assert "| lora | 1/1 | 100 | 53.0 | **4.0** |" in text and "| adapter | 1/1 | 100 | **55.0** | 9.0 |" in text
+
+
 def test_cell_table_prints_cider_and_nist_as_they_are_even_below_one():
     from deltatune.results.report import _fmt_metric
 

@@ -350,5 +350,5 @@ def _evaluate_generation(
         used.append(len(kept))
         prefix_tokens = max(prefix_tokens, len(prefix_ids))
     references = [example.get("references") or [example["target"]] for example in examples]
-    metrics = task.compute_metrics(predictions, references)
+    metrics = task.compute_metrics(predictions, references, sources=[example.get("source") for example in examples])
     return {"demonstrations": min(used), "prefix_tokens": prefix_tokens, **metrics}

@@ -22,7 +22,8 @@ TASK_TITLES = {"sst2": "SST-2", "mrpc": "MRPC", "cola": "CoLA", "rte": "RTE", "s
                "qnli": "QNLI", "qqp": "QQP", "e2e": "E2E"}
 METRIC_TITLES = {"accuracy": "acc", "f1": "F1", "macro_f1": "macro-F1", "matthews_corrcoef": "Mcc",
                  "pearson": "Pearson", "spearman": "Spearman", "bleu": "BLEU", "nist": "NIST", "meteor": "MET",
-                 "rouge_l": "ROUGE-L", "cider": "CIDEr"}
+                 "rouge_l": "ROUGE-L", "cider": "CIDEr", "ser": "SER"}
+LOWER_IS_BETTER = {"ser"}  # E2E's slot error rate: its best cell is the lowest
 RAW_METRICS = {"nist": 2, "cider": 2}  # printed as they are, with 2 decimals; every other metric in %, 1 decimal
 AT_MAJORITY = 1.0  # points: a cell within this of the constant prediction learned (next to) nothing
 
@@ -156,8 +157,9 @@ def task_table_lines(rows: list[dict], tasks: list[str], majority: dict[str, dic
     columns, measured = table["columns"], table["rows"]
     several = len(tasks) > 1
     header = ["method", "seeds", "# trainable parameters", *_header(columns, tasks), *(["Avg."] if several else [])]
-    best = {column: max((r["cells"][column][0] for r in measured.values() if r["cells"][column][0] is not None),
-                        default=None) for column in columns}
+    best = {column: (min if column[1] in LOWER_IS_BETTER else max)(
+        (r["cells"][column][0] for r in measured.values() if r["cells"][column][0] is not None), default=None)
+        for column in columns}
     best_avg = max((r["avg"] for r in measured.values() if r["avg"] is not None), default=None)
     lines = ["## Tasks x methods (mean ± std over seeds; one seed: the value alone; best of each column in bold)",
              "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

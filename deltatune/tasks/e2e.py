@@ -72,7 +72,7 @@ def e2e_task() -> Task:
     return Task(
         name="e2e",
         kind="generation",
-        metric_names=["bleu", "nist", "meteor", "rouge_l", "cider"],
+        metric_names=["bleu", "nist", "meteor", "rouge_l", "cider", "ser"],  # ser: lower is better
         splits=("train", "dev", "test"),
         loader=load_e2e,
         description="E2E NLG restaurant data-to-text; scored like the official E2E script",

@@ -9,6 +9,8 @@ Each output is scored against all references of its meaning representation toget
   CIDEr-D (σ = 6, clipped, ×10) from the coco-caption scorers of PyPI ``pycocoevalcap==1.2``, after its
   Stanford PTB tokenizer (lower-cased, punctuation dropped). These need Java (``java`` on PATH; Debian:
   ``apt-get install default-jre-headless``).
+- SER, the slot error rate (lower is better; `e2e_slots`, after Dušek et al. 2020): scored against each output's
+  meaning representation, not its references, so it needs the `sources`.
 
 CIDEr's document frequencies come from the references passed in, so score a whole corpus in one call.
 """
@@ -31,8 +33,9 @@ import sacrebleu
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
 from deltatune.errors import MetricUnavailableError
+from deltatune.tasks.e2e_slots import slot_error_rate
 
-E2E_METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")
+E2E_METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider", "ser")
 COCO_METRICS = ("meteor", "rouge_l", "cider")
 NIST_MAX_N = 5
 ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)  # what Perl's lc does to bytes
@@ -40,14 +43,18 @@ LINE_BREAKS = str.maketrans({c: " " for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028
 
 
 def compute_e2e_metrics(
-    predictions: Sequence[str], references: Sequence[Sequence[str]], metrics: Sequence[str] | None = None
+    predictions: Sequence[str], references: Sequence[Sequence[str]], metrics: Sequence[str] | None = None,
+    sources: Sequence[str] | None = None,
 ) -> dict[str, float]:
-    """Corpus-level E2E scores: ``{"bleu", "nist", "meteor", "rouge_l", "cider"}`` (or the `metrics` asked).
+    """Corpus-level E2E scores: ``{"bleu", "nist", "meteor", "rouge_l", "cider"}`` and, given `sources`, "ser"
+    (or the `metrics` asked).
 
-    `references[i]` holds all references of the source of `predictions[i]`. BLEU, METEOR and ROUGE-L are
-    in [0, 1]; NIST and CIDEr are unbounded (about 8-9 and 1.8-2.3 for good E2E systems).
+    `references[i]` holds all references of the source of `predictions[i]`, `sources[i]` that source (the MR:
+    needed for "ser" only). BLEU, METEOR, ROUGE-L and SER are in [0, 1]; NIST and CIDEr are unbounded (about
+    8-9 and 1.8-2.3 for good E2E systems).
     """
-    names = list(E2E_METRICS if metrics is None else metrics)
+    every = E2E_METRICS if sources is not None else [name for name in E2E_METRICS if name != "ser"]
+    names = list(every if metrics is None else metrics)
     unknown = [name for name in names if name not in E2E_METRICS]
     if unknown:
         raise ValueError(f"unknown E2E metric(s) {unknown}; known: {list(E2E_METRICS)}")
@@ -60,6 +67,11 @@ def compute_e2e_metrics(
     hypotheses = [text.translate(LINE_BREAKS).strip() for text in predictions]
     reference_lists = [[ref.translate(LINE_BREAKS).strip() for ref in refs] for refs in references]
     scores: dict[str, float] = {}
+    if "ser" in names:
+        if sources is None or len(sources) != len(predictions) or not all(isinstance(s, str) for s in sources):
+            raise ValueError("the slot error rate ('ser') is scored against each output's meaning representation: "
+                             "pass sources=[MR of each prediction]")
+        scores["ser"] = slot_error_rate(sources, hypotheses)["ser"]
     if "bleu" in names:
         scores["bleu"] = bleu(hypotheses, reference_lists)
     if "nist" in names:

@@ -69,9 +69,10 @@ METRIC_NAMES = (*LABEL_METRICS, *e2e_metrics.E2E_METRICS, *text_metrics.TEXT_MET
 
 
 def compute_metrics(
-    names: Sequence[str], predictions: Sequence[Any], references: Sequence[Any]
+    names: Sequence[str], predictions: Sequence[Any], references: Sequence[Any], sources: Sequence[str] | None = None
 ) -> dict[str, float]:
-    """``{name: value}`` for each metric in `names` (label metrics and E2E text metrics may not mix)."""
+    """``{name: value}`` for each metric in `names` (label metrics and E2E text metrics may not mix). `sources`:
+    each prediction's input text, for the metrics scored against it (E2E's slot error rate)."""
     unknown = [name for name in names if name not in METRIC_NAMES]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; known: {list(METRIC_NAMES)}")
@@ -86,5 +87,7 @@ def compute_metrics(
         if chosen:
             if len(chosen) != len(names):
                 raise ValueError(f"cannot mix text metrics {chosen} with other metrics in one call")
+            if family is e2e_metrics.E2E_METRICS:
+                return compute(predictions, references, metrics=names, sources=sources)
             return compute(predictions, references, metrics=names)
     return {name: LABEL_METRICS[name](predictions, references) for name in names}

@@ -68,13 +68,15 @@ class Task:
         return examples if limit is None else examples[:limit]
 
     def compute_metrics(
-        self, predictions: Sequence[Any], references: Sequence[Any], metrics: Sequence[str] | None = None
+        self, predictions: Sequence[Any], references: Sequence[Any], metrics: Sequence[str] | None = None,
+        sources: Sequence[str] | None = None,
     ) -> dict[str, float]:
         """Score predictions against references; returns ``{metric name: value}`` in `metric_names` order.
 
         Classification takes class ids, regression floats, generation strings against lists of
         reference strings (all references of one source). `metrics` picks a subset of `metric_names`
-        (e.g. skip the slow METEOR during training).
+        (e.g. skip the slow METEOR during training). `sources`: each prediction's input (E2E: the MR), which
+        the slot error rate is scored against.
         """
         # Imported here so that listing tasks does not import scikit-learn, scipy or sacrebleu.
         from deltatune.tasks.metrics import compute_metrics
@@ -85,4 +87,4 @@ class Task:
             raise ValueError(
                 f"task {self.name!r} has no metric {unknown}; its metrics are {self.metric_names}"
             )
-        return compute_metrics(names, predictions, references)
+        return compute_metrics(names, predictions, references, sources)

@@ -16,7 +16,7 @@ import torch
 
 from deltatune.delta import DeltaModel
 from deltatune.errors import TrainingError
-from deltatune.evaluate import task_predictions, task_references
+from deltatune.evaluate import score_predictions, task_predictions
 from deltatune.methods.registry import method_entry
 
 
@@ -83,4 +83,4 @@ def evaluate_sharded(model, tokenizer, task, examples: list[dict], max_length: i
     ordered: list = [None] * len(examples)
     for source_rank, part in enumerate(gather_object([predictions])):
         ordered[source_rank::world] = part
-    return task.compute_metrics(ordered, task_references(task, examples))
+    return score_predictions(task, examples, ordered)
