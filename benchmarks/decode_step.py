@@ -33,6 +33,7 @@ from mixed_batch import interleaved_times  # noqa: E402
 
 import deltatune  # noqa: E402
 from deltatune.models import load_model  # noqa: E402
+from deltatune.serving.packed_linear import PackedLinear, pack_output_layer  # noqa: E402
 
 
 def with_tasks(configs: list, seed: int = 0) -> deltatune.DeltaModel:
@@ -88,7 +89,9 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--variants", default="base,lora-one,lora-mixed,adapter-one,adapter-mixed,prompt-mixed",
-                        help="of those and base-slots, lora-mixed-slots (the serving loop's SlotCache)")
+                        help="of those and base-slots, lora-mixed-slots (the serving loop's SlotCache), base-packed "
+                             "(slots and the prepacked LM head: what serve runs), base-packed-all (every linear "
+                             "prepacked)")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, deltatune {deltatune.__version__}, {torch.get_num_threads()} thread(s), "
@@ -102,6 +105,17 @@ def main() -> None:
     if "base-slots" in wanted:
         variants["base, slot cache"] = step_function(load_model("smollm2", "causal-lm"), None, args.rows,
                                                      args.context, slots=True)
+    if "base-packed" in wanted:  # what `deltatune serve` runs in fp32 on a CPU: slot cache, prepacked LM head
+        model = load_model("smollm2", "causal-lm")
+        pack_output_layer(model, args.rows)
+        variants["base, slots, packed head"] = step_function(model, None, args.rows, args.context, slots=True)
+    if "base-packed-all" in wanted:  # every linear layer prepacked (not what serve does: measured to decide)
+        model = load_model("smollm2", "causal-lm")
+        for layer in list(model.modules()):
+            for child_name, child in list(layer.named_children()):
+                if type(child) is torch.nn.Linear:
+                    setattr(layer, child_name, PackedLinear(child, args.rows))
+        variants["base, slots, every linear packed"] = step_function(model, None, args.rows, args.context, slots=True)
     if "lora-mixed-slots" in wanted:
         configs = [deltatune.LoRA(r=8 if i % 2 == 0 else 16, alpha=16) for i in range(args.tasks)]
         variants[f"lora, mixed over {args.tasks}, slots"] = step_function(with_tasks(configs), spread, args.rows,

@@ -320,9 +320,14 @@ def served_model(model_name: str, kind: str, config: ServeConfig) -> DeltaModel:
     precision = resolve_precision(config.precision)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     if config.quantize:  # the quantized layers keep their own storage; the rest is built in the compute dtype
-        return DeltaModel(load_model(model_name, kind, quantize=config.quantize, dtype=dtype))
-    model = DeltaModel(load_model(model_name, kind))
-    model.base_model.to(dtype)
+        model = DeltaModel(load_model(model_name, kind, quantize=config.quantize, dtype=dtype))
+    else:
+        model = DeltaModel(load_model(model_name, kind))
+        model.base_model.to(dtype)
+    if kind == "causal-lm" and config.packed_head:
+        from deltatune.serving.packed_linear import pack_output_layer
+
+        pack_output_layer(model.base_model, config.max_batch_size)  # fp32 on a CPU with oneDNN only
     return model
 
 

@@ -1,0 +1,57 @@
+"""The prepacked (oneDNN) output projection `deltatune serve` runs in fp32 on a CPU: the same function as the
+eager one to rounding, the same Parameters, a new pack when the weight changes, and the eager path wherever a
+gradient is recorded or the inputs are not fp32."""
+
+import pytest
+import torch
+from torch import nn
+
+from deltatune.serving.packed_linear import PackedLinear, pack_output_layer, prepacking_available
+from deltatune.testing import tiny_model
+
+pytestmark = pytest.mark.skipif(not prepacking_available(), reason="this torch build has no oneDNN")
+
+
+def test_packed_head_gives_the_eager_logits_and_shares_the_weight():
+    torch.manual_seed(0)
+    model = tiny_model("llama", "causal-lm").eval()
+    head = model.get_output_embeddings()
+    ids = torch.randint(0, model.config.vocab_size, (5, 9))
+    with torch.inference_mode():
+        eager = model(input_ids=ids).logits
+        assert pack_output_layer(model, batch_size=4)
+        packed = model(input_ids=ids).logits
+    swapped = model.get_output_embeddings()
+    assert type(swapped) is PackedLinear and swapped.weight is head.weight  # the same Parameter: ties kept
+    assert (packed - eager).abs().max() < 1e-5
+    assert torch.equal(packed.argmax(-1), eager.argmax(-1))
+
+
+def test_a_weight_changed_in_place_is_packed_again():
+    torch.manual_seed(0)
+    layer = PackedLinear(nn.Linear(16, 32, bias=True), batch_size=3)
+    inputs = torch.randn(3, 16)
+    with torch.no_grad():
+        before = layer(inputs)
+        layer.weight.mul_(2.0)  # e.g. a merge writing into the weight
+        after = layer(inputs)
+        expected = inputs @ layer.weight.T + layer.bias
+    assert not torch.allclose(before, after)
+    assert torch.allclose(after, expected, atol=1e-5)
+
+
+def test_recorded_gradients_take_the_eager_product():
+    torch.manual_seed(0)
+    linear = nn.Linear(8, 4)
+    layer = PackedLinear(linear, batch_size=2)
+    inputs = torch.randn(2, 8, requires_grad=True)
+    layer(inputs).sum().backward()  # the oneDNN product records no gradient: F.linear must have run
+    assert torch.allclose(inputs.grad, linear.weight.sum(0).expand(2, 8))
+    assert linear.weight.grad is not None
+
+
+def test_only_a_plain_fp32_linear_head_is_packed():
+    torch.manual_seed(0)
+    model = tiny_model("llama", "causal-lm").to(torch.bfloat16)
+    assert not pack_output_layer(model, batch_size=4)
+    assert type(model.get_output_embeddings()) is nn.Linear
