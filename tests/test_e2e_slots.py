@@ -92,3 +92,31 @@ def test_ser_is_an_e2e_metric_scored_against_the_sources():
     assert scores["ser"] == 1 / 4
     with pytest.raises(ValueError, match="meaning representation"):
         task.compute_metrics(predictions, references, metrics=["ser"])
+
+
+def test_a_rejected_answer_has_exactly_the_swapped_slot_wrong():
+    import random
+
+    from deltatune.tasks.e2e_pairs import preference_pairs, rejected_with_one_wrong_slot, swapped_value
+
+    mr = "name[Cotto], eatType[pub], food[Italian], familyFriendly[yes]"
+    reference = "Cotto is an Italian pub. It is kid friendly."
+    seen = set()
+    for seed in range(40):
+        rejected, swap = rejected_with_one_wrong_slot(mr, reference, random.Random(seed))
+        slot = swap.split(":")[0]
+        seen.add(slot)
+        errors = slot_errors(mr, rejected)
+        assert (errors.wrong, errors.missing, errors.added) == ([slot], [], []), (swap, rejected)
+    assert seen == {"name", "eatType", "food", "familyFriendly"}  # every slot gets drawn
+    # the article follows the new word; a familyFriendly swap adds or drops the negation
+    italian = (reference.index("Italian"), reference.index(" pub"))
+    chinese = swapped_value(reference, [italian], "food", "Italian", "Chinese")
+    assert chinese == "Cotto is a Chinese pub. It is kid friendly."
+    negated = "Cotto isn't kid friendly."
+    spans = [(negated.index("n't"), negated.index("."))]
+    assert swapped_value(negated, spans, "familyFriendly", "no", "yes") == "Cotto is kid friendly."
+    # a reference with a slot error of its own gives no pair (here: food missing)
+    assert rejected_with_one_wrong_slot(mr, "Cotto is a pub for kids.", random.Random(0)) is None
+    rows = preference_pairs([{"source": mr, "target": reference}] * 5, 3, seed=0)
+    assert len(rows) == 3 and all(r["prompt"] == mr + "\nSentence:" and r["chosen"] == " " + reference for r in rows)

@@ -265,3 +265,16 @@ def test_the_second_pass_option_gives_the_one_pass_log_probs():
         two = second.log_probs(model, model, batch, labels)
     torch.testing.assert_close(one[0], two[0], atol=1e-5, rtol=1e-5)
     assert torch.equal(one[1], two[1])  # the base's rows: the same numbers either way
+
+
+def test_reference_pass_auto_is_the_second_pass_on_a_cpu_and_one_pass_on_cuda():
+    from deltatune.training.loop import TrainConfig
+    from deltatune.training.preference import resolve_reference_pass
+
+    assert TrainConfig.__dataclass_fields__["reference_pass"].default == "auto"
+    assert resolve_reference_pass("auto", cuda=False) == "second"
+    assert resolve_reference_pass("auto", cuda=True) == "same"
+    assert resolve_reference_pass("same", cuda=False) == "same"
+    assert resolve_reference_pass("second", cuda=True) == "second"
+    with pytest.raises(TrainingError, match="--reference-pass"):
+        resolve_reference_pass("both")

@@ -186,3 +186,4 @@ def slot_error_rate(sources: Sequence[str], predictions: Sequence[str]) -> dict[
             totals[kind] += len(getattr(errors, kind))
     ser = (totals["missing"] + totals["wrong"] + totals["added"]) / max(totals["slots"], 1)
     return {"ser": ser, **{k: float(v) for k, v in totals.items()}}
+

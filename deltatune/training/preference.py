@@ -13,7 +13,8 @@ starts as a copy of it, so every margin starts at 0).
 task and the last 2n under the reference ("base" = no delta), in the same pass; the reference rows' log-probs
 are detached. Where a method cannot mix (full fine-tuning, whose delta *is* the weights: registry `mixable`),
 the reference is a second forward, without gradients, after `use(reference)`; `one_pass=False` forces that
-path for every method (what `benchmarks/dpo_step.py` compares).
+path for every method (what `benchmarks/dpo_step.py` compares), and is what `--reference-pass auto` (the
+default) picks on a CPU, where it is the faster step (`resolve_reference_pass`).
 
 SimPO (Meng et al. 2024, eq. 6) needs no reference: the margin of the length-normalised log-probabilities,
 ``-log sigmoid(beta * (log pi(y_w|x)/|y_w| - log pi(y_l|x)/|y_l|) - gamma)``, on the same data path.
@@ -39,6 +40,23 @@ from deltatune.tasks.preference import EncodedPair
 
 OBJECTIVES = ("sft", "dpo", "simpo")
 REFERENCE_TASK = "reference"  # the task name a --reference delta is loaded under
+REFERENCE_PASSES = ("auto", "same", "second")
+
+
+def resolve_reference_pass(option: str, cuda: bool | None = None) -> str:
+    """--reference-pass auto -> "second" on a CPU, "same" on CUDA (`cuda`: default, whether CUDA is available).
+
+    Why a second pass wins on a CPU: the step is bound by arithmetic, and the one pass runs the reference rows
+    with autograd (their activations kept, the backward pass over all 4n rows: the frozen base's matmuls still
+    produce input gradients for every row), where the second pass runs them under no_grad, forward only: about
+    2 x (fwd + bwd) against (fwd + bwd) + fwd, measured 1.6x (docs/results/dpo_e2e.md). On a GPU at small batch a
+    step is bound by kernel launches and weight reads, which one pass does once for both: "same" there is a
+    hypothesis, not measured (no GPU was available to the task that set this default)."""
+    if option not in REFERENCE_PASSES:
+        raise TrainingError(f"--reference-pass {option!r}: choose one of {list(REFERENCE_PASSES)}")
+    if option != "auto":
+        return option
+    return "same" if (torch.cuda.is_available() if cuda is None else cuda) else "second"
 
 
 def task_options(objective: str, options: dict[str, Any]) -> dict[str, Any]:
