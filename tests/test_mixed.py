@@ -106,14 +106,16 @@ def assert_mixed_matches_alone(model, tasks: list[str]) -> torch.Tensor:
     return mixed
 
 
-@pytest.mark.parametrize("path", ["gather", "dense"])
+@pytest.mark.parametrize("path", ["gather", "decode"])
 @pytest.mark.parametrize("method", [name for name, entry in METHODS.items() if entry.mixable]
                          + ["adapter_lin", "adapter_drop"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_mixed_batch_equals_each_example_alone(arch, method, path, monkeypatch):
-    """Both ways a mixed inference pass can run (`DeltaComponent.dense_mixed`): each row gathering its own task's
-    weights, and every task's update on every row with the others' masked (decode steps)."""
-    monkeypatch.setattr(common, "DENSE_MIXED_LIMIT", 10**6 if path == "dense" else 0)
+    """Every way a mixed inference pass can run: each row gathering its own task's weights (what training does),
+    and the decode steps' ways: every task's update on every row with the others' masked (LoRA,
+    `DeltaComponent.dense_mixed`), each task once on its own rows sorted by task (adapters, `grouped_mixed`)."""
+    monkeypatch.setattr(common, "DENSE_MIXED_LIMIT", 10**6 if path == "decode" else 0)
+    monkeypatch.setattr(common, "GROUPED_MIXED", path == "decode")
     configs = two_tasks(arch, method)
     model = build(arch, configs)
     first, second = configs
@@ -157,6 +159,21 @@ def test_causal_lm_prompts_of_different_lengths_keep_tokens_aligned(arch):
     for i, expected in enumerate(alone(model, batch, lengths, tasks)):
         own = expected[-lengths[i] :]  # logits at the example's own tokens (after its prompt, if any)
         torch.testing.assert_close(mixed[i, offset : offset + lengths[i]], own, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_rows_grouped_by_task_each_meet_their_own_weights(tokens):
+    """TaskGroups: rows [2, 0, 3, 2, 0] over 3 tasks (3: the zero row, no weights here) sort to rows 1, 4 (task 0),
+    none for task 1, rows 0, 3 (task 2); grouped_matmul equals each row times its own task's matrix."""
+    rows = torch.tensor([2, 0, 3, 2, 0])
+    groups = common.TaskGroups.of(rows, tasks=3)
+    assert groups.order.tolist() == [1, 4, 0, 3] and groups.rows.tolist() == [0, 0, 2, 2]
+    assert groups.offsets.tolist() == [2, 2, 4] and groups.offsets.dtype == torch.int32
+    x, weights = torch.randn(4, tokens, 8), torch.randn(3, 8, 4)
+    expected = torch.stack([x[i] @ weights[task] for i, task in enumerate(groups.rows.tolist())])
+    torch.testing.assert_close(common.grouped_matmul(x, weights, groups), expected)
+    assert common.grouped_width(6, torch.float32) == 8 and common.grouped_width(6, torch.bfloat16) == 8
+    assert common.grouped_width(12, torch.bfloat16) == 16 and common.grouped_width(64, torch.float32) == 64
 
 
 def test_one_task_for_all_takes_the_single_task_path():

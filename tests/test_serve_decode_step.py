@@ -22,6 +22,11 @@ from deltatune.serving.slot_cache import SlotCache
 from deltatune.testing import tiny_model, tiny_tokenizer
 
 GENERATE_MIXABLE = ("lora", "dora", "ia3", "adapter", "bitfit", "prompt", "prefix")
+# two tasks of one method per case; Lin et al.'s adapters (own LayerNorm per task): a ReLU one without adapters in
+# the lowest block beside a GELU one, bottlenecks of 64 and 6 (zero-padded in the mixed step's stack)
+CONFIGS = {"bitfit": [deltatune.BitFit(add_missing=True)] * 2,
+           "adapter_lin": [deltatune.Adapter(placement="lin"),
+                           deltatune.Adapter(placement="lin", bottleneck=6, activation="relu", skip_layers=1)]}
 SETTINGS = {  # ServeConfig fields of each way to run the same requests
     "chunked prefill, 3 slots": {"max_batch_size": 3, "prefill_tokens": 7},
     "whole prompts, 4 slots": {"max_batch_size": 4, "prefill_tokens": 512},
@@ -33,11 +38,12 @@ REQUESTS = [(0, 3, 6), (1, 9, 3), (None, 5, 8), (0, 12, 4), (1, 2, 7), (None, 7,
 
 
 def model_with(method: str, dtype: torch.dtype = torch.float32) -> deltatune.DeltaModel:
-    """The tiny Llama with two tasks of `method`, every trained value random and non-zero."""
+    """The tiny Llama with two tasks of `method` (a case of CONFIGS, else its defaults), every trained value random
+    and non-zero."""
     torch.manual_seed(0)
-    config = deltatune.BitFit(add_missing=True) if method == "bitfit" else METHODS[method].config()
+    configs = CONFIGS.get(method) or [METHODS[method].config()] * 2
     model = None
-    for index in range(2):
+    for index, config in enumerate(configs):
         model = deltatune.attach(model or tiny_model("llama", "causal-lm"), config, task=f"{method}{index}")
         generator = torch.Generator().manual_seed(index + 1)
         with torch.no_grad():
@@ -106,11 +112,11 @@ def test_the_matrix_covers_every_method_that_mixes_in_a_decode_step():
 
 
 def _loop_of(method: str) -> DecodeLoop:
-    config = {"bitfit": deltatune.BitFit(add_missing=True)}.get(method) or METHODS[method].config()
+    config = CONFIGS[method][0] if method in CONFIGS else METHODS[method].config()
     return DecodeLoop(deltatune.attach(tiny_model("llama", "causal-lm"), config, task=f"{method}0"), tiny_tokenizer())
 
 
-@pytest.mark.parametrize("method", GENERATE_MIXABLE)
+@pytest.mark.parametrize("method", (*GENERATE_MIXABLE, "adapter_lin"))
 def test_slot_cache_decode_equals_eager_decode_alone_for_every_mixable_method(method):
     model = model_with(method)
     tasks = [None if index is None else f"{method}{index}" for index, _, _ in REQUESTS]

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from deltatune.errors import TaskError
@@ -22,6 +24,7 @@ TASK_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,63}$")
 BASE_TASK = "base"  # the name of "no delta": the plain base model
 Component = TypeVar("Component", bound=nn.Module)
 DENSE_MIXED_LIMIT = 32  # tokens per example x stacked tasks up to which a mixed pass computes every task densely
+GROUPED_MIXED = True  # mixed inference passes of the methods that support it run each task once on its own rows
 
 
 def check_task_name(task: str) -> str:
@@ -70,6 +73,44 @@ class TaskState:
             rows = torch.tensor([position.get(t, len(tasks)) for t in self._per_example or []], device=device)
             self._rows[key] = rows
         return rows
+
+
+@dataclass(frozen=True)
+class TaskGroups:
+    """A mixed batch's rows sorted by task, so that each task's weights run once on its own rows: the segmented
+    layout of Punica's SGMV kernel (Chen et al. 2023, "Punica: Multi-Tenant LoRA Serving", §4) and of grouped GEMMs.
+
+    `order` (B',): the rows whose task has weights here, sorted by task (stable: by row within a task); `rows`
+    (B',): their tasks' indices in the stack; `offsets` (T,) int32: where each task's run in `order` ends (tasks
+    without rows in this batch repeat the previous end: an empty group, skipped at no cost)."""
+
+    order: torch.Tensor
+    rows: torch.Tensor
+    offsets: torch.Tensor
+
+    @classmethod
+    def of(cls, rows: torch.Tensor, tasks: int) -> TaskGroups:
+        """From (B,) stack rows (`example_rows`); rows equal to `tasks` (the zero row: no weights here) left out."""
+        order = torch.argsort(rows, stable=True)
+        counts = torch.bincount(rows, minlength=tasks + 1)  # (T+1,)
+        order = order[: len(rows) - int(counts[tasks])]  # the zero row's examples sort last
+        return cls(order, rows[order], counts[:tasks].cumsum(0).to(torch.int32))
+
+
+def grouped_matmul(x: torch.Tensor, weights: torch.Tensor, groups: TaskGroups) -> torch.Tensor:
+    """(B', L, k) rows sorted by task (`groups.order`) @ (T, k, n) per-task weights -> (B', L, n): each task's weight
+    multiplies only its own rows, read once and not copied. torch's grouped GEMM (`F.grouped_mm`, made for
+    mixture-of-experts layers; on CPU a loop of GEMMs in C++): no backward on CPU in torch 2.13, so inference only
+    (`DeltaComponent.grouped_mixed`), and row strides must be multiples of 16 bytes (`grouped_width`)."""
+    offsets = groups.offsets if x.shape[1] == 1 else groups.offsets * x.shape[1]  # an example's L tokens in a run
+    flat = F.grouped_mm(x.reshape(-1, x.shape[-1]), weights, offs=offsets)  # (B' L, k) @ (T, k, n) -> (B' L, n)
+    return flat.view(*x.shape[:-1], weights.shape[-1])
+
+
+def grouped_width(width: int, dtype: torch.dtype) -> int:
+    """`width` rounded up to what `grouped_matmul` accepts as a row's length: a multiple of 16 bytes."""
+    per_row = 16 // dtype.itemsize
+    return -(-width // per_row) * per_row
 
 
 def float_reference(module: nn.Module) -> torch.Tensor:
@@ -206,6 +247,24 @@ class DeltaComponent(nn.Module):
         gather copied ~1 MB per layer per step; the dense products cost (tasks x tokens) times a row's update,
         measured faster up to DENSE_MIXED_LIMIT (benchmarks/decode_step.py)."""
         return not torch.is_grad_enabled() and tokens * stacked_tasks <= DENSE_MIXED_LIMIT
+
+    @staticmethod
+    def grouped_mixed(dtype: torch.dtype, *widths: int) -> bool:
+        """Whether a mixed inference pass runs each task's weights once on its own rows, sorted by task
+        (`task_groups`, `grouped_matmul`): no copy of the weights per row (the gather's B copies), no other tasks'
+        work masked away (the dense path's T+1 times one task's). Training keeps the gather (no grouped backward),
+        and so do rows of `widths` that are not whole multiples of 16 bytes (`grouped_width`)."""
+        return GROUPED_MIXED and not torch.is_grad_enabled() and all(grouped_width(w, dtype) == w for w in widths)
+
+    def task_groups(self, rows: torch.Tensor) -> TaskGroups:
+        """This batch's rows grouped by this component's tasks (`TaskGroups`), built once per forward pass for
+        the components that share `self.tasks` (every adapter layer of a model: 60 per SmolLM2 step)."""
+        key = ("groups", tuple(self.tasks), len(rows), rows.device)
+        groups = self.task_state._rows.get(key)
+        if groups is None:
+            groups = TaskGroups.of(rows, len(self.tasks))
+            self.task_state._rows[key] = groups
+        return groups
 
     def task_mask(self, rows: torch.Tensor, stacked_tasks: int, dtype: torch.dtype) -> torch.Tensor:
         """(B, 1, T+1, 1): 1 at each example's own task, 0 elsewhere (for the dense mixed path); built once per
