@@ -10,7 +10,9 @@ CPU time and of wall time:
 - lora, one task: every row under one unmerged LoRA (r=8, alpha=16, q and v);
 - lora, mixed: the rows spread over `--tasks` LoRA tasks (ranks 8 and 16 alternating), as serve_generate's load;
 - adapter, one task / adapter, mixed / prompt, mixed: Houlsby adapters (bottleneck 64), every row under one task
-  and spread over the tasks / prompt tuning (20 tokens; the prompt is in the cache already: the base model runs).
+  and spread over the tasks / prompt tuning (20 tokens; the prompt is in the cache already: the base model runs);
+- adapter-lin-one / adapter-lin-mixed: Lin et al.'s adapters (one per block, own LayerNorm per task, bottleneck 64).
+Adapters cannot be merged: for them one task is the ceiling a mixed step is compared with.
 The cache is cut back to its context length after every step, so each step sees the same shapes.
 """
 
@@ -91,7 +93,7 @@ def main() -> None:
     parser.add_argument("--variants", default="base,lora-one,lora-mixed,adapter-one,adapter-mixed,prompt-mixed",
                         help="of those and base-slots, lora-mixed-slots (the serving loop's SlotCache), base-packed "
                              "(slots and the prepacked LM head: what serve runs), base-packed-all (every linear "
-                             "prepacked)")
+                             "prepacked), adapter-lin-one, adapter-lin-mixed")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, deltatune {deltatune.__version__}, {torch.get_num_threads()} thread(s), "
@@ -133,6 +135,14 @@ def main() -> None:
     if "adapter-mixed" in wanted:
         variants[f"adapter, mixed over {args.tasks}"] = step_function(
             with_tasks([deltatune.Adapter(bottleneck=64)] * args.tasks), spread, args.rows, args.context)
+    if "adapter-lin-one" in wanted:
+        variants["adapter lin, one task"] = step_function(
+            with_tasks([deltatune.Adapter(bottleneck=64, placement="lin")]), ["task0"] * args.rows, args.rows,
+            args.context)
+    if "adapter-lin-mixed" in wanted:
+        variants[f"adapter lin, mixed over {args.tasks}"] = step_function(
+            with_tasks([deltatune.Adapter(bottleneck=64, placement="lin")] * args.tasks), spread, args.rows,
+            args.context)
     if "prompt-mixed" in wanted:
         variants[f"prompt, mixed over {args.tasks}"] = step_function(
             with_tasks([deltatune.PromptTuning(length=20)] * args.tasks), spread, args.rows, args.context)

@@ -162,18 +162,51 @@ def test_causal_lm_prompts_of_different_lengths_keep_tokens_aligned(arch):
 
 
 @pytest.mark.parametrize("tokens", [1, 3])
-def test_rows_grouped_by_task_each_meet_their_own_weights(tokens):
-    """TaskGroups: rows [2, 0, 3, 2, 0] over 3 tasks (3: the zero row, no weights here) sort to rows 1, 4 (task 0),
-    none for task 1, rows 0, 3 (task 2); grouped_matmul equals each row times its own task's matrix."""
-    rows = torch.tensor([2, 0, 3, 2, 0])
-    groups = common.TaskGroups.of(rows, tasks=3)
-    assert groups.order.tolist() == [1, 4, 0, 3] and groups.rows.tolist() == [0, 0, 2, 2]
-    assert groups.offsets.tolist() == [2, 2, 4] and groups.offsets.dtype == torch.int32
-    x, weights = torch.randn(4, tokens, 8), torch.randn(3, 8, 4)
-    expected = torch.stack([x[i] @ weights[task] for i, task in enumerate(groups.rows.tolist())])
-    torch.testing.assert_close(common.grouped_matmul(x, weights, groups), expected)
+@pytest.mark.parametrize("pad", [False, True])
+def test_rows_grouped_by_task_each_meet_their_own_weights(tokens, pad):
+    """TaskGroups: rows [2, 0, 3, 2, 0, 1] over 3 tasks (3: the zero row, no weights here) group as rows 1, 4
+    (task 0), 5 (task 1), 0, 3 (task 2); padded, in slots of 2 per task with slot 3 padding. grouped_matmul
+    equals each row times its own task's matrix, in both layouts."""
+    rows = torch.tensor([2, 0, 3, 2, 0, 1])
+    groups = common.TaskGroups.of(rows, tasks=3, pad=pad)
+    assert groups.targets.tolist() == [1, 4, 5, 0, 3]
+    if pad:
+        assert groups.padded == 2 and groups.rows.tolist() == [0, 0, 1, 1, 2, 2]
+        assert groups.kept.tolist() == [0, 1, 2, 4, 5] and groups.order[groups.kept].tolist() == [1, 4, 5, 0, 3]
+    else:
+        assert groups.padded is None and groups.kept is None and groups.order.tolist() == [1, 4, 5, 0, 3]
+        assert groups.rows.tolist() == [0, 0, 1, 2, 2] and groups.offsets.tolist() == [2, 3, 5]
+    x, weights = torch.randn(6, tokens, 8), torch.randn(3, 8, 4)
+    slots = groups.order if pad else groups.targets
+    got = common.grouped_matmul(x[slots], weights, groups)
+    got = got[groups.kept] if pad else got
+    expected = torch.stack([x[row] @ weights[task] for row, task in zip([1, 4, 5, 0, 3], [0, 0, 1, 2, 2])])
+    torch.testing.assert_close(got, expected)
+    lopsided = common.TaskGroups.of(torch.tensor([0, 0, 0, 1]), tasks=3, pad=True)  # 3 x 3 slots for 4 rows: runs
+    assert lopsided.padded is None and lopsided.offsets.tolist() == [3, 4, 4]
     assert common.grouped_width(6, torch.float32) == 8 and common.grouped_width(6, torch.bfloat16) == 8
     assert common.grouped_width(12, torch.bfloat16) == 16 and common.grouped_width(64, torch.float32) == 64
+
+
+@pytest.mark.parametrize("method", ["adapter", "adapter_lin"])
+def test_one_token_rows_take_the_padded_layout_and_match_each_row_alone(method, monkeypatch):
+    """A decode step's shape (one token per row): adapters group the rows padded (3 rows of one task, 2 of the
+    other, one without: 6 slots, one of them padding); each row's logits equal the row run alone."""
+    built = []
+    group_rows = common.TaskGroups.of
+    monkeypatch.setattr(common.TaskGroups, "of", lambda *args: built.append(group_rows(*args)) or built[-1])
+    model = build("llama", two_tasks("llama", method), kind="causal-lm")
+    first, second = two_tasks("llama", method)
+    tasks = [first, second, "base", second, first, first]
+    ids = torch.arange(5, 5 + len(tasks))[:, None]  # (B, 1)
+    with torch.no_grad():
+        mixed = model(input_ids=ids, tasks=tasks).logits
+        for i, task in enumerate(tasks):
+            alone = model.use(task)(input_ids=ids[i : i + 1]).logits
+            torch.testing.assert_close(mixed[i], alone[0], atol=1e-5, rtol=0, msg=f"row {i} ({task})")
+    two_task_sites = [groups for groups in built if groups.rows.max() == 1]  # (AdapterDrop: one task in block 0)
+    assert two_task_sites and all(g.padded == 3 and g.kept.tolist() == [0, 1, 2, 3, 4] for g in two_task_sites)
+    assert len(built) <= 2  # once per forward pass for each task list, not once per layer
 
 
 def test_one_task_for_all_takes_the_single_task_path():

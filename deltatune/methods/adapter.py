@@ -180,22 +180,25 @@ class BottleneckAdapter(DeltaComponent):
         return output + update.view(output.shape).to(output.dtype)
 
     def _add_adapter_grouped(self, output: torch.Tensor, h: torch.Tensor, rows: torch.Tensor, stack) -> torch.Tensor:
-        """Inference on a mixed batch: the rows sorted by task once per forward pass (`task_groups`), each task's
-        W_down and W_up multiply only its own rows (`grouped_matmul`), the updates are added back at the rows'
-        places. One task's FLOPs and weight reads per row, whatever the number of tasks (the dense path this
-        replaced ran all T+1 tasks' adapters on every row and masked the others' updates)."""
+        """Inference on a mixed batch: the rows grouped by task once per forward pass (`task_groups`; decode steps
+        padded to equal groups), each task's W_down and W_up multiply only its own rows (`grouped_matmul`), the
+        updates are added back at the rows' places. One task's weight reads, and about one task's FLOPs, per row
+        whatever the number of tasks (the dense path this replaced ran all T+1 tasks' adapters on every row and
+        masked the others' updates)."""
         down_w, down_b, up_w, up_b, uses, norm_w, norm_b = stack
-        groups, tasks = self.task_groups(rows), len(self.tasks)
-        if not len(groups.order):  # no example's task has an adapter here
+        groups, tasks = self.task_groups(rows, pad=h.shape[1] == 1), len(self.tasks)
+        if not len(groups.targets):  # no example's task has an adapter here
             return output
-        x, task_of = h.index_select(0, groups.order), groups.rows  # (B', L, d): the rows with an adapter, by task
+        x, task_of = h.index_select(0, groups.order), groups.rows  # (N, L, d): the rows in the groups' slots
         if norm_w is not None:  # each example's own LN gain and bias: LN(h) = ĥ ⊙ g + b
             x = F.layer_norm(x, (self.width,), eps=self.norm_eps) * norm_w.index_select(0, task_of).unsqueeze(1) \
                 + norm_b.index_select(0, task_of).unsqueeze(1)
         pre = grouped_matmul(x, down_w[:tasks], groups).add_(down_b.index_select(0, task_of).unsqueeze(1))
-        bottleneck = self._activate(pre, uses, task_of)  # (B', L, m_max)
+        bottleneck = self._activate(pre, uses, task_of)  # (N, L, m_max)
         update = grouped_matmul(bottleneck, up_w[:tasks], groups).add_(up_b.index_select(0, task_of).unsqueeze(1))
-        added = output.reshape(h.shape).index_add(0, groups.order, update.to(output.dtype))  # the skip connection
+        if groups.kept is not None:  # padding slots out
+            update = update.index_select(0, groups.kept)
+        added = output.reshape(h.shape).index_add(0, groups.targets, update.to(output.dtype))  # the skip connection
         return added.view(output.shape)
 
     @staticmethod
