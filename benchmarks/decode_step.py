@@ -11,7 +11,8 @@ CPU time and of wall time:
 - lora, mixed: the rows spread over `--tasks` LoRA tasks (ranks 8 and 16 alternating), as serve_generate's load;
 - adapter, one task / adapter, mixed / prompt, mixed: Houlsby adapters (bottleneck 64), every row under one task
   and spread over the tasks / prompt tuning (20 tokens; the prompt is in the cache already: the base model runs);
-- adapter-lin-one / adapter-lin-mixed: Lin et al.'s adapters (one per block, own LayerNorm per task, bottleneck 64).
+- adapter-lin-one / adapter-lin-mixed: Lin et al.'s adapters (one per block, own LayerNorm per task, bottleneck 64);
+- adapter-mixed-N: the Houlsby rows spread over N tasks instead (how the step grows with the tasks it reads).
 Adapters cannot be merged: for them one task is the ceiling a mixed step is compared with.
 The cache is cut back to its context length after every step, so each step sees the same shapes.
 """
@@ -93,7 +94,7 @@ def main() -> None:
     parser.add_argument("--variants", default="base,lora-one,lora-mixed,adapter-one,adapter-mixed,prompt-mixed",
                         help="of those and base-slots, lora-mixed-slots (the serving loop's SlotCache), base-packed "
                              "(slots and the prepacked LM head: what serve runs), base-packed-all (every linear "
-                             "prepacked), adapter-lin-one, adapter-lin-mixed")
+                             "prepacked), adapter-lin-one, adapter-lin-mixed, adapter-mixed-N (over N tasks)")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, deltatune {deltatune.__version__}, {torch.get_num_threads()} thread(s), "
@@ -135,6 +136,10 @@ def main() -> None:
     if "adapter-mixed" in wanted:
         variants[f"adapter, mixed over {args.tasks}"] = step_function(
             with_tasks([deltatune.Adapter(bottleneck=64)] * args.tasks), spread, args.rows, args.context)
+    for count in (int(name.rpartition("-")[2]) for name in wanted if name.startswith("adapter-mixed-")):
+        variants[f"adapter, mixed over {count}"] = step_function(  # the same rows over fewer tasks
+            with_tasks([deltatune.Adapter(bottleneck=64)] * count), [f"task{i % count}" for i in range(args.rows)],
+            args.rows, args.context)
     if "adapter-lin-one" in wanted:
         variants["adapter lin, one task"] = step_function(
             with_tasks([deltatune.Adapter(bottleneck=64, placement="lin")]), ["task0"] * args.rows, args.rows,

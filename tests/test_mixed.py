@@ -176,11 +176,12 @@ def test_rows_grouped_by_task_each_meet_their_own_weights(tokens, pad):
     else:
         assert groups.padded is None and groups.kept is None and groups.order.tolist() == [1, 4, 5, 0, 3]
         assert groups.rows.tolist() == [0, 0, 1, 2, 2] and groups.offsets.tolist() == [2, 3, 5]
-    x, weights = torch.randn(6, tokens, 8), torch.randn(3, 8, 4)
+    x, weights, bias = torch.randn(6, tokens, 8), torch.randn(3, 8, 4), torch.randn(4, 4)  # bias: 3 tasks + zero row
     slots = groups.order if pad else groups.targets
-    got = common.grouped_matmul(x[slots], weights, groups)
+    got = common.grouped_matmul(x[slots], weights, groups, bias)
     got = got[groups.kept] if pad else got
-    expected = torch.stack([x[row] @ weights[task] for row, task in zip([1, 4, 5, 0, 3], [0, 0, 1, 2, 2])])
+    expected = torch.stack([x[row] @ weights[task] + bias[task]
+                            for row, task in zip([1, 4, 5, 0, 3], [0, 0, 1, 2, 2], strict=True)])
     torch.testing.assert_close(got, expected)
     lopsided = common.TaskGroups.of(torch.tensor([0, 0, 0, 1]), tasks=3, pad=True)  # 3 x 3 slots for 4 rows: runs
     assert lopsided.padded is None and lopsided.offsets.tolist() == [3, 4, 4]

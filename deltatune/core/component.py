@@ -115,17 +115,19 @@ class TaskGroups:
         return cls(padded, task_of, offsets, targets=order, padded=widest, kept=kept)
 
 
-def grouped_matmul(x: torch.Tensor, weights: torch.Tensor, groups: TaskGroups) -> torch.Tensor:
-    """(N, L, k) rows in the layout of `groups` @ (T, k, n) per-task weights -> (N, L, n): each task's weight
-    multiplies only its own rows (and, padded, its padding slots), read once and not copied. The runs go through
-    torch's grouped GEMM (`F.grouped_mm`, made for mixture-of-experts layers; on CPU a loop of GEMMs in C++): no
-    backward on CPU in torch 2.13, so inference only (`DeltaComponent.grouped_mixed`), and row strides must be
-    multiples of 16 bytes (`grouped_width`)."""
-    if groups.padded is not None:  # (T, R L, k) @ (T, k, n) -> (T, R L, n)
-        return torch.bmm(x.view(weights.shape[0], -1, x.shape[-1]), weights).view(*x.shape[:-1], weights.shape[-1])
+def grouped_matmul(x: torch.Tensor, weights: torch.Tensor, groups: TaskGroups, bias: torch.Tensor) -> torch.Tensor:
+    """(N, L, k) rows in the layout of `groups` @ (T, k, n) per-task weights + (T, n) per-task biases -> (N, L, n):
+    each task's weight multiplies only its own rows (and, padded, its padding slots), read once and not copied.
+    Padded: one batched matmul, each task's bias broadcast over its slots. Runs: torch's grouped GEMM
+    (`F.grouped_mm`, made for mixture-of-experts layers; on CPU a loop of GEMMs in C++), each row's bias gathered.
+    grouped_mm has no backward on CPU in torch 2.13, so this is for inference only (`DeltaComponent.grouped_mixed`),
+    and its row strides must be multiples of 16 bytes (`grouped_width`)."""
+    tasks, n = weights.shape[0], weights.shape[-1]
+    if groups.padded is not None:  # (T, 1, n) + (T, R L, k) @ (T, k, n) -> (T, R L, n)
+        return torch.baddbmm(bias[:tasks].unsqueeze(1), x.view(tasks, -1, x.shape[-1]), weights).view(*x.shape[:-1], n)
     offsets = groups.offsets if x.shape[1] == 1 else groups.offsets * x.shape[1]  # an example's L tokens in a run
     flat = F.grouped_mm(x.reshape(-1, x.shape[-1]), weights, offs=offsets)  # (B' L, k) @ (T, k, n) -> (B' L, n)
-    return flat.view(*x.shape[:-1], weights.shape[-1])
+    return flat.view(*x.shape[:-1], n).add_(bias.index_select(0, groups.rows).unsqueeze(1))
 
 
 def grouped_width(width: int, dtype: torch.dtype) -> int:

@@ -193,9 +193,9 @@ class BottleneckAdapter(DeltaComponent):
         if norm_w is not None:  # each example's own LN gain and bias: LN(h) = ĥ ⊙ g + b
             x = F.layer_norm(x, (self.width,), eps=self.norm_eps) * norm_w.index_select(0, task_of).unsqueeze(1) \
                 + norm_b.index_select(0, task_of).unsqueeze(1)
-        pre = grouped_matmul(x, down_w[:tasks], groups).add_(down_b.index_select(0, task_of).unsqueeze(1))
-        bottleneck = self._activate(pre, uses, task_of)  # (N, L, m_max)
-        update = grouped_matmul(bottleneck, up_w[:tasks], groups).add_(up_b.index_select(0, task_of).unsqueeze(1))
+        pre = grouped_matmul(x, down_w[:tasks], groups, down_b)  # (N, L, m_max)
+        bottleneck = self._activate(pre, uses, task_of)
+        update = grouped_matmul(bottleneck, up_w[:tasks], groups, up_b)  # (N, L, d)
         if groups.kept is not None:  # padding slots out
             update = update.index_select(0, groups.kept)
         added = output.reshape(h.shape).index_add(0, groups.targets, update.to(output.dtype))  # the skip connection
