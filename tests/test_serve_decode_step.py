@@ -201,10 +201,12 @@ def test_precision_option(monkeypatch):
         ServeConfig(precision="fp16")
 
 
-def test_bf16_rows_decode_as_bf16_alone():
-    """At bf16 too, each row's tokens are its prompt's alone (the reference at bf16)."""
-    model = model_with("lora", torch.bfloat16)
-    tasks = [None if index is None else f"lora{index}" for index, _, _ in REQUESTS]
+@pytest.mark.parametrize("method", ["lora", "adapter_lin"])
+def test_bf16_rows_decode_as_bf16_alone(method):
+    """At bf16 too, each row's tokens are its prompt's alone (the reference at bf16); adapters' rows grouped by
+    task in bf16 (16-byte rows: bottleneck 6 padded to 8)."""
+    model = model_with(method, torch.bfloat16)
+    tasks = [None if index is None else f"{method}{index}" for index, _, _ in REQUESTS]
     expected = [alone(model, task, ids, new) for task, ids, (_, _, new) in zip(tasks, prompts(), REQUESTS, strict=True)]
     got, _ = served_tokens(model, tasks, SETTINGS["chunked prefill, 3 slots"])
     assert got == expected
