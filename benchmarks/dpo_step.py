@@ -124,16 +124,23 @@ def main() -> None:
             if step:
                 times[name].append(elapsed)
                 losses[name].append(loss.item())
+        if step:
+            result = report(times, losses, args)  # after every step: an interrupted run keeps what it measured
+    print(json.dumps(result, indent=2))
+
+
+def report(times: dict[str, list[float]], losses: dict[str, list[float]], args: argparse.Namespace) -> dict:
+    """The medians, their ratios to the two-pass step and the raw numbers, written to `args.out`."""
     medians = {name: statistics.median(values) for name, values in times.items()}
     ratios = {f"{name}/two-pass": medians[name] / medians["two-pass"] for name in medians if name != "two-pass"}
     result = {"median_step_s": medians, "ratios": ratios, "step_times_s": times, "losses": losses,
-              "pairs_per_step": args.pairs, "steps": args.steps, "threads": torch.get_num_threads(),
+              "pairs_per_step": args.pairs, "steps_done": len(times["two-pass"]), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "trl": None if args.no_trl else importlib.metadata.version("trl"),
               "peft": None if args.no_trl else importlib.metadata.version("peft"),
               "machine": platform.processor() or platform.machine()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    return result
 
 
 if __name__ == "__main__":
