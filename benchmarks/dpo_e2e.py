@@ -10,14 +10,16 @@ Pairs (`deltatune.tasks.e2e_pairs.preference_pairs`): prompt = the E2E prompt th
 chosen = a human reference, rejected = the same reference with one slot value swapped for another value of the
 same slot (a familyFriendly yes/no by adding or dropping the negation), kept only where the slot checker finds
 no error in the chosen and exactly one wrong slot in the rejected. `table` prints each run's E2E metrics (from
-`deltatune eval`'s printed JSON, saved as eval.json) with SER's missing / wrong / added counts recomputed from
-its predictions.jsonl, and `--changed A B` lists test MRs whose output changed from A to B with their slot errors.
+`deltatune eval`'s printed JSON, saved as eval.json) with SER's missing / wrong / added (and contradicted) counts
+recomputed from its predictions.jsonl, and `--changed A B` lists a seeded sample of the test MRs whose output
+changed from A to B, with their slot errors.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from deltatune.tasks.e2e_pairs import preference_pairs
 from deltatune.tasks.e2e_slots import slot_error_rate, slot_errors
 
 SFT_TRAIN_LIMIT = 2000  # the SFT deltas trained on the first 2,000 train references (--train-limit 2000)
+COUNTS = ("missing", "wrong", "added", "slots", "contradicted")
 COLUMNS = [("bleu", "BLEU", 100, 1), ("nist", "NIST", 1, 2), ("meteor", "METEOR", 100, 1),
            ("rouge_l", "ROUGE-L", 100, 1), ("cider", "CIDEr", 1, 2), ("ser", "SER %", 100, 2)]
 
@@ -58,36 +61,37 @@ def run_scores(folder: Path) -> dict:
     rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
     counts = slot_error_rate([r["source"] for r in rows], [r["prediction"] for r in rows])
     assert abs(counts["ser"] - printed["ser"]) < 1e-12, "eval.json's SER is not its predictions' SER"
-    return {**printed, **{k: counts[k] for k in ("missing", "wrong", "added", "slots")}, "rows": rows}
+    return {**printed, **{k: counts[k] for k in COUNTS}, "rows": rows}
 
 
 def cmd_table(args: argparse.Namespace) -> None:
     runs = {label: run_scores(Path(folder)) for label, folder in (item.split("=", 1) for item in args.run)}
-    lines = ["| run | " + " | ".join(title for _, title, _, _ in COLUMNS) + " | missing | wrong | added | MR slots |",
-             "|---|" + "---:|" * (len(COLUMNS) + 4)]
+    lines = ["| run | " + " | ".join(title for _, title, _, _ in COLUMNS)
+             + " | missing | wrong | added | MR slots | contradicted (not in SER) |",
+             "|---|" + "---:|" * (len(COLUMNS) + len(COUNTS))]
     for label, scores in runs.items():
         cells = [f"{scores[key] * scale:.{digits}f}" for key, _, scale, digits in COLUMNS]
-        counts = [f"{scores[key]:.0f}" for key in ("missing", "wrong", "added", "slots")]
+        counts = [f"{scores[key]:.0f}" for key in COUNTS]
         lines.append(f"| {label} | " + " | ".join(cells + counts) + " |")
     for group in args.mean or []:  # "NAME=label1,label2": the mean of those runs
         name, labels = group.split("=", 1)
         members = [runs[label] for label in labels.split(",")]
         cells = [f"{statistics.fmean(m[key] for m in members) * scale:.{digits}f}" for key, _, scale, digits in COLUMNS]
-        counts = [f"{statistics.fmean(m[key] for m in members):.1f}" for key in ("missing", "wrong", "added", "slots")]
+        counts = [f"{statistics.fmean(m[key] for m in members):.1f}" for key in COUNTS]
         lines.append(f"| **{name}** | " + " | ".join(cells + counts) + " |")
     print("\n".join(lines))
     if args.changed:
         before, after = (runs[label]["rows"] for label in args.changed)
         changed = [(a, b) for a, b in zip(before, after, strict=True) if a["prediction"] != b["prediction"]]
         print(f"\n{len(changed)} of {len(before)} outputs changed from {args.changed[0]} to {args.changed[1]}")
-        for a, b in changed[: args.examples]:
+        for a, b in random.Random(0).sample(changed, min(args.examples, len(changed))):  # a seeded sample
             ea, eb = slot_errors(a["source"], a["prediction"]), slot_errors(b["source"], b["prediction"])
             print(f"\n- MR: {a['source']}\n  {args.changed[0]} ({describe(ea)}): {a['prediction']}\n"
                   f"  {args.changed[1]} ({describe(eb)}): {b['prediction']}")
 
 
 def describe(errors) -> str:
-    parts = [f"{kind} {', '.join(getattr(errors, kind))}" for kind in ("missing", "wrong", "added")
+    parts = [f"{kind} {', '.join(getattr(errors, kind))}" for kind in ("missing", "wrong", "added", "contradicted")
              if getattr(errors, kind)]
     return "; ".join(parts) or "no slot error"
 

@@ -36,6 +36,9 @@ def test_missing_wrong_and_added_counted_by_hand():
     assert counts(mr, "Aromi is a cheap pub in the city centre.") == (["food"], ["area"], ["priceRange"])
     # the venue names are verbatim: another E2E name in place of the MR's is a wrong name
     assert counts(mr, "Zizzi is an Indian pub by the river.") == ([], ["name"], [])
+    # the MR's value said beside another value of the slot: not an error, counted as contradicted
+    contradicting = slot_errors(mr, "Aromi is an Indian pub by the river. It is a coffee shop.")
+    assert (contradicting.errors, contradicting.contradicted) == (0, ["eatType"])
 
 
 def test_negated_family_friendly_is_no_and_not_also_yes():
@@ -79,7 +82,7 @@ def test_corpus_ser_sums_errors_over_slots():
     texts = ["Aromi is a cheap pub in the city centre.", "Cotto is not family friendly.",
              "The Eagle is a low rated Japanese coffee shop near Burger King by the river. It is kid friendly."]
     assert slot_error_rate(sources, texts) == {"ser": 5 / 14, "missing": 2.0, "wrong": 2.0, "added": 1.0,
-                                               "slots": 14.0}
+                                               "slots": 14.0, "contradicted": 0.0}
 
 
 def test_ser_is_an_e2e_metric_scored_against_the_sources():

@@ -152,6 +152,9 @@ class SlotErrors:
     missing: list[str] = field(default_factory=list)
     wrong: list[str] = field(default_factory=list)
     added: list[str] = field(default_factory=list)
+    # correct slots whose sentence also realises another value of the slot ("a pub ... and a coffee shop"): not
+    # errors under the rule above (the value is realised), counted apart so that a contradiction is visible
+    contradicted: list[str] = field(default_factory=list)
 
     @property
     def errors(self) -> int:
@@ -170,19 +173,22 @@ def slot_errors(mr: str | dict[str, str], text: str) -> SlotErrors:
             result.missing.append(slot)
         elif value.lower() not in {v.lower() for v in realised}:
             result.wrong.append(slot)
+        elif len(realised) > 1:
+            result.contradicted.append(slot)
     result.added = [slot for slot in found if slot not in slots]
     return result
 
 
 def slot_error_rate(sources: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
-    """Corpus SER: {"ser": (missing + wrong + added) / MR slots, "missing", "wrong", "added", "slots": counts}."""
+    """Corpus SER: {"ser": (missing + wrong + added) / MR slots, "missing", "wrong", "added", "slots": counts,
+    "contradicted": correct slots that also realise another value (not in SER)}."""
     if len(sources) != len(predictions):
         raise ValueError(f"{len(predictions)} predictions but {len(sources)} MRs")
-    totals = {"missing": 0, "wrong": 0, "added": 0, "slots": 0}
+    totals = {"missing": 0, "wrong": 0, "added": 0, "slots": 0, "contradicted": 0}
     for source, prediction in zip(sources, predictions, strict=True):
         errors = slot_errors(source, prediction)
         totals["slots"] += errors.slots
-        for kind in ("missing", "wrong", "added"):
+        for kind in ("missing", "wrong", "added", "contradicted"):
             totals[kind] += len(getattr(errors, kind))
     ser = (totals["missing"] + totals["wrong"] + totals["added"]) / max(totals["slots"], 1)
     return {"ser": ser, **{k: float(v) for k, v in totals.items()}}
