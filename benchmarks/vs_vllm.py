@@ -248,7 +248,10 @@ def run_server(server_name: str, deltas: dict, prompts: list[str], results: dict
         starts = [(names, lambda peft=peft: start_vllm(python, dtype, peft, args)) for names, peft in groups]
     else:  # "deltatune" or "before" (the decode loop before the slot cache and batched prefill; fp32 only)
         everything = {**deltas["lora"], **deltas["mixed"]}
-        starts = [(list(SCENARIOS), lambda: start_deltatune(precision, everything, args, before=engine == "before"))]
+        if engine == "before":  # this checkout's deltas carry settings the old code refuses (e.g. LoRA's
+            everything = {}     # expert_parameters): the commit before serves the base model only
+        served = ["base"] if engine == "before" else list(SCENARIOS)
+        starts = [(served, lambda: start_deltatune(precision, everything, args, before=engine == "before"))]
     for names, start in starts:
         names = [n for n in names if n in args.scenarios and (server_name, n) not in results["cells"]]
         if not names:
