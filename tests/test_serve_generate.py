@@ -135,7 +135,7 @@ def plain_ids(served, text: str) -> list[int]:
 def test_concurrent_streams_of_every_method_decode_together_as_each_alone(served):
     """Eight streamed completions over six deltas and the base model, queued while the decode thread is held,
     then decoded together: mixed steps happen, and every stream's text is the prompt's greedy text alone (the
-    server's LM head prepacked for oneDNN where this torch has it, the reference's eager)."""
+    server's LM head prepacked for oneDNN (--packed-head) where this torch has it, the reference's eager)."""
     jobs = [(task, PROMPTS[i % len(PROMPTS)], 5 + 2 * i) for i, task in
             enumerate(["lora", "prompt", "base", "adapter", "prefix", "bitfit", "lora_wide", "lora"])]
 
@@ -154,7 +154,7 @@ def test_concurrent_streams_of_every_method_decode_together_as_each_alone(served
             await asyncio.to_thread(wait_until, lambda: loop.metrics()["queue"] == len(jobs), "requests queued")
         return await asyncio.gather(*waiting)
 
-    with server(served, max_batch_size=6) as (loop, url):
+    with server(served, max_batch_size=6, packed_head=True) as (loop, url):
         results = asyncio.run(scenario(loop, url))
         metrics = loop.metrics()
         head = type(loop.model.base_model.get_output_embeddings()).__name__

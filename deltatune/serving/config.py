@@ -59,9 +59,10 @@ class ServeConfig:
         "help": "the served model's weights and activations: auto (the command's default): bf16 where the CPU/GPU "
                 "has native bf16 math (AVX512-BF16 or AMX; a bf16-capable GPU), else fp32",
         "choices": list(PRECISIONS), "cli_default": "auto"})
-    packed_head: bool = field(default=True, metadata={
+    packed_head: bool = field(default=False, metadata={
         "help": "generation in fp32 on a CPU: the LM head's weight prepacked for oneDNN once, as vLLM's CPU backend "
-                "does (serving/packed_linear.py: ~1.6x faster than F.linear at 16 rows; logits equal to ~1e-6)"})
+                "does (serving/packed_linear.py: the head alone ~2x faster at 16 rows, logits equal to ~1e-6; off by "
+                "default: the whole server measured 0.84-0.86x the tokens/s with it, docs/results/vs_vllm.md)"})
     quantize: str | None = field(default=None, metadata={
         "help": "the base's block linear weights quantized: int8 | int4 | nf4 (deltas trained at any precision "
                 "load onto it)", "choices": list(SCHEMES)})
