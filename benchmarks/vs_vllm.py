@@ -18,9 +18,10 @@ deltas, r 8 on q and v, B != 0, saved by deltatune and exported with `export_pef
 2 Houlsby adapters, 2 prompt tunings, which vLLM cannot serve); the same load, driven by the official `openai`
 client: `--requests` streamed completions from `--clients` concurrent streams, E2E test meaning representations
 as prompts ("MR\\nSentence:"), `--new-tokens` new tokens at most, greedy (temperature 0; EOS ends a completion, so
-equal token totals mean equal stopping). Cells: base model, 1 LoRA, 8 LoRA mixed (requests cycle over the deltas),
-and deltatune's 8 mixed kinds. Every completion's text is kept, so servers at the same precision are compared token
-for token (identical completions of N).
+equal token totals mean equal stopping). Cells: base model (a server with no delta loaded), the base model on the
+server that has the deltas loaded (vLLM: the 8 LoRAs; deltatune: all 16), 1 LoRA, 8 LoRA mixed (requests cycle over
+the deltas), and deltatune's 8 mixed kinds. Every completion's text is kept, so servers at the same precision are
+compared token for token (identical completions of N).
 
 Results are written after every cell (`--out`, JSON, and the table in `--markdown`), so a cut run keeps what it
 measured; notes below the line `<!-- notes -->` of the markdown file are kept when it is rewritten.
@@ -234,7 +235,8 @@ def warm_up(url: str, prompts: list[str], tasks: list[str], args) -> None:
 
 
 # ---- cells and reports ------------------------------------------------------------------------------------------
-SCENARIOS = {"base": lambda d: ["base"], "1 LoRA": lambda d: ["lora0"], "8 LoRA mixed": lambda d: sorted(d["lora"]),
+SCENARIOS = {"base": lambda d: ["base"], "base (deltas loaded)": lambda d: ["base"],
+             "1 LoRA": lambda d: ["lora0"], "8 LoRA mixed": lambda d: sorted(d["lora"]),
              "8 mixed DoRA/(IA)³/adapter/prompt": lambda d: sorted(d["mixed"])}
 
 
@@ -244,14 +246,15 @@ def run_server(server_name: str, deltas: dict, prompts: list[str], results: dict
     if engine == "vllm":
         python = ensure_vllm(Path(args.vllm_venv))
         dtype = {"fp32": "float32", "bf16": "bfloat16"}[precision]
-        groups = [(["8 LoRA mixed", "1 LoRA"], deltas["peft"]), (["base"], {})]
+        groups = [(["8 LoRA mixed", "1 LoRA", "base (deltas loaded)"], deltas["peft"]), (["base"], {})]
         starts = [(names, lambda peft=peft: start_vllm(python, dtype, peft, args)) for names, peft in groups]
     else:  # "deltatune" or "before" (the decode loop before the slot cache and batched prefill; fp32 only)
         everything = {**deltas["lora"], **deltas["mixed"]}
         if engine == "before":  # this checkout's deltas carry settings the old code refuses (e.g. LoRA's
             everything = {}     # expert_parameters): the commit before serves the base model only
-        served = ["base"] if engine == "before" else list(SCENARIOS)
-        starts = [(served, lambda: start_deltatune(precision, everything, args, before=engine == "before"))]
+        served = [] if engine == "before" else [name for name in SCENARIOS if name != "base"]
+        starts = [(served, lambda: start_deltatune(precision, everything, args, before=engine == "before")),
+                  (["base"], lambda: start_deltatune(precision, {}, args, before=engine == "before"))]
     for names, start in starts:
         names = [n for n in names if n in args.scenarios and (server_name, n) not in results["cells"]]
         if not names:

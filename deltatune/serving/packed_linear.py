@@ -8,6 +8,10 @@ size and skip the copy: measured here (2-core AMD EPYC, AVX2, one thread), 16 ro
 prepacked against 50-57 ms through `F.linear`, 15 vs 48 ms at 4 rows. vLLM's CPU backend does the same for every
 linear layer (`vllm/model_executor/layers/utils.py`, its oneDNN GEMM with prepacked weights).
 
+`deltatune serve --packed-head` uses it; it is off by default because the whole server measured 0.84-0.86x the
+tokens/s with it on this 2-core machine (two OpenMP threads; its worker thread then idles ~40% of the time, with
+10x the system time), although one decode step alone is 0.87x the CPU time with it (docs/results/vs_vllm.md).
+
 The products are oneDNN's, not MKL's: they differ in the last bits (a logit's difference from `F.linear` is at
 most a few 1e-6 on SmolLM2), so a greedy token can differ where two logits tie to that precision. Training,
 gradients, bf16 and other devices take `F.linear` unchanged.
