@@ -5,6 +5,7 @@ system time and page faults (from /proc), for this checkout's server or the comm
     python benchmarks/serve_threads.py today --deltas              # the base model, vs_vllm.py's 16 deltas loaded
     python benchmarks/serve_threads.py today --serve-args=--packed-head
     python benchmarks/serve_threads.py today --threads 1 --env GOMP_SPINCOUNT=20000000
+    python benchmarks/serve_threads.py today --deltas --tasks lora0,lora1,lora2,lora3,lora4,lora5,lora6,lora7
     python benchmarks/serve_threads.py before                      # deltatune at --before (git worktree)
 
 Run the variants alternately, several rounds each: on the shared 2-vCPU machine one server's rate moves by 10-15%
@@ -41,6 +42,8 @@ def main() -> None:
     parser.add_argument("--deltas", action="store_true", help="load vs_vllm.py's 8 LoRA and 8 other deltas")
     parser.add_argument("--serve-args", default="", help="more `deltatune serve` options, space-separated")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server's environment")
+    parser.add_argument("--tasks", default="base", help="comma-separated: the requests cycle over them (with "
+                                                         "--deltas: lora0..lora7, dora0, ia30, adapter0, prompt0, ...)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--clients", type=int, default=16)
@@ -67,9 +70,10 @@ def main() -> None:
         served = {**made["lora"], **made["mixed"]}
     server, url = vs_vllm.start_deltatune("fp32", served, args, before=args.which == "before")
     try:
-        vs_vllm.warm_up(url, prompts, ["base"], args)
+        tasks = args.tasks.split(",")
+        vs_vllm.warm_up(url, prompts, tasks, args)
         start = thread_times(server.pid)
-        cell = asyncio.run(vs_vllm.drive(url, prompts, ["base"], args))
+        cell = asyncio.run(vs_vllm.drive(url, prompts, tasks, args))
         end = thread_times(server.pid)
     finally:
         vs_vllm.stop(server)
