@@ -22,17 +22,15 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import server_process  # noqa: E402
 import vs_vllm  # noqa: E402
 
 
 def thread_times(pid: int) -> dict[str, tuple[int, float, float]]:
     """Each thread's (minor faults, user s, system s) so far."""
-    threads = {}
+    threads, ticks = {}, os.sysconf("SC_CLK_TCK")
     for thread in os.listdir(f"/proc/{pid}/task"):
         fields = Path(f"/proc/{pid}/task/{thread}/stat").read_text().rsplit(")", 1)[1].split()
-        threads[thread] = (int(fields[7]), int(fields[11]) / os.sysconf("SC_CLK_TCK"),
-                           int(fields[12]) / os.sysconf("SC_CLK_TCK"))
+        threads[thread] = (int(fields[7]), int(fields[11]) / ticks, int(fields[12]) / ticks)
     return threads
 
 
@@ -56,10 +54,6 @@ def main() -> None:
     for item in args.env:
         name, value = item.split("=", 1)
         os.environ[name] = value
-    if args.serve_args:
-        original = server_process.start_server
-        vs_vllm.start_server = lambda options, deltas, threads=None: original([*options, *args.serve_args.split()],
-                                                                              deltas, threads=threads)
     from deltatune.tasks import get_task
     from deltatune.tasks.generation import generation_prompt
 
@@ -68,7 +62,8 @@ def main() -> None:
     if args.deltas:
         made = vs_vllm.make_deltas(Path(args.work))
         served = {**made["lora"], **made["mixed"]}
-    server, url = vs_vllm.start_deltatune("fp32", served, args, before=args.which == "before")
+    server, url = vs_vllm.start_deltatune("fp32", served, args, before=args.which == "before",
+                                          extra=tuple(args.serve_args.split()))
     try:
         tasks = args.tasks.split(",")
         vs_vllm.warm_up(url, prompts, tasks, args)

@@ -112,9 +112,11 @@ def make_deltas(folder: Path) -> dict[str, dict[str, Path]]:
 
 
 # ---- servers ---------------------------------------------------------------------------------------------------
-def start_deltatune(precision: str, deltas: dict[str, Path], args, before: bool = False):
-    """`deltatune serve` of this checkout, or (before) of the commit `--before` (checked out once beside it)."""
-    options = ["--model", resolve_model_path("smollm2"), "--kind", "generation", "--max-batch-size", str(args.clients)]
+def start_deltatune(precision: str, deltas: dict[str, Path], args, before: bool = False, extra: tuple[str, ...] = ()):
+    """`deltatune serve` of this checkout, or (before) of the commit `--before` (checked out once beside it); `extra`:
+    more `serve` options."""
+    options = ["--model", resolve_model_path("smollm2"), "--kind", "generation", "--max-batch-size", str(args.clients),
+               *extra]
     if not before:
         return start_server([*options, "--precision", precision], deltas, threads=args.threads)
     import server_process
@@ -249,12 +251,12 @@ def run_server(server_name: str, deltas: dict, prompts: list[str], results: dict
         groups = [(["8 LoRA mixed", "1 LoRA", "base (deltas loaded)"], deltas["peft"]), (["base"], {})]
         starts = [(names, lambda peft=peft: start_vllm(python, dtype, peft, args)) for names, peft in groups]
     else:  # "deltatune" or "before" (the decode loop before the slot cache and batched prefill; fp32 only)
-        everything = {**deltas["lora"], **deltas["mixed"]}
-        if engine == "before":  # this checkout's deltas carry settings the old code refuses (e.g. LoRA's
-            everything = {}     # expert_parameters): the commit before serves the base model only
-        served = [] if engine == "before" else [name for name in SCENARIOS if name != "base"]
-        starts = [(served, lambda: start_deltatune(precision, everything, args, before=engine == "before")),
-                  (["base"], lambda: start_deltatune(precision, {}, args, before=engine == "before"))]
+        before = engine == "before"
+        starts = [(["base"], lambda: start_deltatune(precision, {}, args, before=before))]
+        if not before:  # this checkout's deltas carry settings the old code refuses (e.g. LoRA's expert_parameters):
+            everything = {**deltas["lora"], **deltas["mixed"]}  # the commit before serves the base model only
+            starts.insert(0, ([name for name in SCENARIOS if name != "base"],
+                              lambda: start_deltatune(precision, everything, args)))
     for names, start in starts:
         names = [n for n in names if n in args.scenarios and (server_name, n) not in results["cells"]]
         if not names:
