@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from deltatune.serving.packed_linear import PackedLinear, pack_output_layer, prepacking_available
+import deltatune
+from deltatune.serving.packed_linear import PackedLinear, pack_linear_layers, pack_output_layer, prepacking_available
 from deltatune.testing import tiny_model
 
 pytestmark = pytest.mark.skipif(not prepacking_available(), reason="this torch build has no oneDNN")
@@ -25,6 +26,29 @@ def test_packed_head_gives_the_eager_logits_and_shares_the_weight():
     assert type(swapped) is PackedLinear and swapped.weight is head.weight  # the same Parameter: ties kept
     assert (packed - eager).abs().max() < 1e-5
     assert torch.equal(packed.argmax(-1), eager.argmax(-1))
+
+
+def test_every_linear_packed_under_loaded_deltas_gives_the_eager_logits_of_mixed_rows():
+    """`serve --packed-linears`: every plain linear layer (the blocks' and the head) swapped, those a LoRA wraps
+    included; each row under its own task gives the logits it had before the swap."""
+    torch.manual_seed(0)
+    model = deltatune.attach(tiny_model("llama", "causal-lm"), deltatune.LoRA(r=4), task="a")
+    model = deltatune.attach(model, deltatune.LoRA(r=4), task="b")
+    with torch.no_grad():
+        for task in ("a", "b"):
+            for tensor in model.task_parameters(task).values():
+                tensor.add_(torch.randn(tensor.shape) * 0.3)
+    model.eval()
+    linears = [name for name, module in model.base_model.named_modules() if type(module) is nn.Linear]
+    ids = torch.randint(0, model.config.vocab_size, (3, 7))
+    tasks = ["a", None, "b"]
+    with torch.inference_mode():
+        eager = model(input_ids=ids, tasks=tasks).logits
+        assert pack_linear_layers(model.base_model, batch_size=4) == len(linears)
+        packed = model(input_ids=ids, tasks=tasks).logits
+    assert not [name for name, module in model.base_model.named_modules() if type(module) is nn.Linear]
+    assert type(model.base_model.model.layers[0].self_attn.q_proj.base_layer) is PackedLinear  # inside the LoRA
+    assert (packed - eager).abs().max() < 1e-5 and torch.equal(packed.argmax(-1), eager.argmax(-1))
 
 
 def test_a_weight_changed_in_place_is_packed_again():

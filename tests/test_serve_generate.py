@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -132,10 +133,13 @@ def plain_ids(served, text: str) -> list[int]:
     return AutoTokenizer.from_pretrained(served[0])(text, add_special_tokens=False)["input_ids"]
 
 
-def test_concurrent_streams_of_every_method_decode_together_as_each_alone(served):
-    """Eight streamed completions over six deltas and the base model, queued while the decode thread is held,
+@pytest.mark.parametrize("settings", [{"packed_head": True}, {"packed_linears": True, "decode_loops": 2}],
+                         ids=["packed head", "every linear packed, two decode loops"])
+def test_concurrent_streams_of_every_method_decode_together_as_each_alone(served, settings):
+    """Eight streamed completions over six deltas and the base model, queued while the decode threads are held,
     then decoded together: mixed steps happen, and every stream's text is the prompt's greedy text alone (the
-    server's LM head prepacked for oneDNN (--packed-head) where this torch has it, the reference's eager)."""
+    server's LM head, or every linear layer, prepacked for oneDNN where this torch has it, the reference's eager;
+    one decode loop, or two on one model, each with its own rows)."""
     jobs = [(task, PROMPTS[i % len(PROMPTS)], 5 + 2 * i) for i, task in
             enumerate(["lora", "prompt", "base", "adapter", "prefix", "bitfit", "lora_wide", "lora"])]
 
@@ -154,12 +158,16 @@ def test_concurrent_streams_of_every_method_decode_together_as_each_alone(served
             await asyncio.to_thread(wait_until, lambda: loop.metrics()["queue"] == len(jobs), "requests queued")
         return await asyncio.gather(*waiting)
 
-    with server(served, max_batch_size=6, packed_head=True) as (loop, url):
+    with server(served, max_batch_size=6, **settings) as (loop, url):
         results = asyncio.run(scenario(loop, url))
         metrics = loop.metrics()
         head = type(loop.model.base_model.get_output_embeddings()).__name__
+        query = type(loop.model.base_model.model.layers[0].self_attn.q_proj.base_layer).__name__  # LoRA-wrapped
     assert head == ("PackedLinear" if prepacking_available() else "Linear")
-    assert metrics["mixed_steps"] > 0 and metrics["max_tasks_in_step"] >= 5 and metrics["max_rows"] == 6
+    assert query == ("PackedLinear" if prepacking_available() and "packed_linears" in settings else "Linear")
+    loops = settings.get("decode_loops", 1)
+    assert metrics["decode_loops"] == loops and metrics["max_rows"] == 6 // loops  # each loop's batch was full
+    assert metrics["mixed_steps"] > 0 and metrics["max_tasks_in_step"] >= 6 // loops - 1
     for (task, prompt, max_tokens), (text, finish) in zip(jobs, results, strict=True):
         expected, tokens = reference(served, None if task == "base" else task, plain_ids(served, prompt), max_tokens)
         assert text == expected, task
@@ -419,8 +427,9 @@ def test_full_queue_429_and_a_cancelled_stream_frees_its_row(served):
         wait_until(lambda: loop.metrics()["cancelled"] == 1 and loop.metrics()["queue"] == 0, "request dropped")
         assert loop.metrics()["finished"] == 1 and loop.metrics()["tokens"] == 2
 
-        step = loop._step
-        loop._step = lambda: (time.sleep(0.02), step())  # 100 tokens would take 2 s
+        lane = loop._lanes[0]  # the server's one decode loop
+        step = lane.step
+        lane.step = lambda: (time.sleep(0.02), step())  # 100 tokens would take 2 s
         with httpx.Client(base_url=url, timeout=30) as http, http.stream(
                 "POST", "/v1/completions", json={"model": "lora", "prompt": "hi", "max_tokens": 100,
                                                  "stream": True, "temperature": 0}) as response:
@@ -443,7 +452,9 @@ def test_loading_over_http_is_off_by_default_and_confined_to_the_delta_root(serv
     os.symlink(paths["adapter"], root / "escape")  # a symlink leading out of the root
     with pytest.raises(DeltaTuneError, match="--allow-loading needs --delta-root"):
         ServeConfig(allow_loading=True)
-    with server(served, tasks=("lora",), allow_loading=True, delta_root=str(paths["bitfit"].parent)) as (loop, url):
+    # two decode loops: a control call (load, remove) runs while the other loop waits between two passes
+    with server(served, tasks=("lora",), allow_loading=True, delta_root=str(paths["bitfit"].parent),
+                decode_loops=2) as (loop, url):
         api = client(url)
         for path, problem in [("../deltas/adapter", "contains '..'"), (str(paths["adapter"]) + "/../x", "'..'"),
                               ("/etc", "outside the delta root")]:
@@ -457,8 +468,8 @@ def test_loading_over_http_is_off_by_default_and_confined_to_the_delta_root(serv
         text = api.completions.create(model="adapter2", prompt="hi", max_tokens=4, temperature=0).choices[0].text
         assert text == reference(served, "adapter", plain_ids(served, "hi"), 4)[0]
         # removed while one of its streams runs: the stream ends with an error event, then [DONE]
-        step = loop._step
-        loop._step = lambda: (time.sleep(0.02), step())
+        for lane in loop._lanes:
+            lane.step = functools.partial(lambda step: (time.sleep(0.02), step()), lane.step)
         with httpx.stream("POST", url + "/v1/completions", timeout=30, json={
                 "model": "adapter2", "prompt": "hi", "max_tokens": 100, "stream": True}) as response:
             lines = response.iter_lines()

@@ -9,7 +9,9 @@ on one base model, and reads which task is active from a `TaskState` shared by a
 
 from __future__ import annotations
 
+import contextlib
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -25,6 +27,10 @@ BASE_TASK = "base"  # the name of "no delta": the plain base model
 Component = TypeVar("Component", bound=nn.Module)
 DENSE_MIXED_LIMIT = 32  # tokens per example x stacked tasks up to which a mixed pass computes every task densely
 GROUPED_MIXED = True  # mixed inference passes of the methods that support it run each task once on its own rows
+# Held through the forward of a component that swaps tensors into its base module (`torch.func.functional_call`:
+# a norm's gain g + Δg, experts' W + ΔW): no forward pass on another thread (serve's --decode-loops) may run that
+# module while another row's tensors are swapped in.
+SWAPPING_PARAMETERS = threading.RLock()
 
 
 def check_task_name(task: str) -> str:
@@ -40,38 +46,83 @@ def check_task_name(task: str) -> str:
     return task
 
 
+class _Route:
+    """Which task(s) one forward pass runs: `active` (one task; None: the base model) or, during a mixed pass,
+    `per_example` (one task per example) and what the components derive from it once per pass (`rows`)."""
+
+    def __init__(self) -> None:
+        self.active: str | None = None
+        self.per_example: list[str | None] | None = None
+        self.rows: dict[tuple, Any] = {}
+
+
 class TaskState:
     """Which task the model runs now; shared by reference between a DeltaModel and its components.
 
     `active` is one task name (or None for the base model). `per_example` is set only during a
     mixed-task forward pass: a list with one task name per example of the batch (None: the base model).
+
+    One route serves every thread, except a thread inside `own_route()`: it routes its passes apart from the others
+    (`deltatune serve`'s decode loops run one model from several threads, each batch under its own tasks).
     """
 
     def __init__(self) -> None:
-        self.active: str | None = None
         self.batch_dim = 0  # where the examples are in the blocks' hidden states: 1 for length-first models (XLNet)
-        self._per_example: list[str | None] | None = None
-        self._rows: dict[tuple, torch.Tensor] = {}  # per forward pass: example rows (and masks) per task list
+        self._shared = _Route()
+        self._local = threading.local()
+
+    @property
+    def _route(self) -> _Route:
+        return getattr(self._local, "route", None) or self._shared
+
+    @contextlib.contextmanager
+    def own_route(self):
+        """This thread's forward passes routed apart from other threads' while inside (starting at the base model)."""
+        self._local.route = _Route()
+        try:
+            yield
+        finally:
+            del self._local.route
+
+    @property
+    def active(self) -> str | None:
+        return self._route.active
+
+    @active.setter
+    def active(self, task: str | None) -> None:
+        self._route.active = task
 
     @property
     def per_example(self) -> list[str | None] | None:
-        return self._per_example
+        return self._route.per_example
 
     @per_example.setter
     def per_example(self, tasks: list[str | None] | None) -> None:
-        self._per_example = None if tasks is None else list(tasks)
-        self._rows = {}
+        route = self._route
+        route.per_example = None if tasks is None else list(tasks)
+        route.rows = {}
+
+    @property
+    def _rows(self) -> dict[tuple, Any]:  # per forward pass: example rows (and masks, groups) per task list
+        return self._route.rows
+
+    def __getstate__(self) -> dict[str, Any]:  # copies and pickles take the shared route (a thread's is its own)
+        return {"batch_dim": self.batch_dim, "_shared": self._shared}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _local=threading.local())
 
     def example_rows(self, tasks: list[str], device: torch.device) -> torch.Tensor:
         """(B,) long: for each example of the mixed batch, the index of its task in `tasks`, or len(tasks)
         (the zero row of a component's stacked weights) when `tasks` lacks it. Computed once per
         forward pass for each distinct task list: the components of one method share theirs."""
         key = (tuple(tasks), torch.device(device))
-        rows = self._rows.get(key)
+        route = self._route
+        rows = route.rows.get(key)
         if rows is None:
             position = {task: i for i, task in enumerate(tasks)}
-            rows = torch.tensor([position.get(t, len(tasks)) for t in self._per_example or []], device=device)
-            self._rows[key] = rows
+            rows = torch.tensor([position.get(t, len(tasks)) for t in route.per_example or []], device=device)
+            route.rows[key] = rows
         return rows
 
 

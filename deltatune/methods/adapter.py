@@ -50,7 +50,14 @@ from deltatune.core.architectures import (
     unwrap,
     wrapped_module,
 )
-from deltatune.core.component import DeltaComponent, TaskState, float_reference, grouped_matmul, grouped_width
+from deltatune.core.component import (
+    SWAPPING_PARAMETERS,
+    DeltaComponent,
+    TaskState,
+    float_reference,
+    grouped_matmul,
+    grouped_width,
+)
 from deltatune.errors import DeltaTuneError, MergeError, TargetError
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh, "silu": F.silu, "swish": F.silu}
@@ -286,8 +293,12 @@ class NormDelta(DeltaComponent):
         return {f"{name}_delta": delta for name, delta in self.norm_delta[task].items()}
 
     def forward(self, *args, **kwargs):
-        if self.task_state.per_example is not None:
-            return self._forward_mixed(*args, **kwargs)
+        with SWAPPING_PARAMETERS:  # functional_call swaps g + Δg into the shared norm for the call
+            if self.task_state.per_example is not None:
+                return self._forward_mixed(*args, **kwargs)
+            return self._forward_single(*args, **kwargs)
+
+    def _forward_single(self, *args, **kwargs):
         task = self.active_task
         if task not in self.norm_delta:
             return self.base_layer(*args, **kwargs)

@@ -31,7 +31,7 @@ from torch import nn
 from torch.func import functional_call
 
 from deltatune.core.architectures import wrapped_module
-from deltatune.core.component import DeltaComponent, TaskState, float_reference
+from deltatune.core.component import SWAPPING_PARAMETERS, DeltaComponent, TaskState, float_reference
 from deltatune.errors import TargetError
 
 
@@ -99,8 +99,12 @@ class ExpertLoRA(DeltaComponent):
                 for name in self.names}
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        if self.task_state.per_example is not None:
-            return self._forward_mixed(hidden_states, args, kwargs)
+        with SWAPPING_PARAMETERS:  # functional_call swaps W + ΔW into the shared experts module for the call
+            if self.task_state.per_example is not None:
+                return self._forward_mixed(hidden_states, args, kwargs)
+            return self._forward_single(hidden_states, *args, **kwargs)
+
+    def _forward_single(self, hidden_states: torch.Tensor, *args, **kwargs):
         task = self.active_task
         if task is None or task not in self.scaling or self.merged_task == task:
             return self.base_layer(hidden_states, *args, **kwargs)

@@ -324,7 +324,11 @@ def served_model(model_name: str, kind: str, config: ServeConfig) -> DeltaModel:
     else:
         model = DeltaModel(load_model(model_name, kind))
         model.base_model.to(dtype)
-    if kind == "causal-lm" and config.packed_head:
+    if kind == "causal-lm" and config.packed_linears:
+        from deltatune.serving.packed_linear import pack_linear_layers
+
+        pack_linear_layers(model.base_model, config.max_batch_size)  # fp32 on a CPU with oneDNN only
+    elif kind == "causal-lm" and config.packed_head:
         from deltatune.serving.packed_linear import pack_output_layer
 
         pack_output_layer(model.base_model, config.max_batch_size)  # fp32 on a CPU with oneDNN only

@@ -29,6 +29,11 @@ class ServeConfig:
         "choices": list(KINDS)})
     max_batch_size: int = field(default=32, metadata={
         "help": "inputs in one forward pass; generation: sequences decoding together (at most)"})
+    decode_loops: int = field(default=1, metadata={
+        "help": "generation: decode loops on one model, each on its own thread with its share of --max-batch-size "
+                "rows and of the intra-op threads (0, the command's default: one per intra-op thread on a CPU, one "
+                "on a GPU); on a 2-core CPU two one-thread loops served 1.2-1.6x the tokens/s of one two-thread loop",
+        "cli_default": 0})
     max_wait_ms: float = field(default=5.0, metadata={"help": "how long the oldest request waits for company"})
     queue_size: int = field(default=256, metadata={
         "help": "requests waiting at most; more get 429 with Retry-After"})
@@ -63,6 +68,9 @@ class ServeConfig:
         "help": "generation in fp32 on a CPU: the LM head's weight prepacked for oneDNN once, as vLLM's CPU backend "
                 "does (serving/packed_linear.py: the head alone ~2x faster at 16 rows, logits equal to ~1e-6; off by "
                 "default: the whole server measured 0.84-0.86x the tokens/s with it, docs/results/vs_vllm.md)"})
+    packed_linears: bool = field(default=False, metadata={
+        "help": "generation in fp32 on a CPU: every linear layer's weight (and the LM head's) prepacked for oneDNN "
+                "once, as vLLM's CPU backend does (serving/packed_linear.py); holds a second copy of the weights"})
     quantize: str | None = field(default=None, metadata={
         "help": "the base's block linear weights quantized: int8 | int4 | nf4 (deltas trained at any precision "
                 "load onto it)", "choices": list(SCHEMES)})
@@ -70,7 +78,7 @@ class ServeConfig:
     def __post_init__(self) -> None:
         counts = (self.max_batch_size, self.queue_size, self.max_inputs, self.max_prompt_tokens, self.max_tokens,
                   self.max_n, self.max_body_bytes, self.prefill_tokens)
-        if min(counts) < 1 or self.max_wait_ms < 0 or self.max_loaded_deltas < 0:
+        if min(counts) < 1 or self.max_wait_ms < 0 or self.max_loaded_deltas < 0 or self.decode_loops < 0:
             raise DeltaTuneError(f"serve settings must be positive: {self}")
         if self.precision not in PRECISIONS:
             raise DeltaTuneError(f"unknown precision {self.precision!r}; choose one of {list(PRECISIONS)}")

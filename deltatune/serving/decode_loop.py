@@ -6,7 +6,7 @@ et al. 2023) batch rows of different LoRA adapters in one forward pass; here eve
 pass does (those with `mixes_in_decode` in methods/registry.py; the others are refused by name when loaded),
 through the per-row routing of `DeltaModel` (`task_state.per_example`, read by each component's mixed path).
 
-One thread owns the model. Between two decode steps it:
+One thread runs the model (or several: `--decode-loops`, below). Between two decode steps it:
  1. runs control calls (loading or removing a delta) and drops cancelled requests;
  2. admits waiting requests while rows are free (`max_batch_size`) and runs one chunk of their prefill: the
     requests admitted together are prefilled TOGETHER, left-padded to one width, each row under its own task
@@ -19,6 +19,15 @@ One thread owns the model. Between two decode steps it:
  3. runs one forward pass over the last token of every running row, each row under its own task;
  4. samples each row's next token; rows that reach an end-of-sequence token, a stop string or `max_tokens`
     leave at once, and so do rows whose client went away.
+
+`--decode-loops N` runs N such loops on one model, each on its own thread with its own batch (a `_Lane`: at most
+its share of `max_batch_size` rows) and its share of the intra-op threads, all admitting from one queue. Each loop
+routes its rows through its own `TaskState` route (`own_route`). A control call (loading or removing a delta) runs
+once every loop is between two passes. On this project's 2-core CPU (docs/results/vs_vllm.md) two one-thread loops
+served 8 mixed LoRAs at 1.15x and 8 mixed DoRA/(IA)³/adapter/prompt deltas at 1.30x the tokens/s of one two-thread
+loop, the base model at 0.98x: a mixed step's many small products leave a second OpenMP thread waiting at every
+barrier, while two loops keep both cores busy. The loops share the GIL between operators; two one-thread server
+processes measured 1.6x (8 LoRAs) and 1.2x (base) instead.
 
 The batch's keys and values live in a `SlotCache` (`deltatune.serving.slot_cache`): one preallocated buffer per
 layer with a slot per row, rows left-padded to a common width with a (B, L) attention mask of ones on real entries,
@@ -33,6 +42,7 @@ from __future__ import annotations
 
 import collections
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -125,17 +135,24 @@ class DecodeLoop(ModelWorker):
     mixes_phrase = "decode in a batch with other tasks"
 
     def __init__(self, model: DeltaModel, tokenizer, config: ServeConfig | None = None):
+        config = config or ServeConfig(kind="generation")
         self.stop_ids = set(stop_token_ids(model, tokenizer))
         self.positions = position_limit(model.config)
         self._waiting: collections.deque[Request] = collections.deque()
-        self._rows: list[_Row] = []
-        self._cache: SlotCache | None = None  # the running rows' keys and values, one slot per row
-        self._prefills: list[_Prefill] = []  # admitted requests whose prompts are being prefilled, oldest first
-        self._mask: torch.Tensor | None = None  # (B, L) long: 1 on real cache entries
-        self._last: torch.Tensor | None = None  # (B,) the token each row feeds next
+        loops = min(config.decode_loops or _auto_loops(model), config.max_batch_size)
+        share, extra = divmod(config.max_batch_size, loops)  # max_batch_size rows split as evenly as it goes
+        self._lanes = [_Lane(self, share + (number < extra)) for number in range(loops)]
+        self._threads_per_loop = max(1, torch.get_num_threads() // loops) if loops > 1 else None
+        self._controlling = False  # a loop runs control calls: the others wait before their next pass
+        self._in_pass = 0  # loops between taking their work and finishing their pass
         super().__init__(model, tokenizer, config or ServeConfig(kind="generation"), stat_keys=(
             "requests", "rejected", "cancelled", "failed", "finished", "steps", "mixed_steps", "prefill_passes",
             "tokens", "max_rows", "max_tasks_in_step"))
+
+    def _threads(self) -> list[threading.Thread]:
+        return [threading.Thread(target=self._run, args=(lane,), daemon=True,
+                                 name=self.thread_name + (f"-{number}" if len(self._lanes) > 1 else ""))
+                for number, lane in enumerate(self._lanes)]
 
     # ---- any thread ------------------------------------------------------------------------------------
     def check_task(self, task: str) -> str | None:
@@ -174,9 +191,11 @@ class DecodeLoop(ModelWorker):
                              f"(--max-tokens)")
         if sampling.n > config.max_n:
             raise LimitError(f"n={sampling.n}; this server allows at most {config.max_n} choices (--max-n)")
-        if sampling.n > config.max_batch_size:
-            raise LimitError(f"n={sampling.n} choices cannot decode together in a batch of --max-batch-size "
-                             f"{config.max_batch_size}")
+        rows = max(lane.capacity for lane in self._lanes)
+        if sampling.n > rows:
+            split = f" split over {len(self._lanes)} --decode-loops" if len(self._lanes) > 1 else ""
+            raise LimitError(f"n={sampling.n} choices cannot decode together in a batch of {rows} rows "
+                             f"(--max-batch-size {config.max_batch_size}{split})")
         virtual = self._tasks.get(task, {}).get("virtual_tokens", 0)
         if self.positions is not None and virtual + prompt_tokens + sampling.max_tokens > self.positions:
             what = f" + {virtual} virtual tokens of {task!r}" if virtual else ""
@@ -192,67 +211,96 @@ class DecodeLoop(ModelWorker):
     def metrics(self) -> dict[str, Any]:
         with self._condition:
             waiting = len(self._waiting)
-        return {**self.stats, "queue": waiting, "running": len(self._rows), "tasks": len(self._tasks)}
+        running = sum(len(lane.rows) for lane in self._lanes)
+        return {**self.stats, "queue": waiting, "running": running, "tasks": len(self._tasks),
+                "decode_loops": len(self._lanes)}
 
     def _running_and_waiting(self) -> tuple[list[str], list[str]]:
         with self._condition:
             waiting = [request.task or BASE_TASK for request in self._waiting]
-        prefilling = [request for group in list(self._prefills) for request in group.requests]
-        running = {row.request for row in list(self._rows) if not row.done} | set(prefilling)
+        running = set()
+        for lane in self._lanes:
+            prefilling = [request for group in list(lane.prefills) for request in group.requests]
+            running |= {row.request for row in list(lane.rows) if not row.done} | set(prefilling)
         return [request.task or BASE_TASK for request in running], waiting
 
-    # ---- deltas (on the decode thread, or before it starts) ----------------------------------------------
+    # ---- deltas (on a decode thread while the others wait, or before they start) ------------------------------
     def _remove(self, name: str) -> None:
         self.model.remove_task(name)
-        leaving = [row for row in self._rows if row.request.task == name]
-        prefilling = [request for group in self._prefills for request in group.requests if request.task == name]
-        for request in {row.request for row in leaving} | set(prefilling):
-            self._fail(request, UnknownTaskError(f"task {name!r} was removed while this request ran"))
-        self._prefills = [group for group in self._prefills if not (group.whole and group.requests[0].failed)]
-        self._drop([row for row in self._rows if row.request.task != name])
+        for lane in self._lanes:
+            leaving = [row for row in lane.rows if row.request.task == name]
+            prefilling = [request for group in lane.prefills for request in group.requests if request.task == name]
+            for request in {row.request for row in leaving} | set(prefilling):
+                self._fail(request, UnknownTaskError(f"task {name!r} was removed while this request ran"))
+            lane.prefills = [group for group in lane.prefills if not (group.whole and group.requests[0].failed)]
+            lane.drop([row for row in lane.rows if row.request.task != name])
         self._refresh_tasks()
 
     def _task_entry(self, name: str, info: dict[str, Any]) -> dict[str, Any]:
         return {"method": info["method"], "path": info.get("path"), "prompt_format": info.get("prompt_format"),
                 "virtual_tokens": _virtual_tokens(self.model, name)}
 
-    # ---- the loop ------------------------------------------------------------------------------------------
-    def _run(self) -> None:
-        with torch.inference_mode():
+    # ---- the loops ---------------------------------------------------------------------------------------
+    def _run(self, lane: _Lane) -> None:
+        if self._threads_per_loop is not None:
+            torch.set_num_threads(self._threads_per_loop)
+        with torch.inference_mode(), self.model.task_state.own_route():
             while True:
-                admitted, controls = self._next_work()
+                admitted, controls = self._next_work(lane)
                 if admitted is None:
                     break
-                for control in controls:
-                    self._run_control(*control)
-                self._prefills += self._prefill_groups(admitted)
-                if self._prefills:
-                    self._prefill_chunk(self._prefills[0])
                 try:
-                    self._drop_finished()
-                    if self._rows:
-                        self._step()
-                except Exception as error:  # noqa: BLE001 - every running request fails, the loop goes on
-                    for request in {row.request for row in self._rows}:
-                        self._fail(request, error)
-                    self._drop([])
-                self._release_memory()
-        waiting = {request for group in self._prefills for request in group.requests}
-        running = {row.request for row in self._rows if not row.done}  # a finished request is answered already
-        for request in running | waiting | set(self._waiting):
+                    for control in controls:
+                        self._run_control(*control)
+                    lane.prefills += self._prefill_groups(admitted)
+                    if lane.prefills:
+                        lane.prefill_chunk(lane.prefills[0])
+                    try:
+                        lane.drop_finished()
+                        if lane.rows:
+                            lane.step()
+                    except Exception as error:  # noqa: BLE001 - every running request fails, the loop goes on
+                        for request in {row.request for row in lane.rows}:
+                            self._fail(request, error)
+                        lane.drop([])
+                    self._release_memory()
+                finally:
+                    with self._condition:
+                        self._in_pass -= 1
+                        if controls:
+                            self._controlling = False
+                        self._condition.notify_all()
+        waiting = {request for group in lane.prefills for request in group.requests}
+        running = {row.request for row in lane.rows if not row.done}  # a finished request is answered already
+        with self._condition:  # the first loop to stop answers the queue
+            queued = set(self._waiting)
+            self._waiting.clear()
+        for request in running | waiting | queued:
             self._fail(request, ShuttingDown("the server is shutting down"))
 
-    def _next_work(self) -> tuple[list[Request] | None, list]:
-        """(requests to admit now, control calls); waits while there is nothing to do. (None, []): closing."""
+    def _next_work(self, lane: _Lane) -> tuple[list[Request] | None, list]:
+        """(requests `lane` admits now, control calls to run first); waits while there is nothing to do, and while
+        another loop runs control calls. Control calls are taken once no other loop is in a pass (they change the
+        model). (None, []): closing."""
         with self._condition:
-            while not (self._waiting or self._control or self._rows or self._prefills or self._closing):
+            controls = []
+            while True:
+                if self._closing:
+                    return None, []
+                if self._controlling:
+                    self._condition.wait()
+                    continue
+                if self._control:
+                    self._controlling = True
+                    while self._in_pass:
+                        self._condition.wait()
+                    controls = list(self._control)
+                    self._control.clear()
+                    break
+                if lane.rows or lane.prefills or (self._waiting and lane.free() > 0):
+                    break
                 self._condition.wait()
-            if self._closing:
-                return None, []
-            controls = list(self._control)
-            self._control.clear()
-            reserved = sum(group.rows for group in self._prefills)
-            admitted, free = [], self.config.max_batch_size - len(self._rows) - reserved
+            admitted, free = [], lane.free()
             while self._waiting and (self._waiting[0].cancelled or self._waiting[0].sampling.n <= free):
                 request = self._waiting.popleft()
                 if request.cancelled:
@@ -260,6 +308,7 @@ class DecodeLoop(ModelWorker):
                     continue
                 admitted.append(request)
                 free -= request.sampling.n
+            self._in_pass += 1
             return admitted, controls
 
     def _prefill_groups(self, requests: list[Request]) -> list[_Prefill]:
@@ -275,116 +324,6 @@ class DecodeLoop(ModelWorker):
             else:
                 plain.append(request)
         return ([_Prefill(plain, self.device)] if plain else []) + groups
-
-    def _prefill_chunk(self, group: _Prefill) -> None:
-        """Run the next chunk of `group`'s prompts (at most --prefill-tokens tokens over its rows, so the running
-        rows decode between two chunks: chunked prefill, Agrawal et al. 2024 §4 (Sarathi)); the last chunk
-        samples each choice's first token and moves the rows into the running batch."""
-        try:
-            if group.whole:  # the model's own forward: prompt tuning prepends its virtual tokens, prefix tuning
-                request = group.requests[0]  # starts from its prefixes
-                output = self.model(input_ids=group.ids, attention_mask=group.mask, tasks=[request.task or BASE_TASK],
-                                    use_cache=True, logits_to_keep=1)
-                group.cache, group.done = output.cache, group.ids.shape[1]
-            else:
-                step = max(1, self.config.prefill_tokens // len(group.requests))
-                start, end = group.done, min(group.done + step, group.ids.shape[1])
-                tasks = [None if request.failed else request.task for request in group.requests]  # removed: base
-                with self.model._rows_routed(tasks):  # no input rewriting: no task here has virtual tokens
-                    output = self.model.base_model(
-                        input_ids=group.ids[:, start:end], attention_mask=group.mask[:, :end],
-                        position_ids=group.positions[:, start:end], cache=group.cache, use_cache=True,
-                        logits_to_keep=1)
-                group.cache, group.done = output.cache, end
-            self.stats["prefill_passes"] += 1
-            if group.done < group.ids.shape[1]:
-                return
-            self._prefills.remove(group)
-            self._join(group, output.logits[:, -1].float())
-        except Exception as error:  # noqa: BLE001 - e.g. a prompt that does not fit beside its prompt-tuning prompt
-            if group in self._prefills:
-                self._prefills.remove(group)
-            for request in group.requests:
-                self._fail(request, error)
-
-    def _join(self, group: _Prefill, logits: torch.Tensor) -> None:
-        """Sample each choice's first token from the prompt's last logits (b, V), splice the rows' caches in."""
-        counts = [request.sampling.n for request in group.requests]
-        rows = []
-        for request in group.requests:
-            seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(62)
-            rows += [_Row(request, i, None if request.sampling.temperature == 0
-                          else torch.Generator(device="cpu").manual_seed(seed + i)) for i in range(request.sampling.n)]
-        cache, mask = group.cache, group.mask if not group.whole else None
-        layers = _cache_layers(cache)
-        if mask is None:  # the virtual tokens or prefix are in the cache too
-            mask = torch.ones(1, layers[0].keys.shape[-2], dtype=torch.long, device=self.device)
-        if len(rows) > len(counts):  # n > 1: each choice its own copy of its prompt's cache
-            index = torch.repeat_interleave(torch.arange(len(counts), device=self.device),
-                                            torch.tensor(counts, device=self.device))
-            for layer in layers:
-                layer.keys, layer.values = layer.keys[index], layer.values[index]
-            mask, logits = mask[index], logits[index]
-        first = self._sample(rows, logits)
-        if self._cache is None:
-            self._cache = SlotCache.like(cache, self.config.max_batch_size)
-        width = max(self._cache.width, mask.shape[1])
-        old = self._mask if self._rows else mask.new_zeros(0, width)
-        self._cache.append(cache)
-        self._mask = torch.cat([nn.functional.pad(old, (width - old.shape[1], 0)),
-                                nn.functional.pad(mask, (width - mask.shape[1], 0))])
-        self._last = torch.cat([self._last, first]) if self._rows else first
-        self._rows += rows
-        for request, count in zip(group.requests, counts, strict=True):
-            request.running = count
-        self._emit_tokens(rows, first.tolist())
-
-    def _drop_finished(self) -> None:
-        """Rows that finished, failed or whose client went away leave the batch."""
-        gone = {row.request for row in self._rows if row.request.cancelled and not row.done and not row.request.failed}
-        self.stats["cancelled"] += len(gone)
-        self._drop([row for row in self._rows if not row.done and not row.request.cancelled])
-
-    def _drop(self, keep: list[_Row]) -> None:
-        """Keep only the rows `keep`: each leaving row's slot is taken by a kept row from the end of the batch (one
-        row copied per leaving row); leading columns that only padding holds now are cut."""
-        if len(keep) == len(self._rows):
-            return
-        kept = set(keep)
-        count = len(kept)
-        holes = [i for i in range(count) if self._rows[i] not in kept]
-        movers = [i for i in range(count, len(self._rows)) if self._rows[i] in kept]
-        order = list(range(count))
-        for hole, mover in zip(holes, movers, strict=True):
-            order[hole] = mover
-        if not order:
-            self._cache.keep([])
-            self._rows, self._mask, self._last = [], None, None
-            return
-        index = torch.tensor(order, device=self.device)
-        mask = self._mask[index]
-        cut = int((mask.sum(0) > 0).nonzero()[0])  # the first column some row still uses
-        self._cache.keep(order, cut)
-        self._mask, self._last = mask[:, cut:], self._last[index]
-        self._rows = [self._rows[i] for i in order]
-
-    def _step(self) -> None:
-        """One decode step for every running row, each under its own task."""
-        tasks = [row.request.task for row in self._rows]
-        positions = self._mask.sum(1, keepdim=True)  # (B, 1): each row's real entries = its next position
-        self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], dim=1)
-        with self.model._rows_routed(tasks) as distinct:
-            # the base model itself: the prompt / prefix components' input rewriting was done at the prefill
-            self._cache.reserve(right=1)
-            output = self.model.base_model(input_ids=self._last[:, None], attention_mask=self._mask,
-                                           position_ids=positions, cache=self._cache, use_cache=True)
-        self.stats["steps"] += 1
-        self.stats["mixed_steps"] += len(distinct) > 1
-        self.stats["max_rows"] = max(self.stats["max_rows"], len(self._rows))
-        self.stats["max_tasks_in_step"] = max(self.stats["max_tasks_in_step"], len(distinct))
-        self.prometheus.batch_size.observe(len(self._rows))
-        self._last = self._sample(self._rows, output.logits[:, -1].float())
-        self._emit_tokens(self._rows, self._last.tolist())
 
     @staticmethod
     def _sample(rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
@@ -459,6 +398,139 @@ class DecodeLoop(ModelWorker):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+class _Lane:
+    """One decode loop's batch: its running rows (at most `capacity`), their keys and values, the requests it is
+    prefilling; run only by its own thread (or by the thread running control calls while it waits)."""
+
+    def __init__(self, loop: DecodeLoop, capacity: int):
+        self.loop, self.capacity = loop, capacity
+        self.rows: list[_Row] = []
+        self.cache: SlotCache | None = None  # the running rows' keys and values, one slot per row
+        self.prefills: list[_Prefill] = []  # admitted requests whose prompts are being prefilled, oldest first
+        self.mask: torch.Tensor | None = None  # (B, L) long: 1 on real cache entries
+        self.last: torch.Tensor | None = None  # (B,) the token each row feeds next
+
+    def free(self) -> int:
+        """Rows it can still admit: its capacity less its running rows and those of the prompts it prefills."""
+        return self.capacity - len(self.rows) - sum(group.rows for group in self.prefills)
+
+    def prefill_chunk(self, group: _Prefill) -> None:
+        """Run the next chunk of `group`'s prompts (at most --prefill-tokens tokens over its rows, so the running
+        rows decode between two chunks: chunked prefill, Agrawal et al. 2024 §4 (Sarathi)); the last chunk
+        samples each choice's first token and moves the rows into the running batch."""
+        try:
+            if group.whole:  # the model's own forward: prompt tuning prepends its virtual tokens, prefix tuning
+                request = group.requests[0]  # starts from its prefixes
+                output = self.loop.model(input_ids=group.ids, attention_mask=group.mask,
+                                         tasks=[request.task or BASE_TASK], use_cache=True, logits_to_keep=1)
+                group.cache, group.done = output.cache, group.ids.shape[1]
+            else:
+                step = max(1, self.loop.config.prefill_tokens // len(group.requests))
+                start, end = group.done, min(group.done + step, group.ids.shape[1])
+                tasks = [None if request.failed else request.task for request in group.requests]  # removed: base
+                with self.loop.model._rows_routed(tasks):  # no input rewriting: no task here has virtual tokens
+                    output = self.loop.model.base_model(
+                        input_ids=group.ids[:, start:end], attention_mask=group.mask[:, :end],
+                        position_ids=group.positions[:, start:end], cache=group.cache, use_cache=True,
+                        logits_to_keep=1)
+                group.cache, group.done = output.cache, end
+            self.loop.stats["prefill_passes"] += 1
+            if group.done < group.ids.shape[1]:
+                return
+            self.prefills.remove(group)
+            self.join(group, output.logits[:, -1].float())
+        except Exception as error:  # noqa: BLE001 - e.g. a prompt that does not fit beside its prompt-tuning prompt
+            if group in self.prefills:
+                self.prefills.remove(group)
+            for request in group.requests:
+                self.loop._fail(request, error)
+
+    def join(self, group: _Prefill, logits: torch.Tensor) -> None:
+        """Sample each choice's first token from the prompt's last logits (b, V), splice the rows' caches in."""
+        counts = [request.sampling.n for request in group.requests]
+        rows = []
+        for request in group.requests:
+            seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(62)
+            rows += [_Row(request, i, None if request.sampling.temperature == 0
+                          else torch.Generator(device="cpu").manual_seed(seed + i)) for i in range(request.sampling.n)]
+        cache, mask = group.cache, group.mask if not group.whole else None
+        layers = _cache_layers(cache)
+        if mask is None:  # the virtual tokens or prefix are in the cache too
+            mask = torch.ones(1, layers[0].keys.shape[-2], dtype=torch.long, device=self.loop.device)
+        if len(rows) > len(counts):  # n > 1: each choice its own copy of its prompt's cache
+            index = torch.repeat_interleave(torch.arange(len(counts), device=self.loop.device),
+                                            torch.tensor(counts, device=self.loop.device))
+            for layer in layers:
+                layer.keys, layer.values = layer.keys[index], layer.values[index]
+            mask, logits = mask[index], logits[index]
+        first = self.loop._sample(rows, logits)
+        if self.cache is None:
+            self.cache = SlotCache.like(cache, self.capacity)
+        width = max(self.cache.width, mask.shape[1])
+        old = self.mask if self.rows else mask.new_zeros(0, width)
+        self.cache.append(cache)
+        self.mask = torch.cat([nn.functional.pad(old, (width - old.shape[1], 0)),
+                                nn.functional.pad(mask, (width - mask.shape[1], 0))])
+        self.last = torch.cat([self.last, first]) if self.rows else first
+        self.rows += rows
+        for request, count in zip(group.requests, counts, strict=True):
+            request.running = count
+        self.loop._emit_tokens(rows, first.tolist())
+
+    def drop_finished(self) -> None:
+        """Rows that finished, failed or whose client went away leave the batch."""
+        gone = {row.request for row in self.rows if row.request.cancelled and not row.done and not row.request.failed}
+        self.loop.stats["cancelled"] += len(gone)
+        self.drop([row for row in self.rows if not row.done and not row.request.cancelled])
+
+    def drop(self, keep: list[_Row]) -> None:
+        """Keep only the rows `keep`: each leaving row's slot is taken by a kept row from the end of the batch (one
+        row copied per leaving row); leading columns that only padding holds now are cut."""
+        if len(keep) == len(self.rows):
+            return
+        kept = set(keep)
+        count = len(kept)
+        holes = [i for i in range(count) if self.rows[i] not in kept]
+        movers = [i for i in range(count, len(self.rows)) if self.rows[i] in kept]
+        order = list(range(count))
+        for hole, mover in zip(holes, movers, strict=True):
+            order[hole] = mover
+        if not order:
+            self.cache.keep([])
+            self.rows, self.mask, self.last = [], None, None
+            return
+        index = torch.tensor(order, device=self.loop.device)
+        mask = self.mask[index]
+        cut = int((mask.sum(0) > 0).nonzero()[0])  # the first column some row still uses
+        self.cache.keep(order, cut)
+        self.mask, self.last = mask[:, cut:], self.last[index]
+        self.rows = [self.rows[i] for i in order]
+
+    def step(self) -> None:
+        """One decode step for every running row, each under its own task."""
+        tasks = [row.request.task for row in self.rows]
+        positions = self.mask.sum(1, keepdim=True)  # (B, 1): each row's real entries = its next position
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        with self.loop.model._rows_routed(tasks) as distinct:
+            # the base model itself: the prompt / prefix components' input rewriting was done at the prefill
+            self.cache.reserve(right=1)
+            output = self.loop.model.base_model(input_ids=self.last[:, None], attention_mask=self.mask,
+                                           position_ids=positions, cache=self.cache, use_cache=True)
+        self.loop.stats["steps"] += 1
+        self.loop.stats["mixed_steps"] += len(distinct) > 1
+        self.loop.stats["max_rows"] = max(self.loop.stats["max_rows"], len(self.rows))
+        self.loop.stats["max_tasks_in_step"] = max(self.loop.stats["max_tasks_in_step"], len(distinct))
+        self.loop.prometheus.batch_size.observe(len(self.rows))
+        self.last = self.loop._sample(self.rows, output.logits[:, -1].float())
+        self.loop._emit_tokens(self.rows, self.last.tolist())
+
+
+def _auto_loops(model: DeltaModel) -> int:
+    """`--decode-loops 0`: on a CPU one loop per intra-op thread (each loop then runs its products on one thread);
+    on a GPU one loop."""
+    return torch.get_num_threads() if next(model.parameters()).device.type == "cpu" else 1
 
 
 def _cache_layers(cache) -> list:

@@ -12,6 +12,11 @@ linear layer (`vllm/model_executor/layers/utils.py`, its oneDNN GEMM with prepac
 tokens/s with it on this 2-core machine (two OpenMP threads; its worker thread then idles ~40% of the time, with
 10x the system time), although one decode step alone is 0.87x the CPU time with it (docs/results/vs_vllm.md).
 
+`deltatune serve --packed-linears` packs every plain linear layer the same way (`pack_linear_layers`: the blocks'
+projections too, before the deltas wrap them), as vLLM does; the blocks' products alone measured 0.82x the time of
+`F.linear`'s at 16 rows (2 threads) and 0.84x at 8 rows (1 thread). It is off by default: it holds a second copy of
+every weight, and the whole server gained 0-9% with it here (docs/results/vs_vllm.md).
+
 The products are oneDNN's, not MKL's: they differ in the last bits (a logit's difference from `F.linear` is at
 most a few 1e-6 on SmolLM2), so a greedy token can differ where two logits tie to that precision. Training,
 gradients, bf16 and other devices take `F.linear` unchanged.
@@ -73,3 +78,18 @@ def pack_output_layer(model: nn.Module, batch_size: int) -> bool:
         return False
     model.set_output_embeddings(PackedLinear(head, batch_size))
     return True
+
+
+def pack_linear_layers(model: nn.Module, batch_size: int) -> int:
+    """Swap every plain fp32 CPU `nn.Linear` of a model (the blocks' projections and the head) for a `PackedLinear`
+    sharing its weight, as vLLM's CPU backend prepacks every linear layer. Deltas attached later wrap the packed
+    layers like any linear layer. Returns how many it swapped (0 without oneDNN)."""
+    if not prepacking_available():
+        return 0
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and child.weight.dtype == torch.float32 and child.weight.device.type == "cpu":
+                setattr(parent, name, PackedLinear(child, batch_size))
+                swapped += 1
+    return swapped

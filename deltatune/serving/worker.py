@@ -61,20 +61,26 @@ class ModelWorker:
         self.prometheus = ServerMetrics(self.load_state)  # GET /metrics
         self._tasks: dict[str, dict[str, Any]] = {}  # a snapshot for the HTTP threads; replaced, never mutated
         self._refresh_tasks()
-        self._worker = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+        self._workers = self._threads()
         self._trimmed = time.monotonic()
+
+    def _threads(self) -> list[threading.Thread]:
+        """The threads that run the model (one here; the decode loop may run several, `DecodeLoop._threads`)."""
+        return [threading.Thread(target=self._run, name=self.thread_name, daemon=True)]
 
     # ---- any thread ------------------------------------------------------------------------------------
     def start(self):
-        self._worker.start()
+        for worker in self._workers:
+            worker.start()
         return self
 
     def close(self) -> None:
         with self._condition:
             self._closing = True
             self._condition.notify_all()
-        if self._worker.is_alive():
-            self._worker.join(timeout=30)
+        for worker in self._workers:
+            if worker.is_alive():
+                worker.join(timeout=30)
 
     def _admit(self, waiting: int) -> None:
         """Refuse a new request while the server closes or `waiting` requests fill the queue; call it holding
@@ -87,7 +93,7 @@ class ModelWorker:
 
     @property
     def alive(self) -> bool:
-        return self._worker.is_alive()
+        return all(worker.is_alive() for worker in self._workers)
 
     @property
     def tasks(self) -> dict[str, dict[str, Any]]:
