@@ -181,8 +181,17 @@ class DeltaModel(nn.Module):
             self.__dict__["_input_cache"] = sorted(rewriting, key=lambda c: c.input_order)
         return self.__dict__["_input_cache"]
 
+    def _checking_components(self) -> list[DeltaComponent]:
+        """Components with a `check_mixed` of their own (full fine-tuning, top layers), found once per model
+        structure: a decode step of a served model checks its tasks each pass (walking every module: ~2% of it)."""
+        if "_check_cache" not in self.__dict__:
+            self.__dict__["_check_cache"] = [c for c in self.components().values()
+                                             if type(c).check_mixed is not DeltaComponent.check_mixed]
+        return self.__dict__["_check_cache"]
+
     def _structure_changed(self) -> None:
         self.__dict__.pop("_input_cache", None)
+        self.__dict__.pop("_check_cache", None)
 
     def add_task(self, config, task: str = "default", label_names: list[str] | None = None) -> DeltaModel:
         """Inject `config`'s method for a new `task` with fresh parameters, and make it active."""
@@ -579,7 +588,7 @@ class DeltaModel(nn.Module):
         and route the rows — one task for all takes its own single-task path (the fastest), several set
         `per_example`, read by every component's mixed path. Yields the distinct tasks; restored after."""
         distinct = set(per_example)
-        for component in self.components().values():
+        for component in self._checking_components():
             component.check_mixed(distinct)
         if len(distinct) > 1:
             self._refuse_unmixable(distinct, "mixable", "share a mixed batch", "run them alone with use(task)")

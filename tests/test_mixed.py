@@ -146,6 +146,26 @@ def test_every_method_in_one_batch_with_heads_of_different_widths(arch, tmp_path
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_components_none_of_whose_tasks_is_in_the_batch_take_their_base_path(arch, monkeypatch):
+    """A served model holds deltas of many methods; a step whose rows are LoRA tasks and the base does not run the
+    other methods' mixed paths (they would add zeros), and gives each row's output alone. While gradients are
+    recorded every component still runs (each task's parameters get their zero gradient)."""
+    configs = {**two_tasks(arch, "lora"), "bitfit": deltatune.BitFit(add_missing=arch in BIASLESS),
+               "adapter": deltatune.Adapter(bottleneck=4), "lin": deltatune.Adapter(bottleneck=3, placement="lin"),
+               "dora": deltatune.DoRA(r=3), "ia3": deltatune.IA3()}
+    model = build(arch, configs)
+    stacked, built = common.DeltaComponent.stacked, []
+    monkeypatch.setattr(common.DeltaComponent, "stacked",
+                        lambda self, *args: built.append(type(self).__name__) or stacked(self, *args))
+    assert_mixed_matches_alone(model, ["lora_a", "base", "lora_b", "lora_a"])
+    assert built and set(built) == {"LoRALinear"}
+    built.clear()
+    batch = {"input_ids": torch.randint(5, 90, (3, 6)), "attention_mask": torch.ones(3, 6, dtype=torch.long)}
+    model.train()(**batch, tasks=["lora_a", "base", "lora_b"]).logits.sum().backward()
+    assert {"DoRAMagnitude", "BiasDelta", "BottleneckAdapter", "IA3Scales"} <= set(built)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_causal_lm_prompts_of_different_lengths_keep_tokens_aligned(arch):
     """Decoders pad before the prompt: every example's own tokens sit at the same positions of the logits."""
     model = build(arch, {"short": deltatune.PromptTuning(length=2), "long": deltatune.PromptTuning(length=5),

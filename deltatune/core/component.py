@@ -112,6 +112,16 @@ class TaskState:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, _local=threading.local())
 
+    def uses_any(self, tasks: list[str]) -> bool:
+        """Whether some example of the mixed pass runs one of `tasks` (a component none of whose tasks is in the
+        batch takes its base path, at no cost: e.g. DoRA's layers in a step of LoRA rows). Once per pass and list."""
+        route = self._route
+        key = ("uses", tuple(tasks))
+        used = route.rows.get(key)
+        if used is None:
+            used = route.rows[key] = not set(route.per_example or ()).isdisjoint(tasks)
+        return used
+
     def example_rows(self, tasks: list[str], device: torch.device) -> torch.Tensor:
         """(B,) long: for each example of the mixed batch, the index of its task in `tasks`, or len(tasks)
         (the zero row of a component's stacked weights) when `tasks` lacks it. Computed once per
@@ -289,6 +299,11 @@ class DeltaComponent(nn.Module):
     def saved_layout(self) -> dict | None:
         """What a saved delta records about this component's shape beyond its tensors (None: nothing)."""
         return None
+
+    def idle_in_mixed_pass(self) -> bool:
+        """Whether no example of this mixed inference pass has a task with parameters here (its mixed path would
+        add zeros). Never while gradients are recorded: every task's parameters then get their (zero) gradient."""
+        return not torch.is_grad_enabled() and not self.task_state.uses_any(self.tasks)
 
     def example_rows(self, batch: int, device: torch.device) -> torch.Tensor:
         """Each example's row in this component's stacked weights (`stacked`): its task's index in

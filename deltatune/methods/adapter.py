@@ -169,6 +169,8 @@ class BottleneckAdapter(DeltaComponent):
         activation has f(0) = 0, and the padded rows of W_up are zero (m_max is rounded up to `grouped_width`).
         Inference runs each task's adapter once on its own rows (`_add_adapter_grouped`); training gathers each
         example's weights (two batched matmuls)."""
+        if self.idle_in_mixed_pass():
+            return output
         stack = self.stacked("adapter", self._own_tensors(), self._stack_for_mixed)
         down_w, down_b, up_w, up_b, uses, norm_w, norm_b = stack
         batch = output.shape[0]
@@ -312,6 +314,8 @@ class NormDelta(DeltaComponent):
         weight, the arithmetic of each example alone (`_gain_per_row`). Otherwise (torch's LayerNorm, a bias):
         a norm is affine in its gain and bias, y(g + Δg, b + Δb) = y(g, b) + Δg ⊙ x̂ + Δb, with x̂ the
         normalised input, so each example adds its own Δg ⊙ x̂ + Δb (zero rows: no delta here)."""
+        if self.idle_in_mixed_pass():
+            return self.base_layer(*args, **kwargs)
         params = [tensor for deltas in self.norm_delta._modules.values() for tensor in deltas._parameters.values()]
         stacks = self.stacked("norm", params, self._stack_for_mixed)  # {"weight": (T+1, d), "bias": (T+1, d)}
         if self._gain_per_row():

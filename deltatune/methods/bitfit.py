@@ -127,6 +127,8 @@ class BiasDelta(DeltaComponent):
         """A mixed-task batch: each example's own Δb (a zero row for tasks without BitFit here), gathered."""
         if self.merged_task is not None:
             raise RuntimeError(f"{self.merged_task!r} is merged into this bias: unmerge() before a mixed batch")
+        if self.idle_in_mixed_pass():
+            return output
         deltas = list(self.bias_delta.values())
         stack = self.stacked(  # (T+1, width)
             "bitfit", deltas, lambda: torch.cat([torch.stack(deltas), deltas[0].new_zeros(1, self.width)])

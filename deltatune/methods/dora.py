@@ -100,6 +100,8 @@ class DoRAMagnitude(DeltaComponent):
         """Each example's own g (ones for examples of other tasks), gathered: (B, d_out) -> (B, 1, .., d_out)."""
         if self.merged_task is not None:
             raise RuntimeError(f"{self.merged_task!r} is merged into this layer: unmerge() before a mixed batch")
+        if self.idle_in_mixed_pass():
+            return output
         tensors = [t for task in self.tasks for t in self._inputs(task)]
         ones = torch.ones_like(self.magnitude[self.tasks[0]])  # the row of examples without DoRA here
         stack = self.stacked("dora", tensors, lambda: torch.stack([self.scale(t) for t in self.tasks] + [ones]))

@@ -150,7 +150,7 @@ class IA3Scales(DeltaComponent):
         when no example of the batch has one."""
         if self.merged_task is not None:
             raise RuntimeError(f"{self.merged_task!r} is merged into this layer: unmerge() before a mixed batch")
-        if not vectors:
+        if not vectors or self.idle_in_mixed_pass():
             return None
         tasks = self.tasks
         reference = next(iter(vectors.values()))

@@ -296,6 +296,8 @@ class LoRALinear(DeltaComponent):
         result = self.base_layer(x)
         if self.merged_task is not None:
             raise RuntimeError(f"{self.merged_task!r} is merged into this layer: unmerge() before a mixed batch")
+        if self.idle_in_mixed_pass():
+            return result
         tensors = [*self.lora_A.values(), *self.lora_B.values()]
         A_all, B_all, dropout = self.stacked("lora", tensors, self._stack_for_mixed)
         batch = x.shape[0]
