@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import deltatune
-from deltatune.errors import DeltaTuneError
+from deltatune.errors import DeltaTuneError, LimitError
 from deltatune.methods.registry import METHODS
 from deltatune.serving.config import ServeConfig
 from deltatune.serving.decode_loop import DecodeLoop, Sampling
@@ -132,6 +132,21 @@ def test_slot_cache_decode_equals_eager_decode_alone_for_every_mixable_method(me
         loops = settings.get("decode_loops", 1)
         assert metrics["max_rows"] == settings["max_batch_size"] // loops, name  # each loop's batch was full
         assert metrics["threads"] == loops, name
+
+
+def test_the_commands_default_runs_two_loops_on_a_cpu_that_splits_rows_and_threads(monkeypatch):
+    """`--decode-loops 0` (the command's default): two loops where torch has two threads or more, each with its
+    share of --max-batch-size rows and of the threads; one loop on one thread; never more loops than rows."""
+    model = model_with("lora")
+    for threads, rows, loops, capacities, per_loop in [(2, 16, 2, [8, 8], 1), (8, 5, 2, [3, 2], 4),
+                                                        (1, 16, 1, [16], None), (4, 1, 1, [1], None)]:
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        config = ServeConfig(kind="generation", decode_loops=0, max_batch_size=rows, max_n=64)
+        loop = DecodeLoop(model, tiny_tokenizer(), config)
+        assert [lane.capacity for lane in loop._lanes] == capacities and loop._threads_per_loop == per_loop
+        assert len(loop._workers) == loops
+        with pytest.raises(LimitError, match=f"batch of {capacities[0]} rows"):
+            loop.check_limits("base", 3, Sampling(n=capacities[0] + 1))
 
 
 def test_prefill_of_requests_arriving_together_is_one_pass():

@@ -31,9 +31,9 @@ class ServeConfig:
         "help": "inputs in one forward pass; generation: sequences decoding together (at most)"})
     decode_loops: int = field(default=1, metadata={
         "help": "generation: decode loops on one model, each on its own thread with its share of --max-batch-size "
-                "rows and of the intra-op threads (0, the command's default: one per intra-op thread on a CPU, one "
-                "on a GPU); on a 2-core CPU two one-thread loops served mixed deltas at 1.15-1.3x the tokens/s of one "
-                "two-thread loop, the base model as fast",
+                "rows and of the intra-op threads (0, the command's default: two on a CPU with two threads or "
+                "more, one on a GPU); on a 2-core CPU two one-thread loops served mixed deltas at 1.15-1.3x the "
+                "tokens/s of one two-thread loop, the base model as fast",
         "cli_default": 0})
     max_wait_ms: float = field(default=5.0, metadata={"help": "how long the oldest request waits for company"})
     queue_size: int = field(default=256, metadata={

@@ -20,7 +20,8 @@ One thread runs the model (or several: `--decode-loops`, below). Between two dec
  4. samples each row's next token; rows that reach an end-of-sequence token, a stop string or `max_tokens`
     leave at once, and so do rows whose client went away.
 
-`--decode-loops N` runs N such loops on one model, each on its own thread with its own batch (a `_Lane`: at most
+`--decode-loops N` runs N such loops on one model (the command's default: two on a CPU), each on its own thread
+with its own batch (a `_Lane`: at most
 its share of `max_batch_size` rows) and its share of the intra-op threads, all admitting from one queue. Each loop
 routes its rows through its own `TaskState` route (`own_route`). A control call (loading or removing a delta) runs
 once every loop is between two passes. On this project's 2-core CPU (docs/results/vs_vllm.md) two one-thread loops
@@ -242,7 +243,7 @@ class DecodeLoop(ModelWorker):
 
     # ---- the loops ---------------------------------------------------------------------------------------
     def _run(self, lane: _Lane) -> None:
-        if self._threads_per_loop is not None:
+        if self._threads_per_loop is not None:  # this thread's OpenMP team (and MKL's, which is process-wide)
             torch.set_num_threads(self._threads_per_loop)
         with torch.inference_mode(), self.model.task_state.own_route():
             while True:
@@ -527,10 +528,15 @@ class _Lane:
         self.loop._emit_tokens(self.rows, self.last.tolist())
 
 
+AUTO_LOOPS_MAX = 2  # the loops share the GIL between operators: more than two is unmeasured (2-core machine)
+
+
 def _auto_loops(model: DeltaModel) -> int:
-    """`--decode-loops 0`: on a CPU one loop per intra-op thread (each loop then runs its products on one thread);
-    on a GPU one loop."""
-    return torch.get_num_threads() if next(model.parameters()).device.type == "cpu" else 1
+    """`--decode-loops 0`: on a CPU two loops where there are two intra-op threads or more (the threads split
+    between them), else one; on a GPU one."""
+    if next(model.parameters()).device.type != "cpu":
+        return 1
+    return min(AUTO_LOOPS_MAX, torch.get_num_threads())
 
 
 def _cache_layers(cache) -> list:
