@@ -21,14 +21,13 @@ One thread runs the model (or several: `--decode-loops`, below). Between two dec
     leave at once, and so do rows whose client went away.
 
 `--decode-loops N` runs N such loops on one model (the command's default: two on a CPU), each on its own thread
-with its own batch (a `_Lane`: at most
-its share of `max_batch_size` rows) and its share of the intra-op threads, all admitting from one queue. Each loop
-routes its rows through its own `TaskState` route (`own_route`). A control call (loading or removing a delta) runs
-once every loop is between two passes. On this project's 2-core CPU (docs/results/vs_vllm.md) two one-thread loops
-served 8 mixed LoRAs at 1.15x and 8 mixed DoRA/(IA)³/adapter/prompt deltas at 1.30x the tokens/s of one two-thread
-loop, the base model at 0.98x: a mixed step's many small products leave a second OpenMP thread waiting at every
-barrier, while two loops keep both cores busy. The loops share the GIL between operators; two one-thread server
-processes measured 1.6x (8 LoRAs) and 1.2x (base) instead.
+with its own batch (a `_Lane`: at most its share of `max_batch_size` rows) and its share of the intra-op threads,
+all admitting from one queue. Each loop routes its rows through its own `TaskState` route (`own_route`). A control
+call (loading or removing a delta) runs once every loop is between two passes. On this project's 2-core CPU
+(docs/results/vs_vllm.md) two one-thread loops served 8 mixed LoRAs at 1.15x and 8 mixed DoRA/(IA)³/adapter/prompt
+deltas at 1.30x the tokens/s of one two-thread loop, the base model at 0.98x: a mixed step's many small products
+leave a second OpenMP thread waiting at every barrier, while two loops keep both cores busy. The loops share the
+GIL between operators; two one-thread server processes measured 1.6x (8 LoRAs) and 1.2x (base) instead.
 
 The batch's keys and values live in a `SlotCache` (`deltatune.serving.slot_cache`): one preallocated buffer per
 layer with a slot per row, rows left-padded to a common width with a (B, L) attention mask of ones on real entries,
@@ -146,7 +145,7 @@ class DecodeLoop(ModelWorker):
         self._threads_per_loop = max(1, torch.get_num_threads() // loops) if loops > 1 else None
         self._controlling = False  # a loop runs control calls: the others wait before their next pass
         self._in_pass = 0  # loops between taking their work and finishing their pass
-        super().__init__(model, tokenizer, config or ServeConfig(kind="generation"), stat_keys=(
+        super().__init__(model, tokenizer, config, stat_keys=(
             "requests", "rejected", "cancelled", "failed", "finished", "steps", "mixed_steps", "prefill_passes",
             "tokens", "max_rows", "max_tasks_in_step"))
 
@@ -229,12 +228,7 @@ class DecodeLoop(ModelWorker):
     def _remove(self, name: str) -> None:
         self.model.remove_task(name)
         for lane in self._lanes:
-            leaving = [row for row in lane.rows if row.request.task == name]
-            prefilling = [request for group in lane.prefills for request in group.requests if request.task == name]
-            for request in {row.request for row in leaving} | set(prefilling):
-                self._fail(request, UnknownTaskError(f"task {name!r} was removed while this request ran"))
-            lane.prefills = [group for group in lane.prefills if not (group.whole and group.requests[0].failed)]
-            lane.drop([row for row in lane.rows if row.request.task != name])
+            lane.leave_task(name)
         self._refresh_tasks()
 
     def _task_entry(self, name: str, info: dict[str, Any]) -> dict[str, Any]:
@@ -416,6 +410,15 @@ class _Lane:
     def free(self) -> int:
         """Rows it can still admit: its capacity less its running rows and those of the prompts it prefills."""
         return self.capacity - len(self.rows) - sum(group.rows for group in self.prefills)
+
+    def leave_task(self, name: str) -> None:
+        """The task was removed: its running and prefilling requests fail, their rows leave."""
+        leaving = [row for row in self.rows if row.request.task == name]
+        prefilling = [request for group in self.prefills for request in group.requests if request.task == name]
+        for request in {row.request for row in leaving} | set(prefilling):
+            self.loop._fail(request, UnknownTaskError(f"task {name!r} was removed while this request ran"))
+        self.prefills = [group for group in self.prefills if not (group.whole and group.requests[0].failed)]
+        self.drop([row for row in self.rows if row.request.task != name])
 
     def prefill_chunk(self, group: _Prefill) -> None:
         """Run the next chunk of `group`'s prompts (at most --prefill-tokens tokens over its rows, so the running

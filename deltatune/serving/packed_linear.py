@@ -68,13 +68,17 @@ class PackedLinear(nn.Linear):
         return f"{super().extra_repr()}, prepacked for {self.batch_size} rows"
 
 
+def _packable(module: nn.Module | None) -> bool:
+    """A plain fp32 `nn.Linear` on the CPU (not a subclass: quantized, delta-wrapped or already packed)."""
+    return type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu"
+
+
 def pack_output_layer(model: nn.Module, batch_size: int) -> bool:
     """Swap a transformers model's output projection (`get_output_embeddings()`, the LM head) for a `PackedLinear`
     sharing its weight. Returns whether it did: not without oneDNN, nor for a head that is not a plain fp32
     `nn.Linear` (a quantized or delta-wrapped one, bf16 weights)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if (not prepacking_available() or type(head) is not nn.Linear or head.weight.dtype != torch.float32
-            or head.weight.device.type != "cpu"):
+    if not prepacking_available() or not _packable(head):
         return False
     model.set_output_embeddings(PackedLinear(head, batch_size))
     return True
@@ -89,7 +93,7 @@ def pack_linear_layers(model: nn.Module, batch_size: int) -> int:
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child.weight.dtype == torch.float32 and child.weight.device.type == "cpu":
+            if _packable(child):
                 setattr(parent, name, PackedLinear(child, batch_size))
                 swapped += 1
     return swapped
