@@ -2,12 +2,20 @@
 eager one to rounding, the same Parameters, a new pack when the weight changes, and the eager path wherever a
 gradient is recorded or the inputs are not fp32."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 import deltatune
-from deltatune.serving.packed_linear import PackedLinear, pack_linear_layers, pack_output_layer, prepacking_available
+from deltatune.serving.packed_linear import (
+    PackedLinear,
+    pack_linear_layers,
+    pack_output_layer,
+    packing_bytes,
+    prepacking_available,
+)
 from deltatune.testing import tiny_model
 
 pytestmark = pytest.mark.skipif(not prepacking_available(), reason="this torch build has no oneDNN")
@@ -79,3 +87,38 @@ def test_only_a_plain_fp32_linear_head_is_packed():
     model = tiny_model("llama", "causal-lm").to(torch.bfloat16)
     assert not pack_output_layer(model, batch_size=4)
     assert type(model.get_output_embeddings()) is nn.Linear
+
+
+def test_served_model_packs_its_linears_only_where_the_copy_fits(monkeypatch):
+    """`serve --packed-linears` (the command's default) packs every linear layer of an fp32 model on a CPU, unless
+    the packed copy would take more than half the memory available: then a warning, and the plain weights."""
+    from deltatune.serving.app import served_model
+    from deltatune.serving.config import ServeConfig
+
+    monkeypatch.setattr("deltatune.models.load_model", lambda name, kind, **options: tiny_model("llama", kind))
+    model = tiny_model("llama", "causal-lm")
+    linears = [module for module in model.modules() if type(module) is nn.Linear]
+    weights = {id(module.weight): module.weight for module in linears}  # the head may share the embedding's
+    assert packing_bytes(model) == 4 * sum(weight.numel() for weight in weights.values())
+    config = ServeConfig(kind="generation", packed_linears=True)
+    plain = ServeConfig(kind="generation")
+    monkeypatch.setattr("deltatune.core.memory.available_memory", lambda: 2 * packing_bytes(model))
+    packed = {type(module) for module in served_model("tiny", "causal-lm", config).modules()}
+    assert (PackedLinear in packed) == prepacking_available() and (nn.Linear not in packed) == prepacking_available()
+    assert PackedLinear not in {type(module) for module in served_model("tiny", "causal-lm", plain).modules()}
+    monkeypatch.setattr("deltatune.core.memory.available_memory", lambda: 2 * packing_bytes(model) - 1)
+    with pytest.warns(UserWarning, match=r"--packed-linears left off: its copy of the weights would take"):
+        kept = {type(module) for module in served_model("tiny", "causal-lm", config).modules()}
+    assert PackedLinear not in kept and nn.Linear in kept
+
+
+def test_available_memory_reads_the_system_figure():
+    from deltatune.core.memory import available_memory
+
+    available = available_memory()
+    if not Path("/proc/meminfo").exists():
+        assert available is None
+        return
+    total = int(next(line for line in Path("/proc/meminfo").read_text().splitlines()
+                     if line.startswith("MemTotal:")).split()[1]) * 1024
+    assert 0 < available <= total

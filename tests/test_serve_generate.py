@@ -551,3 +551,6 @@ def test_serve_options_come_from_the_config_dataclass():
     assert (config.kind, config.max_tokens, config.max_n, config.allow_loading, config.delta_root) == \
         ("generation", 64, 2, True, "/srv/deltas")
     assert "s3cret" not in repr(ServeConfig(api_key="s3cret"))
+    assert config.packed_linears and config.decode_loops == 0  # the command's defaults, not the library's
+    args = build_parser().parse_args(["serve", "--model", "m", "--no-packed-linears"])
+    assert not config_from_args(ServeConfig, args).packed_linears

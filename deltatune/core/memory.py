@@ -1,4 +1,5 @@
-"""Handing freed heap memory back to the operating system (glibc's malloc_trim; a no-op elsewhere).
+"""Handing freed heap memory back to the operating system (glibc's malloc_trim; a no-op elsewhere), and how much
+the system has left (`available_memory`: whether a server can afford a second copy of its weights).
 
 glibc keeps memory freed by large tensors in its heap when it raised its mmap threshold (it does after large blocks
 are freed), so the resident set stays at its high-water mark: after a full-precision checkpoint was read and
@@ -23,6 +24,19 @@ def _malloc_trim() -> Callable[[], object] | None:
 
 
 _trim = _malloc_trim()
+
+
+def available_memory() -> int | None:
+    """Bytes the system can still give out without swapping (Linux's MemAvailable: free memory plus the page cache
+    it can drop), or None where /proc/meminfo does not tell."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def release_free_memory(collect: bool = False) -> None:

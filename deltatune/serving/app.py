@@ -324,7 +324,7 @@ def served_model(model_name: str, kind: str, config: ServeConfig) -> DeltaModel:
     else:
         model = DeltaModel(load_model(model_name, kind))
         model.base_model.to(dtype)
-    if kind == "causal-lm" and config.packed_linears:
+    if kind == "causal-lm" and config.packed_linears and _second_copy_fits(model.base_model):
         from deltatune.serving.packed_linear import pack_linear_layers
 
         pack_linear_layers(model.base_model, config.max_batch_size)  # fp32 on a CPU with oneDNN only
@@ -333,6 +333,23 @@ def served_model(model_name: str, kind: str, config: ServeConfig) -> DeltaModel:
 
         pack_output_layer(model.base_model, config.max_batch_size)  # fp32 on a CPU with oneDNN only
     return model
+
+
+def _second_copy_fits(model) -> bool:
+    """Whether the packed copy of the linear weights `--packed-linears` adds takes at most half of the memory the
+    system has left (where it tells); if not, a warning and the plain weights only."""
+    import warnings
+
+    from deltatune.core.memory import available_memory
+    from deltatune.serving.packed_linear import packing_bytes
+
+    extra, available = packing_bytes(model), available_memory()
+    if available is None or extra <= available // 2:
+        return True
+    warnings.warn(f"--packed-linears left off: its copy of the weights would take {extra / 2**30:.1f} GiB of the "
+                  f"{available / 2**30:.1f} GiB available (more than half); the server runs the plain weights",
+                  stacklevel=2)
+    return False
 
 
 def build_engine(model_name: str, deltas: dict[str | None, str], config: ServeConfig | None = None):

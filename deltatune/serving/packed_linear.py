@@ -13,9 +13,11 @@ tokens/s with it on this 2-core machine (two OpenMP threads; its worker thread t
 10x the system time), although one decode step alone is 0.87x the CPU time with it (docs/results/vs_vllm.md).
 
 `deltatune serve --packed-linears` packs every plain linear layer the same way (`pack_linear_layers`: the blocks'
-projections too, before the deltas wrap them), as vLLM does; the blocks' products alone measured 0.82x the time of
-`F.linear`'s at 16 rows (2 threads) and 0.84x at 8 rows (1 thread). It is off by default: it holds a second copy of
-every weight, and the whole server gained 0-9% with it here (docs/results/vs_vllm.md).
+projections too, before the deltas wrap them), as vLLM does; the blocks' products alone measured 0.71-0.86x the time
+of `F.linear`'s at 8-16 rows (1-2 threads). It is the command's default where the packed copy (a second copy of
+every weight: `packing_bytes`) takes at most half the memory available: with two one-thread decode loops the whole
+decode loop served 1.15-1.22x the tokens/s on the base model and 1.25-1.27x on 8 mixed LoRAs, alternated on this
+2-core machine (docs/results/vs_vllm.md). With one two-thread loop it gained ~4%.
 
 The products are oneDNN's, not MKL's: they differ in the last bits (a logit's difference from `F.linear` is at
 most a few 1e-6 on SmolLM2), so a greedy token can differ where two logits tie to that precision. Training,
@@ -82,6 +84,12 @@ def pack_output_layer(model: nn.Module, batch_size: int) -> bool:
         return False
     model.set_output_embeddings(PackedLinear(head, batch_size))
     return True
+
+
+def packing_bytes(model: nn.Module) -> int:
+    """The memory `pack_linear_layers` would add: one packed copy of each distinct weight it would pack."""
+    weights = {id(module.weight): module.weight for module in model.modules() if _packable(module)}
+    return sum(weight.numel() * weight.element_size() for weight in weights.values())
 
 
 def pack_linear_layers(model: nn.Module, batch_size: int) -> int:
