@@ -250,13 +250,14 @@ def run_server(server_name: str, deltas: dict, prompts: list[str], results: dict
         dtype = {"fp32": "float32", "bf16": "bfloat16"}[precision]
         groups = [(["8 LoRA mixed", "1 LoRA", "base (deltas loaded)"], deltas["peft"]), (["base"], {})]
         starts = [(names, lambda peft=peft: start_vllm(python, dtype, peft, args)) for names, peft in groups]
-    else:  # "deltatune" or "before" (the decode loop before the slot cache and batched prefill; fp32 only)
+    else:  # "deltatune", "unpacked" (deltatune --no-packed-linears) or "before" (the commit --before; base only)
         before = engine == "before"
-        starts = [(["base"], lambda: start_deltatune(precision, {}, args, before=before))]
+        extra = ("--no-packed-linears",) if engine == "unpacked" else ()
+        starts = [(["base"], lambda: start_deltatune(precision, {}, args, before=before, extra=extra))]
         if not before:  # this checkout's deltas carry settings the old code refuses (e.g. LoRA's expert_parameters):
             everything = {**deltas["lora"], **deltas["mixed"]}  # the commit before serves the base model only
             starts.insert(0, ([name for name in SCENARIOS if name != "base"],
-                              lambda: start_deltatune(precision, everything, args)))
+                              lambda: start_deltatune(precision, everything, args, extra=extra)))
     for names, start in starts:
         names = [n for n in names if n in args.scenarios and (server_name, n) not in results["cells"]]
         if not names:
@@ -384,7 +385,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--servers", default="vllm-bf16,vllm-fp32,deltatune-fp32,deltatune-bf16",
                         help="comma-separated, run in this order: vllm-fp32, vllm-bf16, deltatune-fp32, "
-                             "deltatune-bf16, before-fp32 (deltatune at --before)")
+                             "deltatune-bf16, unpacked-fp32 (deltatune --no-packed-linears), before-fp32 (deltatune "
+                             "at --before)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated, of: " + ", ".join(SCENARIOS))
     parser.add_argument("--before", default="d297be7", help="the commit served as before-fp32 (git worktree)")
     parser.add_argument("--vllm-venv", default="/work/vllm-venv")
