@@ -2,6 +2,7 @@
 eager one to rounding, the same Parameters, a new pack when the weight changes, and the eager path wherever a
 gradient is recorded or the inputs are not fp32."""
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,11 @@ def test_every_linear_packed_under_loaded_deltas_gives_the_eager_logits_of_mixed
         assert pack_linear_layers(model.base_model, batch_size=4) == len(linears)
         packed = model(input_ids=ids, tasks=tasks).logits
     assert not [name for name, module in model.base_model.named_modules() if type(module) is nn.Linear]
-    assert type(model.base_model.model.layers[0].self_attn.q_proj.base_layer) is PackedLinear  # inside the LoRA
+    attention, mlp = model.base_model.model.layers[0].self_attn, model.base_model.model.layers[0].mlp
+    assert type(attention.q_proj.base_layer) is PackedLinear  # inside the LoRA
+    group = attention.q_proj.base_layer.siblings[0]  # q, k, v packed as one product; so are gate and up
+    assert group.layers == [attention.q_proj.base_layer, attention.k_proj, attention.v_proj.base_layer]  # k: no LoRA
+    assert mlp.gate_proj.siblings[0].layers == [mlp.gate_proj, mlp.up_proj] and attention.o_proj.siblings is None
     assert (packed - eager).abs().max() < 1e-5 and torch.equal(packed.argmax(-1), eager.argmax(-1))
 
 
@@ -122,3 +127,62 @@ def test_available_memory_reads_the_system_figure():
     total = int(next(line for line in Path("/proc/meminfo").read_text().splitlines()
                      if line.startswith("MemTotal:")).split()[1]) * 1024
     assert 0 < available <= total
+
+
+def fused_pair(bias: bool) -> tuple[nn.Module, list[nn.Linear]]:
+    torch.manual_seed(0)
+    parent = nn.Module()
+    parent.gate_proj, parent.up_proj, parent.down_proj = nn.Linear(8, 6, bias=bias), nn.Linear(8, 5, bias=bias), \
+        nn.Linear(5, 8, bias=bias)
+    plain = [nn.Linear(8, 6, bias=bias), nn.Linear(8, 5, bias=bias)]
+    for copy, layer in zip(plain, (parent.gate_proj, parent.up_proj), strict=True):
+        copy.load_state_dict(layer.state_dict())
+    assert pack_linear_layers(parent, batch_size=4) == (3 if prepacking_available() else 0)
+    return parent, plain
+
+
+@pytest.mark.skipif(not prepacking_available(), reason="this torch has no oneDNN")
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_siblings_hand_each_layer_its_own_product_once(bias):
+    """gate and up packed as one weight: each gets its own output from ONE product of the same input; a part is
+    handed out once (its caller may add into it in place), so a second call with that input computes again."""
+    parent, (gate, up) = fused_pair(bias)
+    inputs = torch.randn(3, 8)
+    with torch.inference_mode():
+        first_gate = parent.gate_proj(inputs)
+        first_gate.add_(100.0)  # a caller writing into its part (LoRA's mixed decode adds its update in place)
+        got_up = parent.up_proj(inputs)  # the same tensor: its columns of the product already made
+        assert torch.allclose(got_up, up(inputs), atol=1e-5)
+        again = parent.gate_proj(inputs)  # taken already: a new product, not the part written into
+        assert torch.allclose(again, gate(inputs), atol=1e-5)
+        other = torch.randn(3, 8)
+        assert torch.allclose(parent.up_proj(other), up(other), atol=1e-5)  # another input: computed for it
+        with torch.no_grad():
+            parent.up_proj.weight.mul_(2.0)  # e.g. a merge: the group is packed again
+        assert torch.allclose(parent.up_proj(inputs), 2 * up(inputs) - (up.bias if bias else 0), atol=1e-5)
+    assert parent.down_proj.siblings is None  # no sibling of its own
+
+
+@pytest.mark.skipif(not prepacking_available(), reason="this torch has no oneDNN")
+def test_fused_siblings_keep_each_thread_s_products_apart():
+    """The decode loops run the same layers on two threads at once: each thread's parts come from its own input."""
+    parent, (gate, up) = fused_pair(bias=True)
+    inputs = [torch.randn(2, 8), torch.randn(2, 8)]
+    got: dict[int, tuple] = {}
+    ready = threading.Barrier(2)
+
+    def run(number: int) -> None:
+        with torch.inference_mode():
+            first = parent.gate_proj(inputs[number])
+            ready.wait()  # both threads made their product before either takes its second part
+            got[number] = (first, parent.up_proj(inputs[number]))
+
+    threads = [threading.Thread(target=run, args=(number,)) for number in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    with torch.inference_mode():
+        for number in range(2):
+            assert torch.allclose(got[number][0], gate(inputs[number]), atol=1e-5)
+            assert torch.allclose(got[number][1], up(inputs[number]), atol=1e-5)
