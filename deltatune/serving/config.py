@@ -73,7 +73,7 @@ class ServeConfig:
         "help": "generation in fp32 on a CPU: every linear layer's weight (and the LM head's) prepacked for oneDNN "
                 "once, as vLLM's CPU backend does (serving/packed_linear.py); on for the command where the packed "
                 "copy takes at most half the memory available (it is a second copy of the weights); on this "
-                "project's 2-core CPU it served 1.15-1.25x the tokens/s (docs/results/vs_vllm.md)",
+                "project's 2-core CPU it served 1.05-1.25x the tokens/s (docs/results/vs_vllm.md)",
         "cli_default": True})
     quantize: str | None = field(default=None, metadata={
         "help": "the base's block linear weights quantized: int8 | int4 | nf4 (deltas trained at any precision "

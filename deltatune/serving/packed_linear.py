@@ -15,11 +15,11 @@ tokens/s with it on this 2-core machine (two OpenMP threads; its worker thread t
 `deltatune serve --packed-linears` packs every plain linear layer the same way (`pack_linear_layers`: the blocks'
 projections too, before the deltas wrap them), as vLLM does; the blocks' products alone measured 0.71-0.86x the time
 of `F.linear`'s at 8-16 rows (1-2 threads). It is the command's default where the packed copy (a second copy of
-every weight: `packing_bytes`) takes at most half the memory available: with two one-thread decode loops the whole
-decode loop served 1.15-1.22x the tokens/s on the base model and 1.25-1.27x on 8 mixed LoRAs, alternated on this
-2-core machine (docs/results/vs_vllm.md). With one two-thread loop it gained ~4%. Layers that read the same input
+every weight: `packing_bytes`) takes at most half the memory available: with two one-thread decode loops it served
+1.10-1.24x the tokens/s on the base model and 1.05-1.27x on 8 mixed LoRAs on this 2-core machine, alternated
+(docs/results/decode_loop_engine.md, vs_vllm.md); with one two-thread loop 0-9%. Layers that read the same input
 (q/k/v, gate/up) are packed as one weight (`FusedSiblings`), as vLLM fuses them: one product instead of three or
-two, 1.07-1.08x the tokens/s on the base and 1.03-1.13x on 8 mixed LoRAs against the same layers packed apart.
+two, 1.07-1.18x the tokens/s on the base against the same layers packed apart (on 8 mixed LoRAs: noise).
 
 The products are oneDNN's, not MKL's: they differ in the last bits (a logit's difference from `F.linear` is at
 most a few 1e-6 on SmolLM2), so a greedy token can differ where two logits tie to that precision. Training,
