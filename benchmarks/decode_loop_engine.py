@@ -118,7 +118,7 @@ def main() -> None:
         print(json.dumps(one_run(args)))
         return
     variants, loads = args.variants.split(","), args.loads.split(",")
-    if (Path(args.work) / "deltas.json").exists() is False and loads != ["base"]:
+    if loads != ["base"] and not (Path(args.work) / "deltas.json").exists():
         sys.exit(f"no deltas under {args.work}: run benchmarks/vs_vllm.py --quick once (it makes them)")
     started, wall = time.strftime("%Y-%m-%d %H:%M", time.gmtime()), time.perf_counter()
     runs = []

@@ -54,6 +54,8 @@ def test_every_linear_packed_under_loaded_deltas_gives_the_eager_logits_of_mixed
     with torch.inference_mode():
         eager = model(input_ids=ids, tasks=tasks).logits
         assert pack_linear_layers(model.base_model, batch_size=4) == len(linears)
+        layer = model.base_model.model.layers[0]  # each weight packed once, before any request: alone or in a group
+        assert layer.self_attn.o_proj._packed is not None and layer.mlp.gate_proj._packed is None
         packed = model(input_ids=ids, tasks=tasks).logits
     assert not [name for name, module in model.base_model.named_modules() if type(module) is nn.Linear]
     attention, mlp = model.base_model.model.layers[0].self_attn, model.base_model.model.layers[0].mlp

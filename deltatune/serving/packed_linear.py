@@ -48,14 +48,15 @@ class PackedLinear(nn.Linear):
     only where it gives the same function: fp32 inputs and weight on the CPU with no gradient to record. A layer
     in a `FusedSiblings` group (q/k/v, gate/up) takes its output from the group's one product instead."""
 
-    def __init__(self, linear: nn.Linear, batch_size: int):
+    def __init__(self, linear: nn.Linear, batch_size: int, pack: bool = True):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         self.batch_size = batch_size  # the rows oneDNN lays the weight out for (other row counts work too)
         self._packed, self._packed_version = None, None
         self.siblings: tuple[FusedSiblings, int] | None = None  # (its group, its place in it)
-        self._repack()
+        if pack:  # pack=False: packed by its `FusedSiblings` group, or by `_repack` later
+            self._repack()
 
     def _repack(self) -> None:
         with torch.no_grad():
@@ -98,7 +99,7 @@ class FusedSiblings:
         self._local = threading.local()
         self._repack()
         for place, layer in enumerate(layers):
-            layer.siblings, layer._packed = (self, place), None  # the group's pack replaces the layer's own
+            layer.siblings, layer._packed = (self, place), None  # the group's pack replaces any of the layer's own
 
     def _repack(self) -> None:
         with torch.no_grad():
@@ -158,18 +159,21 @@ def pack_linear_layers(model: nn.Module, batch_size: int) -> int:
     attached later wrap the packed layers like any linear layer. Returns how many it swapped (0 without oneDNN)."""
     if not prepacking_available():
         return 0
-    swapped = 0
+    swapped = []  # packed below: a fused sibling is packed once, in its group's weight
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if _packable(child):
-                setattr(parent, name, PackedLinear(child, batch_size))
-                swapped += 1
+                swapped.append(PackedLinear(child, batch_size, pack=False))
+                setattr(parent, name, swapped[-1])
     for parent in list(model.modules()):
         for names in FUSABLE_SIBLINGS:  # the layers themselves, or inside the deltas that wrap them
-            layers = [unwrap(getattr(parent, name)) if isinstance(getattr(parent, name, None), nn.Module) else None
+            layers = [unwrap(module) if isinstance(module := getattr(parent, name, None), nn.Module) else None
                       for name in names]
             if (all(type(layer) is PackedLinear and layer.siblings is None for layer in layers)
                     and len({layer.in_features for layer in layers}) == 1
                     and len({layer.bias is None for layer in layers}) == 1):
                 FusedSiblings(layers, batch_size)
-    return swapped
+    for layer in swapped:
+        if layer.siblings is None:
+            layer._repack()
+    return len(swapped)
