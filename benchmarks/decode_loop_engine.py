@@ -5,10 +5,11 @@ served model alternated, each run in a fresh process.
     python benchmarks/decode_loop_engine.py --variants packed,unpacked --loads base,lora --rounds 2
     python benchmarks/decode_loop_engine.py --loops 1                        # one two-thread loop instead of two
 
-SmolLM2-135M-Instruct in fp32, the E2E test MRs as prompts (`generation_prompt`), `--requests` requests kept
-`--clients` at a time (each client submits its next request when its last one finished), at most `--new-tokens`
-greedy tokens, `--max-batch-size` = `--clients` split over `--loops` decode loops. Loads: `base` (no delta), `lora`
-(vs_vllm.py's 8 LoRA deltas, request i under lora(i mod 8)), `mixed` (its 8 DoRA/(IA)³/adapter/prompt deltas).
+SmolLM2-135M-Instruct in fp32 (or `--precision bf16`), the E2E test MRs as prompts (`generation_prompt`),
+`--requests` requests kept `--clients` at a time (each client submits its next request when its last one finished),
+at most `--new-tokens` greedy tokens, `--max-batch-size` = `--clients` split over `--loops` decode loops. Loads:
+`base` (no delta), `lora` (vs_vllm.py's 8 LoRA deltas, request i under lora(i mod 8)), `mixed` (its 8
+DoRA/(IA)³/adapter/prompt deltas).
 Variants (the serving options `deltatune serve` sets with `--packed-linears` / `--no-packed-linears`):
 - packed: every linear layer prepacked for oneDNN, q/k/v and gate/up as one weight each (`pack_linear_layers`);
 - packed-apart: every linear layer prepacked, each on its own (no `FusedSiblings`);
@@ -52,6 +53,7 @@ def one_run(args) -> dict:
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer("smollm2")
     model = DeltaModel(load_model("smollm2", "causal-lm"))
+    model.base_model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision])  # as `serve --precision`
     if args.variant == "packed-apart":
         packed_linear.FUSABLE_SIBLINGS = ()
     if args.variant != "unpacked":
@@ -105,6 +107,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--loops", type=int, default=2, help="decode loops (one OpenMP thread each when 2)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="the served weights' dtype (bf16: native bf16 math wanted, AVX512-BF16 or AMX)")
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -149,9 +153,10 @@ def write(runs: list[dict], variants: list[str], loads: list[str], args, started
     first = variants[0]
     lines = ["# The decode loop without HTTP (`benchmarks/decode_loop_engine.py`)", "",
              f"Run {started} UTC, {wall / 60:.0f} min: `python benchmarks/decode_loop_engine.py --variants "
-             f"{args.variants} --loads {args.loads} --rounds {args.rounds} --loops {args.loops}`; "
-             f"{platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}. {args.requests} requests, "
-             f"{args.clients} at a time, at most {args.new_tokens} greedy tokens, {args.loops} decode loop(s), "
+             f"{args.variants} --loads {args.loads} --rounds {args.rounds} --loops {args.loops} "
+             f"--precision {args.precision}`; {platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}. "
+             f"{args.requests} requests, {args.clients} at a time, at most {args.new_tokens} greedy tokens, "
+             f"{args.precision}, {args.loops} decode loop(s), "
              f"{args.threads} threads; each run a fresh process, the variants' order rotating each round.", "",
              "| load | round | " + " | ".join(variants) + " | " + " | ".join(f"{first} / {v}" for v in variants[1:])
              + " |", "|---|---:|" + "---:|" * (2 * len(variants) - 1)]

@@ -1,6 +1,6 @@
-"""The prepacked (oneDNN) output projection `deltatune serve` runs in fp32 on a CPU: the same function as the
-eager one to rounding, the same Parameters, a new pack when the weight changes, and the eager path wherever a
-gradient is recorded or the inputs are not fp32."""
+"""The prepacked (oneDNN) linear layers `deltatune serve` runs on a CPU (fp32; bf16 with native bf16 math): the same
+function as the eager one to rounding, the same Parameters, a new pack when the weight changes, and the eager path
+wherever a gradient is recorded or the inputs are of another dtype."""
 
 import threading
 from pathlib import Path
@@ -14,6 +14,7 @@ from deltatune.serving.packed_linear import (
     PackedLinear,
     pack_linear_layers,
     pack_output_layer,
+    packed_dtypes,
     packing_bytes,
     prepacking_available,
 )
@@ -89,11 +90,41 @@ def test_recorded_gradients_take_the_eager_product():
     assert linear.weight.grad is not None
 
 
-def test_only_a_plain_fp32_linear_head_is_packed():
+def test_a_bf16_head_is_packed_only_with_native_bf16_math(monkeypatch):
+    """Without native bf16 math (emulated: slower than `F.linear`) a bf16 head stays a plain `nn.Linear`."""
     torch.manual_seed(0)
+    monkeypatch.setattr("deltatune.serving.packed_linear.packed_dtypes", lambda: (torch.float32,))
     model = tiny_model("llama", "causal-lm").to(torch.bfloat16)
     assert not pack_output_layer(model, batch_size=4)
     assert type(model.get_output_embeddings()) is nn.Linear
+    assert packing_bytes(model) == 0
+
+
+@pytest.mark.skipif(torch.bfloat16 not in packed_dtypes(), reason="this CPU has no native bf16 math for oneDNN")
+def test_bf16_linears_packed_give_the_eager_logits_of_mixed_rows():
+    """`serve --precision bf16` on a CPU with AVX512-BF16 or AMX: every linear layer packed in bf16, q/k/v and gate/up
+    fused, under two LoRAs and the base mixed per row: oneDNN's bf16 kernel is what `F.linear` runs there too, so the
+    logits are the eager ones."""
+    torch.manual_seed(0)
+    model = deltatune.attach(tiny_model("llama", "causal-lm"), deltatune.LoRA(r=4), task="a")
+    model = deltatune.attach(model, deltatune.LoRA(r=4), task="b")
+    with torch.no_grad():
+        for task in ("a", "b"):
+            for tensor in model.task_parameters(task).values():
+                tensor.add_(torch.randn(tensor.shape) * 0.3)
+    model = model.eval().to(torch.bfloat16)
+    linears = [module for module in model.base_model.modules() if type(module) is nn.Linear]
+    ids = torch.randint(0, model.config.vocab_size, (3, 7))
+    tasks = ["a", None, "b"]
+    with torch.inference_mode():
+        eager = model(input_ids=ids, tasks=tasks).logits
+        assert pack_linear_layers(model.base_model, batch_size=4) == len(linears)
+        packed = model(input_ids=ids, tasks=tasks).logits
+    attention = model.base_model.model.layers[0].self_attn
+    assert type(attention.q_proj.base_layer) is PackedLinear and attention.q_proj.base_layer.siblings is not None
+    assert attention.q_proj.base_layer.weight.dtype == torch.bfloat16 and packed.dtype == torch.bfloat16
+    assert (packed.float() - eager.float()).abs().max() <= 1e-2 * eager.float().abs().max()
+    assert (packed.argmax(-1) == eager.argmax(-1)).float().mean() >= 0.95
 
 
 def test_served_model_packs_its_linears_only_where_the_copy_fits(monkeypatch):

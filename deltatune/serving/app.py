@@ -327,7 +327,7 @@ def served_model(model_name: str, kind: str, config: ServeConfig) -> DeltaModel:
     if kind == "causal-lm" and config.packed_linears and _second_copy_fits(model.base_model):
         from deltatune.serving.packed_linear import pack_linear_layers
 
-        pack_linear_layers(model.base_model, config.max_batch_size)  # fp32 on a CPU with oneDNN only
+        pack_linear_layers(model.base_model, config.max_batch_size)  # fp32, native bf16: a CPU with oneDNN
     elif kind == "causal-lm" and config.packed_head:
         from deltatune.serving.packed_linear import pack_output_layer
 

@@ -70,7 +70,8 @@ class ServeConfig:
                 "does (serving/packed_linear.py: the head alone ~2x faster at 16 rows, logits equal to ~1e-6; off by "
                 "default: the whole server measured 0.84-0.86x the tokens/s with it, docs/results/vs_vllm.md)"})
     packed_linears: bool = field(default=False, metadata={
-        "help": "generation in fp32 on a CPU: every linear layer's weight (and the LM head's) prepacked for oneDNN "
+        "help": "generation on a CPU, fp32 or bf16 (where the CPU has native bf16 math): every linear layer's weight "
+                "(and the LM head's) prepacked for oneDNN "
                 "once, as vLLM's CPU backend does (serving/packed_linear.py); on for the command where the packed "
                 "copy takes at most half the memory available (it is a second copy of the weights); on this "
                 "project's 2-core CPU it served 1.05-1.25x the tokens/s (docs/results/vs_vllm.md)",
