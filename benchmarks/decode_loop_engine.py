@@ -13,6 +13,8 @@ DoRA/(IA)³/adapter/prompt deltas).
 Variants (the serving options `deltatune serve` sets with `--packed-linears` / `--no-packed-linears`):
 - packed: every linear layer prepacked for oneDNN, q/k/v and gate/up as one weight each (`pack_linear_layers`);
 - packed-apart: every linear layer prepacked, each on its own (no `FusedSiblings`);
+- packed-forward: packed, each decode step the model's own forward instead of the written-out Llama step
+  (`--no-written-step`, serving/llama_step.py);
 - unpacked: `F.linear` on the plain weights.
 
 Without the HTTP server, the client and the text streaming, the rates show the engine alone; the order of the
@@ -34,7 +36,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("packed", "packed-apart", "unpacked")
+VARIANTS = ("packed", "packed-apart", "packed-forward", "unpacked")
 
 
 def one_run(args) -> dict:
@@ -66,7 +68,8 @@ def one_run(args) -> dict:
         tasks = sorted(index)
     examples = list(get_task("e2e").load("test", args.data_dir))[: args.requests]
     prompt_ids = [tokenizer(generation_prompt(example["source"])).input_ids for example in examples]
-    config = ServeConfig(kind="generation", max_batch_size=args.clients, decode_loops=args.loops)
+    config = ServeConfig(kind="generation", max_batch_size=args.clients, decode_loops=args.loops,
+                         written_step=args.variant != "packed-forward")
     loop = DecodeLoop(model, tokenizer, config).start()
     lock, finished, tokens, following = threading.Lock(), threading.Semaphore(0), [0], [0]
 

@@ -168,6 +168,7 @@ def test_concurrent_streams_of_every_method_decode_together_as_each_alone(served
     loops = settings.get("decode_loops", 1)
     assert metrics["decode_loops"] == loops and metrics["max_rows"] == 6 // loops  # each loop's batch was full
     assert metrics["mixed_steps"] > 0 and metrics["max_tasks_in_step"] >= 6 // loops - 1
+    assert metrics["written_steps"] == metrics["steps"]  # the written-out Llama step (llama_step.py), every method
     for (task, prompt, max_tokens), (text, finish) in zip(jobs, results, strict=True):
         expected, tokens = reference(served, None if task == "base" else task, plain_ids(served, prompt), max_tokens)
         assert text == expected, task

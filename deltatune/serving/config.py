@@ -76,6 +76,11 @@ class ServeConfig:
                 "copy takes at most half the memory available (it is a second copy of the weights); on this "
                 "project's 2-core CPU it served 1.05-1.25x the tokens/s (docs/results/vs_vllm.md)",
         "cli_default": True})
+    written_step: bool = field(default=True, metadata={
+        "help": "generation: Llama-style decoders (SmolLM2, Llama 2/3) decode with their step written out "
+                "(serving/llama_step.py: the same operators as the model's forward, bit-identical logits, without its "
+                "per-call machinery) while every delta loaded wraps or hooks only its projections and norms; "
+                "--no-written-step runs the model's own forward"})
     quantize: str | None = field(default=None, metadata={
         "help": "the base's block linear weights quantized: int8 | int4 | nf4 (deltas trained at any precision "
                 "load onto it)", "choices": list(SCHEMES)})

@@ -16,7 +16,8 @@ One thread runs the model (or several: `--decode-loops`, below). Between two dec
     tokens before the prompt (prompt tuning's virtual tokens, prefix tuning's prefix) is prefilled alone by the
     model's own forward (`model(..., tasks=[task])`), as in `DeltaModel.generate`. After the last chunk each
     choice's first token is sampled and its rows join the batch;
- 3. runs one forward pass over the last token of every running row, each row under its own task;
+ 3. runs one forward pass over the last token of every running row, each row under its own task (for Llama-style
+    decoders the step written out, `deltatune.serving.llama_step`: the forward's operators, bit-identical logits);
  4. samples each row's next token; rows that reach an end-of-sequence token, a stop string or `max_tokens`
     leave at once, and so do rows whose client went away.
 
@@ -57,6 +58,7 @@ from deltatune.errors import DeltaTuneError, LimitError, ShuttingDown, UnknownTa
 from deltatune.evaluate import stop_token_ids
 from deltatune.methods.prompt import position_limit
 from deltatune.serving.config import ServeConfig
+from deltatune.serving.llama_step import LlamaDecodeStep
 from deltatune.serving.slot_cache import SlotCache
 from deltatune.serving.worker import ModelWorker
 
@@ -144,10 +146,11 @@ class DecodeLoop(ModelWorker):
         self._lanes = [_Lane(self, share + (number < extra)) for number in range(loops)]
         self._threads_per_loop = max(1, torch.get_num_threads() // loops) if loops > 1 else None
         self._controlling = False  # a loop runs control calls: the others wait before their next pass
+        self._written_step = LlamaDecodeStep.for_model(model.base_model) if config.written_step else None
         self._in_pass = 0  # loops between taking their work and finishing their pass
         super().__init__(model, tokenizer, config, stat_keys=(
-            "requests", "rejected", "cancelled", "failed", "finished", "steps", "mixed_steps", "prefill_passes",
-            "tokens", "max_rows", "max_tasks_in_step"))
+            "requests", "rejected", "cancelled", "failed", "finished", "steps", "written_steps", "mixed_steps",
+            "prefill_passes", "tokens", "max_rows", "max_tasks_in_step"))
 
     def _threads(self) -> list[threading.Thread]:
         return [threading.Thread(target=self._run, args=(lane,), daemon=True,
@@ -319,6 +322,17 @@ class DecodeLoop(ModelWorker):
             else:
                 plain.append(request)
         return ([_Prefill(plain, self.device)] if plain else []) + groups
+
+    def decode_step(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                    cache: SlotCache) -> torch.Tensor:
+        """Logits (B, 1, V) of one token per row: the written-out step for Llama-style decoders where it applies
+        (`deltatune.serving.llama_step`, the same operators without the forward's machinery; `--no-written-step`
+        turns it off), else the model's own forward."""
+        if self._written_step is not None and self._written_step.applies():
+            self.stats["written_steps"] += 1
+            return self._written_step(input_ids, mask, positions, cache)
+        return self.model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
+                                     use_cache=True).logits
 
     @staticmethod
     def _sample(rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
@@ -520,14 +534,13 @@ class _Lane:
         with self.loop.model._rows_routed(tasks) as distinct:
             # the base model itself: the prompt / prefix components' input rewriting was done at the prefill
             self.cache.reserve(right=1)
-            output = self.loop.model.base_model(input_ids=self.last[:, None], attention_mask=self.mask,
-                                           position_ids=positions, cache=self.cache, use_cache=True)
+            logits = self.loop.decode_step(self.last[:, None], self.mask, positions, self.cache)
         self.loop.stats["steps"] += 1
         self.loop.stats["mixed_steps"] += len(distinct) > 1
         self.loop.stats["max_rows"] = max(self.loop.stats["max_rows"], len(self.rows))
         self.loop.stats["max_tasks_in_step"] = max(self.loop.stats["max_tasks_in_step"], len(distinct))
         self.loop.prometheus.batch_size.observe(len(self.rows))
-        self.last = self.loop._sample(self.rows, output.logits[:, -1].float())
+        self.last = self.loop._sample(self.rows, logits[:, -1].float())
         self.loop._emit_tokens(self.rows, self.last.tolist())
 
 

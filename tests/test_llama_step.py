@@ -1,0 +1,121 @@
+"""The decode loop's written-out Llama step (`deltatune.serving.llama_step`): bit for bit the logits of the model's own
+forward, rows left-padded or not, each row under its own delta; it steps aside where a delta hooks a module whose
+forward it replaces; the decode loop runs it and still decodes every row as `generate` does."""
+
+import threading
+
+import pytest
+import torch
+
+import deltatune
+from deltatune.serving.config import ServeConfig
+from deltatune.serving.decode_loop import DecodeLoop, Sampling
+from deltatune.serving.llama_step import LlamaDecodeStep
+from deltatune.serving.slot_cache import SlotCache
+from deltatune.testing import tiny_model, tiny_tokenizer
+
+METHODS = {"lora": deltatune.LoRA(r=4), "dora": deltatune.DoRA(r=4), "ia3": deltatune.IA3(),
+           "bitfit": deltatune.BitFit(add_missing=True), "adapter": deltatune.Adapter(bottleneck=4)}
+
+
+def with_deltas(methods: dict) -> deltatune.DeltaModel:
+    """The tiny Llama (4 query heads, 2 key/value heads) with one randomised delta per method."""
+    torch.manual_seed(0)
+    model = tiny_model("llama", "causal-lm")
+    for index, (task, config) in enumerate(methods.items()):
+        model = deltatune.attach(model, config, task=task)
+        generator = torch.Generator().manual_seed(index)
+        with torch.no_grad():
+            for tensor in model.task_parameters(task).values():
+                tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.3)
+    return model.eval()
+
+
+def both_steps(model: deltatune.DeltaModel, tasks: list, padding: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the model's forward, the written step) logits of one decode step over a slot cache of left-padded rows."""
+    base, rows, width = model.base_model, len(tasks), 9
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, 500, (rows, width), generator=generator)
+    mask = torch.ones(rows, width, dtype=torch.long)
+    for row, count in enumerate(padding):
+        mask[row, :count] = 0
+    with torch.inference_mode(), model._rows_routed(tasks):
+        prefill = base(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                       use_cache=True).cache
+        cache = SlotCache.like(prefill, rows, capacity=16)
+        cache.append(prefill)
+        last, positions = ids[:, -1:], mask.sum(1, keepdim=True)
+        mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+        cache.reserve(right=1)
+        forward = base(input_ids=last, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True).logits
+        cache.crop(-1)
+        written = LlamaDecodeStep.for_model(base)
+        assert written.applies()
+        return forward, written(last, mask, positions, cache)
+
+
+@pytest.mark.parametrize("padding", [[0, 0, 0, 0, 0, 0], [3, 0, 5, 0, 1, 0]], ids=["no padding", "left-padded"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_written_step_gives_the_forward_logits_bit_for_bit_per_row_delta(padding, dtype):
+    """No padding: attention without a mask (SDPA's grouped-query path); padding: the boolean mask, queries grouped
+    per key/value head. Rows under LoRA, DoRA, (IA)³, BitFit, a Houlsby adapter (hooked on o_proj and down_proj, which
+    the step calls as modules) and the base model in one step."""
+    model = with_deltas(METHODS).to(dtype)
+    forward, written = both_steps(model, ["lora", "dora", None, "ia3", "bitfit", "adapter"], padding)
+    assert written.dtype == dtype and written.shape == forward.shape
+    assert torch.equal(written, forward)
+    assert (forward[0] - forward[2]).abs().max() > 1e-3  # the deltas change the logits: the rows were routed
+
+
+def test_written_step_steps_aside_for_hooks_on_the_modules_it_replaces():
+    """A hook on a layer, its attention or its MLP (modules whose forward the step replaces) sends the step back to the
+    model's forward while it is there. A GPT-2 has no written step."""
+    model = with_deltas({"lora": deltatune.LoRA(r=4)})
+    written = LlamaDecodeStep.for_model(model.base_model)
+    assert written.applies()
+    layer = model.base_model.model.layers[1]
+    for module in (layer, layer.self_attn, layer.mlp):
+        handle = module.register_forward_hook(lambda *args: None)
+        assert not written.applies()
+        handle.remove()
+        assert written.applies()
+    assert LlamaDecodeStep.for_model(tiny_model("gpt2", "causal-lm")) is None
+
+
+def decode(model, written_step: bool, jobs: list[tuple[str, list[int], int]]) -> tuple[list[str], dict]:
+    """The greedy text of each (task, prompt ids, max tokens), queued together before one decode loop starts, and the
+    loop's counters."""
+    loop = DecodeLoop(model, tiny_tokenizer(), ServeConfig(kind="generation", max_batch_size=4,
+                                                           written_step=written_step))
+    texts, finished = {index: "" for index in range(len(jobs))}, threading.Semaphore(0)
+
+    def emit(index: int, event) -> None:
+        texts[index] += event.text
+        if event.finish_reason or event.error:
+            finished.release()
+
+    for index, (task, ids, max_tokens) in enumerate(jobs):
+        loop.submit(task, ids, Sampling(max_tokens=max_tokens, temperature=0, ignore_eos=True),
+                    lambda event, index=index: emit(index, event))
+    loop.start()
+    try:
+        for _ in jobs:
+            assert finished.acquire(timeout=60), "the decode loop did not finish"
+        return [texts[index] for index in range(len(jobs))], dict(loop.stats)
+    finally:
+        loop.close()
+
+
+def test_the_decode_loop_runs_the_written_step_and_decodes_as_the_forward_does():
+    """Rows of five methods and the base model, mixed in steps: the same greedy text with the written step as with
+    the model's forward, and the written step ran every decode step (no hook on a replaced module here)."""
+    model = with_deltas(METHODS)
+    tokenizer = tiny_tokenizer()
+    prompts = ["the movie was great", "name[The Eagle], food[French]", "a moving and funny film", "it 's a"]
+    jobs = [(task, tokenizer(prompts[i % len(prompts)]).input_ids, 6 + i)
+            for i, task in enumerate(["lora", "dora", "base", "ia3", "bitfit", "adapter"])]
+    written, written_stats = decode(model, True, jobs)
+    forward, forward_stats = decode(model, False, jobs)
+    assert written == forward and all(written)
+    assert written_stats["mixed_steps"] > 0 and written_stats["written_steps"] == written_stats["steps"] > 0
+    assert forward_stats["written_steps"] == 0 and forward_stats["steps"] > 0
