@@ -135,8 +135,9 @@ def test_slot_cache_decode_equals_eager_decode_alone_for_every_mixable_method(me
 
 
 def test_the_commands_default_runs_two_loops_on_a_cpu_that_splits_rows_and_threads(monkeypatch):
-    """`--decode-loops 0` (the command's default): two loops where torch has two threads or more, each with its
-    share of --max-batch-size rows and of the threads; one loop on one thread; never more loops than rows."""
+    """`--decode-loops 0` (the command's default): in fp32 two loops where torch has two threads or more, each with
+    its share of --max-batch-size rows and of the threads; one loop on one thread; never more loops than rows; in bf16
+    one loop of all the rows on every thread (its products are bound by reading the weights, once per loop)."""
     model = model_with("lora")
     for threads, rows, loops, capacities, per_loop in [(2, 16, 2, [8, 8], 1), (8, 5, 2, [3, 2], 4),
                                                         (1, 16, 1, [16], None), (4, 1, 1, [1], None)]:
@@ -147,6 +148,9 @@ def test_the_commands_default_runs_two_loops_on_a_cpu_that_splits_rows_and_threa
         assert len(loop._workers) == loops
         with pytest.raises(LimitError, match=f"batch of {capacities[0]} rows"):
             loop.check_limits("base", 3, Sampling(n=capacities[0] + 1))
+    model.base_model.to(torch.bfloat16)
+    loop = DecodeLoop(model, tiny_tokenizer(), ServeConfig(kind="generation", decode_loops=0, max_batch_size=16))
+    assert [lane.capacity for lane in loop._lanes] == [16] and loop._threads_per_loop is None
 
 
 def test_prefill_of_requests_arriving_together_is_one_pass():

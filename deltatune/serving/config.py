@@ -31,9 +31,11 @@ class ServeConfig:
         "help": "inputs in one forward pass; generation: sequences decoding together (at most)"})
     decode_loops: int = field(default=1, metadata={
         "help": "generation: decode loops on one model, each on its own thread with its share of --max-batch-size "
-                "rows and of the intra-op threads (0, the command's default: two on a CPU with two threads or "
-                "more, one on a GPU); on a 2-core CPU two one-thread loops served mixed deltas at 1.15-1.3x the "
-                "tokens/s of one two-thread loop, the base model as fast",
+                "rows and of the intra-op threads (0, the command's default: two in fp32 on a CPU with two "
+                "threads or more, one in bf16 or on a GPU); fp32 on 2 cores: two one-thread loops served mixed "
+                "deltas at 1.15-1.3x the tokens/s of one two-thread loop; bf16 on a 2-core Xeon with AMX: one loop "
+                "served the base at 1.29-1.34x the tokens/s of two (its products are bound by reading the weights, "
+                "once per loop and step)",
         "cli_default": 0})
     max_wait_ms: float = field(default=5.0, metadata={"help": "how long the oldest request waits for company"})
     queue_size: int = field(default=256, metadata={
@@ -71,10 +73,10 @@ class ServeConfig:
                 "default: the whole server measured 0.84-0.86x the tokens/s with it, docs/results/vs_vllm.md)"})
     packed_linears: bool = field(default=False, metadata={
         "help": "generation on a CPU, fp32 or bf16 (where the CPU has native bf16 math): every linear layer's weight "
-                "(and the LM head's) prepacked for oneDNN "
-                "once, as vLLM's CPU backend does (serving/packed_linear.py); on for the command where the packed "
-                "copy takes at most half the memory available (it is a second copy of the weights); on this "
-                "project's 2-core CPU it served 1.05-1.25x the tokens/s (docs/results/vs_vllm.md)",
+                "(and the LM head's) prepacked for oneDNN once, as vLLM's CPU backend does "
+                "(serving/packed_linear.py); on for the command where the packed copy takes at most half the memory "
+                "available (it is a second copy of the weights); it served 1.05-1.25x the tokens/s in fp32 on a "
+                "2-core AVX2 CPU, 1.37-1.49x in bf16 on a 2-core Xeon with AMX (docs/results/vs_vllm.md)",
         "cli_default": True})
     written_step: bool = field(default=True, metadata={
         "help": "generation: Llama-style decoders (SmolLM2, Llama 2/3) decode with their step written out "

@@ -21,7 +21,7 @@ One thread runs the model (or several: `--decode-loops`, below). Between two dec
  4. samples each row's next token; rows that reach an end-of-sequence token, a stop string or `max_tokens`
     leave at once, and so do rows whose client went away.
 
-`--decode-loops N` runs N such loops on one model (the command's default: two on a CPU), each on its own thread
+`--decode-loops N` runs N such loops on one model (the command's default: two on a CPU in fp32), each on its own thread
 with its own batch (a `_Lane`: at most its share of `max_batch_size` rows) and its share of the intra-op threads,
 all admitting from one queue. Each loop routes its rows through its own `TaskState` route (`own_route`). A control
 call (loading or removing a delta) runs once every loop is between two passes. On this project's 2-core CPU
@@ -548,9 +548,14 @@ AUTO_LOOPS_MAX = 2  # the loops share the GIL between operators: more than two i
 
 
 def _auto_loops(model: DeltaModel) -> int:
-    """`--decode-loops 0`: on a CPU two loops where there are two intra-op threads or more (the threads split
-    between them), else one; on a GPU one."""
-    if next(model.parameters()).device.type != "cpu":
+    """`--decode-loops 0`: on a CPU in fp32 two loops where there are two intra-op threads or more (the threads split
+    between them), else one; in bf16 or on a GPU one. fp32 products at a decode step's few rows are compute-bound:
+    two one-thread loops kept both cores busy (2-core AVX2 CPU: mixed deltas 1.15-1.3x; 2-core Xeon with AMX: the base
+    model 1.9x one two-thread loop). bf16 products with native bf16 math are bound by reading the weights, which each
+    loop does once per step: one loop of all the rows on both threads served the base model at 1.29-1.34x and 8
+    mixed LoRAs at 1.06-1.13x the tokens/s of two (docs/results/vs_vllm.md)."""
+    parameter = next(model.base_model.parameters())
+    if parameter.device.type != "cpu" or parameter.dtype != torch.float32:
         return 1
     return min(AUTO_LOOPS_MAX, torch.get_num_threads())
 
