@@ -172,9 +172,10 @@ def write(runs: list[dict], variants: list[str], loads: list[str], args, started
                   for v in variants[1:]]
         lines.append(f"| {load} | median | | " + " | " * (len(variants) - 1)
                      + " | ".join(f"**{r:.2f}x**" for r in ratios) + " |")
-    lines += ["", "Tokens/s of completion tokens over the run's wall time; the same tokens in every variant of a load "
-              "(greedy): " + ", ".join(f"{load} {sorted({r['tokens'] for r in runs if r['load'] == load})}"
-                                       for load in loads) + "."]
+    lines += ["", "Tokens/s of completion tokens over the run's wall time; completion tokens of each load's runs "
+              "(greedy: equal in fp32; in bf16 a row's rounding depends on the rows beside it): "
+              + ", ".join(f"{load} {sorted({r['tokens'] for r in runs if r['load'] == load})}" for load in loads)
+              + "."]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

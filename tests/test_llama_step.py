@@ -69,7 +69,7 @@ def test_written_step_gives_the_forward_logits_bit_for_bit_per_row_delta(padding
 
 def test_written_step_steps_aside_for_hooks_on_the_modules_it_replaces():
     """A hook on a layer, its attention or its MLP (modules whose forward the step replaces) sends the step back to the
-    model's forward while it is there. A GPT-2 has no written step."""
+    model's forward while it is there. A GPT-2 has no written step; a prompt (two tokens) is refused by name."""
     model = with_deltas({"lora": deltatune.LoRA(r=4)})
     written = LlamaDecodeStep.for_model(model.base_model)
     assert written.applies()
@@ -80,6 +80,8 @@ def test_written_step_steps_aside_for_hooks_on_the_modules_it_replaces():
         handle.remove()
         assert written.applies()
     assert LlamaDecodeStep.for_model(tiny_model("gpt2", "causal-lm")) is None
+    with pytest.raises(ValueError, match="one token per row, not 2; a prompt goes through the model's own forward"):
+        written(torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long), torch.zeros(1, 2), None)
 
 
 def decode(model, written_step: bool, jobs: list[tuple[str, list[int], int]]) -> tuple[list[str], dict]:

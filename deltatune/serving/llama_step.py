@@ -15,8 +15,9 @@ applies, per row. What it skips is the code between them. It applies while the m
 (the decoder, each layer, its attention and MLP) are transformers' own classes with no hooks and the attention is
 SDPA (`applies`, checked every step); otherwise the model's forward runs.
 
-Measured (docs/results/vs_vllm.md): one 16-row step alone 1.05-1.07x faster; the decode loops without HTTP (two loops
-sharing the GIL, where less Python per step counts twice) 1.19-1.21x the tokens/s on the base model in bf16.
+Measured (docs/results/decode_loop_engine.md): one 16-row step alone 1.05-1.07x faster; the decode loops without HTTP
+(two loops sharing the GIL, where less Python per step counts twice) 1.19-1.21x the tokens/s on the base model in
+bf16.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ class LlamaDecodeStep:
                  cache) -> torch.Tensor:
         from transformers.masking_utils import create_causal_mask
 
+        if input_ids.shape[1] != 1:
+            raise ValueError(f"the written-out decode step takes one token per row, not {input_ids.shape[1]}; a "
+                             f"prompt goes through the model's own forward")
         decoder = self.decoder
         hidden = decoder.embed_tokens(input_ids)
         mask = create_causal_mask(config=decoder.config, inputs_embeds=hidden, attention_mask=attention_mask,
@@ -100,18 +104,15 @@ class LlamaDecodeStep:
         key = (key * cos) + (_rotate_half(key) * sin)
         key, value = cache.update(key, value, attention.layer_idx)
         groups, options = attention.num_key_value_groups, {}
-        if groups > 1:  # grouped-query attention, as sdpa_attention_forward runs it
+        if groups > 1:  # grouped-query attention, as sdpa_attention_forward runs it for one query token
             if mask is None and key.shape[-1] == value.shape[-1] <= 256:
                 options["enable_gqa"] = True
-            elif length == 1:  # pack_gqa: (B, heads, 1, d) -> (B, kv heads, groups, d); a (B, 1, ...) mask as is
+            else:  # pack_gqa: (B, heads, 1, d) -> (B, kv heads, groups, d); a (B, 1, ...) mask as is
                 query = query.reshape(batch, query.shape[1] // groups, groups, query.shape[-1])
                 if mask is not None and mask.shape[1] != 1:
                     mask = mask.reshape(batch, mask.shape[1] // groups, groups, mask.shape[-1])
-            else:
-                key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
-        is_causal = length > 1 and mask is None
         output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0,
-                                                scale=attention.scaling, is_causal=is_causal, **options)
+                                                scale=attention.scaling, is_causal=False, **options)
         output = output.reshape(output.shape[0], -1, length, value.shape[-1]).transpose(1, 2).contiguous()
         return output.reshape(batch, length, -1).contiguous()
 
@@ -119,8 +120,3 @@ class LlamaDecodeStep:
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
-    batch, heads, length, dim = states.shape
-    return states[:, :, None].expand(batch, heads, groups, length, dim).reshape(batch, heads * groups, length, dim)
