@@ -234,6 +234,22 @@ class BackgroundServer:
         self.socket.close()
 
 
+def with_random_deltas(model: nn.Module, configs: dict, scale: float = 0.3):
+    """`model` with one delta per {task: method config} attached, every trained value moved by N(0, scale²) noise
+    (seeded by the task's place), so each task changes the output (LoRA's B starts at zero, adapters at identity)."""
+    import torch
+
+    import deltatune
+
+    for index, (task, config) in enumerate(configs.items()):
+        model = deltatune.attach(model, config, task=task)
+        generator = torch.Generator().manual_seed(index)
+        with torch.no_grad():
+            for tensor in model.task_parameters(task).values():
+                tensor.add_(torch.randn(tensor.shape, generator=generator) * scale)
+    return model.eval()
+
+
 def linear_weight_bytes(model: nn.Module) -> int:
     """Bytes of the weights of the linear layers inside the transformer blocks, as stored (quantized or not)."""
     total = 0

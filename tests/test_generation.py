@@ -16,7 +16,7 @@ from deltatune.evaluate import task_loss
 from deltatune.tasks import get_task
 from deltatune.tasks.encoding import IGNORE_INDEX, collate
 from deltatune.tasks.generation import PromptFormat, encode_examples
-from deltatune.testing import tiny_model, tiny_tokenizer
+from deltatune.testing import tiny_model, tiny_tokenizer, with_random_deltas
 
 # ChatML as SmolLM2-Instruct writes it, with the default system turn left out
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -309,13 +309,7 @@ def mixed_model(arch: str) -> deltatune.DeltaModel:
     configs = {"lora_a": deltatune.LoRA(r=2, alpha=4), "lora_b": deltatune.LoRA(r=4, alpha=8),
                "bitfit": deltatune.BitFit(add_missing=arch == "llama"), "adapter": deltatune.Adapter(bottleneck=4),
                "prompt_a": deltatune.PromptTuning(length=3), "prompt_b": deltatune.PromptTuning(length=5)}
-    for index, (task, config) in enumerate(configs.items()):
-        model = deltatune.attach(model, config, task=task)
-        generator = torch.Generator().manual_seed(index)
-        with torch.no_grad():
-            for tensor in model.task_parameters(task).values():
-                tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.3)
-    return model.eval()
+    return with_random_deltas(model, configs)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

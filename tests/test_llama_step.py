@@ -12,7 +12,7 @@ from deltatune.serving.config import ServeConfig
 from deltatune.serving.decode_loop import DecodeLoop, Sampling
 from deltatune.serving.llama_step import LlamaDecodeStep
 from deltatune.serving.slot_cache import SlotCache
-from deltatune.testing import tiny_model, tiny_tokenizer
+from deltatune.testing import tiny_model, tiny_tokenizer, with_random_deltas
 
 METHODS = {"lora": deltatune.LoRA(r=4), "dora": deltatune.DoRA(r=4), "ia3": deltatune.IA3(),
            "bitfit": deltatune.BitFit(add_missing=True), "adapter": deltatune.Adapter(bottleneck=4)}
@@ -21,14 +21,7 @@ METHODS = {"lora": deltatune.LoRA(r=4), "dora": deltatune.DoRA(r=4), "ia3": delt
 def with_deltas(methods: dict) -> deltatune.DeltaModel:
     """The tiny Llama (4 query heads, 2 key/value heads) with one randomised delta per method."""
     torch.manual_seed(0)
-    model = tiny_model("llama", "causal-lm")
-    for index, (task, config) in enumerate(methods.items()):
-        model = deltatune.attach(model, config, task=task)
-        generator = torch.Generator().manual_seed(index)
-        with torch.no_grad():
-            for tensor in model.task_parameters(task).values():
-                tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.3)
-    return model.eval()
+    return with_random_deltas(tiny_model("llama", "causal-lm"), methods)
 
 
 def both_steps(model: deltatune.DeltaModel, tasks: list, padding: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ from deltatune.serving.packed_linear import (
     packing_bytes,
     prepacking_available,
 )
-from deltatune.testing import tiny_model
+from deltatune.testing import tiny_model, with_random_deltas
 
 pytestmark = pytest.mark.skipif(not prepacking_available(), reason="this torch build has no oneDNN")
 
@@ -42,13 +42,7 @@ def test_every_linear_packed_under_loaded_deltas_gives_the_eager_logits_of_mixed
     """`serve --packed-linears`: every plain linear layer (the blocks' and the head) swapped, those a LoRA wraps
     included; each row under its own task gives the logits it had before the swap."""
     torch.manual_seed(0)
-    model = deltatune.attach(tiny_model("llama", "causal-lm"), deltatune.LoRA(r=4), task="a")
-    model = deltatune.attach(model, deltatune.LoRA(r=4), task="b")
-    with torch.no_grad():
-        for task in ("a", "b"):
-            for tensor in model.task_parameters(task).values():
-                tensor.add_(torch.randn(tensor.shape) * 0.3)
-    model.eval()
+    model = with_random_deltas(tiny_model("llama", "causal-lm"), {"a": deltatune.LoRA(r=4), "b": deltatune.LoRA(r=4)})
     linears = [name for name, module in model.base_model.named_modules() if type(module) is nn.Linear]
     ids = torch.randint(0, model.config.vocab_size, (3, 7))
     tasks = ["a", None, "b"]
@@ -106,13 +100,8 @@ def test_bf16_linears_packed_give_the_eager_logits_of_mixed_rows():
     fused, under two LoRAs and the base mixed per row: oneDNN's bf16 kernel is what `F.linear` runs there too, so the
     logits are the eager ones."""
     torch.manual_seed(0)
-    model = deltatune.attach(tiny_model("llama", "causal-lm"), deltatune.LoRA(r=4), task="a")
-    model = deltatune.attach(model, deltatune.LoRA(r=4), task="b")
-    with torch.no_grad():
-        for task in ("a", "b"):
-            for tensor in model.task_parameters(task).values():
-                tensor.add_(torch.randn(tensor.shape) * 0.3)
-    model = model.eval().to(torch.bfloat16)
+    model = with_random_deltas(tiny_model("llama", "causal-lm"), {"a": deltatune.LoRA(r=4), "b": deltatune.LoRA(r=4)})
+    model = model.to(torch.bfloat16)
     linears = [module for module in model.base_model.modules() if type(module) is nn.Linear]
     ids = torch.randint(0, model.config.vocab_size, (3, 7))
     tasks = ["a", None, "b"]
