@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import deltatune
@@ -72,6 +73,24 @@ def test_a_weight_changed_in_place_is_packed_again():
         expected = inputs @ layer.weight.T + layer.bias
     assert not torch.allclose(before, after)
     assert torch.allclose(after, expected, atol=1e-5)
+
+
+def test_a_packed_model_cast_to_bf16_afterwards_gives_the_eager_bf16_product():
+    """`model.to(torch.bfloat16)` after packing: each layer (alone, or fused with its siblings) packs again in bf16
+    where bf16 is packed here, else takes `F.linear`; never the stale fp32 pack."""
+    torch.manual_seed(0)
+    parent = nn.Module()
+    parent.gate_proj, parent.up_proj, parent.down_proj = nn.Linear(16, 8), nn.Linear(16, 8), nn.Linear(8, 16)
+    assert pack_linear_layers(parent, batch_size=4) == 3
+    parent.to(torch.bfloat16)
+    inputs = torch.randn(4, 16).to(torch.bfloat16)
+    with torch.inference_mode():
+        for layer, layer_inputs in ((parent.gate_proj, inputs), (parent.up_proj, inputs),
+                                    (parent.down_proj, inputs[:, :8])):
+            output = layer(layer_inputs)
+            expected = F.linear(layer_inputs, layer.weight, layer.bias)
+            assert output.dtype == torch.bfloat16
+            torch.testing.assert_close(output, expected)
 
 
 def test_recorded_gradients_take_the_eager_product():

@@ -23,7 +23,7 @@ two, 1.07-1.18x the tokens/s on the base against the same layers packed apart (o
 
 The products are oneDNN's, not MKL's: in fp32 they differ in the last bits (a logit's difference from `F.linear`
 is at most a few 1e-6 on SmolLM2), so a greedy token can differ where two logits tie to that precision. bf16
-weights are packed too where oneDNN has native bf16 math (AVX512-BF16 or AMX: `bf16_packable`); there `F.linear`
+weights are packed too where oneDNN has native bf16 math (AVX512-BF16 or AMX: `packed_dtypes`); there `F.linear`
 itself runs oneDNN's bf16 kernel, and the prepacked product is bit-identical to it (measured on a Xeon with AMX:
 the blocks' products at 8 rows on one thread 24 ms prepacked against 38 ms, fp32 prepacked 56 ms). Training,
 gradients, fp16 and other devices take `F.linear` unchanged.
@@ -55,7 +55,8 @@ def packed_dtypes() -> tuple[torch.dtype, ...]:
 
 class PackedLinear(nn.Linear):
     """`linear`'s own weight and bias (the same Parameters: tied weights stay tied), plus a copy of the weight
-    reordered for oneDNN, made once and made again if the weight is changed in place. The prepacked product runs
+    reordered for oneDNN, made once and made again if the weight is changed in place or cast to another dtype
+    (`model.to(torch.bfloat16)` after packing). The prepacked product runs
     only where it gives the same function: inputs and weight of one packed dtype on the CPU, no gradient to record.
     A layer in a `FusedSiblings` group (q/k/v, gate/up) takes its output from the group's one product instead."""
 
@@ -64,7 +65,7 @@ class PackedLinear(nn.Linear):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         self.batch_size = batch_size  # the rows oneDNN lays the weight out for (other row counts work too)
-        self._packed, self._packed_version = None, None
+        self._packed, self._packed_from = None, None  # the pack; the weight's (version, dtype) it was made from
         self.siblings: tuple[FusedSiblings, int] | None = None  # (its group, its place in it)
         if pack:  # pack=False: packed by its `FusedSiblings` group, or by `_repack` later
             self._repack()
@@ -72,7 +73,7 @@ class PackedLinear(nn.Linear):
     def _repack(self) -> None:
         with torch.no_grad():
             self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), batch_size=self.batch_size)
-        self._packed_version = self.weight._version
+        self._packed_from = (self.weight._version, self.weight.dtype)
 
     def _prepacked_applies(self, inputs: torch.Tensor, weight: torch.Tensor) -> bool:
         if torch.is_grad_enabled() and (inputs.requires_grad or weight.requires_grad):
@@ -86,7 +87,7 @@ class PackedLinear(nn.Linear):
         if self.siblings is not None:
             group, place = self.siblings
             return group.output(place, inputs)
-        if self._packed_version != weight._version:  # the weight was written in place since it was packed
+        if self._packed_from != (weight._version, weight.dtype):  # written in place or cast since it was packed
             self._repack()
         return torch.ops.mkldnn._linear_pointwise(inputs, self._packed, self.bias, "none", [], "")
 
@@ -119,16 +120,17 @@ class FusedSiblings:
             self._packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_size=self.batch_size)
             biases = [layer.bias for layer in self.layers]
             self._bias = None if biases[0] is None else torch.cat([bias.detach() for bias in biases])
-        self._tensors = [tensor for layer in self.layers for tensor in (layer.weight, layer.bias) if tensor is not None]
         self._versions = self._weight_versions()
 
-    def _weight_versions(self) -> list[int]:
-        return [tensor._version for tensor in self._tensors]
+    def _weight_versions(self) -> list[tuple[int, torch.dtype]]:
+        biases = [layer.bias for layer in self.layers if layer.bias is not None]
+        tensors = [layer.weight for layer in self.layers] + biases
+        return [(tensor._version, tensor.dtype) for tensor in tensors]
 
     def output(self, place: int, inputs: torch.Tensor) -> torch.Tensor:
         local = self._local
         if getattr(local, "inputs", None) is not inputs or local.taken[place]:
-            if self._versions != self._weight_versions():  # a weight or bias written in place since the pack
+            if self._versions != self._weight_versions():  # a weight or bias written in place or cast since the pack
                 self._repack()
             product = torch.ops.mkldnn._linear_pointwise(inputs, self._packed, self._bias, "none", [], "")
             local.inputs, local.parts = inputs, product.split_with_sizes(self.widths, -1)  # not Tensor.split: Python
