@@ -2,17 +2,14 @@
 forward, rows left-padded or not, each row under its own delta; it steps aside where a delta hooks a module whose
 forward it replaces; the decode loop runs it and still decodes every row as `generate` does."""
 
-import threading
-
 import pytest
 import torch
+from test_serve_decode_step import served_tokens
 
 import deltatune
-from deltatune.serving.config import ServeConfig
-from deltatune.serving.decode_loop import DecodeLoop, Sampling
 from deltatune.serving.llama_step import LlamaDecodeStep
 from deltatune.serving.slot_cache import SlotCache
-from deltatune.testing import tiny_model, tiny_tokenizer, with_random_deltas
+from deltatune.testing import tiny_model, with_random_deltas
 
 METHODS = {"lora": deltatune.LoRA(r=4), "dora": deltatune.DoRA(r=4), "ia3": deltatune.IA3(),
            "bitfit": deltatune.BitFit(add_missing=True), "adapter": deltatune.Adapter(bottleneck=4)}
@@ -77,40 +74,13 @@ def test_written_step_steps_aside_for_hooks_on_the_modules_it_replaces():
         written(torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long), torch.zeros(1, 2), None)
 
 
-def decode(model, written_step: bool, jobs: list[tuple[str, list[int], int]]) -> tuple[list[str], dict]:
-    """The greedy text of each (task, prompt ids, max tokens), queued together before one decode loop starts, and the
-    loop's counters."""
-    loop = DecodeLoop(model, tiny_tokenizer(), ServeConfig(kind="generation", max_batch_size=4,
-                                                           written_step=written_step))
-    texts, finished = {index: "" for index in range(len(jobs))}, threading.Semaphore(0)
-
-    def emit(index: int, event) -> None:
-        texts[index] += event.text
-        if event.finish_reason or event.error:
-            finished.release()
-
-    for index, (task, ids, max_tokens) in enumerate(jobs):
-        loop.submit(task, ids, Sampling(max_tokens=max_tokens, temperature=0, ignore_eos=True),
-                    lambda event, index=index: emit(index, event))
-    loop.start()
-    try:
-        for _ in jobs:
-            assert finished.acquire(timeout=60), "the decode loop did not finish"
-        return [texts[index] for index in range(len(jobs))], dict(loop.stats)
-    finally:
-        loop.close()
-
-
 def test_the_decode_loop_runs_the_written_step_and_decodes_as_the_forward_does():
-    """Rows of five methods and the base model, mixed in steps: the same greedy text with the written step as with
+    """Rows of five methods and the base model, mixed in steps: the same greedy tokens with the written step as with
     the model's forward, and the written step ran every decode step (no hook on a replaced module here)."""
     model = with_deltas(METHODS)
-    tokenizer = tiny_tokenizer()
-    prompts = ["the movie was great", "name[The Eagle], food[French]", "a moving and funny film", "it 's a"]
-    jobs = [(task, tokenizer(prompts[i % len(prompts)]).input_ids, 6 + i)
-            for i, task in enumerate(["lora", "dora", "base", "ia3", "bitfit", "adapter"])]
-    written, written_stats = decode(model, True, jobs)
-    forward, forward_stats = decode(model, False, jobs)
+    tasks = ["lora", "dora", None, "ia3", "bitfit", "adapter", "lora"]  # one per request of served_tokens' load
+    written, written_stats = served_tokens(model, tasks, {"max_batch_size": 4, "written_step": True})
+    forward, forward_stats = served_tokens(model, tasks, {"max_batch_size": 4, "written_step": False})
     assert written == forward and all(written)
     assert written_stats["mixed_steps"] > 0 and written_stats["written_steps"] == written_stats["steps"] > 0
     assert forward_stats["written_steps"] == 0 and forward_stats["steps"] > 0
