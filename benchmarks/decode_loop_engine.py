@@ -44,9 +44,9 @@ def one_run(args) -> dict:
     import torch
 
     import deltatune.serving.packed_linear as packed_linear
-    from deltatune import DeltaModel
     from deltatune.delta import load_delta
-    from deltatune.models import load_model, load_tokenizer
+    from deltatune.models import load_tokenizer
+    from deltatune.serving.app import served_model
     from deltatune.serving.config import ServeConfig
     from deltatune.serving.decode_loop import DecodeLoop, Sampling
     from deltatune.tasks import get_task
@@ -54,12 +54,12 @@ def one_run(args) -> dict:
 
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer("smollm2")
-    model = DeltaModel(load_model("smollm2", "causal-lm"))
-    model.base_model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision])  # as `serve --precision`
     if args.variant == "packed-apart":
         packed_linear.FUSABLE_SIBLINGS = ()
-    if args.variant != "unpacked":
-        packed_linear.pack_linear_layers(model.base_model, args.clients)
+    config = ServeConfig(kind="generation", max_batch_size=args.clients, decode_loops=args.loops,
+                         precision=args.precision, packed_linears=args.variant != "unpacked",
+                         written_step=args.variant != "packed-forward")
+    model = served_model("smollm2", "causal-lm", config)  # the model as `deltatune serve` builds it
     tasks = ["base"]
     if args.load != "base":
         index = json.loads((Path(args.work) / "deltas.json").read_text())[args.load]
@@ -68,8 +68,6 @@ def one_run(args) -> dict:
         tasks = sorted(index)
     examples = list(get_task("e2e").load("test", args.data_dir))[: args.requests]
     prompt_ids = [tokenizer(generation_prompt(example["source"])).input_ids for example in examples]
-    config = ServeConfig(kind="generation", max_batch_size=args.clients, decode_loops=args.loops,
-                         written_step=args.variant != "packed-forward")
     loop = DecodeLoop(model, tokenizer, config).start()
     lock, finished, tokens, following = threading.Lock(), threading.Semaphore(0), [0], [0]
 
