@@ -15,6 +15,8 @@ Variants (the serving options `deltatune serve` sets with `--packed-linears` / `
 - packed-apart: every linear layer prepacked, each on its own (no `FusedSiblings`);
 - packed-forward: packed, each decode step the model's own forward instead of the written-out Llama step
   (`--no-written-step`, serving/llama_step.py);
+- prefill-passes: packed, every prompt prefilled in a pass of its own (`--no-prefill-in-step`) instead of inside
+  the next decode step;
 - unpacked: `F.linear` on the plain weights.
 
 Without the HTTP server, the client and the text streaming, the rates show the engine alone; the order of the
@@ -36,7 +38,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("packed", "packed-apart", "packed-forward", "unpacked")
+VARIANTS = ("packed", "packed-apart", "packed-forward", "prefill-passes", "unpacked")
 
 
 def one_run(args) -> dict:
@@ -58,7 +60,8 @@ def one_run(args) -> dict:
         packed_linear.FUSABLE_SIBLINGS = ()
     config = ServeConfig(kind="generation", max_batch_size=args.clients, decode_loops=args.loops,
                          precision=args.precision, packed_linears=args.variant != "unpacked",
-                         written_step=args.variant != "packed-forward")
+                         written_step=args.variant != "packed-forward",
+                         prefill_in_step=args.variant != "prefill-passes")
     model = served_model("smollm2", "causal-lm", config)  # the model as `deltatune serve` builds it
     tasks = ["base"]
     if args.load != "base":
@@ -98,6 +101,7 @@ def one_run(args) -> dict:
     loop.close()
     return {"variant": args.variant, "load": args.load, "tokens": tokens[0], "seconds": seconds,
             "tokens_per_s": tokens[0] / seconds, "steps": stats["steps"], "prefill_passes": stats["prefill_passes"],
+            "prefilled_in_step": stats["prefilled_in_step"],
             "failed": stats["failed"]}
 
 

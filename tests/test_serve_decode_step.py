@@ -32,6 +32,7 @@ SETTINGS = {  # ServeConfig fields of each way to run the same requests
     "whole prompts, 4 slots": {"max_batch_size": 4, "prefill_tokens": 512},
     "one at a time": {"max_batch_size": 1},
     "two decode loops, 3 slots each": {"max_batch_size": 6, "decode_loops": 2, "prefill_tokens": 7},
+    "prompts in passes of their own, 4 slots": {"max_batch_size": 4, "prefill_in_step": False},
 }
 # (task index or None for the base, prompt length, new tokens): lengths differ so that rows leave at different
 # steps, later requests join running rows, and a longer prompt widens the window of a running batch
@@ -128,7 +129,12 @@ def test_slot_cache_decode_equals_eager_decode_alone_for_every_mixable_method(me
         got, metrics = served_tokens(model, tasks, settings)
         assert got == expected, (method, name)
         if name.startswith("chunked") and method not in ("prompt", "prefix"):
-            assert metrics["prefill_passes"] > metrics["requests"] / 3 + 1, "prompts were not chunked"
+            assert metrics["prefill_passes"] > 2, "prompts were not chunked"  # the 4 longer than 7 tokens
+        if name.startswith("whole") and metrics["written_steps"]:  # a prompt / prefix tuning task's: a pass its own
+            own_pass = sum(task is not None for task in tasks) if method in ("prompt", "prefix") else 0
+            assert metrics["prefilled_in_step"] == len(REQUESTS) - own_pass, name
+        if not settings.get("prefill_in_step", True) or not metrics["written_steps"]:
+            assert metrics["prefilled_in_step"] == 0, name
         loops = settings.get("decode_loops", 1)
         assert metrics["max_rows"] == settings["max_batch_size"] // loops, name  # each loop's batch was full
         assert metrics["threads"] == loops, name
@@ -154,13 +160,17 @@ def test_the_commands_default_runs_two_loops_on_a_cpu_that_splits_rows_and_threa
 
 
 def test_prefill_of_requests_arriving_together_is_one_pass():
-    """Seven plain requests within 8 slots: one prefill pass (not seven), the same tokens as one at a time."""
+    """Seven plain requests within 8 slots: one prefill pass (not seven), the same tokens as one at a time; with
+    --prefill-in-step (the written-out step) no pass of their own: the seven prompts ride in the first decode step."""
     model = model_with("lora")
     tasks = [None if index is None else f"lora{index}" for index, _, _ in REQUESTS]
-    together, metrics = served_tokens(model, tasks, {"max_batch_size": 8, "prefill_tokens": 4096})
-    one_by_one, single = served_tokens(model, tasks, {"max_batch_size": 1})
-    assert together == one_by_one
+    passes = {"max_batch_size": 8, "prefill_tokens": 4096, "prefill_in_step": False}
+    together, metrics = served_tokens(model, tasks, passes)
+    one_by_one, single = served_tokens(model, tasks, {"max_batch_size": 1, "prefill_in_step": False})
+    in_step, in_step_metrics = served_tokens(model, tasks, {**passes, "prefill_in_step": True})
+    assert together == one_by_one == in_step
     assert metrics["prefill_passes"] == 1 and single["prefill_passes"] == len(REQUESTS)
+    assert in_step_metrics["prefill_passes"] == 0 and in_step_metrics["prefilled_in_step"] == len(REQUESTS)
 
 
 def test_slot_cache_moves_rows_and_windows_like_plain_tensors():

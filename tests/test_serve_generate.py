@@ -430,7 +430,7 @@ def test_full_queue_429_and_a_cancelled_stream_frees_its_row(served):
 
         lane = loop._lanes[0]  # the server's one decode loop
         step = lane.step
-        lane.step = lambda: (time.sleep(0.02), step())  # 100 tokens would take 2 s
+        lane.step = lambda *joining: (time.sleep(0.02), step(*joining))  # 100 tokens would take 2 s
         with httpx.Client(base_url=url, timeout=30) as http, http.stream(
                 "POST", "/v1/completions", json={"model": "lora", "prompt": "hi", "max_tokens": 100,
                                                  "stream": True, "temperature": 0}) as response:
@@ -470,7 +470,7 @@ def test_loading_over_http_is_off_by_default_and_confined_to_the_delta_root(serv
         assert text == reference(served, "adapter", plain_ids(served, "hi"), 4)[0]
         # removed while one of its streams runs: the stream ends with an error event, then [DONE]
         for lane in loop._lanes:
-            lane.step = functools.partial(lambda step: (time.sleep(0.02), step()), lane.step)
+            lane.step = functools.partial(lambda step, *joining: (time.sleep(0.02), step(*joining)), lane.step)
         with httpx.stream("POST", url + "/v1/completions", timeout=30, json={
                 "model": "adapter2", "prompt": "hi", "max_tokens": 100, "stream": True}) as response:
             lines = response.iter_lines()

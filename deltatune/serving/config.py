@@ -83,6 +83,11 @@ class ServeConfig:
                 "(serving/llama_step.py: the same operators as the model's forward, bit-identical logits, without its "
                 "per-call machinery) while every delta loaded wraps or hooks only its projections and norms; "
                 "--no-written-step runs the model's own forward"})
+    prefill_in_step: bool = field(default=True, metadata={
+        "help": "generation, where the written-out step runs: a joining request's prompt (at most --prefill-tokens "
+                "tokens, one choice) is prefilled inside the next decode step, its tokens beside the running rows' in "
+                "every product, instead of in a pass of its own (serving/llama_step.py); --no-prefill-in-step "
+                "prefills every prompt in passes of its own"})
     quantize: str | None = field(default=None, metadata={
         "help": "the base's block linear weights quantized: int8 | int4 | nf4 (deltas trained at any precision "
                 "load onto it)", "choices": list(SCHEMES)})

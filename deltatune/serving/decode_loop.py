@@ -146,11 +146,12 @@ class DecodeLoop(ModelWorker):
         self._lanes = [_Lane(self, share + (number < extra)) for number in range(loops)]
         self._threads_per_loop = max(1, torch.get_num_threads() // loops) if loops > 1 else None
         self._controlling = False  # a loop runs control calls: the others wait before their next pass
-        self._written_step = LlamaDecodeStep.for_model(model.base_model) if config.written_step else None
+        self._written_step = (LlamaDecodeStep.for_model(model.base_model, model.task_state) if config.written_step
+                              else None)
         self._in_pass = 0  # loops between taking their work and finishing their pass
         super().__init__(model, tokenizer, config, stat_keys=(
             "requests", "rejected", "cancelled", "failed", "finished", "steps", "written_steps", "mixed_steps",
-            "prefill_passes", "tokens", "max_rows", "max_tasks_in_step"))
+            "prefill_passes", "prefilled_in_step", "tokens", "max_rows", "max_tasks_in_step"))
 
     def _threads(self) -> list[threading.Thread]:
         return [threading.Thread(target=self._run, args=(lane,), daemon=True,
@@ -223,7 +224,7 @@ class DecodeLoop(ModelWorker):
             waiting = [request.task or BASE_TASK for request in self._waiting]
         running = set()
         for lane in self._lanes:
-            prefilling = [request for group in list(lane.prefills) for request in group.requests]
+            prefilling = [request for group in list(lane.prefills) for request in group.requests] + list(lane.joining)
             running |= {row.request for row in list(lane.rows) if not row.done} | set(prefilling)
         return [request.task or BASE_TASK for request in running], waiting
 
@@ -250,15 +251,17 @@ class DecodeLoop(ModelWorker):
                 try:
                     for control in controls:
                         self._run_control(*control)
-                    lane.prefills += self._prefill_groups(admitted)
+                    lane.prefills += self._prefill_groups(admitted, lane)
                     if lane.prefills:
                         lane.prefill_chunk(lane.prefills[0])
+                    joining = []
                     try:
                         lane.drop_finished()
-                        if lane.rows:
-                            lane.step()
+                        joining = lane.take_joining()
+                        if lane.rows or joining:
+                            lane.step(joining)
                     except Exception as error:  # noqa: BLE001 - every running request fails, the loop goes on
-                        for request in {row.request for row in lane.rows}:
+                        for request in {row.request for row in lane.rows} | set(joining):
                             self._fail(request, error)
                         lane.drop([])
                     self._release_memory()
@@ -268,7 +271,7 @@ class DecodeLoop(ModelWorker):
                         if controls:
                             self._controlling = False
                         self._condition.notify_all()
-        waiting = {request for group in lane.prefills for request in group.requests}
+        waiting = {request for group in lane.prefills for request in group.requests} | set(lane.joining)
         running = {row.request for row in lane.rows if not row.done}  # a finished request is answered already
         with self._condition:  # the first loop to stop answers the queue
             queued = set(self._waiting)
@@ -309,28 +312,35 @@ class DecodeLoop(ModelWorker):
             self._in_pass += 1
             return admitted, controls
 
-    def _prefill_groups(self, requests: list[Request]) -> list[_Prefill]:
+    def _prefill_groups(self, requests: list[Request], lane: _Lane) -> list[_Prefill]:
         """The admitted requests as prefill groups: all whose task puts nothing before the prompt in ONE
         left-padded group (decoded in chunks); a prompt- or prefix-tuning request alone (its virtual tokens or
-        prefix come first, as in `DeltaModel.generate`)."""
+        prefix come first, as in `DeltaModel.generate`). Where the written-out step runs (`--prefill-in-step`),
+        a plain request of one choice whose prompt fits in one pass joins `lane.joining` instead: prefilled inside
+        the next decode step."""
         plain, groups = [], []
+        in_step = (self.config.prefill_in_step and self._written_step is not None and self._written_step.applies())
         for request in requests:
             if request.task is not None and request.task not in self.model.task_info:
                 self._fail(request, UnknownTaskError(f"task {request.task!r} was removed while this request waited"))
             elif request.task is not None and _virtual_tokens(self.model, request.task):
                 groups.append(_Prefill([request], self.device, whole=True))
+            elif in_step and request.sampling.n == 1 and len(request.prompt_ids) <= self.config.prefill_tokens:
+                lane.joining.append(request)
             else:
                 plain.append(request)
         return ([_Prefill(plain, self.device)] if plain else []) + groups
 
-    def decode_step(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                    cache: SlotCache) -> torch.Tensor:
+    def decode_step(self, input_ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor,
+                    cache: SlotCache, prompts: list[torch.Tensor] = ()) -> torch.Tensor:
         """Logits (B, 1, V) of one token per row: the written-out step for Llama-style decoders where it applies
         (`deltatune.serving.llama_step`, the same operators without the forward's machinery; `--no-written-step`
-        turns it off), else the model's own forward."""
-        if self._written_step is not None and self._written_step.applies():
-            self.stats["written_steps"] += 1
-            return self._written_step(input_ids, mask, positions, cache)
+        turns it off), else the model's own forward. `prompts` (joining requests' token ids, prefilled inside the
+        step; their last tokens' logits follow the rows'): the written-out step only, which `_prefill_groups`
+        checked applies in this pass."""
+        if prompts or (self._written_step is not None and self._written_step.applies()):
+            self.stats["written_steps"] += input_ids.shape[0] > 0
+            return self._written_step(input_ids, mask, positions, cache, prompts)
         return self.model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
                                      use_cache=True).logits
 
@@ -418,17 +428,20 @@ class _Lane:
         self.rows: list[_Row] = []
         self.cache: SlotCache | None = None  # the running rows' keys and values, one slot per row
         self.prefills: list[_Prefill] = []  # admitted requests whose prompts are being prefilled, oldest first
+        self.joining: list[Request] = []  # admitted requests to prefill inside the next decode steps, oldest first
         self.mask: torch.Tensor | None = None  # (B, L) long: 1 on real cache entries
         self.last: torch.Tensor | None = None  # (B,) the token each row feeds next
 
     def free(self) -> int:
         """Rows it can still admit: its capacity less its running rows and those of the prompts it prefills."""
-        return self.capacity - len(self.rows) - sum(group.rows for group in self.prefills)
+        return self.capacity - len(self.rows) - sum(group.rows for group in self.prefills) - len(self.joining)
 
     def leave_task(self, name: str) -> None:
         """The task was removed: its running and prefilling requests fail, their rows leave."""
         leaving = [row for row in self.rows if row.request.task == name]
         prefilling = [request for group in self.prefills for request in group.requests if request.task == name]
+        prefilling += [request for request in self.joining if request.task == name]
+        self.joining = [request for request in self.joining if request.task != name]
         for request in {row.request for row in leaving} | set(prefilling):
             self.loop._fail(request, UnknownTaskError(f"task {name!r} was removed while this request ran"))
         self.prefills = [group for group in self.prefills if not (group.whole and group.requests[0].failed)]
@@ -468,11 +481,7 @@ class _Lane:
     def join(self, group: _Prefill, logits: torch.Tensor) -> None:
         """Sample each choice's first token from the prompt's last logits (b, V), splice the rows' caches in."""
         counts = [request.sampling.n for request in group.requests]
-        rows = []
-        for request in group.requests:
-            seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(62)
-            rows += [_Row(request, i, None if request.sampling.temperature == 0
-                          else torch.Generator(device="cpu").manual_seed(seed + i)) for i in range(request.sampling.n)]
+        rows = _new_rows(group.requests)
         cache, mask = group.cache, group.mask if not group.whole else None
         layers = _cache_layers(cache)
         if mask is None:  # the virtual tokens or prefix are in the cache too
@@ -483,19 +492,38 @@ class _Lane:
             for layer in layers:
                 layer.keys, layer.values = layer.keys[index], layer.values[index]
             mask, logits = mask[index], logits[index]
-        first = self.loop._sample(rows, logits)
         if self.cache is None:
             self.cache = SlotCache.like(cache, self.capacity)
-        width = max(self.cache.width, mask.shape[1])
-        old = self.mask if self.rows else mask.new_zeros(0, width)
         self.cache.append(cache)
+        self._add_rows(group.requests, rows, logits, mask)
+
+    def _add_rows(self, requests: list[Request], rows: list[_Row], logits: torch.Tensor, mask: torch.Tensor) -> None:
+        """New rows (their keys and values in the cache's slots after the running rows', right-aligned at the
+        window's end; `mask` (n, l) marks their real entries) join the batch: each samples its first token from
+        its prompt's last logits (n, V)."""
+        first = self.loop._sample(rows, logits)
+        width = self.cache.width
+        old = self.mask if self.rows else mask.new_zeros(0, width)
         self.mask = torch.cat([nn.functional.pad(old, (width - old.shape[1], 0)),
                                 nn.functional.pad(mask, (width - mask.shape[1], 0))])
         self.last = torch.cat([self.last, first]) if self.rows else first
         self.rows += rows
-        for request, count in zip(group.requests, counts, strict=True):
-            request.running = count
+        for request in requests:
+            request.running = sum(row.request is request for row in rows)
         self.loop._emit_tokens(rows, first.tolist())
+
+    def take_joining(self) -> list[Request]:
+        """The joining requests this decode step prefills: the oldest first, at most --prefill-tokens prompt tokens
+        together (at least one request)."""
+        budget, taken = self.loop.config.prefill_tokens, []
+        while self.joining and (not taken or len(self.joining[0].prompt_ids) <= budget):
+            request = self.joining.pop(0)
+            if request.cancelled:
+                self.loop.stats["cancelled"] += 1
+                continue
+            budget -= len(request.prompt_ids)
+            taken.append(request)
+        return taken
 
     def drop_finished(self) -> None:
         """Rows that finished, failed or whose client went away leave the batch."""
@@ -526,22 +554,53 @@ class _Lane:
         self.mask, self.last = mask[:, cut:], self.last[index]
         self.rows = [self.rows[i] for i in order]
 
-    def step(self) -> None:
-        """One decode step for every running row, each under its own task."""
+    def step(self, joining: list[Request] = ()) -> None:
+        """One decode step for every running row, each under its own task; `joining`: requests whose prompts are
+        prefilled inside it (`LlamaDecodeStep`: their tokens beside the rows', each under its own task), whose rows
+        join the batch after it with their first tokens."""
+        stats, device, running = self.loop.stats, self.loop.device, len(self.rows)
+        prompts = [torch.tensor(request.prompt_ids, device=device) for request in joining]
+        longest = max((len(prompt) for prompt in prompts), default=0)
         tasks = [row.request.task for row in self.rows]
-        positions = self.mask.sum(1, keepdim=True)  # (B, 1): each row's real entries = its next position
-        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        tasks += [request.task for request in joining for _ in request.prompt_ids]
+        if self.cache is None:
+            self.cache = self.loop._written_step.empty_cache(self.capacity)
+        if running:
+            positions = self.mask.sum(1, keepdim=True)  # (B, 1): each row's real entries = its next position
+            self.mask = torch.cat([self.mask, self.mask.new_ones(running, 1)], dim=1)
+            last = self.last[:, None]
+        else:
+            positions = last = torch.zeros(0, 1, dtype=torch.long, device=device)
         with self.loop.model._rows_routed(tasks) as distinct:
             # the base model itself: the prompt / prefix components' input rewriting was done at the prefill
-            self.cache.reserve(right=1)
-            logits = self.loop.decode_step(self.last[:, None], self.mask, positions, self.cache)
-        self.loop.stats["steps"] += 1
-        self.loop.stats["mixed_steps"] += len(distinct) > 1
-        self.loop.stats["max_rows"] = max(self.loop.stats["max_rows"], len(self.rows))
-        self.loop.stats["max_tasks_in_step"] = max(self.loop.stats["max_tasks_in_step"], len(distinct))
-        self.loop.prometheus.batch_size.observe(len(self.rows))
-        self.last = self.loop._sample(self.rows, logits[:, -1].float())
-        self.loop._emit_tokens(self.rows, self.last.tolist())
+            self.cache.reserve(left=max(0, longest - self.cache.width - (running > 0)), right=int(running > 0))
+            logits = self.loop.decode_step(last, self.mask, positions, self.cache, prompts)
+        logits = logits[:, -1].float()
+        if running:
+            stats["steps"] += 1
+            stats["mixed_steps"] += len(distinct) > 1
+            stats["max_rows"] = max(stats["max_rows"], running)
+            stats["max_tasks_in_step"] = max(stats["max_tasks_in_step"], len(distinct))
+            self.loop.prometheus.batch_size.observe(running)
+            self.last = self.loop._sample(self.rows, logits[:running])
+            self.loop._emit_tokens(self.rows, self.last.tolist())
+        if joining:
+            stats["prefilled_in_step"] += len(joining)
+            self.cache.joined(len(joining), longest)
+            mask = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
+            for row, prompt in enumerate(prompts):
+                mask[row, longest - len(prompt) :] = 1
+            self._add_rows(joining, _new_rows(joining), logits[running:], mask)
+
+
+def _new_rows(requests: list[Request]) -> list[_Row]:
+    """A row per choice of each request, with its own generator when sampled (seed + choice)."""
+    rows = []
+    for request in requests:
+        seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(62)
+        rows += [_Row(request, i, None if request.sampling.temperature == 0
+                      else torch.Generator(device="cpu").manual_seed(seed + i)) for i in range(request.sampling.n)]
+    return rows
 
 
 AUTO_LOOPS_MAX = 2  # the loops share the GIL between operators: more than two is unmeasured (2-core machine)

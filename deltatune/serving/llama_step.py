@@ -42,18 +42,20 @@ class LlamaDecodeStep:
     """`step(input_ids (B, 1), attention_mask (B, L), position_ids (B, 1), cache)` -> logits (B, 1, vocab) of a
     transformers `LlamaForCausalLM` (SmolLM2, Llama 2/3), as `model(...).logits` computes them."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, task_state=None):
         self.model, self.decoder = model, model.model
+        self.task_state = task_state  # a DeltaModel's routing of rows to tasks (`core.component.TaskState`), if any
         self.classes = _llama_classes()
 
     @classmethod
-    def for_model(cls, model: nn.Module) -> LlamaDecodeStep | None:
-        """The written-out step for a transformers Llama causal LM; None for any other model (its forward runs)."""
+    def for_model(cls, model: nn.Module, task_state=None) -> LlamaDecodeStep | None:
+        """The written-out step for a transformers Llama causal LM (`task_state`: the routing of the DeltaModel
+        whose base it is); None for any other model (its forward runs)."""
         try:
             from transformers.models.llama.modeling_llama import LlamaForCausalLM
         except ImportError:  # pragma: no cover - transformers without Llama
             return None
-        return cls(model) if type(model) is LlamaForCausalLM else None
+        return cls(model, task_state) if type(model) is LlamaForCausalLM else None
 
     def applies(self) -> bool:
         """Whether the modules whose forward this step replaces are transformers' own, unhooked, with SDPA."""
@@ -70,51 +72,107 @@ class LlamaDecodeStep:
         return True
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                 cache) -> torch.Tensor:
+                 cache, prompts: list[torch.Tensor] = ()) -> torch.Tensor:
+        """Logits (B, 1, V) of the B running rows' next tokens. `prompts`: the token ids (L,) of requests joining the
+        batch, prefilled INSIDE this step (below); then (B + len(prompts), 1, V), each prompt's last token's after the
+        rows'.
+
+        A prompt prefilled on its own reads every weight once more for its few tokens (a pass as long as a decode
+        step, or longer, per request that joins). Here its tokens ride along the rows' tokens in every product: all
+        the step's tokens are laid out one per row, (B + sum L, 1, hidden), which every projection, norm and delta
+        (each works token by token, routed per row) takes as it is; only attention tells them apart: a running row
+        attends to its slot of the cache, a prompt causally to its own tokens, and its keys and values go to the
+        cache's next free slot, right-aligned at the window's end (`SlotCache.write_joining`). vLLM schedules decode
+        and prefill tokens in one batch the same way (chunked prefill, Agrawal et al. 2024, Sarathi-Serve §4.2)."""
         from transformers.masking_utils import create_causal_mask
 
         if input_ids.shape[1] != 1:
             raise ValueError(f"the written-out decode step takes one token per row, not {input_ids.shape[1]}; a "
-                             f"prompt goes through the model's own forward")
-        decoder = self.decoder
+                             f"prompt goes in `prompts` or through the model's own forward")
+        decoder, rows = self.decoder, input_ids.shape[0]
+        lengths = [len(prompt) for prompt in prompts]
+        if prompts:  # every token one row: the running rows' tokens, then each prompt's, at positions 0..L-1
+            input_ids = torch.cat([input_ids[:, 0], *prompts])[:, None]
+            position_ids = torch.cat([position_ids[:, 0], *[torch.arange(length, device=position_ids.device)
+                                                            for length in lengths]])[:, None]
         hidden = decoder.embed_tokens(input_ids)
-        mask = create_causal_mask(config=decoder.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                  cache=cache, position_ids=position_ids)
+        mask = create_causal_mask(config=decoder.config, inputs_embeds=hidden[:rows], attention_mask=attention_mask,
+                                  cache=cache, position_ids=position_ids[:rows]) if rows else None
         cos, sin = decoder.rotary_emb(hidden, position_ids=position_ids)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # apply_rotary_pos_emb's unsqueeze_dim=1
         for layer in decoder.layers[: decoder.config.num_hidden_layers]:
             attention = layer.self_attn
             hidden = hidden + attention.o_proj(self._attention(attention, layer.input_layernorm(hidden), mask, cos,
-                                                               sin, cache))
+                                                               sin, cache, rows, lengths))
             mlp = layer.mlp
             normed = layer.post_attention_layernorm(hidden)
             hidden = hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(normed)) * mlp.up_proj(normed))
+        if prompts:  # the rows' tokens and each prompt's last: the tokens whose next token is sampled
+            ends = torch.tensor(lengths, device=hidden.device).cumsum(0) + rows - 1
+            kept = torch.cat([torch.arange(rows, device=hidden.device), ends])
+            hidden = hidden[kept]
+            state = self.task_state
+            if state is not None and state.per_example is not None:  # the final norm's and head's deltas: per kept row
+                state.per_example = [state.per_example[index] for index in kept.tolist()]
         return self.model.lm_head(decoder.norm(hidden))
+
+    def empty_cache(self, slots: int, capacity: int = 256):
+        """A `SlotCache` of `slots` empty rows for this model (its layers, key/value heads, head size, dtype)."""
+        from deltatune.serving.slot_cache import SlotCache, SlotLayer
+
+        config = self.decoder.config
+        heads = config.num_key_value_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        weight = self.decoder.embed_tokens.weight
+        like = weight.new_empty(1, heads, 1, head_dim)
+        return SlotCache([SlotLayer(like, slots, capacity) for _ in range(config.num_hidden_layers)])
 
     @staticmethod
     def _attention(attention: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None, cos: torch.Tensor,
-                   sin: torch.Tensor, cache) -> torch.Tensor:
-        """`LlamaAttention.forward` up to o_proj, with `sdpa_attention_forward`'s one-token paths."""
-        batch, length = hidden.shape[:2]
-        shape = (batch, length, -1, attention.head_dim)
+                   sin: torch.Tensor, cache, rows: int, lengths: list[int]) -> torch.Tensor:
+        """`LlamaAttention.forward` up to o_proj, with `sdpa_attention_forward`'s one-token paths for the `rows`
+        running rows; then each joining prompt (`lengths`) causally over its own tokens, its keys and values written
+        to the cache."""
+        shape = (hidden.shape[0], 1, -1, attention.head_dim)
         query = attention.q_proj(hidden).view(shape).transpose(1, 2)
         key = attention.k_proj(hidden).view(shape).transpose(1, 2)
         value = attention.v_proj(hidden).view(shape).transpose(1, 2)
         query = (query * cos) + (_rotate_half(query) * sin)
         key = (key * cos) + (_rotate_half(key) * sin)
-        key, value = cache.update(key, value, attention.layer_idx)
-        groups, options = attention.num_key_value_groups, {}
-        if groups > 1:  # grouped-query attention, as sdpa_attention_forward runs it for one query token
-            if mask is None and key.shape[-1] == value.shape[-1] <= 256:
-                options["enable_gqa"] = True
-            else:  # pack_gqa: (B, heads, 1, d) -> (B, kv heads, groups, d); a (B, 1, ...) mask as is
-                query = query.reshape(batch, query.shape[1] // groups, groups, query.shape[-1])
-                if mask is not None and mask.shape[1] != 1:
-                    mask = mask.reshape(batch, mask.shape[1] // groups, groups, mask.shape[-1])
-        output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0,
-                                                scale=attention.scaling, is_causal=False, **options)
-        output = output.reshape(output.shape[0], -1, length, value.shape[-1]).transpose(1, 2).contiguous()
-        return output.reshape(batch, length, -1).contiguous()
+        outputs = []
+        if rows:
+            outputs.append(_decode_attention(attention, query[:rows], key[:rows], value[:rows], mask, cache))
+        start = rows
+        for slot, length in enumerate(lengths, start=rows):  # (L, heads, 1, d) -> (1, heads, L, d) and back
+            prompt_keys, prompt_values = key[start : start + length], value[start : start + length]
+            cache.write_joining(attention.layer_idx, slot, prompt_keys.transpose(0, 2)[0],
+                                prompt_values.transpose(0, 2)[0])
+            output = F.scaled_dot_product_attention(
+                query[start : start + length].transpose(0, 2), prompt_keys.transpose(0, 2),
+                prompt_values.transpose(0, 2), dropout_p=0.0, scale=attention.scaling, is_causal=True,
+                enable_gqa=attention.num_key_value_groups > 1)
+            outputs.append(output.transpose(0, 2))
+            start += length
+        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # (tokens, heads, 1, d)
+        return output.transpose(1, 2).reshape(hidden.shape[0], 1, -1).contiguous()
+
+
+def _decode_attention(attention: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      mask: torch.Tensor | None, cache) -> torch.Tensor:
+    """One new token per row over the cache, as `sdpa_attention_forward` runs it: (B, heads, 1, d)."""
+    batch, length = query.shape[0], 1
+    key, value = cache.update(key, value, attention.layer_idx)
+    groups, options = attention.num_key_value_groups, {}
+    if groups > 1:  # grouped-query attention, as sdpa_attention_forward runs it for one query token
+        if mask is None and key.shape[-1] == value.shape[-1] <= 256:
+            options["enable_gqa"] = True
+        else:  # pack_gqa: (B, heads, 1, d) -> (B, kv heads, groups, d); a (B, 1, ...) mask as is
+            query = query.reshape(batch, query.shape[1] // groups, groups, query.shape[-1])
+            if mask is not None and mask.shape[1] != 1:
+                mask = mask.reshape(batch, mask.shape[1] // groups, groups, mask.shape[-1])
+    output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0,
+                                            scale=attention.scaling, is_causal=False, **options)
+    return output.reshape(output.shape[0], -1, length, value.shape[-1])
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

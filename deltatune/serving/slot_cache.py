@@ -122,6 +122,22 @@ class SlotCache(Cache):
                 buffer[layer.rows : layer.rows + count, :, layer.end - length : layer.end] = values
             layer.rows += count
 
+    def write_joining(self, layer: int, slot: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """A prompt prefilled inside a decode step (`LlamaDecodeStep`): its keys and values (heads, L, head dim) into
+        slot `slot` (past the running rows), right-aligned at the window's end, where its row decodes from next.
+        The rows join with `joined` after the step; until then the running rows do not see them."""
+        target = self.layers[layer]
+        length = keys.shape[-2]
+        target.buffers[0][slot, :, target.end - length : target.end] = keys
+        target.buffers[1][slot, :, target.end - length : target.end] = values
+
+    def joined(self, count: int, length: int) -> None:
+        """`count` rows written by `write_joining` join the running rows; the window widens to the left to hold the
+        longest (`length` columns)."""
+        for layer in self.layers:
+            layer.rows += count
+            layer.start = min(layer.start, layer.end - length)
+
     def keep(self, order: list[int], cut: int = 0) -> None:
         """Row i becomes the row `order[i]` was (each source after its target: no row is overwritten before it
         moves); the window's first `cut` columns (padding for every row kept) are dropped. No rows: an empty window."""
