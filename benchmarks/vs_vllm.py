@@ -296,6 +296,8 @@ def interleave(prompts: list[str], deltas: dict, args) -> None:
                     dtype = {"fp32": "float32", "bf16": "bfloat16"}[precision]
                     servers[name] = start_vllm(ensure_vllm(Path(args.vllm_venv)), dtype,
                                                deltas["peft"] if loaded else {}, args)
+                elif engine == "before":  # the commit --before, the base model only
+                    servers[name] = start_deltatune(precision, {}, args, before=True)
                 else:
                     servers[name] = start_deltatune(precision, {**deltas["lora"], **deltas["mixed"]} if loaded else {},
                                                     args)

@@ -98,6 +98,9 @@ class LlamaDecodeStep:
         hidden = decoder.embed_tokens(input_ids)
         mask = create_causal_mask(config=decoder.config, inputs_embeds=hidden[:rows], attention_mask=attention_mask,
                                   cache=cache, position_ids=position_ids[:rows]) if rows else None
+        if mask is not None and mask.dtype == torch.bool:  # as SDPA turns a boolean mask into an additive one, but
+            mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill_(  # once, not per layer
+                mask.logical_not(), float("-inf"))
         cos, sin = decoder.rotary_emb(hidden, position_ids=position_ids)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # apply_rotary_pos_emb's unsqueeze_dim=1
         for layer in decoder.layers[: decoder.config.num_hidden_layers]:
