@@ -15,7 +15,10 @@ One thread runs the model (or several: `--decode-loops`, below). Between two dec
     running rows between them (chunked prefill: Agrawal et al. 2024, Sarathi-Serve §4). A request whose task puts
     tokens before the prompt (prompt tuning's virtual tokens, prefix tuning's prefix) is prefilled alone by the
     model's own forward (`model(..., tasks=[task])`), as in `DeltaModel.generate`. After the last chunk each
-    choice's first token is sampled and its rows join the batch;
+    choice's first token is sampled and its rows join the batch. Where the written-out step runs (below), a
+    request of one choice whose prompt fits in `prefill_tokens` skips that pass: its prompt is prefilled INSIDE
+    the next decode step (`--prefill-in-step`), its tokens beside the running rows' in every product, so the
+    weights are read once for both (vLLM schedules decode and prefill tokens in one batch the same way);
  3. runs one forward pass over the last token of every running row, each row under its own task (for Llama-style
     decoders the step written out, `deltatune.serving.llama_step`: the forward's operators, bit-identical logits);
  4. samples each row's next token; rows that reach an end-of-sequence token, a stop string or `max_tokens`
