@@ -57,6 +57,49 @@ def test_written_step_gives_the_forward_logits_bit_for_bit_per_row_delta(padding
     assert (forward[0] - forward[2]).abs().max() > 1e-3  # the deltas change the logits: the rows were routed
 
 
+def test_prompts_prefilled_inside_a_step_give_their_own_forwards_logits_and_cache():
+    """Two prompts (under LoRA and DoRA) ride in a decode step of six left-padded rows: the rows' logits are the step's
+    without them, each prompt's last logits and its keys and values (in its new slot, right-aligned at the window's
+    end) are those of the model's forward over that prompt alone, under its task; the window widens to the longest
+    prompt and the prompts' rows join after the step (to fp32 rounding: the products have more rows)."""
+    model = with_deltas(METHODS)
+    base, tasks, padding = model.base_model, ["lora", "dora", None, "ia3", "bitfit", "adapter"], [3, 0, 5, 0, 1, 0]
+    generator = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(4, 500, (length,), generator=generator) for length in (12, 4)]
+    prompt_tasks = ["lora", "dora"]
+    forward, _ = both_steps(model, tasks, padding)
+    rows, width = len(tasks), 9
+    with torch.inference_mode():
+        ids = torch.randint(4, 500, (rows, width), generator=torch.Generator().manual_seed(1))  # both_steps' rows
+        mask = torch.ones(rows, width, dtype=torch.long)
+        for row, count in enumerate(padding):
+            mask[row, :count] = 0
+        with model._rows_routed(tasks):
+            prefill = base(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                           use_cache=True).cache
+        cache = SlotCache.like(prefill, rows + len(prompts), capacity=16)
+        cache.append(prefill)
+        last, positions = ids[:, -1:], mask.sum(1, keepdim=True)
+        mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+        cache.reserve(left=12 - (width + 1), right=1)
+        with model._rows_routed(tasks + [task for task, p in zip(prompt_tasks, prompts) for _ in p]):
+            logits = LlamaDecodeStep.for_model(base, model.task_state)(last, mask, positions, cache, prompts)
+        assert logits.shape[0] == rows + len(prompts) and cache.rows == rows
+        torch.testing.assert_close(logits[:rows], forward, rtol=0, atol=1e-5)
+        cache.joined(len(prompts), 12)
+        assert cache.rows == rows + 2 and cache.width == 12
+        for slot, (prompt, task) in enumerate(zip(prompts, prompt_tasks, strict=True), start=rows):
+            model.use(task)
+            alone = base(input_ids=prompt[None], use_cache=True)
+            model.use(None)
+            torch.testing.assert_close(logits[slot, -1], alone.logits[0, -1], rtol=0, atol=1e-5)
+            for layer, expected in zip(cache.layers, alone.cache.layers, strict=True):
+                torch.testing.assert_close(layer.keys[slot, :, 12 - len(prompt):], expected.keys[0], rtol=0, atol=1e-5)
+                torch.testing.assert_close(layer.values[slot, :, 12 - len(prompt):], expected.values[0], rtol=0,
+                                           atol=1e-5)
+        assert (logits[rows] - logits[rows + 1]).abs().max() > 1e-3
+
+
 def test_written_step_steps_aside_for_hooks_on_the_modules_it_replaces():
     """A hook on a layer, its attention or its MLP (modules whose forward the step replaces) sends the step back to the
     model's forward while it is there. A GPT-2 has no written step; a prompt (two tokens) is refused by name."""
