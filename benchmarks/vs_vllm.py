@@ -344,7 +344,9 @@ def interleave(prompts: list[str], deltas: dict, args) -> None:
             lines.append(f"| {scenario} | {name} | " + " | ".join(
                 _s(statistics.median(c[key] for c in cells)) if all(c[key] is not None for c in cells) else "-"
                 for key in ("ttft_p50", "ttft_p99", "itl_p50", "itl_p99")) + " |")
-    Path(args.interleave_markdown).write_text("\n".join(lines) + "\n")
+    markdown = Path(args.interleave_markdown)
+    notes = markdown.read_text().split(NOTES, 1)[1] if markdown.exists() and NOTES in markdown.read_text() else "\n"
+    markdown.write_text("\n".join(lines) + "\n\n" + NOTES + notes)  # the notes below the line are kept
     print("\n".join(lines))
 
 
