@@ -322,7 +322,8 @@ class DecodeLoop(ModelWorker):
         a plain request of one choice whose prompt fits in one pass joins `lane.joining` instead: prefilled inside
         the next decode step."""
         plain, groups = [], []
-        in_step = (self.config.prefill_in_step and self._written_step is not None and self._written_step.applies())
+        in_step = (bool(requests) and self.config.prefill_in_step and self._written_step is not None
+                   and self._written_step.applies())
         for request in requests:
             if request.task is not None and request.task not in self.model.task_info:
                 self._fail(request, UnknownTaskError(f"task {request.task!r} was removed while this request waited"))

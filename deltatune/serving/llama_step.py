@@ -42,7 +42,8 @@ def _hooked(module: nn.Module) -> bool:
 
 class LlamaDecodeStep:
     """`step(input_ids (B, 1), attention_mask (B, L), position_ids (B, 1), cache)` -> logits (B, 1, vocab) of a
-    transformers `LlamaForCausalLM` (SmolLM2, Llama 2/3), as `model(...).logits` computes them."""
+    transformers `LlamaForCausalLM` (SmolLM2, Llama 2/3), as `model(...).logits` computes them; with `prompts`,
+    joining requests prefilled in the same step (`__call__`)."""
 
     def __init__(self, model: nn.Module, task_state=None):
         self.model, self.decoder = model, model.model
