@@ -337,7 +337,8 @@ def interleave(prompts: list[str], deltas: dict, args) -> None:
         lines.append(f"| {scenario} | median | " + " | " * len(names) + " | ".join(f"**{m:.2f}x**" for m in medians)
                      + " |")
     lines += ["", "Latency, seconds, the median over the rounds of each round's percentile:", "",
-              "| scenario | server | TTFT p50 | TTFT p99 | inter-token p50 | inter-token p99 |", "|---|---|---:|---:|---:|---:|"]
+              "| scenario | server | TTFT p50 | TTFT p99 | inter-token p50 | inter-token p99 |",
+              "|---|---|---:|---:|---:|---:|"]
     for scenario in args.scenarios:
         for name in names:
             cells = [r for r in rounds if (r["scenario"], r["server"]) == (scenario, name)]

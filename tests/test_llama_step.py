@@ -113,7 +113,7 @@ def test_written_step_steps_aside_for_hooks_on_the_modules_it_replaces():
         handle.remove()
         assert written.applies()
     assert LlamaDecodeStep.for_model(tiny_model("gpt2", "causal-lm")) is None
-    with pytest.raises(ValueError, match="one token per row, not 2; a prompt goes in `prompts` or through the model's own forward"):
+    with pytest.raises(ValueError, match="one token per row, not 2; a prompt goes in `prompts` or through the model"):
         written(torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long), torch.zeros(1, 2), None)
 
 
