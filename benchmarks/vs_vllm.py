@@ -345,6 +345,18 @@ def interleave(prompts: list[str], deltas: dict, args) -> None:
             lines.append(f"| {scenario} | {name} | " + " | ".join(
                 _s(statistics.median(c[key] for c in cells)) if all(c[key] is not None for c in cells) else "-"
                 for key in ("ttft_p50", "ttft_p99", "itl_p50", "itl_p99")) + " |")
+    lines += ["", "Identical greedy completions, each server against the first, round by round (the same precision: "
+              "the same text expected; bf16 rounding depends on the kernel and the batch):", ""]
+
+    def texts(scenario: str, number: int, name: str) -> list[str | None]:
+        return next(r["texts"] for r in rounds if (r["scenario"], r["round"], r["server"]) == (scenario, number, name))
+    for scenario in args.scenarios:
+        for other in others:
+            counts = []
+            for number in range(1, args.interleave + 1):
+                a, b = texts(scenario, number, first), texts(scenario, number, other)
+                counts.append(f"{sum(x == y and x is not None for x, y in zip(a, b, strict=True))}/{len(a)}")
+            lines.append(f"- {scenario}, {other} = {first}: {', '.join(counts)}")
     markdown = Path(args.interleave_markdown)
     notes = markdown.read_text().split(NOTES, 1)[1] if markdown.exists() and NOTES in markdown.read_text() else "\n"
     markdown.write_text("\n".join(lines) + "\n\n" + NOTES + notes)  # the notes below the line are kept
