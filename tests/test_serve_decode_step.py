@@ -244,3 +244,22 @@ def test_bf16_rows_decode_as_bf16_alone(method):
     expected = [alone(model, task, ids, new) for task, ids, (_, _, new) in zip(tasks, prompts(), REQUESTS, strict=True)]
     got, _ = served_tokens(model, tasks, SETTINGS["chunked prefill, 3 slots"])
     assert got == expected
+
+
+def test_requests_waiting_to_join_a_step_fail_when_their_task_is_removed_and_free_their_rows():
+    """Admitted requests wait in `joining` for the next decode step; removing one's task fails it (the error event
+    names the removal), gives its row back, and leaves the other to be prefilled by the next step."""
+    model = model_with("lora")
+    loop = DecodeLoop(model, tiny_tokenizer(), ServeConfig(kind="generation", max_batch_size=4))
+    lane, events = loop._lanes[0], {"lora0": [], "lora1": []}
+    for task in events:
+        loop.submit(task, [5, 6, 7], Sampling(max_tokens=2, temperature=0), events[task].append)
+    admitted, _ = loop._next_work(lane)
+    assert loop._prefill_groups(admitted, lane) == [] and len(lane.joining) == 2 and lane.free() == 2
+    lane.leave_task("lora1")
+    assert [request.task for request in lane.joining] == ["lora0"] and lane.free() == 3
+    assert not events["lora0"] and "was removed while this request ran" in str(events["lora1"][0].error)
+    with torch.inference_mode(), model.task_state.own_route():
+        lane.step(lane.take_joining())
+    assert [(row.request.task, len(row.tokens)) for row in lane.rows] == [("lora0", 1)]
+    assert loop.stats["prefilled_in_step"] == 1 and not lane.joining and lane.free() == 3
