@@ -513,7 +513,7 @@ class _Lane:
         self.last = torch.cat([self.last, first]) if self.rows else first
         self.rows += rows
         for request in requests:
-            request.running = sum(row.request is request for row in rows)
+            request.running = request.sampling.n  # a row per choice
         self.loop._emit_tokens(rows, first.tolist())
 
     def take_joining(self) -> list[Request]:

@@ -127,10 +127,8 @@ class LlamaDecodeStep:
         from deltatune.serving.slot_cache import SlotCache, SlotLayer
 
         config = self.decoder.config
-        heads = config.num_key_value_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        weight = self.decoder.embed_tokens.weight
-        like = weight.new_empty(1, heads, 1, head_dim)
+        like = self.decoder.embed_tokens.weight.new_empty(  # (rows, kv heads, positions, head size)
+            1, config.num_key_value_heads, 1, self.decoder.layers[0].self_attn.head_dim)
         return SlotCache([SlotLayer(like, slots, capacity) for _ in range(config.num_hidden_layers)])
 
     @staticmethod
