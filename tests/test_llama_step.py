@@ -21,22 +21,33 @@ def with_deltas(methods: dict) -> deltatune.DeltaModel:
     return with_random_deltas(tiny_model("llama", "causal-lm"), methods)
 
 
-def both_steps(model: deltatune.DeltaModel, tasks: list, padding: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the model's forward, the written step) logits of one decode step over a slot cache of left-padded rows."""
+def running_rows(model: deltatune.DeltaModel, tasks: list, padding: list[int], slots: int | None = None):
+    """Left-padded rows of 9 tokens (`padding[i]` pad tokens in row i), each prefilled under its task into a slot cache
+    of `slots` slots (default: one per row): (last tokens (B, 1), the mask with the next column, positions (B, 1),
+    the cache with room for the next column), what one decode step takes."""
     base, rows, width = model.base_model, len(tasks), 9
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(4, 500, (rows, width), generator=generator)
     mask = torch.ones(rows, width, dtype=torch.long)
     for row, count in enumerate(padding):
         mask[row, :count] = 0
-    with torch.inference_mode(), model._rows_routed(tasks):
-        prefill = base(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                       use_cache=True).cache
-        cache = SlotCache.like(prefill, rows, capacity=16)
+    with torch.inference_mode():
+        with model._rows_routed(tasks):
+            prefill = base(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                           use_cache=True).cache
+        cache = SlotCache.like(prefill, slots or rows, capacity=16)
         cache.append(prefill)
-        last, positions = ids[:, -1:], mask.sum(1, keepdim=True)
+        positions = mask.sum(1, keepdim=True)
         mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
         cache.reserve(right=1)
+    return ids[:, -1:], mask, positions, cache
+
+
+def both_steps(model: deltatune.DeltaModel, tasks: list, padding: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the model's forward, the written step) logits of one decode step over a slot cache of left-padded rows."""
+    base = model.base_model
+    last, mask, positions, cache = running_rows(model, tasks, padding)
+    with torch.inference_mode(), model._rows_routed(tasks):
         forward = base(input_ids=last, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True).logits
         cache.crop(-1)
         written = LlamaDecodeStep.for_model(base)
@@ -68,20 +79,10 @@ def test_prompts_prefilled_inside_a_step_give_their_own_forwards_logits_and_cach
     prompts = [torch.randint(4, 500, (length,), generator=generator) for length in (12, 4)]
     prompt_tasks = ["lora", "dora"]
     forward, _ = both_steps(model, tasks, padding)
-    rows, width = len(tasks), 9
+    rows = len(tasks)
+    last, mask, positions, cache = running_rows(model, tasks, padding, slots=rows + len(prompts))
     with torch.inference_mode():
-        ids = torch.randint(4, 500, (rows, width), generator=torch.Generator().manual_seed(1))  # both_steps' rows
-        mask = torch.ones(rows, width, dtype=torch.long)
-        for row, count in enumerate(padding):
-            mask[row, :count] = 0
-        with model._rows_routed(tasks):
-            prefill = base(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                           use_cache=True).cache
-        cache = SlotCache.like(prefill, rows + len(prompts), capacity=16)
-        cache.append(prefill)
-        last, positions = ids[:, -1:], mask.sum(1, keepdim=True)
-        mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
-        cache.reserve(left=12 - (width + 1), right=1)
+        cache.reserve(left=12 - (cache.width + 1), right=1)  # the longest prompt's columns end at the new one
         with model._rows_routed(tasks + [task for task, p in zip(prompt_tasks, prompts) for _ in p]):
             logits = LlamaDecodeStep.for_model(base, model.task_state)(last, mask, positions, cache, prompts)
         assert logits.shape[0] == rows + len(prompts) and cache.rows == rows
