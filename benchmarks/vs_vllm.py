@@ -244,27 +244,30 @@ SCENARIOS = {"base": lambda d: ["base"], "base (deltas loaded)": lambda d: ["bas
              "8 mixed DoRA/(IA)³/adapter/prompt": lambda d: sorted(d["mixed"])}
 
 
-def run_server(server_name: str, deltas: dict, prompts: list[str], results: dict, args) -> None:
-    """Every scenario the server can serve, one server process per (server, deltas) as vLLM needs."""
+def start_named(server_name: str, loaded: bool, deltas: dict, args) -> tuple[subprocess.Popen, str]:
+    """`server_name` (engine-precision) started, with the deltas where `loaded`: vllm (its 8 peft LoRAs), deltatune
+    (all 16), unpacked (deltatune --no-packed-linears) or before (the commit --before: the base model only)."""
     engine, precision = server_name.split("-")
     if engine == "vllm":
-        python = ensure_vllm(Path(args.vllm_venv))
         dtype = {"fp32": "float32", "bf16": "bfloat16"}[precision]
-        groups = [(["8 LoRA mixed", "1 LoRA", "base (deltas loaded)"], deltas["peft"]), (["base"], {})]
-        starts = [(names, lambda peft=peft: start_vllm(python, dtype, peft, args)) for names, peft in groups]
-    else:  # "deltatune", "unpacked" (deltatune --no-packed-linears) or "before" (the commit --before; base only)
-        before = engine == "before"
-        extra = ("--no-packed-linears",) if engine == "unpacked" else ()
-        starts = [(["base"], lambda: start_deltatune(precision, {}, args, before=before, extra=extra))]
-        if not before:  # this checkout's deltas carry settings the old code refuses (e.g. LoRA's expert_parameters):
-            everything = {**deltas["lora"], **deltas["mixed"]}  # the commit before serves the base model only
-            starts.insert(0, ([name for name in SCENARIOS if name != "base"],
-                              lambda: start_deltatune(precision, everything, args, extra=extra)))
-    for names, start in starts:
+        return start_vllm(ensure_vllm(Path(args.vllm_venv)), dtype, deltas["peft"] if loaded else {}, args)
+    if engine == "before":  # this checkout's deltas carry settings the old code refuses (e.g. LoRA's expert_parameters)
+        return start_deltatune(precision, {}, args, before=True)
+    extra = ("--no-packed-linears",) if engine == "unpacked" else ()
+    return start_deltatune(precision, {**deltas["lora"], **deltas["mixed"]} if loaded else {}, args, extra=extra)
+
+
+def run_server(server_name: str, deltas: dict, prompts: list[str], results: dict, args) -> None:
+    """Every scenario the server can serve, one server process per (server, deltas) as vLLM needs."""
+    engine = server_name.split("-")[0]
+    with_deltas = (["8 LoRA mixed", "1 LoRA", "base (deltas loaded)"] if engine == "vllm"
+                   else [name for name in SCENARIOS if name != "base"])
+    starts = ([] if engine == "before" else [(with_deltas, True)]) + [(["base"], False)]
+    for names, loaded in starts:
         names = [n for n in names if n in args.scenarios and (server_name, n) not in results["cells"]]
         if not names:
             continue
-        server, url = start()
+        server, url = start_named(server_name, loaded, deltas, args)
         try:
             for name in names:
                 tasks = SCENARIOS[name](deltas)
@@ -289,19 +292,9 @@ def interleave(prompts: list[str], deltas: dict, args) -> None:
     wall = time.perf_counter()
     for scenario in args.scenarios:
         tasks, servers = SCENARIOS[scenario](deltas), {}
-        loaded = scenario != "base"
         try:
             for name in names:
-                engine, precision = name.split("-")
-                if engine == "vllm":
-                    dtype = {"fp32": "float32", "bf16": "bfloat16"}[precision]
-                    servers[name] = start_vllm(ensure_vllm(Path(args.vllm_venv)), dtype,
-                                               deltas["peft"] if loaded else {}, args)
-                elif engine == "before":  # the commit --before, the base model only
-                    servers[name] = start_deltatune(precision, {}, args, before=True)
-                else:
-                    servers[name] = start_deltatune(precision, {**deltas["lora"], **deltas["mixed"]} if loaded else {},
-                                                    args)
+                servers[name] = start_named(name, scenario != "base", deltas, args)
                 warm_up(servers[name][1], prompts, tasks, args)
             for number in range(args.interleave):
                 shift = number % len(names)
@@ -357,9 +350,7 @@ def interleave(prompts: list[str], deltas: dict, args) -> None:
                 a, b = texts(scenario, number, first), texts(scenario, number, other)
                 counts.append(f"{sum(x == y and x is not None for x, y in zip(a, b, strict=True))}/{len(a)}")
             lines.append(f"- {scenario}, {other} = {first}: {', '.join(counts)}")
-    markdown = Path(args.interleave_markdown)
-    notes = markdown.read_text().split(NOTES, 1)[1] if markdown.exists() and NOTES in markdown.read_text() else "\n"
-    markdown.write_text("\n".join(lines) + "\n\n" + NOTES + notes)  # the notes below the line are kept
+    write_keeping_notes(Path(args.interleave_markdown), lines)
     print("\n".join(lines))
 
 
@@ -401,7 +392,11 @@ def write(results: dict, args) -> None:
             if ours and theirs:
                 lines.append(f"| {precision} | {scenario} | {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x | "
                              f"{identical(results, f'deltatune-{precision}', f'vllm-{precision}', scenario)} |")
-    markdown = Path(args.markdown)
+    write_keeping_notes(Path(args.markdown), lines)
+
+
+def write_keeping_notes(markdown: Path, lines: list[str]) -> None:
+    """The table `lines`, then the notes the file already has below the line NOTES (kept when it is rewritten)."""
     notes = markdown.read_text().split(NOTES, 1)[1] if markdown.exists() and NOTES in markdown.read_text() else "\n"
     markdown.write_text("\n".join(lines) + "\n\n" + NOTES + notes)
 
