@@ -17,6 +17,8 @@ Variants (the serving options `deltatune serve` sets with `--packed-linears` / `
   (`--no-written-step`, serving/llama_step.py);
 - prefill-passes: packed, every prompt prefilled in a pass of its own (`--no-prefill-in-step`) instead of inside
   the next decode step;
+- unfused: packed, the written step running PyTorch's operators between the products (`--no-fused-kernels`) instead
+  of the fused C kernels (serving/cpu_kernels.c);
 - unpacked: `F.linear` on the plain weights.
 
 Without the HTTP server, the client and the text streaming, the rates show the engine alone; the order of the
@@ -38,7 +40,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("packed", "packed-apart", "packed-forward", "prefill-passes", "unpacked")
+VARIANTS = ("packed", "packed-apart", "packed-forward", "prefill-passes", "unfused", "unpacked")
 
 
 def one_run(args) -> dict:
@@ -61,7 +63,8 @@ def one_run(args) -> dict:
     config = ServeConfig(kind="generation", max_batch_size=args.clients, decode_loops=args.loops,
                          precision=args.precision, packed_linears=args.variant != "unpacked",
                          written_step=args.variant != "packed-forward",
-                         prefill_in_step=args.variant != "prefill-passes")
+                         prefill_in_step=args.variant != "prefill-passes",
+                         fused_kernels=args.variant != "unfused")
     model = served_model("smollm2", "causal-lm", config)  # the model as `deltatune serve` builds it
     tasks = ["base"]
     if args.load != "base":

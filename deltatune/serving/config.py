@@ -88,6 +88,14 @@ class ServeConfig:
                 "tokens, one choice) is prefilled inside the next decode step, its tokens beside the running rows' in "
                 "every product, instead of in a pass of its own (serving/llama_step.py); --no-prefill-in-step "
                 "prefills every prompt in passes of its own"})
+    fused_kernels: bool = field(default=False, metadata={
+        "help": "generation on an x86-64 CPU with AVX-512, where the written-out step runs: its norms, rotary "
+                "embeddings, cache writes, decode attention and MLP activation run as fused C kernels "
+                "(serving/cpu_kernels.c, built once with the machine's C compiler and cached) instead of ~1,500 "
+                "PyTorch operators a step; logits within fp32 / bf16 rounding of the forward's, not bit-identical "
+                "(attention in fp32, a norm's mean summed in another order); where it cannot be built, the "
+                "operators run",
+        "cli_default": True})
     quantize: str | None = field(default=None, metadata={
         "help": "the base's block linear weights quantized: int8 | int4 | nf4 (deltas trained at any precision "
                 "load onto it)", "choices": list(SCHEMES)})

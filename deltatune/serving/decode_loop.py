@@ -60,6 +60,7 @@ from deltatune.delta import DeltaModel
 from deltatune.errors import DeltaTuneError, LimitError, ShuttingDown, UnknownTaskError
 from deltatune.evaluate import stop_token_ids
 from deltatune.methods.prompt import position_limit
+from deltatune.serving import cpu_kernels
 from deltatune.serving.config import ServeConfig
 from deltatune.serving.llama_step import LlamaDecodeStep
 from deltatune.serving.slot_cache import SlotCache
@@ -149,8 +150,10 @@ class DecodeLoop(ModelWorker):
         self._lanes = [_Lane(self, share + (number < extra)) for number in range(loops)]
         self._threads_per_loop = max(1, torch.get_num_threads() // loops) if loops > 1 else None
         self._controlling = False  # a loop runs control calls: the others wait before their next pass
-        self._written_step = (LlamaDecodeStep.for_model(model.base_model, model.task_state) if config.written_step
-                              else None)
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        kernels = cpu_kernels.load() if config.fused_kernels and on_cpu else None
+        self._written_step = (LlamaDecodeStep.for_model(model.base_model, model.task_state, kernels)
+                              if config.written_step else None)
         self._in_pass = 0  # loops between taking their work and finishing their pass
         super().__init__(model, tokenizer, config, stat_keys=(
             "requests", "rejected", "cancelled", "failed", "finished", "steps", "written_steps", "mixed_steps",

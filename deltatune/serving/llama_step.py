@@ -36,6 +36,14 @@ def _llama_classes() -> tuple[type, ...]:
             modeling_llama.LlamaMLP)
 
 
+def _fusable_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """The norm and activation modules the fused kernels compute: (norms, activations)."""
+    from transformers.activations import SiLUActivation
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    return (LlamaRMSNorm,), (SiLUActivation, nn.SiLU)
+
+
 def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
@@ -45,20 +53,28 @@ class LlamaDecodeStep:
     transformers `LlamaForCausalLM` (SmolLM2, Llama 2/3), as `model(...).logits` computes them; with `prompts`,
     joining requests prefilled in the same step (`__call__`)."""
 
-    def __init__(self, model: nn.Module, task_state=None):
+    def __init__(self, model: nn.Module, task_state=None, kernels=None):
         self.model, self.decoder = model, model.model
         self.task_state = task_state  # a DeltaModel's routing of rows to tasks (`core.component.TaskState`), if any
         self.classes = _llama_classes()
+        self.norm_classes, self.activation_classes = _fusable_classes()
+        config = self.decoder.config
+        attention = self.decoder.layers[0].self_attn
+        groups, remainder = divmod(config.num_attention_heads, config.num_key_value_heads)
+        # the fused kernels (serving/cpu_kernels.py), where they take this model's shapes
+        self.kernels = kernels if (kernels is not None and attention.head_dim in (64, 128) and not remainder
+                                   and groups <= 8 and config.hidden_size % 16 == 0) else None
 
     @classmethod
-    def for_model(cls, model: nn.Module, task_state=None) -> LlamaDecodeStep | None:
+    def for_model(cls, model: nn.Module, task_state=None, kernels=None) -> LlamaDecodeStep | None:
         """The written-out step for a transformers Llama causal LM (`task_state`: the routing of the DeltaModel
-        whose base it is); None for any other model (its forward runs)."""
+        whose base it is; `kernels`: `cpu_kernels.CpuKernels` to run its small operators fused); None for any other
+        model (its forward runs)."""
         try:
             from transformers.models.llama.modeling_llama import LlamaForCausalLM
         except ImportError:  # pragma: no cover - transformers without Llama
             return None
-        return cls(model, task_state) if type(model) is LlamaForCausalLM else None
+        return cls(model, task_state, kernels) if type(model) is LlamaForCausalLM else None
 
     def applies(self) -> bool:
         """Whether the modules whose forward this step replaces are transformers' own, unhooked, with SDPA."""
@@ -106,21 +122,54 @@ class LlamaDecodeStep:
                 mask.logical_not(), float("-inf"))
         cos, sin = decoder.rotary_emb(hidden, position_ids=position_ids)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # apply_rotary_pos_emb's unsqueeze_dim=1
+        kernels = self._kernels_for(hidden, cache)
+        if kernels is not None:  # the fused kernels' mask: additive, fp32, (rows, positions)
+            mask = None if mask is None or not rows else mask[:, 0, 0].float()
+        residual, pending = hidden, None  # the residual stream, and a block's output not yet added to it
         for layer in decoder.layers[: decoder.config.num_hidden_layers]:
-            attention = layer.self_attn
-            hidden = hidden + attention.o_proj(self._attention(attention, layer.input_layernorm(hidden), mask, cos,
-                                                               sin, cache, rows, lengths))
-            mlp = layer.mlp
-            normed = layer.post_attention_layernorm(hidden)
-            hidden = hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(normed)) * mlp.up_proj(normed))
+            attention, mlp = layer.self_attn, layer.mlp
+            residual, normed = self._add_norm(layer.input_layernorm, residual, pending, kernels)
+            attend = self._attention if kernels is None else self._fused_attention
+            pending = attention.o_proj(attend(attention, normed, mask, cos, sin, cache, rows, lengths, kernels))
+            residual, normed = self._add_norm(layer.post_attention_layernorm, residual, pending, kernels)
+            pending = mlp.down_proj(self._activation(mlp, mlp.gate_proj(normed), mlp.up_proj(normed), kernels))
         if prompts:  # the rows' tokens and each prompt's last: the tokens whose next token is sampled
             ends = torch.tensor(lengths, device=hidden.device).cumsum(0) + rows - 1
             kept = torch.cat([torch.arange(rows, device=hidden.device), ends])
-            hidden = hidden[kept]
+            residual, pending = residual[kept], pending[kept]
             state = self.task_state
             if state is not None and state.per_example is not None:  # the final norm's and head's deltas: per kept row
                 state.per_example = [state.per_example[index] for index in kept.tolist()]
-        return self.model.lm_head(decoder.norm(hidden))
+        return self.model.lm_head(self._add_norm(decoder.norm, residual, pending, kernels)[1])
+
+    def _kernels_for(self, hidden: torch.Tensor, cache):
+        """The fused kernels where they run this step: built, taking this model's shapes and dtype, over a
+        `SlotCache` (whose window they write into)."""
+        from deltatune.serving.slot_cache import SlotCache
+
+        kernels = self.kernels
+        return kernels if kernels is not None and isinstance(cache, SlotCache) and kernels.takes(hidden) else None
+
+    def _add_norm(self, norm: nn.Module, residual: torch.Tensor, block_output: torch.Tensor | None,
+                  kernels) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual + block_output, norm(residual + block_output)): one fused kernel for transformers' own
+        RMSNorm, unhooked (a delta's norm runs as its module)."""
+        if kernels is not None and type(norm) in self.norm_classes and not _hooked(norm):
+            fused = kernels.add_rms_norm(residual, block_output, norm.weight, norm.variance_epsilon)
+            if fused is not None:
+                return fused
+        if block_output is not None:
+            residual = residual + block_output
+        return residual, norm(residual)
+
+    def _activation(self, mlp: nn.Module, gate: torch.Tensor, up: torch.Tensor, kernels) -> torch.Tensor:
+        """`LlamaMLP`'s act_fn(gate) * up: one fused kernel for SiLU, unhooked."""
+        activation = mlp.act_fn
+        if kernels is not None and type(activation) in self.activation_classes and not _hooked(activation):
+            fused = kernels.silu_mul(gate, up)
+            if fused is not None:
+                return fused
+        return activation(gate) * up
 
     def empty_cache(self, slots: int, capacity: int = 256):
         """A `SlotCache` of `slots` empty rows for this model (its layers, key/value heads, head size, dtype)."""
@@ -133,7 +182,7 @@ class LlamaDecodeStep:
 
     @staticmethod
     def _attention(attention: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None, cos: torch.Tensor,
-                   sin: torch.Tensor, cache, rows: int, lengths: list[int]) -> torch.Tensor:
+                   sin: torch.Tensor, cache, rows: int, lengths: list[int], kernels=None) -> torch.Tensor:
         """`LlamaAttention.forward` up to o_proj, with `sdpa_attention_forward`'s one-token paths for the `rows`
         running rows; then each joining prompt (`lengths`) causally over its own tokens, its keys and values written
         to the cache."""
@@ -146,19 +195,52 @@ class LlamaDecodeStep:
         outputs = []
         if rows:
             outputs.append(_decode_attention(attention, query[:rows], key[:rows], value[:rows], mask, cache))
-        start = rows
-        for slot, length in enumerate(lengths, start=rows):  # (L, heads, 1, d) -> (1, heads, L, d) and back
-            prompt_keys, prompt_values = key[start : start + length], value[start : start + length]
-            cache.write_joining(attention.layer_idx, slot, prompt_keys.transpose(0, 2)[0],
-                                prompt_values.transpose(0, 2)[0])
-            output = F.scaled_dot_product_attention(
-                query[start : start + length].transpose(0, 2), prompt_keys.transpose(0, 2),
-                prompt_values.transpose(0, 2), dropout_p=0.0, scale=attention.scaling, is_causal=True,
-                enable_gqa=attention.num_key_value_groups > 1)
-            outputs.append(output.transpose(0, 2))
-            start += length
+        outputs += _prompts_attention(attention, query[rows:], key[rows:], value[rows:], cache, rows, lengths)
         output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # (tokens, heads, 1, d)
         return output.transpose(1, 2).reshape(hidden.shape[0], 1, -1).contiguous()
+
+    @staticmethod
+    def _fused_attention(attention: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None, cos: torch.Tensor,
+                         sin: torch.Tensor, cache, rows: int, lengths: list[int], kernels) -> torch.Tensor:
+        """`_attention` with the running rows' rotary embedding, cache write and attention in one fused kernel
+        (`mask`: its fp32 (rows, positions) form); the joining prompts' as in `_attention`."""
+        tokens, dim = hidden.shape[0], attention.head_dim
+        query = attention.q_proj(hidden).view(tokens, -1, dim)
+        key = attention.k_proj(hidden).view(tokens, -1, dim)
+        value = attention.v_proj(hidden).view(tokens, -1, dim)
+        outputs = []
+        if rows:
+            keys, values = cache.layers[attention.layer_idx].extend(1)
+            output = kernels.rope_attend(query[:rows], key[:rows], value[:rows], cos[:rows, 0, 0], sin[:rows, 0, 0],
+                                         keys, values, mask, attention.scaling)
+            if output is None:
+                raise RuntimeError("the fused decode attention refused tensors LlamaDecodeStep checked it takes")
+            outputs.append(output.view(rows, 1, -1))
+        if lengths:  # (L, heads, 1, d), rotated as in `_attention`
+            prompt_cos, prompt_sin = cos[rows:], sin[rows:]
+            prompt_query, prompt_key = ((states * prompt_cos) + (_rotate_half(states) * prompt_sin)
+                                        for states in (query[rows:, :, None], key[rows:, :, None]))
+            output = torch.cat(_prompts_attention(attention, prompt_query, prompt_key, value[rows:, :, None], cache,
+                                                  rows, lengths))
+            outputs.append(output.transpose(1, 2).reshape(tokens - rows, 1, -1))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+def _prompts_attention(attention: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache,
+                       first_slot: int, lengths: list[int]) -> list[torch.Tensor]:
+    """Each joining prompt's tokens (`lengths`, one after another in query, key, value: (tokens, heads, 1, d),
+    rotated) causally over its own tokens, as the forward's prefill attends; its keys and values written to the
+    cache's slot `first_slot`, the next, ... Outputs (L, heads, 1, d) per prompt."""
+    outputs, start = [], 0
+    for slot, length in enumerate(lengths, start=first_slot):  # (L, heads, 1, d) -> (1, heads, L, d) and back
+        prompt_keys, prompt_values = key[start : start + length], value[start : start + length]
+        cache.write_joining(attention.layer_idx, slot, prompt_keys.transpose(0, 2)[0], prompt_values.transpose(0, 2)[0])
+        output = F.scaled_dot_product_attention(
+            query[start : start + length].transpose(0, 2), prompt_keys.transpose(0, 2), prompt_values.transpose(0, 2),
+            dropout_p=0.0, scale=attention.scaling, is_causal=True, enable_gqa=attention.num_key_value_groups > 1)
+        outputs.append(output.transpose(0, 2))
+        start += length
+    return outputs
 
 
 def _decode_attention(attention: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -62,6 +62,12 @@ class SlotLayer(DynamicLayer):
         self.end += new
         return self.keys, self.values
 
+    def extend(self, new: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """The window widened by `new` columns at `end`, which the caller writes (the fused decode kernel writes each
+        row's new key and value there itself): (keys, values) views."""
+        self.end += new
+        return self.keys, self.values
+
     def get_seq_length(self) -> int:
         return self.end - self.start
 
