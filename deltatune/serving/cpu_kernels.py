@@ -84,6 +84,7 @@ def _build(compiler: str, flags: str) -> Path:
 @functools.cache
 def load() -> CpuKernels | None:
     """The compiled kernels, or None where they cannot run here (`unavailable_reason()` says why)."""
+    _reason.clear()
     flags = _cpu_flags().split()
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if platform.machine() not in ("x86_64", "AMD64") or "avx512f" not in flags or "avx512bw" not in flags:

@@ -156,8 +156,8 @@ class DecodeLoop(ModelWorker):
                               if config.written_step else None)
         self._in_pass = 0  # loops between taking their work and finishing their pass
         super().__init__(model, tokenizer, config, stat_keys=(
-            "requests", "rejected", "cancelled", "failed", "finished", "steps", "written_steps", "mixed_steps",
-            "prefill_passes", "prefilled_in_step", "tokens", "max_rows", "max_tasks_in_step"))
+            "requests", "rejected", "cancelled", "failed", "finished", "steps", "written_steps", "fused_steps",
+            "mixed_steps", "prefill_passes", "prefilled_in_step", "tokens", "max_rows", "max_tasks_in_step"))
 
     def _threads(self) -> list[threading.Thread]:
         return [threading.Thread(target=self._run, args=(lane,), daemon=True,
@@ -346,8 +346,10 @@ class DecodeLoop(ModelWorker):
         step; their last tokens' logits follow the rows'): the written-out step only, which `_prefill_groups`
         checked applies in this pass."""
         if prompts or (self._written_step is not None and self._written_step.applies()):
+            logits = self._written_step(input_ids, mask, positions, cache, prompts)
             self.stats["written_steps"] += input_ids.shape[0] > 0
-            return self._written_step(input_ids, mask, positions, cache, prompts)
+            self.stats["fused_steps"] += input_ids.shape[0] > 0 and self._written_step.fused
+            return logits
         return self.model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
                                      use_cache=True).logits
 

@@ -62,6 +62,7 @@ class LlamaDecodeStep:
         attention = self.decoder.layers[0].self_attn
         groups, remainder = divmod(config.num_attention_heads, config.num_key_value_heads)
         # the fused kernels (serving/cpu_kernels.py), where they take this model's shapes
+        self.fused = False
         self.kernels = kernels if (kernels is not None and attention.head_dim in (64, 128) and not remainder
                                    and groups <= 8 and config.hidden_size % 16 == 0) else None
 
@@ -123,6 +124,7 @@ class LlamaDecodeStep:
         cos, sin = decoder.rotary_emb(hidden, position_ids=position_ids)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # apply_rotary_pos_emb's unsqueeze_dim=1
         kernels = self._kernels_for(hidden, cache)
+        self.fused = kernels is not None  # whether this call ran the fused kernels (the decode loop counts them)
         if kernels is not None:  # the fused kernels' mask: additive, fp32, (rows, positions)
             mask = None if mask is None or not rows else mask[:, 0, 0].float()
         residual, pending = hidden, None  # the residual stream, and a block's output not yet added to it
