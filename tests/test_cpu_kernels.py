@@ -192,6 +192,38 @@ def test_fused_step_gives_the_forwards_logits_per_row_delta_and_for_prompts_join
     assert (logits["fused"][0] - logits["fused"][2]).abs().max() > 1e-3  # the rows were routed to their deltas
 
 
+def test_where_the_attention_kernel_refuses_its_tensors_the_step_runs_the_operators_for_them(monkeypatch):
+    """A delta whose projections came out in another dtype or layout would be refused by `rope_attend`: the step then
+    attends with PyTorch's operators (and the cache column the kernel would have written is written by them)."""
+    model = deltas_model({"lora": deltatune.LoRA(r=4)})
+    tasks, padding = ["lora", None, "lora"], [2, 0, 4]
+    base, rows = model.base_model, len(tasks)
+    ids = torch.randint(4, 500, (rows, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(rows, 9, dtype=torch.long)
+    for row, count in enumerate(padding):
+        mask[row, :count] = 0
+    results = {}
+    with torch.inference_mode():
+        for name in ("forward", "refused"):
+            with model._rows_routed(tasks):
+                prefill = base(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                               use_cache=True).cache
+            cache = SlotCache.like(prefill, rows, capacity=16)
+            cache.append(prefill)
+            cache.reserve(right=1)
+            step_mask, positions = torch.cat([mask, mask.new_ones(rows, 1)], dim=1), mask.sum(1, keepdim=True)
+            with model._rows_routed(tasks):
+                if name == "forward":
+                    results[name] = base(input_ids=ids[:, -1:], attention_mask=step_mask, position_ids=positions,
+                                         cache=cache, use_cache=True).logits
+                else:
+                    monkeypatch.setattr(KERNELS, "rope_attend", lambda *args: None)
+                    step = LlamaDecodeStep.for_model(base, model.task_state, KERNELS)
+                    results[name] = step(ids[:, -1:], step_mask, positions, cache)
+                    assert step.fused and cache.width == 10
+    torch.testing.assert_close(results["refused"], results["forward"], rtol=0, atol=2e-5)
+
+
 @pytest.mark.parametrize("method", GENERATE_MIXABLE)
 def test_decode_loop_with_fused_kernels_generates_each_rows_tokens_as_generate_alone(method):
     """Every mixable method's rows, two tasks and the base mixed, prompts joining steps and prefilled in passes

@@ -119,6 +119,7 @@ class CpuKernels:
         self._silu_mul.argtypes = [integer, pointer, long, pointer, long, pointer, integer, integer]
         for function in (self._add_rms_norm, self._rope_attend, self._silu_mul):
             function.restype = integer
+        self._stride_arrays: dict[tuple[int, ...], ctypes.Array] = {}
 
     @staticmethod
     def takes(*tensors: torch.Tensor) -> bool:
@@ -127,17 +128,26 @@ class CpuKernels:
         return (dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled()
                 and all(tensor.dtype == dtype and tensor.device.type == "cpu" for tensor in tensors))
 
+    def _strides(self, values: tuple[int, ...]) -> ctypes.Array:
+        """A ctypes array of three strides, made once per distinct value (a step passes the same ones every layer)."""
+        array = self._stride_arrays.get(values)
+        if array is None:
+            array = self._stride_arrays[values] = _LONG3(*values)
+        return array
+
     def add_rms_norm(self, residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(residual + delta, weight * rms_norm(residual + delta)) as transformers' LlamaRMSNorm computes the norm;
-        delta None: (residual, its norm). Tensors (..., hidden), contiguous."""
-        if not (residual.is_contiguous() and weight.is_contiguous() and (delta is None or delta.is_contiguous())
-                and (delta is None or delta.shape == residual.shape) and weight.shape == residual.shape[-1:]):
+        delta None: (residual, its norm). Tensors (..., hidden) of one dtype, contiguous."""
+        dtype = residual.dtype
+        if (weight.dtype != dtype or weight.shape != residual.shape[-1:] or not residual.is_contiguous()
+                or not weight.is_contiguous() or (delta is not None and (
+                    delta.dtype != dtype or delta.shape != residual.shape or not delta.is_contiguous()))):
             return None
         total = torch.empty_like(residual) if delta is not None else residual
         normed = torch.empty_like(residual)
         hidden = residual.shape[-1]
-        if self._add_rms_norm(residual.dtype == torch.bfloat16, residual.data_ptr(),
+        if self._add_rms_norm(dtype == torch.bfloat16, residual.data_ptr(),
                               None if delta is None else delta.data_ptr(), total.data_ptr(), weight.data_ptr(),
                               normed.data_ptr(), residual.numel() // hidden, hidden, eps) != 0:
             return None
@@ -147,32 +157,38 @@ class CpuKernels:
                     sin: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, mask: torch.Tensor | None,
                     scale: float) -> torch.Tensor | None:
         """One new token per row: query (rows, heads, dim), key and value (rows, kv heads, dim), cos and sin (rows,
-        dim); the caches' windows (rows, kv heads, length, dim) whose last column the rotated key and the value are
-        written into; mask additive fp32 (rows, length) or None. Returns the attention's output (rows, heads * dim)."""
+        dim), all of one dtype; the caches' windows (rows, kv heads, length, dim) whose last column the rotated key and
+        the value are written into; mask additive fp32 (rows, length) or None. Returns the attention's output (rows,
+        heads * dim)."""
         rows, heads, dim = query.shape
-        kv_heads, length = key_cache.shape[1], key_cache.shape[2]
-        tensors = (query, key, value, cos, sin, key_cache, value_cache)
-        if (any(tensor.stride(-1) != 1 for tensor in tensors)
+        kv_heads, length, dtype = key_cache.shape[1], key_cache.shape[2], query.dtype
+        if (key.shape != (rows, kv_heads, dim) or value.shape != key.shape or key_cache.shape != (
+                rows, kv_heads, length, dim) or value_cache.shape != key_cache.shape or cos.shape != (rows, dim)
+                or sin.shape != cos.shape or any(tensor.dtype != dtype or tensor.stride(-1) != 1 for tensor in (
+                    key, value, cos, sin, key_cache, value_cache)) or query.stride(-1) != 1
                 or key_cache.stride() != value_cache.stride() or cos.stride() != sin.stride()
-                or (mask is not None and (mask.dtype != torch.float32 or mask.stride(-1) != 1))):
+                or (mask is not None and (mask.dtype != torch.float32 or mask.shape != (rows, length)
+                                          or mask.stride(-1) != 1))):
             return None
         out = query.new_empty(rows, heads * dim)
-        if self._rope_attend(query.dtype == torch.bfloat16, query.data_ptr(), _LONG3(*query.stride()[:2], 1),
-                             key.data_ptr(), _LONG3(*key.stride()[:2], 1), value.data_ptr(),
-                             _LONG3(*value.stride()[:2], 1), cos.data_ptr(),
-                             sin.data_ptr(), cos.stride(0), key_cache.data_ptr(), value_cache.data_ptr(),
-                             _LONG3(*key_cache.stride()[:3]), None if mask is None else mask.data_ptr(),
-                             0 if mask is None else mask.stride(0), out.data_ptr(), rows, heads, kv_heads, length,
-                             dim, scale) != 0:
+        strides = self._strides
+        if self._rope_attend(dtype == torch.bfloat16, query.data_ptr(), strides((*query.stride()[:2], 1)),
+                             key.data_ptr(), strides((*key.stride()[:2], 1)), value.data_ptr(),
+                             strides((*value.stride()[:2], 1)), cos.data_ptr(), sin.data_ptr(), cos.stride(0),
+                             key_cache.data_ptr(), value_cache.data_ptr(), strides(key_cache.stride()[:3]),
+                             None if mask is None else mask.data_ptr(), 0 if mask is None else mask.stride(0),
+                             out.data_ptr(), rows, heads, kv_heads, length, dim, scale) != 0:
             return None
         return out
 
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
-        """silu(gate) * up, rounded as the eager operators round; gate and up (..., width), rows apart by any
-        stride (the columns of one fused product)."""
+        """silu(gate) * up, rounded as the eager operators round; gate and up (..., width) of one dtype, rows apart by
+        any stride (the columns of one fused product)."""
         width = gate.shape[-1]
+        if gate.shape != up.shape or gate.dtype != up.dtype:
+            return None
         gate2, up2 = gate.reshape(-1, width), up.reshape(-1, width)  # views where the rows are evenly spaced
-        if gate.shape != up.shape or gate2.stride(-1) != 1 or up2.stride(-1) != 1:
+        if gate2.stride(-1) != 1 or up2.stride(-1) != 1:
             return None
         out = gate.new_empty(gate.shape)
         if self._silu_mul(gate.dtype == torch.bfloat16, gate2.data_ptr(), gate2.stride(0), up2.data_ptr(),

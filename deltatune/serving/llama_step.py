@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltatune.serving.packed_linear import sibling_outputs
+
 
 def _llama_classes() -> tuple[type, ...]:
     from transformers.models.llama import modeling_llama
@@ -125,8 +127,9 @@ class LlamaDecodeStep:
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # apply_rotary_pos_emb's unsqueeze_dim=1
         kernels = self._kernels_for(hidden, cache)
         self.fused = kernels is not None  # whether this call ran the fused kernels (the decode loop counts them)
-        if kernels is not None:  # the fused kernels' mask: additive, fp32, (rows, positions)
+        if kernels is not None:  # the fused kernels' mask: additive, fp32, (rows, positions); the rows' angles
             mask = None if mask is None or not rows else mask[:, 0, 0].float()
+            cos, sin = (cos, cos[:rows, 0, 0]), (sin, sin[:rows, 0, 0])
         residual, pending = hidden, None  # the residual stream, and a block's output not yet added to it
         for layer in decoder.layers[: decoder.config.num_hidden_layers]:
             attention, mlp = layer.self_attn, layer.mlp
@@ -134,7 +137,9 @@ class LlamaDecodeStep:
             attend = self._attention if kernels is None else self._fused_attention
             pending = attention.o_proj(attend(attention, normed, mask, cos, sin, cache, rows, lengths, kernels))
             residual, normed = self._add_norm(layer.post_attention_layernorm, residual, pending, kernels)
-            pending = mlp.down_proj(self._activation(mlp, mlp.gate_proj(normed), mlp.up_proj(normed), kernels))
+            gate, up = sibling_outputs((mlp.gate_proj, mlp.up_proj), normed) or (mlp.gate_proj(normed),
+                                                                                   mlp.up_proj(normed))
+            pending = mlp.down_proj(self._activation(mlp, gate, up, kernels))
         if prompts:  # the rows' tokens and each prompt's last: the tokens whose next token is sampled
             ends = torch.tensor(lengths, device=hidden.device).cumsum(0) + rows - 1
             kept = torch.cat([torch.arange(rows, device=hidden.device), ends])
@@ -189,9 +194,7 @@ class LlamaDecodeStep:
         running rows; then each joining prompt (`lengths`) causally over its own tokens, its keys and values written
         to the cache."""
         shape = (hidden.shape[0], 1, -1, attention.head_dim)
-        query = attention.q_proj(hidden).view(shape).transpose(1, 2)
-        key = attention.k_proj(hidden).view(shape).transpose(1, 2)
-        value = attention.v_proj(hidden).view(shape).transpose(1, 2)
+        query, key, value = (states.view(shape).transpose(1, 2) for states in _projections(attention, hidden))
         query = (query * cos) + (_rotate_half(query) * sin)
         key = (key * cos) + (_rotate_half(key) * sin)
         outputs = []
@@ -205,19 +208,24 @@ class LlamaDecodeStep:
     def _fused_attention(attention: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None, cos: torch.Tensor,
                          sin: torch.Tensor, cache, rows: int, lengths: list[int], kernels) -> torch.Tensor:
         """`_attention` with the running rows' rotary embedding, cache write and attention in one fused kernel
-        (`mask`: its fp32 (rows, positions) form); the joining prompts' as in `_attention`."""
+        (`mask`: its fp32 (rows, positions) form; `cos`, `sin`: each (every token's, the rows' (rows, d))); the
+        joining prompts' as in `_attention`."""
+        (cos, rows_cos), (sin, rows_sin) = cos, sin
         tokens, dim = hidden.shape[0], attention.head_dim
-        query = attention.q_proj(hidden).view(tokens, -1, dim)
-        key = attention.k_proj(hidden).view(tokens, -1, dim)
-        value = attention.v_proj(hidden).view(tokens, -1, dim)
+        query, key, value = (states.view(tokens, -1, dim) for states in _projections(attention, hidden))
         outputs = []
         if rows:
             keys, values = cache.layers[attention.layer_idx].extend(1)
-            output = kernels.rope_attend(query[:rows], key[:rows], value[:rows], cos[:rows, 0, 0], sin[:rows, 0, 0],
-                                         keys, values, mask, attention.scaling)
-            if output is None:
-                raise RuntimeError("the fused decode attention refused tensors LlamaDecodeStep checked it takes")
-            outputs.append(output.view(rows, 1, -1))
+            output = kernels.rope_attend(query[:rows], key[:rows], value[:rows], rows_cos, rows_sin, keys, values,
+                                         mask, attention.scaling)
+            if output is None:  # a delta's projection of another dtype or layout: the operators, as `_attention`
+                cache.layers[attention.layer_idx].crop(1)
+                row_query, row_key = ((states[:rows, :, None] * cos[:rows]) + (_rotate_half(states[:rows, :, None])
+                                                                               * sin[:rows]) for states in (query, key))
+                output = _decode_attention(attention, row_query, row_key, value[:rows, :, None],
+                                           None if mask is None else mask[:, None, None].to(row_query.dtype), cache)
+                output = output.transpose(1, 2)
+            outputs.append(output.reshape(rows, 1, -1))
         if lengths:  # (L, heads, 1, d), rotated as in `_attention`
             prompt_cos, prompt_sin = cos[rows:], sin[rows:]
             prompt_query, prompt_key = ((states * prompt_cos) + (_rotate_half(states) * prompt_sin)
@@ -226,6 +234,12 @@ class LlamaDecodeStep:
                                                   rows, lengths))
             outputs.append(output.transpose(1, 2).reshape(tokens - rows, 1, -1))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+def _projections(attention: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q_proj, k_proj and v_proj of `hidden`: one product where they are a packed sibling group as they are."""
+    return sibling_outputs((attention.q_proj, attention.k_proj, attention.v_proj), hidden) or (
+        attention.q_proj(hidden), attention.k_proj(hidden), attention.v_proj(hidden))
 
 
 def _prompts_attention(attention: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache,

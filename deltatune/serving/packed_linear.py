@@ -127,19 +127,39 @@ class FusedSiblings:
         tensors = [layer.weight for layer in self.layers] + biases
         return [(tensor._version, tensor.dtype) for tensor in tensors]
 
+    def parts(self, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every layer's output for `inputs` from one product (views of it), for a caller that knows they all read
+        `inputs` (the written decode step, where the layers are its own, unwrapped and unhooked)."""
+        if self._versions != self._weight_versions():  # a weight or bias written in place or cast since the pack
+            self._repack()
+        product = torch.ops.mkldnn._linear_pointwise(inputs, self._packed, self._bias, "none", [], "")
+        return product.split_with_sizes(self.widths, -1)  # not Tensor.split: Python
+
     def output(self, place: int, inputs: torch.Tensor) -> torch.Tensor:
         local = self._local
         if getattr(local, "inputs", None) is not inputs or local.taken[place]:
-            if self._versions != self._weight_versions():  # a weight or bias written in place or cast since the pack
-                self._repack()
-            product = torch.ops.mkldnn._linear_pointwise(inputs, self._packed, self._bias, "none", [], "")
-            local.inputs, local.parts = inputs, product.split_with_sizes(self.widths, -1)  # not Tensor.split: Python
+            local.inputs, local.parts = inputs, self.parts(inputs)
             local.taken = [False] * len(self.layers)
         local.taken[place] = True
         part = local.parts[place]
         if all(local.taken):  # every part handed out: nothing kept between two passes
             local.inputs = local.parts = None
         return part
+
+
+def sibling_outputs(layers: tuple[nn.Module, ...], inputs: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """The outputs of `layers` for `inputs` through their `FusedSiblings` group's one product, where `layers` are that
+    whole group, each a plain `PackedLinear` (no delta wrapping it), unhooked, with the prepacked product applying;
+    else None (call them as modules). What calling each layer gives, without the per-call bookkeeping."""
+    first = layers[0]
+    if type(first) is not PackedLinear or first.siblings is None:
+        return None
+    group = first.siblings[0]
+    if (len(group.layers) != len(layers) or not first._prepacked_applies(inputs, first.weight)
+            or any(layer is not member or layer._forward_hooks or layer._forward_pre_hooks
+                   for layer, member in zip(layers, group.layers))):
+        return None
+    return group.parts(inputs)
 
 
 FUSABLE_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # Llama, Mistral, Qwen2, Gemma...
