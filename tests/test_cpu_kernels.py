@@ -134,15 +134,55 @@ def test_rope_attend_writes_the_rotated_key_exactly_and_attends_at_least_as_accu
                                *(window[..., :32] for window in windows), mask, scale) is None  # head size 32
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("head_dim", "groups"), [(64, 3), (128, 2)])
+def test_prefill_attend_writes_a_prompts_rotated_keys_exactly_and_attends_causally(dtype, head_dim, groups):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    torch.manual_seed(0)
+    tokens, kv_heads = 11, 2
+    heads = kv_heads * groups
+    product = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype)
+    query, key, value = (part.view(tokens, -1, head_dim) for part in
+                         product.split_with_sizes([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1))
+    config = LlamaConfig(hidden_size=heads * head_dim, num_attention_heads=heads, head_dim=head_dim)
+    cos, sin = LlamaRotaryEmbedding(config)(product, torch.arange(tokens)[None])
+    buffers = [torch.randn(3, kv_heads, 20, head_dim, dtype=dtype) for _ in range(2)]
+    slot = [buffer[1, :, 20 - tokens :] for buffer in buffers]  # right-aligned in slot 1, as a joining prompt's
+    kept = [buffer[:, :, : 20 - tokens].clone() for buffer in buffers] + [buffers[0][[0, 2]].clone()]
+    scale = head_dim**-0.5
+    with torch.inference_mode():
+        fused = KERNELS.prefill_attend(query, key, value, cos[0], sin[0], *slot, scale)
+        rotated_query, rotated_key = apply_rotary_pos_emb(query.transpose(0, 1)[None], key.transpose(0, 1)[None],
+                                                          cos, sin)  # (1, heads, tokens, d)
+        expected = F.scaled_dot_product_attention(rotated_query, rotated_key, value.transpose(0, 1)[None],
+                                                  is_causal=True, scale=scale, enable_gqa=True)
+        reference = F.scaled_dot_product_attention(rotated_query.double(), rotated_key.double(),
+                                                   value.transpose(0, 1)[None].double(), is_causal=True, scale=scale,
+                                                   enable_gqa=True)
+    assert torch.equal(slot[0], rotated_key[0]) and torch.equal(slot[1], value.transpose(0, 1))
+    assert torch.equal(buffers[0][:, :, : 20 - tokens], kept[0]) and torch.equal(buffers[0][[0, 2]], kept[2])
+    expected, reference = (out[0].transpose(0, 1).reshape(tokens, -1) for out in (expected, reference))
+    fused_error, sdpa_error = ((out.double() - reference).abs().max() for out in (fused, expected))
+    assert fused_error <= max(sdpa_error, 1e-6 if dtype == torch.float32 else BF16_ULP / 2)
+
+
 def deltas_model(methods: dict) -> deltatune.DeltaModel:
     torch.manual_seed(0)
     return with_random_deltas(wide_llama(), methods)
 
 
-def test_fused_step_gives_the_forwards_logits_per_row_delta_and_for_prompts_joining():
+@pytest.mark.parametrize("refused", [False, True], ids=["fused", "attention kernels refusing"])
+def test_fused_step_gives_the_forwards_logits_per_row_delta_and_for_prompts_joining(refused, monkeypatch):
     """Rows (left-padded) under LoRA, DoRA, (IA)³, BitFit, a Houlsby adapter and the base, two prompts joining: the
-    fused step's logits and the joining prompts' keys and values are the forward's to fp32 rounding, the fused kernels
-    ran, and the step without them is unchanged (bit for bit)."""
+    fused step's logits and the joining prompts' keys and values are the forward's to fp32 rounding, and the rows' new
+    keys and values the step's without the kernels. Where the attention kernels refuse their tensors (a delta's
+    projection of another dtype or layout would be), the step attends with PyTorch's operators, writing the same cache
+    columns."""
+    if refused:
+        monkeypatch.setattr(KERNELS, "rope_attend", lambda *args: None)
+        monkeypatch.setattr(KERNELS, "prefill_attend", lambda *args: None)
     methods = {"lora": deltatune.LoRA(r=4), "dora": deltatune.DoRA(r=4), "ia3": deltatune.IA3(),
                "bitfit": deltatune.BitFit(add_missing=True), "adapter": deltatune.Adapter(bottleneck=4)}
     tasks, padding = ["lora", "dora", None, "ia3", "bitfit", "adapter"], [3, 0, 5, 0, 1, 0]
@@ -190,38 +230,6 @@ def test_fused_step_gives_the_forwards_logits_per_row_delta_and_for_prompts_join
             torch.testing.assert_close(layer.keys[:rows, :, -1], other.keys[:rows, :, -1], rtol=0, atol=2e-5)
             torch.testing.assert_close(layer.values[:rows, :, -1], other.values[:rows, :, -1], rtol=0, atol=2e-5)
     assert (logits["fused"][0] - logits["fused"][2]).abs().max() > 1e-3  # the rows were routed to their deltas
-
-
-def test_where_the_attention_kernel_refuses_its_tensors_the_step_runs_the_operators_for_them(monkeypatch):
-    """A delta whose projections came out in another dtype or layout would be refused by `rope_attend`: the step then
-    attends with PyTorch's operators (and the cache column the kernel would have written is written by them)."""
-    model = deltas_model({"lora": deltatune.LoRA(r=4)})
-    tasks, padding = ["lora", None, "lora"], [2, 0, 4]
-    base, rows = model.base_model, len(tasks)
-    ids = torch.randint(4, 500, (rows, 9), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones(rows, 9, dtype=torch.long)
-    for row, count in enumerate(padding):
-        mask[row, :count] = 0
-    results = {}
-    with torch.inference_mode():
-        for name in ("forward", "refused"):
-            with model._rows_routed(tasks):
-                prefill = base(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                               use_cache=True).cache
-            cache = SlotCache.like(prefill, rows, capacity=16)
-            cache.append(prefill)
-            cache.reserve(right=1)
-            step_mask, positions = torch.cat([mask, mask.new_ones(rows, 1)], dim=1), mask.sum(1, keepdim=True)
-            with model._rows_routed(tasks):
-                if name == "forward":
-                    results[name] = base(input_ids=ids[:, -1:], attention_mask=step_mask, position_ids=positions,
-                                         cache=cache, use_cache=True).logits
-                else:
-                    monkeypatch.setattr(KERNELS, "rope_attend", lambda *args: None)
-                    step = LlamaDecodeStep.for_model(base, model.task_state, KERNELS)
-                    results[name] = step(ids[:, -1:], step_mask, positions, cache)
-                    assert step.fused and cache.width == 10
-    torch.testing.assert_close(results["refused"], results["forward"], rtol=0, atol=2e-5)
 
 
 @pytest.mark.parametrize("method", GENERATE_MIXABLE)

@@ -8,6 +8,9 @@
      new token's query and key per row, rounded as the eager operators round; the key and value written into the
      row's cache slot; then that token's attention over the row's cached positions, grouped-query heads sharing their
      key/value head (Ainslie et al. 2023), scores and softmax in fp32;
+   - prefill_attend: the same for the tokens of one prompt joining the batch (prefilled inside a decode step): keys
+     rotated and written with the values into the prompt's cache slot, each token attending causally to its own
+     and the earlier ones;
    - silu_mul: the gated MLP's silu(gate) * up (Shazeer 2020), rounded as the eager operators round.
    Every function returns 0, or -1 for a shape it does not handle (the caller then runs the eager operators).
    Work is split over rows (and key/value heads) with OpenMP: the process's libgomp, which PyTorch loaded.
@@ -108,19 +111,22 @@ static inline __attribute__((always_inline)) void rotate(const int CHUNKS, int b
     }
 }
 
-/* One (row, key/value head): rotate and cache its new key, cache its new value, then its GROUPS query heads'
-   attention over the LENGTH cached positions (the new one last). */
+/* One (row, key/value head): rotate and cache its new key, cache its new value (unless write_new is 0: written
+   already), then its GROUPS query heads' attention over the LENGTH cached positions (the new one last). */
 static inline __attribute__((always_inline)) void rope_attend_one(
-        const int GROUPS, const int CHUNKS, const int BF16, const void *query, long query_at, long query_head,
+        const int GROUPS, const int CHUNKS, const int BF16, int write_new, const void *query, long query_at,
+        long query_head,
         const void *key, long key_at, const void *value, long value_at, const void *cos, const void *sin, long angle,
         void *key_cache, void *value_cache, long cache_at, long cache_position, const float *mask, void *out,
         long out_at, int length, float scale, float *scores) {
     __m512 q[GROUPS][CHUNKS], acc[GROUPS][CHUNKS], rotated[CHUNKS];
-    rotate(CHUNKS, BF16, key, key_at, cos, sin, angle, rotated);
-    long last = cache_at + (long)(length - 1) * cache_position;
-    for (int c = 0; c < CHUNKS; c++) {
-        store16(key_cache, last + 16 * c, rotated[c], BF16);
-        store16(value_cache, last + 16 * c, load16(value, value_at + 16 * c, BF16), BF16);
+    if (write_new) {
+        rotate(CHUNKS, BF16, key, key_at, cos, sin, angle, rotated);
+        long last = cache_at + (long)(length - 1) * cache_position;
+        for (int c = 0; c < CHUNKS; c++) {
+            store16(key_cache, last + 16 * c, rotated[c], BF16);
+            store16(value_cache, last + 16 * c, load16(value, value_at + 16 * c, BF16), BF16);
+        }
     }
     for (int g = 0; g < GROUPS; g++) {
         rotate(CHUNKS, BF16, query, query_at + g * query_head, cos, sin, angle, rotated);
@@ -169,9 +175,9 @@ static inline __attribute__((always_inline)) void rope_attend_one(
 
 #define ROPE_ATTEND_CASE(G, C, B)                                                                                  \
     case (G) * 1000 + (C) * 10 + (B):                                                                              \
-        rope_attend_one(G, C, B, query, query_at, query_strides[1], key, key_at, value, value_at, cos, sin,      \
-                        angle, key_cache, value_cache, cache_at, cache_strides[2], mask_row, out, out_at, length, \
-                        scale, scores);                                                                            \
+        rope_attend_one(G, C, B, write_new, query, query_at, query_strides[1], key, key_at, value, value_at,      \
+                        cos, sin, angle, key_cache, value_cache, cache_at, cache_strides[2], mask_row, out, out_at,\
+                        length, scale, scores);                                                                    \
         break;
 #define ROPE_ATTEND_CASES(C, B)                                                                                    \
     ROPE_ATTEND_CASE(1, C, B) ROPE_ATTEND_CASE(2, C, B) ROPE_ATTEND_CASE(3, C, B) ROPE_ATTEND_CASE(4, C, B)        \
@@ -198,6 +204,52 @@ int rope_attend(int bf16, const void *query, const long *query_strides, const vo
         long cache_at = row * cache_strides[0] + head * cache_strides[1];
         long out_at = row * (long)heads * dim + head * groups * dim;
         const float *mask_row = mask ? mask + row * mask_row_stride : NULL;
+        const int write_new = 1;
+        switch (groups * 1000 + chunks * 10 + (bf16 != 0)) {
+            ROPE_ATTEND_CASES(4, 0) ROPE_ATTEND_CASES(4, 1) ROPE_ATTEND_CASES(8, 0) ROPE_ATTEND_CASES(8, 1)
+        }
+        free(scores);
+    }
+    return 0;
+}
+
+/* One prompt's tokens (a request joining the batch, prefilled inside a decode step): each token's key rotated and
+   written with its value into the prompt's cache slot, position t for token t; then each token's attention over
+   positions 0..t (causal), as rope_attend attends. query (tokens, heads, dim), key and value (tokens, kv_heads, dim)
+   with their strides; cos and sin (tokens, dim) rows `angle_row` apart; the slot's caches from its first position,
+   strides (unused, head, position); out (tokens, heads * dim), contiguous. */
+int prefill_attend(int bf16, const void *query, const long *query_strides, const void *key,
+                   const long *key_strides, const void *value, const long *value_strides, const void *cos,
+                   const void *sin, long angle_row, void *key_cache, void *value_cache, const long *cache_strides,
+                   void *out, int tokens, int heads, int kv_heads, int dim, float scale) {
+    int groups = kv_heads > 0 ? heads / kv_heads : 0, chunks = dim / 16;
+    if (kv_heads < 1 || heads % kv_heads || dim % 16 || (chunks != 4 && chunks != 8) || groups > 8 || tokens < 1)
+        return -1;
+#pragma omp parallel for schedule(static)
+    for (long task = 0; task < (long)tokens * kv_heads; task++) {
+        long token = task / kv_heads, head = task % kv_heads;
+        long key_at = token * key_strides[0] + head * key_strides[1];
+        long value_at = token * value_strides[0] + head * value_strides[1];
+        long slot_at = head * cache_strides[1] + token * cache_strides[2];
+        __m512 rotated[8];
+        if (chunks == 4) rotate(4, bf16, key, key_at, cos, sin, token * angle_row, rotated);
+        else rotate(8, bf16, key, key_at, cos, sin, token * angle_row, rotated);
+        for (int c = 0; c < chunks; c++) {
+            store16(key_cache, slot_at + 16 * c, rotated[c], bf16);
+            store16(value_cache, slot_at + 16 * c, load16(value, value_at + 16 * c, bf16), bf16);
+        }
+    }
+#pragma omp parallel for schedule(dynamic, 1)
+    for (long task = 0; task < (long)tokens * kv_heads; task++) {
+        long token = task / kv_heads, head = task % kv_heads;
+        int length = (int)token + 1;
+        float *scores = malloc(sizeof(float) * (size_t)groups * (size_t)length);
+        long query_at = token * query_strides[0] + head * groups * query_strides[1];
+        long key_at = 0, value_at = 0, angle = token * angle_row;
+        long cache_at = head * cache_strides[1];
+        long out_at = token * (long)heads * dim + head * groups * dim;
+        const float *mask_row = NULL;
+        const int write_new = 0;
         switch (groups * 1000 + chunks * 10 + (bf16 != 0)) {
             ROPE_ATTEND_CASES(4, 0) ROPE_ATTEND_CASES(4, 1) ROPE_ATTEND_CASES(8, 0) ROPE_ATTEND_CASES(8, 1)
         }

@@ -115,9 +115,13 @@ class CpuKernels:
         self._rope_attend.argtypes = [integer, pointer, _LONG3, pointer, _LONG3, pointer, _LONG3, pointer, pointer,
                                       long, pointer, pointer, _LONG3, pointer, long, pointer, integer, integer,
                                       integer, integer, integer, real]
+        self._prefill_attend = library.prefill_attend
+        self._prefill_attend.argtypes = [integer, pointer, _LONG3, pointer, _LONG3, pointer, _LONG3, pointer,
+                                         pointer, long, pointer, pointer, _LONG3, pointer, integer, integer, integer,
+                                         integer, real]
         self._silu_mul = library.silu_mul
         self._silu_mul.argtypes = [integer, pointer, long, pointer, long, pointer, integer, integer]
-        for function in (self._add_rms_norm, self._rope_attend, self._silu_mul):
+        for function in (self._add_rms_norm, self._rope_attend, self._prefill_attend, self._silu_mul):
             function.restype = integer
         self._stride_arrays: dict[tuple[int, ...], ctypes.Array] = {}
 
@@ -178,6 +182,30 @@ class CpuKernels:
                              key_cache.data_ptr(), value_cache.data_ptr(), strides(key_cache.stride()[:3]),
                              None if mask is None else mask.data_ptr(), 0 if mask is None else mask.stride(0),
                              out.data_ptr(), rows, heads, kv_heads, length, dim, scale) != 0:
+            return None
+        return out
+
+    def prefill_attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, key_slot: torch.Tensor, value_slot: torch.Tensor,
+                       scale: float) -> torch.Tensor | None:
+        """One prompt's tokens: query (tokens, heads, dim), key and value (tokens, kv heads, dim), cos and sin (tokens,
+        dim), all of one dtype; its cache slot's columns (kv heads, tokens, dim), which the rotated keys and the values
+        are written into. Returns the causal attention's output (tokens, heads * dim)."""
+        tokens, heads, dim = query.shape
+        kv_heads, dtype = key.shape[1], query.dtype
+        if (key.shape != (tokens, kv_heads, dim) or value.shape != key.shape or key_slot.shape != (
+                kv_heads, tokens, dim) or value_slot.shape != key_slot.shape or cos.shape != (tokens, dim)
+                or sin.shape != cos.shape or any(tensor.dtype != dtype or tensor.stride(-1) != 1 for tensor in (
+                    key, value, cos, sin, key_slot, value_slot)) or query.stride(-1) != 1
+                or key_slot.stride() != value_slot.stride() or cos.stride() != sin.stride()):
+            return None
+        out = query.new_empty(tokens, heads * dim)
+        strides = self._strides
+        if self._prefill_attend(dtype == torch.bfloat16, query.data_ptr(), strides((*query.stride()[:2], 1)),
+                                key.data_ptr(), strides((*key.stride()[:2], 1)), value.data_ptr(),
+                                strides((*value.stride()[:2], 1)), cos.data_ptr(), sin.data_ptr(), cos.stride(0),
+                                key_slot.data_ptr(), value_slot.data_ptr(), strides((0, *key_slot.stride()[:2])),
+                                out.data_ptr(), tokens, heads, kv_heads, dim, scale) != 0:
             return None
         return out
 

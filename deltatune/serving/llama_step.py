@@ -208,8 +208,8 @@ class LlamaDecodeStep:
     def _fused_attention(attention: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None, cos: torch.Tensor,
                          sin: torch.Tensor, cache, rows: int, lengths: list[int], kernels) -> torch.Tensor:
         """`_attention` with the running rows' rotary embedding, cache write and attention in one fused kernel
-        (`mask`: its fp32 (rows, positions) form; `cos`, `sin`: each (every token's, the rows' (rows, d))); the
-        joining prompts' as in `_attention`."""
+        (`mask`: its fp32 (rows, positions) form; `cos`, `sin`: each (every token's, the rows' (rows, d))), and each
+        joining prompt's in another (`prefill_attend`)."""
         (cos, rows_cos), (sin, rows_sin) = cos, sin
         tokens, dim = hidden.shape[0], attention.head_dim
         query, key, value = (states.view(tokens, -1, dim) for states in _projections(attention, hidden))
@@ -226,13 +226,20 @@ class LlamaDecodeStep:
                                            None if mask is None else mask[:, None, None].to(row_query.dtype), cache)
                 output = output.transpose(1, 2)
             outputs.append(output.reshape(rows, 1, -1))
-        if lengths:  # (L, heads, 1, d), rotated as in `_attention`
-            prompt_cos, prompt_sin = cos[rows:], sin[rows:]
-            prompt_query, prompt_key = ((states * prompt_cos) + (_rotate_half(states) * prompt_sin)
-                                        for states in (query[rows:, :, None], key[rows:, :, None]))
-            output = torch.cat(_prompts_attention(attention, prompt_query, prompt_key, value[rows:, :, None], cache,
-                                                  rows, lengths))
-            outputs.append(output.transpose(1, 2).reshape(tokens - rows, 1, -1))
+        start = rows
+        for slot, length in enumerate(lengths, start=rows):  # each joining prompt: its tokens start .. end - 1
+            end = start + length
+            output = kernels.prefill_attend(query[start:end], key[start:end], value[start:end], cos[start:end, 0, 0],
+                                            sin[start:end, 0, 0],
+                                            *cache.joining_columns(attention.layer_idx, slot, length),
+                                            attention.scaling)
+            if output is None:  # as `_attention`: (L, heads, 1, d), rotated
+                prompt_query, prompt_key = ((states * cos[start:end]) + (_rotate_half(states) * sin[start:end])
+                                            for states in (query[start:end, :, None], key[start:end, :, None]))
+                output = _prompts_attention(attention, prompt_query, prompt_key, value[start:end, :, None], cache,
+                                            slot, [length])[0].transpose(1, 2)
+            outputs.append(output.reshape(length, 1, -1))
+            start = end
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 

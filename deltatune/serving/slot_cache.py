@@ -132,10 +132,15 @@ class SlotCache(Cache):
         """A prompt prefilled inside a decode step (`LlamaDecodeStep`): its keys and values (heads, L, head dim) into
         slot `slot` (past the running rows), right-aligned at the window's end, where its row decodes from next.
         The rows join with `joined` after the step; until then the running rows do not see them."""
+        slot_keys, slot_values = self.joining_columns(layer, slot, keys.shape[-2])
+        slot_keys.copy_(keys)
+        slot_values.copy_(values)
+
+    def joining_columns(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The columns `write_joining` writes a prompt of `length` tokens to: (keys, values) views (heads, length,
+        head dim) of slot `slot`, right-aligned at the window's end (the fused prefill kernel writes them itself)."""
         target = self.layers[layer]
-        length = keys.shape[-2]
-        target.buffers[0][slot, :, target.end - length : target.end] = keys
-        target.buffers[1][slot, :, target.end - length : target.end] = values
+        return tuple(buffer[slot, :, target.end - length : target.end] for buffer in target.buffers)
 
     def joined(self, count: int, length: int) -> None:
         """`count` rows written by `write_joining` join the running rows; the window widens to the left to hold the
