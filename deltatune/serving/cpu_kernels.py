@@ -70,7 +70,11 @@ def _build(compiler: str, flags: str) -> Path:
     library = _cache_dir() / f"cpu_kernels-{key}.so"
     if library.exists():
         return library
-    library.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        library.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # not somewhere shared and writable by others: a library there could be anyone's code
+        raise RuntimeError(f"cannot make the kernel cache folder {library.parent} ({error}); set "
+                           f"DELTATUNE_KERNEL_CACHE to a folder of your own") from error
     with tempfile.TemporaryDirectory(dir=library.parent) as scratch:  # built aside, then renamed: never half-written
         built = Path(scratch) / library.name
         result = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True,
