@@ -113,8 +113,6 @@ class LlamaDecodeStep:
         attends to its slot of the cache, a prompt causally to its own tokens, and its keys and values go to the
         cache's next free slot, right-aligned at the window's end (`SlotCache.write_joining`). vLLM schedules decode
         and prefill tokens in one batch the same way (chunked prefill, Agrawal et al. 2024, Sarathi-Serve §4.2)."""
-        from transformers.masking_utils import create_causal_mask
-
         if input_ids.shape[1] != 1:
             raise ValueError(f"the written-out decode step takes one token per row, not {input_ids.shape[1]}; a "
                              f"prompt goes in `prompts` or through the model's own forward")
@@ -125,17 +123,12 @@ class LlamaDecodeStep:
             position_ids = torch.cat([position_ids[:, 0], *[torch.arange(length, device=position_ids.device)
                                                             for length in lengths]])[:, None]
         hidden = decoder.embed_tokens(input_ids)
-        mask = create_causal_mask(config=decoder.config, inputs_embeds=hidden[:rows], attention_mask=attention_mask,
-                                  cache=cache, position_ids=position_ids[:rows]) if rows else None
-        if mask is not None and mask.dtype == torch.bool:  # as SDPA turns a boolean mask into an additive one, but
-            mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill_(  # once, not per layer
-                mask.logical_not(), float("-inf"))
-        cos, sin = decoder.rotary_emb(hidden, position_ids=position_ids)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # apply_rotary_pos_emb's unsqueeze_dim=1
         kernels = self._kernels_for(hidden, cache)
         self.fused = kernels is not None  # whether this call ran the fused kernels (the decode loop counts them)
-        if kernels is not None:  # the fused kernels' mask: additive, fp32, (rows, positions); the rows' angles
-            mask = None if mask is None or not rows else mask[:, 0, 0].float()
+        mask = self._mask(hidden, attention_mask, position_ids, cache, rows, kernels) if rows else None
+        cos, sin = decoder.rotary_emb(hidden, position_ids=position_ids)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # apply_rotary_pos_emb's unsqueeze_dim=1
+        if kernels is not None:  # the fused attention's angles: every token's, and the rows' (rows, head size)
             cos, sin = (cos, cos[:rows, 0, 0]), (sin, sin[:rows, 0, 0])
         residual, pending = hidden, None  # the residual stream, and a block's output not yet added to it
         for layer in decoder.layers[: decoder.config.num_hidden_layers]:
@@ -155,6 +148,25 @@ class LlamaDecodeStep:
             if state is not None and state.per_example is not None:  # the final norm's and head's deltas: per kept row
                 state.per_example = [state.per_example[index] for index in kept.tolist()]
         return self.model.lm_head(self._add_norm(decoder.norm, residual, pending, kernels)[1])
+
+    def _mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache, rows: int,
+              kernels) -> torch.Tensor | None:
+        """The running rows' attention mask: transformers' own (`create_causal_mask`), made additive once per step
+        instead of by SDPA in every layer; for the fused kernels, the same from the padding alone (each row's one new
+        token attends every real position), additive fp32 (rows, positions). None where no row is padded."""
+        from transformers.masking_utils import create_causal_mask
+
+        if kernels is not None:
+            if attention_mask is None or bool(attention_mask.all()):
+                return None
+            return torch.zeros(attention_mask.shape, dtype=torch.float32, device=attention_mask.device).masked_fill_(
+                attention_mask == 0, float("-inf"))
+        mask = create_causal_mask(config=self.decoder.config, inputs_embeds=hidden[:rows],
+                                  attention_mask=attention_mask, cache=cache, position_ids=position_ids[:rows])
+        if mask is not None and mask.dtype == torch.bool:  # as SDPA turns a boolean mask into an additive one
+            mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill_(
+                mask.logical_not(), float("-inf"))
+        return mask
 
     def _kernels_for(self, hidden: torch.Tensor, cache):
         """The fused kernels where they run this step: built, taking this model's shapes and dtype, over a
