@@ -31,6 +31,8 @@ base model 1.16x (bf16, interleaved against the previous main: docs/results/vs_v
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -93,7 +95,7 @@ class LlamaDecodeStep:
                 or self.model.config._attn_implementation != "sdpa"
                 or torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks):
             return False
-        for layer in decoder.layers[: decoder.config.num_hidden_layers]:
+        for layer in itertools.islice(decoder.layers, decoder.config.num_hidden_layers):  # not a sliced ModuleList
             attention, mlp = layer.self_attn, layer.mlp
             if (type(layer) is not layer_class or type(attention) is not attention_class or type(mlp) is not mlp_class
                     or _hooked(layer) or _hooked(attention) or _hooked(mlp)):
@@ -131,7 +133,7 @@ class LlamaDecodeStep:
         if kernels is not None:  # the fused attention's angles: every token's, and the rows' (rows, head size)
             cos, sin = (cos, cos[:rows, 0, 0]), (sin, sin[:rows, 0, 0])
         residual, pending = hidden, None  # the residual stream, and a block's output not yet added to it
-        for layer in decoder.layers[: decoder.config.num_hidden_layers]:
+        for layer in itertools.islice(decoder.layers, decoder.config.num_hidden_layers):  # not a sliced ModuleList
             attention, mlp = layer.self_attn, layer.mlp
             residual, normed = self._add_norm(layer.input_layernorm, residual, pending, kernels)
             attend = self._attention if kernels is None else self._fused_attention
