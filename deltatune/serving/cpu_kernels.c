@@ -187,13 +187,18 @@ static inline __attribute__((always_inline)) void rope_attend_one(
    (elements; dim contiguous); cos and sin (rows, dim), rows `angle_row` apart; the caches from their window's first
    column, strides (row, head, position), `length` columns wide, the last one written here; mask: additive, fp32,
    (rows, length) rows `mask_row` apart, or NULL; out (rows, heads * dim), contiguous. */
+/* Whether the attention kernels take these heads: head size 64 or 128, at most 8 query heads per key/value head. */
+static int attention_takes(int heads, int kv_heads, int dim) {
+    return kv_heads >= 1 && heads % kv_heads == 0 && heads / kv_heads <= 8 && (dim == 64 || dim == 128);
+}
+
 int rope_attend(int bf16, const void *query, const long *query_strides, const void *key, const long *key_strides,
-                const void *value, const long *value_strides, const void *cos, const void *sin, long angle_row, void *key_cache,
-                void *value_cache, const long *cache_strides, const float *mask, long mask_row_stride, void *out,
-                int rows, int heads, int kv_heads, int length, int dim, float scale) {
-    int groups = kv_heads > 0 ? heads / kv_heads : 0, chunks = dim / 16;
-    if (kv_heads < 1 || heads % kv_heads || dim % 16 || (chunks != 4 && chunks != 8) || groups > 8 || length < 1)
-        return -1;
+                const void *value, const long *value_strides, const void *cos, const void *sin, long angle_row,
+                void *key_cache, void *value_cache, const long *cache_strides, const float *mask,
+                long mask_row_stride, void *out, int rows, int heads, int kv_heads, int length, int dim,
+                float scale) {
+    if (!attention_takes(heads, kv_heads, dim) || length < 1) return -1;
+    int groups = heads / kv_heads, chunks = dim / 16;
 #pragma omp parallel for schedule(static)
     for (long task = 0; task < (long)rows * kv_heads; task++) {
         long row = task / kv_heads, head = task % kv_heads;
@@ -222,9 +227,8 @@ int prefill_attend(int bf16, const void *query, const long *query_strides, const
                    const long *key_strides, const void *value, const long *value_strides, const void *cos,
                    const void *sin, long angle_row, void *key_cache, void *value_cache, const long *cache_strides,
                    void *out, int tokens, int heads, int kv_heads, int dim, float scale) {
-    int groups = kv_heads > 0 ? heads / kv_heads : 0, chunks = dim / 16;
-    if (kv_heads < 1 || heads % kv_heads || dim % 16 || (chunks != 4 && chunks != 8) || groups > 8 || tokens < 1)
-        return -1;
+    if (!attention_takes(heads, kv_heads, dim) || tokens < 1) return -1;
+    int groups = heads / kv_heads, chunks = dim / 16;
 #pragma omp parallel for schedule(static)
     for (long task = 0; task < (long)tokens * kv_heads; task++) {
         long token = task / kv_heads, head = task % kv_heads;
@@ -270,8 +274,8 @@ int silu_mul(int bf16, const void *gate, long gate_row, const void *up, long up_
             __m512 activated = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f),
                                                                exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
             activated = rounded(activated, bf16);
-            store16(out, token * (long)width + 16 * c, _mm512_mul_ps(activated, load16(up, token * up_row + 16 * c, bf16)),
-                    bf16);
+            __m512 product = _mm512_mul_ps(activated, load16(up, token * up_row + 16 * c, bf16));
+            store16(out, token * (long)width + 16 * c, product, bf16);
         }
     }
     return 0;

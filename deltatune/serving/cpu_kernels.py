@@ -107,6 +107,20 @@ def load() -> CpuKernels | None:
 _LONG3 = ctypes.c_long * 3
 
 
+def _attention_takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                     cache_shape: tuple[int, ...]) -> bool:
+    """Whether the attention kernels take these tensors: query (tokens, heads, dim), key and value (tokens, kv heads,
+    dim), cos and sin (tokens, dim), the caches `cache_shape`, all of one dtype, each contiguous in its last
+    dimension, the two caches (and cos and sin) laid out alike."""
+    tokens, _, dim = query.shape
+    return (key.shape == (tokens, cache_shape[-3], dim) and value.shape == key.shape
+            and key_cache.shape == cache_shape and value_cache.shape == cache_shape and cos.shape == (tokens, dim)
+            and sin.shape == cos.shape and key_cache.stride() == value_cache.stride() and cos.stride() == sin.stride()
+            and all(tensor.dtype == query.dtype and tensor.stride(-1) == 1
+                    for tensor in (query, key, value, cos, sin, key_cache, value_cache)))
+
+
 class CpuKernels:
     """The library's three functions on torch tensors (fp32 or bf16, on the CPU). Each returns None where the
     kernel does not take the shapes (the caller runs the eager operators)."""
@@ -169,18 +183,14 @@ class CpuKernels:
         the value are written into; mask additive fp32 (rows, length) or None. Returns the attention's output (rows,
         heads * dim)."""
         rows, heads, dim = query.shape
-        kv_heads, length, dtype = key_cache.shape[1], key_cache.shape[2], query.dtype
-        if (key.shape != (rows, kv_heads, dim) or value.shape != key.shape or key_cache.shape != (
-                rows, kv_heads, length, dim) or value_cache.shape != key_cache.shape or cos.shape != (rows, dim)
-                or sin.shape != cos.shape or any(tensor.dtype != dtype or tensor.stride(-1) != 1 for tensor in (
-                    key, value, cos, sin, key_cache, value_cache)) or query.stride(-1) != 1
-                or key_cache.stride() != value_cache.stride() or cos.stride() != sin.stride()
+        kv_heads, length = key_cache.shape[1], key_cache.shape[2]
+        if (not _attention_takes(query, key, value, cos, sin, key_cache, value_cache, (rows, kv_heads, length, dim))
                 or (mask is not None and (mask.dtype != torch.float32 or mask.shape != (rows, length)
                                           or mask.stride(-1) != 1))):
             return None
         out = query.new_empty(rows, heads * dim)
         strides = self._strides
-        if self._rope_attend(dtype == torch.bfloat16, query.data_ptr(), strides((*query.stride()[:2], 1)),
+        if self._rope_attend(query.dtype == torch.bfloat16, query.data_ptr(), strides((*query.stride()[:2], 1)),
                              key.data_ptr(), strides((*key.stride()[:2], 1)), value.data_ptr(),
                              strides((*value.stride()[:2], 1)), cos.data_ptr(), sin.data_ptr(), cos.stride(0),
                              key_cache.data_ptr(), value_cache.data_ptr(), strides(key_cache.stride()[:3]),
@@ -196,20 +206,15 @@ class CpuKernels:
         dim), all of one dtype; its cache slot's columns (kv heads, tokens, dim), which the rotated keys and the values
         are written into. Returns the causal attention's output (tokens, heads * dim)."""
         tokens, heads, dim = query.shape
-        kv_heads, dtype = key.shape[1], query.dtype
-        if (key.shape != (tokens, kv_heads, dim) or value.shape != key.shape or key_slot.shape != (
-                kv_heads, tokens, dim) or value_slot.shape != key_slot.shape or cos.shape != (tokens, dim)
-                or sin.shape != cos.shape or any(tensor.dtype != dtype or tensor.stride(-1) != 1 for tensor in (
-                    key, value, cos, sin, key_slot, value_slot)) or query.stride(-1) != 1
-                or key_slot.stride() != value_slot.stride() or cos.stride() != sin.stride()):
+        if not _attention_takes(query, key, value, cos, sin, key_slot, value_slot, (key.shape[1], tokens, dim)):
             return None
         out = query.new_empty(tokens, heads * dim)
         strides = self._strides
-        if self._prefill_attend(dtype == torch.bfloat16, query.data_ptr(), strides((*query.stride()[:2], 1)),
+        if self._prefill_attend(query.dtype == torch.bfloat16, query.data_ptr(), strides((*query.stride()[:2], 1)),
                                 key.data_ptr(), strides((*key.stride()[:2], 1)), value.data_ptr(),
                                 strides((*value.stride()[:2], 1)), cos.data_ptr(), sin.data_ptr(), cos.stride(0),
                                 key_slot.data_ptr(), value_slot.data_ptr(), strides((0, *key_slot.stride()[:2])),
-                                out.data_ptr(), tokens, heads, kv_heads, dim, scale) != 0:
+                                out.data_ptr(), tokens, heads, key.shape[1], dim, scale) != 0:
             return None
         return out
 
