@@ -158,6 +158,11 @@ class CpuKernels:
             array = self._stride_arrays[values] = _LONG3(*values)
         return array
 
+    def _with_strides(self, *tensors: torch.Tensor) -> list:
+        """Each (tokens, heads, dim) tensor as the kernels take it: its data, its (token, head, 1) strides."""
+        return [argument for tensor in tensors
+                for argument in (tensor.data_ptr(), self._strides((*tensor.stride()[:2], 1)))]
+
     def add_rms_norm(self, residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(residual + delta, weight * rms_norm(residual + delta)) as transformers' LlamaRMSNorm computes the norm;
@@ -190,12 +195,10 @@ class CpuKernels:
                                           or mask.stride(-1) != 1))):
             return None
         out = query.new_empty(rows, heads * dim)
-        strides = self._strides
-        if self._rope_attend(query.dtype == torch.bfloat16, query.data_ptr(), strides((*query.stride()[:2], 1)),
-                             key.data_ptr(), strides((*key.stride()[:2], 1)), value.data_ptr(),
-                             strides((*value.stride()[:2], 1)), cos.data_ptr(), sin.data_ptr(), cos.stride(0),
-                             key_cache.data_ptr(), value_cache.data_ptr(), strides(key_cache.stride()[:3]),
-                             None if mask is None else mask.data_ptr(), 0 if mask is None else mask.stride(0),
+        if self._rope_attend(query.dtype == torch.bfloat16, *self._with_strides(query, key, value), cos.data_ptr(),
+                             sin.data_ptr(), cos.stride(0), key_cache.data_ptr(), value_cache.data_ptr(),
+                             self._strides(key_cache.stride()[:3]), None if mask is None else mask.data_ptr(),
+                             0 if mask is None else mask.stride(0),
                              out.data_ptr(), rows, heads, kv_heads, length, dim, scale) != 0:
             return None
         return out
@@ -210,11 +213,9 @@ class CpuKernels:
         if not _attention_takes(query, key, value, cos, sin, key_slot, value_slot, (key.shape[1], tokens, dim)):
             return None
         out = query.new_empty(tokens, heads * dim)
-        strides = self._strides
-        if self._prefill_attend(query.dtype == torch.bfloat16, query.data_ptr(), strides((*query.stride()[:2], 1)),
-                                key.data_ptr(), strides((*key.stride()[:2], 1)), value.data_ptr(),
-                                strides((*value.stride()[:2], 1)), cos.data_ptr(), sin.data_ptr(), cos.stride(0),
-                                key_slot.data_ptr(), value_slot.data_ptr(), strides((0, *key_slot.stride()[:2])),
+        if self._prefill_attend(query.dtype == torch.bfloat16, *self._with_strides(query, key, value),
+                                cos.data_ptr(), sin.data_ptr(), cos.stride(0), key_slot.data_ptr(),
+                                value_slot.data_ptr(), self._strides((0, *key_slot.stride()[:2])),
                                 out.data_ptr(), tokens, heads, key.shape[1], dim, scale) != 0:
             return None
         return out

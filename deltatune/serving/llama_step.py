@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.serving.packed_linear import sibling_outputs
+from deltatune.serving.slot_cache import SlotCache, SlotLayer
 
 
 def _llama_classes() -> tuple[type, ...]:
@@ -173,8 +174,6 @@ class LlamaDecodeStep:
     def _kernels_for(self, hidden: torch.Tensor, cache):
         """The fused kernels where they run this step: built, taking this model's shapes and dtype, over a
         `SlotCache` (whose window they write into)."""
-        from deltatune.serving.slot_cache import SlotCache
-
         kernels = self.kernels
         return kernels if kernels is not None and isinstance(cache, SlotCache) and kernels.takes(hidden) else None
 
@@ -201,8 +200,6 @@ class LlamaDecodeStep:
 
     def empty_cache(self, slots: int, capacity: int = 256):
         """A `SlotCache` of `slots` empty rows for this model (its layers, key/value heads, head size, dtype)."""
-        from deltatune.serving.slot_cache import SlotCache, SlotLayer
-
         config = self.decoder.config
         like = self.decoder.embed_tokens.weight.new_empty(  # (rows, kv heads, positions, head size)
             1, config.num_key_value_heads, 1, self.decoder.layers[0].self_attn.head_dim)
@@ -216,8 +213,7 @@ class LlamaDecodeStep:
         to the cache."""
         shape = (hidden.shape[0], 1, -1, attention.head_dim)
         query, key, value = (states.view(shape).transpose(1, 2) for states in _projections(attention, hidden))
-        query = (query * cos) + (_rotate_half(query) * sin)
-        key = (key * cos) + (_rotate_half(key) * sin)
+        query, key = _rotated(query, cos, sin), _rotated(key, cos, sin)
         outputs = []
         if rows:
             outputs.append(_decode_attention(attention, query[:rows], key[:rows], value[:rows], mask, cache))
@@ -241,8 +237,8 @@ class LlamaDecodeStep:
                                          mask, attention.scaling)
             if output is None:  # a delta's projection of another dtype or layout: the operators, as `_attention`
                 cache.layers[attention.layer_idx].crop(1)
-                row_query, row_key = ((states[:rows, :, None] * cos[:rows]) + (_rotate_half(states[:rows, :, None])
-                                                                               * sin[:rows]) for states in (query, key))
+                row_query, row_key = (_rotated(states[:rows, :, None], cos[:rows], sin[:rows]) for states in (query,
+                                                                                                             key))
                 output = _decode_attention(attention, row_query, row_key, value[:rows, :, None],
                                            None if mask is None else mask[:, None, None].to(row_query.dtype), cache)
                 output = output.transpose(1, 2)
@@ -255,8 +251,8 @@ class LlamaDecodeStep:
                                             *cache.joining_columns(attention.layer_idx, slot, length),
                                             attention.scaling)
             if output is None:  # as `_attention`: (L, heads, 1, d), rotated
-                prompt_query, prompt_key = ((states * cos[start:end]) + (_rotate_half(states) * sin[start:end])
-                                            for states in (query[start:end, :, None], key[start:end, :, None]))
+                prompt_query, prompt_key = (_rotated(states[start:end, :, None], cos[start:end], sin[start:end])
+                                            for states in (query, key))
                 output = _prompts_attention(attention, prompt_query, prompt_key, value[start:end, :, None], cache,
                                             slot, [length])[0].transpose(1, 2)
             outputs.append(output.reshape(length, 1, -1))
@@ -303,6 +299,12 @@ def _decode_attention(attention: nn.Module, query: torch.Tensor, key: torch.Tens
     output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0,
                                             scale=attention.scaling, is_causal=False, **options)
     return output.reshape(output.shape[0], -1, length, value.shape[-1])
+
+
+def _rotated(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding as transformers' `apply_rotary_pos_emb` computes it (RoFormer, Su et al. 2021 §3.4.2):
+    the same operators, so the same rounding."""
+    return (states * cos) + (_rotate_half(states) * sin)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

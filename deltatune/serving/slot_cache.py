@@ -59,8 +59,7 @@ class SlotLayer(DynamicLayer):
         new = key_states.shape[-2]
         self.buffers[0][: self.rows, :, self.end : self.end + new] = key_states
         self.buffers[1][: self.rows, :, self.end : self.end + new] = value_states
-        self.end += new
-        return self.keys, self.values
+        return self.extend(new)
 
     def extend(self, new: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """The window widened by `new` columns at `end`, which the caller writes (the fused decode kernel writes each
